@@ -1,0 +1,260 @@
+//! `clustermail catalog …`: import, validate, export, list, show, set-state.
+
+use super::Exit;
+use crate::catalog::{
+    self, files, AdminState, Catalog, Format, ImportError, Mailbox, Mode, Server,
+};
+use anyhow::Result;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+/// Imports of more mailboxes than this show a progress bar (on a terminal).
+const PROGRESS_FROM: usize = 20_000;
+
+/// `catalog import` and `catalog validate` (a dry run that prints no counts).
+pub fn import(
+    cat: &Catalog,
+    paths: &[PathBuf],
+    mode: Mode,
+    dry_run: bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<Exit> {
+    let input = catalog::read_files(paths);
+    let progress = if std::io::stderr().is_terminal() && input.mailboxes.len() >= PROGRESS_FROM {
+        let pb = indicatif::ProgressBar::new(input.mailboxes.len() as u64);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {pos}/{len} mailboxes ({eta})",
+            )?
+            .progress_chars("=> "),
+        );
+        pb.set_message("importing");
+        pb
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    match cat.import(&input, mode, dry_run, &progress) {
+        Ok(report) => {
+            let verb = if dry_run { "would be" } else { "" };
+            writeln!(out, "servers:   {}{}", report.servers, suffix(verb))?;
+            writeln!(out, "mailboxes: {}{}", report.mailboxes, suffix(verb))?;
+            Ok(Exit::Ok)
+        }
+        Err(ImportError::Invalid(problems)) => {
+            for line in input.report(&problems) {
+                writeln!(err, "{line}")?;
+            }
+            writeln!(
+                err,
+                "{} problem(s); nothing was imported, the catalog is unchanged",
+                problems.len()
+            )?;
+            Ok(Exit::Invalid)
+        }
+        Err(ImportError::Store(e)) => Err(e),
+    }
+}
+
+fn suffix(verb: &str) -> String {
+    if verb.is_empty() {
+        String::new()
+    } else {
+        format!(" ({verb}; dry run)")
+    }
+}
+
+/// `catalog validate`: the import checks in merge mode against the catalog, no write.
+pub fn validate(
+    cat: &Catalog,
+    paths: &[PathBuf],
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<Exit> {
+    let input = catalog::read_files(paths);
+    match cat.import(&input, Mode::Merge, true, &indicatif::ProgressBar::hidden()) {
+        Ok(_) => {
+            writeln!(
+                out,
+                "ok: {} server(s), {} mailbox(es) valid",
+                input.servers.len(),
+                input.mailboxes.len()
+            )?;
+            Ok(Exit::Ok)
+        }
+        Err(ImportError::Invalid(problems)) => {
+            for line in input.report(&problems) {
+                writeln!(err, "{line}")?;
+            }
+            writeln!(err, "{} problem(s)", problems.len())?;
+            Ok(Exit::Invalid)
+        }
+        Err(ImportError::Store(e)) => Err(e),
+    }
+}
+
+/// What `export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Only {
+    Servers,
+    Mailboxes,
+}
+
+/// `catalog export`: the whole catalog (or one part) in a format `import` reads back.
+pub fn export(
+    cat: &Catalog,
+    format: Format,
+    only: Option<Only>,
+    output: Option<&Path>,
+    out: &mut dyn Write,
+) -> Result<Exit> {
+    let only = match (format, only) {
+        (Format::Csv, Some(Only::Servers)) => {
+            anyhow::bail!("CSV holds mailboxes only; export servers as toml or json")
+        }
+        (Format::Csv, _) => Some(Only::Mailboxes),
+        (_, o) => o,
+    };
+    let servers = if only == Some(Only::Mailboxes) {
+        Vec::new()
+    } else {
+        cat.servers(None)
+    };
+    let mailboxes = if only == Some(Only::Servers) {
+        Vec::new()
+    } else {
+        cat.mailboxes(None, None)?
+    };
+    match output {
+        Some(path) => {
+            let tmp = path.with_extension("partial");
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            files::write(&mut f, format, &servers, &mailboxes)?;
+            f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+        }
+        None => files::write(out, format, &servers, &mailboxes)?,
+    }
+    Ok(Exit::Ok)
+}
+
+/// What `list` lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum What {
+    Servers,
+    Mailboxes,
+}
+
+/// `catalog list servers|mailboxes [--cluster C] [--server S]`.
+pub fn list(
+    cat: &Catalog,
+    what: What,
+    cluster: Option<&str>,
+    server: Option<&str>,
+    out: &mut dyn Write,
+) -> Result<Exit> {
+    if let Some(s) = server {
+        if cat.server(s).is_none() {
+            anyhow::bail!("no server named {s:?} in the catalog");
+        }
+    }
+    match what {
+        What::Servers => {
+            let rows: Vec<Server> = cat
+                .servers(cluster)
+                .into_iter()
+                .filter(|s| server.is_none_or(|n| s.name.eq_ignore_ascii_case(n)))
+                .collect();
+            let w = rows.iter().map(|s| s.name.len()).max().unwrap_or(4).max(4);
+            let cw = rows
+                .iter()
+                .map(|s| s.cluster.len())
+                .max()
+                .unwrap_or(7)
+                .max(7);
+            writeln!(
+                out,
+                "{:w$}  {:cw$}  {:14}  ADDRESS",
+                "NAME", "CLUSTER", "STATE"
+            )?;
+            for s in rows {
+                writeln!(
+                    out,
+                    "{:w$}  {:cw$}  {:14}  {}",
+                    s.name,
+                    s.cluster,
+                    s.state.as_str(),
+                    s.address
+                )?;
+            }
+        }
+        What::Mailboxes => {
+            for m in cat.mailboxes(cluster, server)? {
+                writeln!(out, "{}", mailbox_line(&m))?;
+            }
+        }
+    }
+    Ok(Exit::Ok)
+}
+
+fn mailbox_line(m: &Mailbox) -> String {
+    let mut line = format!("{}  home={}", m.address, m.home);
+    if !m.replicas.is_empty() {
+        line.push_str(&format!("  replicas={}", m.replicas.join(",")));
+    }
+    if !m.aliases.is_empty() {
+        line.push_str(&format!("  aliases={}", m.aliases.join(",")));
+    }
+    line
+}
+
+/// `catalog show ADDRESS`: the mailbox owning an address, its home and replicas.
+pub fn show(
+    cat: &Catalog,
+    address: &str,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<Exit> {
+    let Some(l) = cat.lookup(address)? else {
+        writeln!(
+            err,
+            "{address}: no mailbox or alias with this address in the catalog"
+        )?;
+        return Ok(Exit::Invalid);
+    };
+    writeln!(out, "address:  {}", l.mailbox.address)?;
+    if !l.mailbox.aliases.is_empty() {
+        writeln!(out, "aliases:  {}", l.mailbox.aliases.join(", "))?;
+    }
+    writeln!(out, "cluster:  {}", l.home.cluster)?;
+    writeln!(out, "home:     {}", server_line(&l.home))?;
+    if l.replicas.is_empty() {
+        writeln!(
+            out,
+            "replicas: none (held on the home server when it is down)"
+        )?;
+    }
+    for (i, r) in l.replicas.iter().enumerate() {
+        writeln!(out, "replica {}: {}", i + 1, server_line(r))?;
+    }
+    Ok(Exit::Ok)
+}
+
+fn server_line(s: &Server) -> String {
+    format!(
+        "{} ({}, {}, cluster {})",
+        s.name, s.address, s.state, s.cluster
+    )
+}
+
+/// `catalog set-state SERVER STATE`.
+pub fn set_state(
+    cat: &Catalog,
+    server: &str,
+    state: AdminState,
+    out: &mut dyn Write,
+) -> Result<Exit> {
+    let s = cat.set_state(server, state)?;
+    writeln!(out, "{}: {}", s.name, s.state)?;
+    Ok(Exit::Ok)
+}

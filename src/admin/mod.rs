@@ -1,0 +1,12 @@
+//! Administrator commands behind the CLI (`clustermail catalog …`, `config check`).
+//! Each prints for people on stdout, problems on stderr, and returns an [`Exit`].
+
+pub mod catalog;
+
+/// How a command ended, as a process exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Ok = 0,
+    /// The input was invalid (bad file rows, bad arguments); nothing was changed.
+    Invalid = 2,
+}

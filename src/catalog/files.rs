@@ -1,0 +1,425 @@
+//! Reading and writing catalog files: `.toml` and `.json` hold `server` and
+//! `mailbox` lists, `.csv` holds mailboxes (`address,home,replicas,aliases`, lists
+//! separated by `;`).
+//!
+//! Reading never stops at the first bad row: every row is parsed on its own and
+//! every problem is kept with its origin (`FILE:LINE` for CSV, `FILE: mailbox[i]`
+//! for TOML and JSON), so an administrator fixes a file in one pass.
+
+use super::model::{Mailbox, Server};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Where a row came from: an index into the list of files read, and a place in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub file: u32,
+    pub place: Place,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// The file as a whole (it could not be read or parsed at all).
+    File,
+    /// A line of a text file (CSV rows, TOML/JSON syntax errors).
+    Line(u64),
+    /// An item of a TOML/JSON list.
+    Item { kind: ItemKind, index: u32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemKind {
+    Server,
+    Mailbox,
+}
+
+impl ItemKind {
+    fn key(self) -> &'static str {
+        match self {
+            ItemKind::Server => "server",
+            ItemKind::Mailbox => "mailbox",
+        }
+    }
+}
+
+/// One problem found in the input, ready to print as `FILE:LINE: message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub origin: Option<Origin>,
+    pub message: String,
+}
+
+/// A row read from a file, with its origin.
+#[derive(Debug, Clone)]
+pub struct Row<T> {
+    pub item: T,
+    pub origin: Origin,
+}
+
+/// Everything read from the files of one import: they form one unit.
+#[derive(Debug, Default)]
+pub struct Input {
+    pub files: Vec<PathBuf>,
+    pub servers: Vec<Row<Server>>,
+    pub mailboxes: Vec<Row<Mailbox>>,
+    pub problems: Vec<Problem>,
+}
+
+impl Input {
+    /// Formats an origin as the administrator reads it.
+    pub fn locate(&self, origin: Option<Origin>) -> String {
+        let Some(o) = origin else {
+            return "catalog".to_string();
+        };
+        let file = self
+            .files
+            .get(o.file as usize)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "?".into());
+        match o.place {
+            Place::File => file,
+            Place::Line(n) => format!("{file}:{n}"),
+            Place::Item { kind, index } => format!("{file}: {}[{index}]", kind.key()),
+        }
+    }
+
+    /// Every problem as `ORIGIN: message`, in input order.
+    pub fn report(&self, problems: &[Problem]) -> Vec<String> {
+        problems
+            .iter()
+            .map(|p| format!("{}: {}", self.locate(p.origin), p.message))
+            .collect()
+    }
+
+    fn problem(&mut self, file: u32, place: Place, message: impl Into<String>) {
+        self.problems.push(Problem {
+            origin: Some(Origin { file, place }),
+            message: message.into(),
+        });
+    }
+}
+
+/// Catalog file formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Toml,
+    Json,
+    Csv,
+}
+
+impl Format {
+    pub fn of_path(path: &Path) -> Option<Format> {
+        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+            "toml" => Some(Format::Toml),
+            "json" => Some(Format::Json),
+            "csv" => Some(Format::Csv),
+            _ => None,
+        }
+    }
+}
+
+/// Reads every file into one [`Input`], collecting all problems.
+pub fn read_files(paths: &[PathBuf]) -> Input {
+    let mut input = Input::default();
+    for path in paths {
+        let file = input.files.len() as u32;
+        input.files.push(path.clone());
+        let Some(format) = Format::of_path(path) else {
+            input.problem(
+                file,
+                Place::File,
+                "unknown file type (expected .toml, .json or .csv)",
+            );
+            continue;
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                input.problem(file, Place::File, format!("cannot read: {e}"));
+                continue;
+            }
+        };
+        match format {
+            Format::Toml => read_toml(&mut input, file, &text),
+            Format::Json => read_json(&mut input, file, &text),
+            Format::Csv => read_csv(&mut input, file, &text),
+        }
+    }
+    input
+}
+
+fn line_of(text: &str, offset: usize) -> u64 {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count() as u64
+        + 1
+}
+
+fn read_toml(input: &mut Input, file: u32, text: &str) {
+    let table: toml::Table = match toml::from_str(text) {
+        Ok(t) => t,
+        Err(e) => {
+            let place = e
+                .span()
+                .map(|s| Place::Line(line_of(text, s.start)))
+                .unwrap_or(Place::File);
+            input.problem(file, place, format!("TOML syntax: {}", e.message()));
+            return;
+        }
+    };
+    let doc = table.into_iter().map(|(k, v)| {
+        let v = serde_json::to_value(v).unwrap_or(serde_json::Value::Null);
+        (k, v)
+    });
+    read_document(input, file, doc);
+}
+
+fn read_json(input: &mut Input, file: u32, text: &str) {
+    let value: serde_json::Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            input.problem(
+                file,
+                Place::Line(e.line() as u64),
+                format!("JSON syntax: {e}"),
+            );
+            return;
+        }
+    };
+    let serde_json::Value::Object(map) = value else {
+        input.problem(
+            file,
+            Place::File,
+            "expected an object with \"server\" and \"mailbox\" lists",
+        );
+        return;
+    };
+    read_document(input, file, map.into_iter());
+}
+
+/// Reads the `server` and `mailbox` lists of a TOML or JSON document, one item at a
+/// time, so that each bad item is reported on its own.
+fn read_document(
+    input: &mut Input,
+    file: u32,
+    doc: impl Iterator<Item = (String, serde_json::Value)>,
+) {
+    for (key, value) in doc {
+        let kind = match key.as_str() {
+            "server" => ItemKind::Server,
+            "mailbox" => ItemKind::Mailbox,
+            other => {
+                input.problem(
+                    file,
+                    Place::File,
+                    format!("unknown key {other:?} (expected \"server\" and \"mailbox\")"),
+                );
+                continue;
+            }
+        };
+        let serde_json::Value::Array(items) = value else {
+            input.problem(file, Place::File, format!("{key:?} must be a list"));
+            continue;
+        };
+        for (index, item) in items.into_iter().enumerate() {
+            let place = Place::Item {
+                kind,
+                index: index as u32,
+            };
+            let origin = Origin { file, place };
+            match kind {
+                ItemKind::Server => match parse_item::<Server>(item) {
+                    Ok(s) => input.servers.push(Row {
+                        item: tidy_server(s),
+                        origin,
+                    }),
+                    Err(e) => input.problem(file, place, e),
+                },
+                ItemKind::Mailbox => match parse_item::<Mailbox>(item) {
+                    Ok(m) => input.mailboxes.push(Row {
+                        item: tidy_mailbox(m),
+                        origin,
+                    }),
+                    Err(e) => input.problem(file, place, e),
+                },
+            }
+        }
+    }
+}
+
+fn parse_item<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, String> {
+    serde_json::from_value(value).map_err(|e| e.to_string())
+}
+
+fn tidy_server(mut s: Server) -> Server {
+    s.name = s.name.trim().to_string();
+    s.cluster = s.cluster.trim().to_string();
+    s.address = s.address.trim().to_string();
+    s
+}
+
+fn tidy_mailbox(mut m: Mailbox) -> Mailbox {
+    m.address = m.address.trim().to_string();
+    m.home = m.home.trim().to_string();
+    for v in [&mut m.replicas, &mut m.aliases] {
+        *v = v
+            .iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+    }
+    m
+}
+
+/// The CSV header, in the order `export` writes it.
+pub const CSV_COLUMNS: [&str; 4] = ["address", "home", "replicas", "aliases"];
+
+fn read_csv(input: &mut Input, file: u32, text: &str) {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .trim(csv::Trim::All)
+        .flexible(false)
+        .from_reader(text.as_bytes());
+    let header = match reader.headers() {
+        Ok(h) => h.clone(),
+        Err(e) => {
+            input.problem(file, Place::Line(1), format!("CSV header: {e}"));
+            return;
+        }
+    };
+    let mut column = [None; 4];
+    for (i, name) in header.iter().enumerate() {
+        match CSV_COLUMNS
+            .iter()
+            .position(|c| c.eq_ignore_ascii_case(name))
+        {
+            Some(c) if column[c].is_none() => column[c] = Some(i),
+            Some(_) => {
+                input.problem(
+                    file,
+                    Place::Line(1),
+                    format!("column {name:?} appears twice"),
+                );
+                return;
+            }
+            None => {
+                input.problem(
+                    file,
+                    Place::Line(1),
+                    format!("unknown column {name:?} (expected address,home,replicas,aliases)"),
+                );
+                return;
+            }
+        }
+    }
+    let (Some(addr_col), Some(home_col)) = (column[0], column[1]) else {
+        input.problem(
+            file,
+            Place::Line(1),
+            "the header needs at least the columns address and home",
+        );
+        return;
+    };
+    let mut record = csv::StringRecord::new();
+    loop {
+        let line = reader.position().line();
+        match reader.read_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => {}
+            Err(e) => {
+                let line = e.position().map(|p| p.line()).unwrap_or(line);
+                // A field-count error leaves the reader in sync; go on with the next row.
+                if let csv::ErrorKind::UnequalLengths { len, .. } = e.kind() {
+                    let want = header.len();
+                    input.problem(
+                        file,
+                        Place::Line(line),
+                        format!("row has {len} fields, the header has {want}"),
+                    );
+                    continue;
+                }
+                input.problem(file, Place::Line(line), format!("CSV: {e}"));
+                break;
+            }
+        }
+        let line = record.position().map(|p| p.line()).unwrap_or(line);
+        if record.iter().all(str::is_empty) {
+            continue;
+        }
+        let get = |c: Option<usize>| c.and_then(|i| record.get(i)).unwrap_or("");
+        let list = |c: Option<usize>| -> Vec<String> {
+            get(c)
+                .split(';')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect()
+        };
+        let mailbox = Mailbox {
+            address: get(Some(addr_col)).to_string(),
+            home: get(Some(home_col)).to_string(),
+            replicas: list(column[2]),
+            aliases: list(column[3]),
+        };
+        if mailbox.address.is_empty() {
+            input.problem(file, Place::Line(line), "address is empty");
+            continue;
+        }
+        if mailbox.home.is_empty() {
+            input.problem(file, Place::Line(line), "home is empty");
+            continue;
+        }
+        input.mailboxes.push(Row {
+            item: mailbox,
+            origin: Origin {
+                file,
+                place: Place::Line(line),
+            },
+        });
+    }
+}
+
+#[derive(Serialize)]
+struct Document<'a> {
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    server: &'a [Server],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    mailbox: &'a [Mailbox],
+}
+
+/// Writes servers and mailboxes in the given format. CSV holds mailboxes only.
+pub fn write(
+    out: &mut dyn std::io::Write,
+    format: Format,
+    servers: &[Server],
+    mailboxes: &[Mailbox],
+) -> anyhow::Result<()> {
+    let doc = Document {
+        server: servers,
+        mailbox: mailboxes,
+    };
+    match format {
+        Format::Toml => out.write_all(toml::to_string(&doc)?.as_bytes())?,
+        Format::Json => {
+            serde_json::to_writer_pretty(&mut *out, &doc)?;
+            out.write_all(b"\n")?;
+        }
+        Format::Csv => {
+            anyhow::ensure!(servers.is_empty(), "CSV holds mailboxes only");
+            let mut w = csv::Writer::from_writer(out);
+            w.write_record(CSV_COLUMNS)?;
+            for m in mailboxes {
+                w.write_record([
+                    m.address.as_str(),
+                    m.home.as_str(),
+                    &m.replicas.join(";"),
+                    &m.aliases.join(";"),
+                ])?;
+            }
+            w.flush()?;
+        }
+    }
+    Ok(())
+}

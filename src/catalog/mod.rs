@@ -1,0 +1,14 @@
+//! The replica catalog: which server is each mailbox's home and which cluster
+//! peers hold replicas (the equivalent of Domino's cluster database directory).
+//!
+//! `model` holds the records and address rules, `files` the import/export formats,
+//! `validate` the invariants, `store` the sled layout and atomic imports.
+
+pub mod files;
+pub mod model;
+pub mod store;
+pub mod validate;
+
+pub use files::{read_files, Format, Input, Problem};
+pub use model::{AdminState, LocalPartMatch, Mailbox, Server};
+pub use store::{open_db, Catalog, Counts, ImportError, ImportReport, Lookup, Mode};

@@ -1,0 +1,299 @@
+//! The records of the replica catalog (servers and mailboxes) and the one place
+//! that decides how addresses and server names are compared.
+//!
+//! Everything here is plain data: no I/O. The sled layout lives in `store.rs`,
+//! file formats in `files.rs`, invariants in `validate.rs`.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Administrative state of a mailbox server, set by an administrator (not probed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AdminState {
+    /// Takes mail as home and as failover target.
+    #[default]
+    InService,
+    /// Takes no mail at all.
+    OutOfService,
+    /// Takes mail for mailboxes homed on it, but is never a failover target.
+    Restricted,
+}
+
+impl AdminState {
+    pub const ALL: [AdminState; 3] = [
+        AdminState::InService,
+        AdminState::OutOfService,
+        AdminState::Restricted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::InService => "in-service",
+            AdminState::OutOfService => "out-of-service",
+            AdminState::Restricted => "restricted",
+        }
+    }
+}
+
+impl fmt::Display for AdminState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for AdminState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        AdminState::ALL
+            .into_iter()
+            .find(|st| st.as_str().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| {
+                format!(
+                    "unknown admin state {s:?} (expected in-service, out-of-service or restricted)"
+                )
+            })
+    }
+}
+
+/// A mailbox server of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    /// Unique, compared case-insensitively; stored as first written.
+    pub name: String,
+    /// Cluster this server belongs to.
+    pub cluster: String,
+    /// SMTP address `host:port`; the host may be a DNS name, resolved at delivery time.
+    pub address: String,
+    #[serde(default)]
+    pub state: AdminState,
+}
+
+/// A mailbox: its primary address, aliases, home server and ordered replica servers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mailbox {
+    pub address: String,
+    pub home: String,
+    /// Servers holding a replica, in order of preference.
+    #[serde(default)]
+    pub replicas: Vec<String>,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+}
+
+impl Mailbox {
+    /// The primary address followed by every alias.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.address.as_str()).chain(self.aliases.iter().map(String::as_str))
+    }
+}
+
+/// The lookup key of a server name: case-insensitive.
+pub fn server_key(name: &str) -> String {
+    name.trim().to_lowercase()
+}
+
+/// How the local part of an address is compared. The domain is always
+/// case-insensitive (RFC 5321 §2.4); the local part is case-insensitive unless the
+/// administrator asks for exact matching.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LocalPartMatch {
+    #[default]
+    CaseInsensitive,
+    Exact,
+}
+
+/// Checks the syntax of a catalog address (`local@domain`, a dot-atom local part or
+/// UTF-8 per RFC 6531, a domain name) and returns why it is not acceptable.
+///
+/// Catalog addresses are deliberately stricter than what SMTP can carry: quoted
+/// local parts, `%` and `!` (old relay-routing syntaxes), IP literals and trailing
+/// dots are refused here so that the relay policy never has to decide what they mean.
+pub fn check_address(addr: &str) -> Result<(), String> {
+    let Some((local, domain)) = addr.rsplit_once('@') else {
+        return Err(format!("address {addr:?} has no @domain"));
+    };
+    if local.is_empty() {
+        return Err(format!("address {addr:?} has an empty local part"));
+    }
+    if local.len() > 64 {
+        return Err(format!("address {addr:?}: local part is over 64 octets"));
+    }
+    if local.starts_with('.') || local.ends_with('.') || local.contains("..") {
+        return Err(format!("address {addr:?}: local part has a misplaced dot"));
+    }
+    if let Some(c) = local
+        .chars()
+        .find(|c| c.is_ascii() && !(c.is_ascii_alphanumeric() || "#$&'*+-/=?^_`{|}~.".contains(*c)))
+    {
+        return Err(format!(
+            "address {addr:?}: character {c:?} is not allowed in a local part"
+        ));
+    }
+    check_domain(domain).map_err(|e| format!("address {addr:?}: {e}"))
+}
+
+/// Checks a domain name: labels of letters, digits and hyphens (or UTF-8), no IP literal.
+pub fn check_domain(domain: &str) -> Result<(), String> {
+    if domain.is_empty() {
+        return Err("empty domain".into());
+    }
+    if domain.len() > 255 {
+        return Err("domain is over 255 octets".into());
+    }
+    if domain.starts_with('[') {
+        return Err("IP literals are not catalog domains".into());
+    }
+    for label in domain.split('.') {
+        if label.is_empty() {
+            return Err(format!("domain {domain:?} has an empty label"));
+        }
+        if label.len() > 63 {
+            return Err(format!("domain {domain:?} has a label over 63 octets"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!(
+                "domain {domain:?}: a label starts or ends with '-'"
+            ));
+        }
+        if let Some(c) = label
+            .chars()
+            .find(|c| c.is_ascii() && !(c.is_ascii_alphanumeric() || *c == '-'))
+        {
+            return Err(format!("domain {domain:?}: character {c:?} is not allowed"));
+        }
+    }
+    Ok(())
+}
+
+/// The lookup key of an address under the given local-part rule.
+pub fn address_key(addr: &str, rule: LocalPartMatch) -> String {
+    let addr = addr.trim();
+    match addr.rsplit_once('@') {
+        Some((local, domain)) => {
+            let domain = domain.to_lowercase();
+            match rule {
+                LocalPartMatch::CaseInsensitive => format!("{}@{domain}", local.to_lowercase()),
+                LocalPartMatch::Exact => format!("{local}@{domain}"),
+            }
+        }
+        None => addr.to_lowercase(),
+    }
+}
+
+/// Checks a `host:port` SMTP address (host: DNS name, IPv4, or `[IPv6]`).
+pub fn check_server_address(addr: &str) -> Result<(), String> {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(format!("server address {addr:?} is not host:port"));
+    };
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => return Err(format!("server address {addr:?}: bad port {port:?}")),
+        Ok(_) => {}
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        let Some(v6) = inner.strip_suffix(']') else {
+            return Err(format!("server address {addr:?}: unclosed '['"));
+        };
+        return v6
+            .parse::<std::net::Ipv6Addr>()
+            .map(|_| ())
+            .map_err(|_| format!("server address {addr:?}: bad IPv6 address"));
+    }
+    if host.contains(':') {
+        return Err(format!(
+            "server address {addr:?}: IPv6 hosts need brackets, as [::1]:25"
+        ));
+    }
+    if host.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Ok(());
+    }
+    check_domain(host).map_err(|e| format!("server address {addr:?}: {e}"))
+}
+
+/// Checks a server or cluster name: 1–64 characters of letters, digits, `-`, `_`, `.`.
+pub fn check_name(kind: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err(format!("{kind} name is empty"));
+    }
+    if name.len() > 64 {
+        return Err(format!("{kind} name {name:?} is over 64 characters"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_alphanumeric() || "-_.".contains(*c)))
+    {
+        return Err(format!(
+            "{kind} name {name:?}: character {c:?} is not allowed"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_fold_case_by_rule() {
+        assert_eq!(
+            address_key("Alice.Smith@Example.COM", LocalPartMatch::CaseInsensitive),
+            "alice.smith@example.com"
+        );
+        assert_eq!(
+            address_key("Alice.Smith@Example.COM", LocalPartMatch::Exact),
+            "Alice.Smith@example.com"
+        );
+        assert_eq!(server_key(" Mail-1 "), "mail-1");
+    }
+
+    #[test]
+    fn address_syntax() {
+        assert!(check_address("a.b+tag@example.com").is_ok());
+        assert!(check_address("jörg@exämple.de").is_ok());
+        for bad in [
+            "noat",
+            "@example.com",
+            "a..b@example.com",
+            ".a@example.com",
+            "a@[127.0.0.1]",
+            "a@example.com.",
+            "\"q\"@example.com",
+            "a%b@example.com",
+            "a!b@example.com",
+            "a@-x.com",
+            "a b@example.com",
+        ] {
+            assert!(check_address(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn server_address_syntax() {
+        for good in ["127.0.0.1:25", "mail.example.com:2525", "[::1]:25"] {
+            assert!(check_server_address(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "127.0.0.1",
+            "host:0",
+            "host:70000",
+            "::1:25",
+            "[::1:25",
+            "bad host:25",
+        ] {
+            assert!(check_server_address(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn admin_state_parses() {
+        assert_eq!(
+            "Restricted".parse::<AdminState>(),
+            Ok(AdminState::Restricted)
+        );
+        assert!("maintenance".parse::<AdminState>().is_err());
+    }
+}

@@ -1,0 +1,254 @@
+//! Configuration: a TOML file (`--config FILE`, else `./clustermail.toml` if
+//! present, else built-in defaults that run on a laptop).
+//!
+//! Every struct denies unknown keys, so a misspelt setting is an error naming the
+//! key and line instead of a silently ignored line. Durations are written as
+//! `"30s"`, `"5m"`, `"1h"`.
+
+use crate::catalog::LocalPartMatch;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The default config file looked for in the working directory.
+pub const DEFAULT_FILE: &str = "clustermail.toml";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The name this router gives in its greeting and Received headers.
+    pub router_name: String,
+    /// Where the sled store (catalog and queue) lives.
+    pub data_dir: PathBuf,
+    /// How local parts of addresses are compared: `case-insensitive` or `exact`.
+    pub local_part_match: LocalPartMatch,
+    /// Memory sled may use for its page cache, in MiB.
+    pub store_cache_mb: u64,
+    pub smtp: SmtpConfig,
+}
+
+/// The inbound SMTP service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    /// Addresses to listen on (IPv4 and IPv6), `host:port`.
+    pub listen: Vec<String>,
+    /// Largest message accepted, in octets (advertised as SIZE).
+    pub max_message_size: u64,
+    /// Most recipients in one transaction; more get 452 4.5.3.
+    pub max_recipients: usize,
+    /// Most simultaneous connections; more get 421 4.7.0.
+    pub max_connections: usize,
+    /// Most simultaneous connections from one IP address; more get 421 4.7.0.
+    pub max_connections_per_ip: usize,
+    /// Most bad commands in one session before it is closed with 421.
+    pub max_errors: usize,
+    /// What to do with a message text line over 998 octets: `reject` (550 5.6.0
+    /// after the data) or `accept` (kept byte for byte; never truncated).
+    pub long_lines: LongLines,
+    /// Waiting for the next command (RFC 5321 §4.5.3.2.7: at least 5 minutes).
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Waiting for the next piece of message data (RFC 5321 §4.5.3.2.5: 3 minutes).
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
+    /// On shutdown, how long transactions in progress may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// PEM certificate chain for STARTTLS; STARTTLS is offered only when set.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for STARTTLS.
+    pub tls_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LongLines {
+    Reject,
+    Accept,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            router_name: default_router_name(),
+            data_dir: PathBuf::from("./data"),
+            local_part_match: LocalPartMatch::CaseInsensitive,
+            store_cache_mb: 64,
+            smtp: SmtpConfig::default(),
+        }
+    }
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            listen: vec!["127.0.0.1:2525".into()],
+            max_message_size: 25 * 1024 * 1024,
+            max_recipients: 100,
+            max_connections: 1000,
+            max_connections_per_ip: 100,
+            max_errors: 10,
+            long_lines: LongLines::Reject,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(180),
+            shutdown_grace: Duration::from_secs(30),
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+}
+
+fn default_router_name() -> String {
+    gethostname::gethostname()
+        .into_string()
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Where the effective config came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    Defaults,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "{}", p.display()),
+            Source::Defaults => f.write_str("built-in defaults"),
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path`, else `./clustermail.toml` if present, else the defaults.
+    pub fn load(path: Option<&Path>) -> Result<(Config, Source)> {
+        let path = match path {
+            Some(p) => p.to_path_buf(),
+            None if Path::new(DEFAULT_FILE).exists() => PathBuf::from(DEFAULT_FILE),
+            None => return Ok((Config::default(), Source::Defaults)),
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let config = Config::parse(&text).map_err(|e| anyhow::anyhow!("{}:{e}", path.display()))?;
+        Ok((config, Source::File(path)))
+    }
+
+    /// Parses and checks a config text; errors read `LINE: problem`.
+    pub fn parse(text: &str) -> Result<Config> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| {
+                    text.as_bytes()[..s.start.min(text.len())]
+                        .iter()
+                        .filter(|b| **b == b'\n')
+                        .count()
+                        + 1
+                })
+                .unwrap_or(1);
+            anyhow::anyhow!("{line}: {}", e.message())
+        })?;
+        config.check().map_err(|e| anyhow::anyhow!(" {e}"))?;
+        Ok(config)
+    }
+
+    /// Checks values that TOML types alone cannot.
+    pub fn check(&self) -> Result<()> {
+        if self.router_name.trim().is_empty() {
+            bail!("router_name is empty");
+        }
+        crate::catalog::model::check_domain(&self.router_name)
+            .or_else(|_| crate::catalog::model::check_name("router", &self.router_name))
+            .map_err(|e| anyhow::anyhow!("router_name: {e}"))?;
+        let s = &self.smtp;
+        if s.listen.is_empty() {
+            bail!("smtp.listen is empty: give at least one host:port");
+        }
+        for l in &s.listen {
+            l.parse::<SocketAddr>().map_err(|_| {
+                anyhow::anyhow!("smtp.listen: {l:?} is not an IP:port (IPv6 as [::1]:2525)")
+            })?;
+        }
+        if s.max_message_size == 0 {
+            bail!("smtp.max_message_size must be above 0");
+        }
+        for (name, v) in [
+            ("max_recipients", s.max_recipients),
+            ("max_connections", s.max_connections),
+            ("max_connections_per_ip", s.max_connections_per_ip),
+            ("max_errors", s.max_errors),
+        ] {
+            if v == 0 {
+                bail!("smtp.{name} must be above 0");
+            }
+        }
+        if s.tls_cert.is_some() != s.tls_key.is_some() {
+            bail!("smtp.tls_cert and smtp.tls_key go together: set both or neither");
+        }
+        Ok(())
+    }
+
+    /// The effective config as TOML, for `config check`.
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string(self)?)
+    }
+
+    /// Listen addresses, already checked by [`Config::check`].
+    pub fn listen_addrs(&self) -> Result<Vec<SocketAddr>> {
+        self.smtp
+            .listen
+            .iter()
+            .map(|l| l.parse().with_context(|| format!("smtp.listen: {l:?}")))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_run_on_a_laptop() {
+        let c = Config::default();
+        c.check().expect("defaults are valid");
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.smtp.listen, vec!["127.0.0.1:2525".to_string()]);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = Config::parse("router_name = \"mx\"\n[smtp]\nmax_recipient = 5\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("3:"), "{msg}");
+        assert!(msg.contains("max_recipient"), "{msg}");
+    }
+
+    #[test]
+    fn durations_and_round_trip() {
+        let c =
+            Config::parse("[smtp]\ncommand_timeout = \"2m\"\ndata_timeout = \"45s\"\n").unwrap();
+        assert_eq!(c.smtp.command_timeout, Duration::from_secs(120));
+        assert_eq!(c.smtp.data_timeout, Duration::from_secs(45));
+        let again = Config::parse(&c.to_toml().unwrap()).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for (text, needle) in [
+            ("[smtp]\nlisten = [\"nowhere\"]\n", "smtp.listen"),
+            ("[smtp]\ntls_cert = \"c.pem\"\n", "tls_key"),
+            ("[smtp]\nmax_recipients = 0\n", "max_recipients"),
+            ("local_part_match = \"sometimes\"\n", "sometimes"),
+        ] {
+            let msg = Config::parse(text).unwrap_err().to_string();
+            assert!(msg.contains(needle), "{text}: {msg}");
+        }
+    }
+}

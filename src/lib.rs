@@ -1,0 +1,10 @@
+//! clustermail: a Domino-style cluster mail router.
+//!
+//! For every recipient it consults the replica catalog ([`catalog`]) to find the
+//! mailbox's home server and the cluster peers holding replicas, delivers home when
+//! the home is up, fails over to a replica when it is not, and otherwise holds the
+//! message and retries the home server only.
+
+pub mod admin;
+pub mod catalog;
+pub mod config;
