@@ -1,1 +1,243 @@
-fn main() {}
+//! Catalog scale bench: generates an N-mailbox CSV (default 1,000,000), imports it
+//! with the real import path, then times random lookups.
+//!
+//! Prints import seconds, lookups/s, lookup p50/p99 and peak RSS, with a baseline
+//! measured in the same run: a `HashMap<String, _>` lookup over the same keys, the
+//! fastest an in-memory index could be, so the catalog's ratio to it is shown.
+//!
+//! Run: `cargo run --release --bin catalog-bench -- [MAILBOXES] [LOOKUPS]`
+//! (`CACHE_MB=N` sets sled's page cache for the lookup phase; default 64 as in config.)
+
+use clustermail::catalog::{self, Catalog, LocalPartMatch, Mode};
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+fn peak_rss_mb() -> f64 {
+    status_mb("VmHWM:")
+}
+
+fn rss_mb() -> f64 {
+    status_mb("VmRSS:")
+}
+
+fn status_mb(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// A small deterministic PRNG (xorshift), so runs are comparable.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// A scratch directory removed at the end of the run.
+struct TempDir(std::path::PathBuf);
+impl TempDir {
+    fn new() -> std::io::Result<TempDir> {
+        let p = std::env::temp_dir().join(format!("clustermail-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&p)?;
+        Ok(TempDir(p))
+    }
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p) as usize]
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .init();
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--lookups") {
+        let (Some(dir), Some(n), Some(l)) = (args.get(2), args.get(3), args.get(4)) else {
+            anyhow::bail!("usage: catalog-bench --lookups DATA_DIR MAILBOXES LOOKUPS");
+        };
+        return lookup_phase(std::path::Path::new(dir), n.parse()?, l.parse()?);
+    }
+    let n: usize = args
+        .get(1)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(1_000_000);
+    let lookups: usize = args
+        .get(2)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(1_000_000);
+    let dir = TempDir::new()?;
+    let servers_per_cluster = 10;
+    let clusters = 4;
+
+    let t = Instant::now();
+    let mut toml = String::new();
+    for c in 0..clusters {
+        for s in 0..servers_per_cluster {
+            toml.push_str(&format!(
+                "[[server]]\nname = \"c{c}s{s}\"\ncluster = \"c{c}\"\naddress = \"127.0.0.1:{}\"\n\n",
+                3000 + c * 100 + s
+            ));
+        }
+    }
+    let servers = dir.path().join("servers.toml");
+    std::fs::write(&servers, toml)?;
+    let csv = dir.path().join("mailboxes.csv");
+    {
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&csv)?);
+        writeln!(w, "address,home,replicas,aliases")?;
+        for i in 0..n {
+            let c = i % clusters;
+            let h = (i / clusters) % servers_per_cluster;
+            let r1 = (h + 1) % servers_per_cluster;
+            let r2 = (h + 2) % servers_per_cluster;
+            writeln!(
+                w,
+                "user{i}@d{}.example.com,c{c}s{h},c{c}s{r1};c{c}s{r2},alias{i}@d{}.example.com",
+                i % 50,
+                i % 50
+            )?;
+        }
+    }
+    println!(
+        "generated {n} mailboxes in {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let db = catalog::open_db(&dir.path().join("data"), 64 << 20)?;
+    let cat = Catalog::open(&db, LocalPartMatch::CaseInsensitive)?;
+    let t = Instant::now();
+    let input = catalog::read_files(&[servers, csv]);
+    let read = t.elapsed();
+    let report = cat
+        .import(
+            input,
+            Mode::Replace,
+            false,
+            &indicatif::ProgressBar::hidden(),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let import = t.elapsed();
+    println!(
+        "import: {:.2} s (read+parse {:.2} s), {} mailboxes added; import process peak RSS {:.0} MB",
+        import.as_secs_f64(),
+        read.as_secs_f64(),
+        report.mailboxes.added,
+        peak_rss_mb()
+    );
+
+    drop(cat);
+    drop(db);
+    // Lookups run in a fresh process, as a router serving from this catalog would:
+    // its RSS is not inflated by what the import allocated and freed.
+    let status = std::process::Command::new(std::env::current_exe()?)
+        .args([
+            "--lookups",
+            &dir.path().join("data").display().to_string(),
+            &n.to_string(),
+            &lookups.to_string(),
+        ])
+        .status()?;
+    anyhow::ensure!(status.success(), "lookup phase failed: {status}");
+    Ok(())
+}
+
+/// The lookup phase: opens the catalog in `data` and times `lookups` random lookups.
+fn lookup_phase(data: &std::path::Path, n: usize, lookups: usize) -> anyhow::Result<()> {
+    let cache_mb: u64 = std::env::var("CACHE_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let db = catalog::open_db(data, cache_mb << 20)?;
+    let cat = Catalog::open(&db, LocalPartMatch::CaseInsensitive)?;
+    println!(
+        "lookup process: catalog opened, RSS {:.0} MB (sled cache {cache_mb} MB)",
+        rss_mb()
+    );
+    // Random lookups, half by primary address and half by alias, mixed case.
+    let mut rng = Rng(0x9e3779b97f4a7c15);
+    let keys: Vec<String> = (0..lookups)
+        .map(|_| {
+            let i = (rng.next() % n as u64) as usize;
+            if i.is_multiple_of(2) {
+                format!("User{i}@D{}.Example.com", i % 50)
+            } else {
+                format!("alias{i}@d{}.example.com", i % 50)
+            }
+        })
+        .collect();
+    let mut lat = Vec::with_capacity(lookups.min(200_000));
+    let sample_every = (lookups / 200_000).max(1);
+    let t = Instant::now();
+    let mut found = 0usize;
+    for (j, k) in keys.iter().enumerate() {
+        if j % sample_every == 0 {
+            let s = Instant::now();
+            found += cat.lookup(k)?.is_some() as usize;
+            lat.push(s.elapsed());
+        } else {
+            found += cat.lookup(k)?.is_some() as usize;
+        }
+    }
+    let total = t.elapsed();
+    anyhow::ensure!(
+        found == lookups,
+        "only {found} of {lookups} lookups found a mailbox"
+    );
+    lat.sort();
+    let catalog_rate = lookups as f64 / total.as_secs_f64();
+
+    // Baseline: an in-memory HashMap of lower-cased address → record index.
+    let mut map: HashMap<String, u32> = HashMap::with_capacity(2 * n);
+    for i in 0..n {
+        map.insert(format!("user{i}@d{}.example.com", i % 50), i as u32);
+        map.insert(format!("alias{i}@d{}.example.com", i % 50), i as u32);
+    }
+    let t = Instant::now();
+    let mut hits = 0usize;
+    for k in &keys {
+        hits += map.contains_key(&k.to_lowercase()) as usize;
+    }
+    let base = t.elapsed();
+    anyhow::ensure!(hits == lookups);
+    let base_rate = lookups as f64 / base.as_secs_f64();
+    drop(map);
+
+    let serving_rss = rss_mb();
+    println!(
+        "lookups: {lookups} in {:.2} s = {:.0}/s, p50 {:.2} µs, p99 {:.2} µs; RSS after them {serving_rss:.0} MB",
+        total.as_secs_f64(),
+        catalog_rate,
+        percentile(&lat, 0.5).as_secs_f64() * 1e6,
+        percentile(&lat, 0.99).as_secs_f64() * 1e6
+    );
+    println!(
+        "baseline HashMap lookups: {:.0}/s; catalog/baseline = {:.2}",
+        base_rate,
+        catalog_rate / base_rate
+    );
+    println!("lookup process peak RSS: {:.0} MB", peak_rss_mb());
+    Ok(())
+}

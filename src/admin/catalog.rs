@@ -34,7 +34,7 @@ pub fn import(
     } else {
         indicatif::ProgressBar::hidden()
     };
-    match cat.import(&input, mode, dry_run, &progress) {
+    match cat.import(input, mode, dry_run, &progress) {
         Ok(report) => {
             let verb = if dry_run { "would be" } else { "" };
             writeln!(out, "servers:   {}{}", report.servers, suffix(verb))?;
@@ -42,7 +42,7 @@ pub fn import(
             Ok(Exit::Ok)
         }
         Err(ImportError::Invalid(problems)) => {
-            for line in input.report(&problems) {
+            for line in &problems {
                 writeln!(err, "{line}")?;
             }
             writeln!(
@@ -72,18 +72,17 @@ pub fn validate(
     err: &mut dyn Write,
 ) -> Result<Exit> {
     let input = catalog::read_files(paths);
-    match cat.import(&input, Mode::Merge, true, &indicatif::ProgressBar::hidden()) {
+    let (servers, mailboxes) = (input.servers.len(), input.mailboxes.len());
+    match cat.import(input, Mode::Merge, true, &indicatif::ProgressBar::hidden()) {
         Ok(_) => {
             writeln!(
                 out,
-                "ok: {} server(s), {} mailbox(es) valid",
-                input.servers.len(),
-                input.mailboxes.len()
+                "ok: {servers} server(s), {mailboxes} mailbox(es) valid"
             )?;
             Ok(Exit::Ok)
         }
         Err(ImportError::Invalid(problems)) => {
-            for line in input.report(&problems) {
+            for line in &problems {
                 writeln!(err, "{line}")?;
             }
             writeln!(err, "{} problem(s)", problems.len())?;

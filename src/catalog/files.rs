@@ -68,12 +68,11 @@ pub struct Input {
 
 impl Input {
     /// Formats an origin as the administrator reads it.
-    pub fn locate(&self, origin: Option<Origin>) -> String {
+    pub fn locate_in(files: &[PathBuf], origin: Option<Origin>) -> String {
         let Some(o) = origin else {
             return "catalog".to_string();
         };
-        let file = self
-            .files
+        let file = files
             .get(o.file as usize)
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "?".into());
@@ -82,14 +81,6 @@ impl Input {
             Place::Line(n) => format!("{file}:{n}"),
             Place::Item { kind, index } => format!("{file}: {}[{index}]", kind.key()),
         }
-    }
-
-    /// Every problem as `ORIGIN: message`, in input order.
-    pub fn report(&self, problems: &[Problem]) -> Vec<String> {
-        problems
-            .iter()
-            .map(|p| format!("{}: {}", self.locate(p.origin), p.message))
-            .collect()
     }
 
     fn problem(&mut self, file: u32, place: Place, message: impl Into<String>) {

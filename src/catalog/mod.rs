@@ -5,6 +5,7 @@
 //! `validate` the invariants, `store` the sled layout and atomic imports.
 
 pub mod files;
+pub mod index;
 pub mod model;
 pub mod store;
 pub mod validate;

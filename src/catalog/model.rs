@@ -173,15 +173,26 @@ pub fn check_domain(domain: &str) -> Result<(), String> {
 /// The lookup key of an address under the given local-part rule.
 pub fn address_key(addr: &str, rule: LocalPartMatch) -> String {
     let addr = addr.trim();
+    let mut key = String::with_capacity(addr.len());
     match addr.rsplit_once('@') {
         Some((local, domain)) => {
-            let domain = domain.to_lowercase();
             match rule {
-                LocalPartMatch::CaseInsensitive => format!("{}@{domain}", local.to_lowercase()),
-                LocalPartMatch::Exact => format!("{local}@{domain}"),
+                LocalPartMatch::CaseInsensitive => push_lower(&mut key, local),
+                LocalPartMatch::Exact => key.push_str(local),
             }
+            key.push('@');
+            push_lower(&mut key, domain);
         }
-        None => addr.to_lowercase(),
+        None => push_lower(&mut key, addr),
+    }
+    key
+}
+
+fn push_lower(out: &mut String, s: &str) {
+    if s.is_ascii() {
+        out.extend(s.bytes().map(|b| b.to_ascii_lowercase() as char));
+    } else {
+        out.push_str(&s.to_lowercase());
     }
 }
 

@@ -7,9 +7,11 @@
 //! |-----------------------------|-----------------------------------------|
 //! | `s\0<server key>`           | bincode [`Server`]                      |
 //! | `m\0<address key>`          | bincode [`Mailbox`], by primary address |
-//! | `a\0<alias key>`            | primary address key                     |
-//! | `h\0<server key>\0<addr>`   | `H` (home) or `R` (replica)             |
+//! | `a\0<alias key>`            | primary address key, `\0`, the record    |
+//! | `h\0<server key>\0<start>`  | a chunk of the server index (`index.rs`) |
 //! | `~rule`                     | the local-part rule the keys were made with |
+//!
+//! An alias carries a copy of its mailbox's record, so every lookup is one read.
 //!
 //! Atomicity: a small merge is one `apply_batch`, which sled recovers all or nothing.
 //! A replace, or a merge too large for one batch, is written into a fresh tree that
@@ -17,7 +19,8 @@
 //! process killed midway leaves the old catalog live and an orphan tree that the
 //! next open drops.
 
-use super::files::{Input, Problem};
+use super::files::Input;
+use super::index::{self, HOME, REPLICA};
 use super::model::{address_key, server_key, AdminState, LocalPartMatch, Mailbox, Server};
 use super::validate::{resolve, Resolved, View};
 use anyhow::{anyhow, bail, Context, Result};
@@ -29,18 +32,16 @@ const TREE_PREFIX: &str = "catalog-";
 const RULE_KEY: &[u8] = b"~rule";
 /// Changes beyond this many keys go through a shadow tree instead of one batch.
 const BATCH_LIMIT: usize = 50_000;
-/// Rows per batch while filling a shadow tree.
-const FILL_CHUNK: usize = 20_000;
 
 fn bincode_config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
-fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
+pub(super) fn encode<T: serde::Serialize + ?Sized>(v: &T) -> Result<Vec<u8>> {
     Ok(bincode::serde::encode_to_vec(v, bincode_config())?)
 }
 
-fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+pub(super) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     Ok(bincode::serde::decode_from_slice(bytes, bincode_config())?.0)
 }
 
@@ -91,8 +92,9 @@ pub struct ImportReport {
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
     /// The input breaks the file formats or the catalog invariants; nothing written.
+    /// Each line reads `FILE:LINE: problem` or `FILE: mailbox[i]: problem`.
     #[error("{} problem(s) in the input; the catalog is unchanged", .0.len())]
-    Invalid(Vec<Problem>),
+    Invalid(Vec<String>),
     #[error(transparent)]
     Store(#[from] anyhow::Error),
 }
@@ -101,8 +103,8 @@ pub enum ImportError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lookup {
     pub mailbox: Mailbox,
-    pub home: Server,
-    pub replicas: Vec<Server>,
+    pub home: Arc<Server>,
+    pub replicas: Vec<Arc<Server>>,
 }
 
 /// The replica catalog. Cheap to share: lookups take a read lock only.
@@ -116,7 +118,7 @@ pub struct Catalog {
 struct Live {
     tree: sled::Tree,
     /// Servers are few and read on every lookup: kept in memory, by key.
-    servers: Arc<HashMap<String, Server>>,
+    servers: Arc<HashMap<String, Arc<Server>>>,
 }
 
 impl Catalog {
@@ -170,7 +172,7 @@ impl Catalog {
         self.rule
     }
 
-    fn live_tree(&self) -> (sled::Tree, Arc<HashMap<String, Server>>) {
+    fn live_tree(&self) -> (sled::Tree, Arc<HashMap<String, Arc<Server>>>) {
         let live = self.live.read().unwrap_or_else(|e| e.into_inner());
         (live.tree.clone(), live.servers.clone())
     }
@@ -181,20 +183,13 @@ impl Catalog {
         let k = address_key(addr, self.rule);
         let live = self.live.read().unwrap_or_else(|e| e.into_inner());
         let tree = &live.tree;
-        let raw = match tree.get(key(b'm', &[&k]))? {
-            Some(v) => v,
-            None => {
-                let Some(primary) = tree.get(key(b'a', &[&k]))? else {
-                    return Ok(None);
-                };
-                let mut mk = Vec::with_capacity(primary.len() + 2);
-                mk.extend_from_slice(b"m\0");
-                mk.extend_from_slice(&primary);
-                tree.get(mk)?
-                    .ok_or_else(|| anyhow!("catalog index broken: alias {k} points nowhere"))?
-            }
+        let mailbox: Mailbox = match tree.get(key(b'm', &[&k]))? {
+            Some(v) => decode(&v)?,
+            None => match tree.get(key(b'a', &[&k]))? {
+                Some(v) => decode(alias_record(&v).1)?,
+                None => return Ok(None),
+            },
         };
-        let mailbox: Mailbox = decode(&raw)?;
         let server = |name: &str| {
             live.servers.get(&server_key(name)).cloned().ok_or_else(|| {
                 anyhow!(
@@ -218,7 +213,10 @@ impl Catalog {
 
     /// One server by name (case-insensitive).
     pub fn server(&self, name: &str) -> Option<Server> {
-        self.live_tree().1.get(&server_key(name)).cloned()
+        self.live_tree()
+            .1
+            .get(&server_key(name))
+            .map(|s| (**s).clone())
     }
 
     /// All servers sorted by name, optionally of one cluster.
@@ -228,7 +226,7 @@ impl Catalog {
             .1
             .values()
             .filter(|s| cluster.is_none_or(|c| s.cluster.eq_ignore_ascii_case(c)))
-            .cloned()
+            .map(|s| (**s).clone())
             .collect();
         v.sort_by_key(|s| server_key(&s.name));
         v
@@ -253,11 +251,11 @@ impl Catalog {
         keys.sort();
         let mut addrs = BTreeSet::new();
         for k in keys {
-            let prefix = key(b'h', &[&k, ""]);
-            for r in tree.scan_prefix(&prefix) {
-                let (ik, _) = r?;
-                addrs.insert(ik[prefix.len()..].to_vec());
-            }
+            addrs.extend(
+                index::postings(&tree, &k)?
+                    .into_iter()
+                    .map(|(a, _)| a.into_bytes()),
+            );
         }
         addrs
             .into_iter()
@@ -279,13 +277,13 @@ impl Catalog {
         let mut server = live
             .servers
             .get(&k)
-            .cloned()
+            .map(|s| (**s).clone())
             .ok_or_else(|| anyhow!("no server named {name:?} in the catalog"))?;
         server.state = state;
         live.tree.insert(key(b's', &[&k]), encode(&server)?)?;
         self.db.flush()?;
         let mut servers = (*live.servers).clone();
-        servers.insert(k, server.clone());
+        servers.insert(k, Arc::new(server.clone()));
         live.servers = Arc::new(servers);
         Ok(server)
     }
@@ -293,7 +291,7 @@ impl Catalog {
     /// Validates `input` and, unless `dry_run`, applies it atomically.
     pub fn import(
         &self,
-        input: &Input,
+        input: Input,
         mode: Mode,
         dry_run: bool,
         progress: &indicatif::ProgressBar,
@@ -326,7 +324,7 @@ impl Catalog {
             self.apply_shadow(&tree, &resolved, &plan, mode, progress)?;
         } else {
             let mut batch = sled::Batch::default();
-            plan.write(&mut batch, self.rule)?;
+            plan.write(&tree, &mut batch, self.rule)?;
             tree.apply_batch(batch).map_err(anyhow::Error::from)?;
             self.db.flush().map_err(anyhow::Error::from)?;
             let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
@@ -352,37 +350,78 @@ impl Catalog {
         let new_name = format!("{TREE_PREFIX}{}", gen + 1);
         self.db.drop_tree(new_name.as_bytes())?;
         let new = self.db.open_tree(new_name.as_bytes())?;
-        let mut batch = sled::Batch::default();
-        let mut pending = 0usize;
-        batch.insert(RULE_KEY, rule_tag(self.rule));
         if mode == Mode::Merge {
-            // Copy the catalog as it is; the plan then removes and rewrites what changes.
+            // Copy the catalog as it is (in key order, so sled appends), then apply
+            // the plan's removals and rewrites over the copy.
             for r in old.iter() {
                 let (k, v) = r?;
-                batch.insert(k, v);
-                pending += 1;
-                if pending >= FILL_CHUNK * 4 {
-                    new.apply_batch(std::mem::take(&mut batch))?;
-                    pending = 0;
-                }
+                new.insert(k, v)?;
             }
-            new.apply_batch(std::mem::take(&mut batch))?;
-            let mut b = sled::Batch::default();
-            plan.write(&mut b, self.rule)?;
-            new.apply_batch(b)?;
+            let mut batch = sled::Batch::default();
+            plan.write(&new, &mut batch, self.rule)?;
+            new.apply_batch(batch)?;
             progress.set_position(resolved.mailboxes.len() as u64);
         } else {
+            // Sorted key order per prefix: sled appends near the rightmost leaf instead
+            // of splitting nodes all over the tree. (Two writer threads were measured
+            // slower: sled serialises its log writes.)
+            let out = &new;
+            out.insert(RULE_KEY, rule_tag(self.rule))?;
             for s in &resolved.servers {
-                batch.insert(key(b's', &[&server_key(&s.name)]), encode(s)?);
+                out.insert(key(b's', &[&server_key(&s.name)]), encode(s)?)?;
             }
-            for (i, m) in resolved.mailboxes.iter().enumerate() {
-                write_mailbox(&mut batch, m, self.rule)?;
-                if (i + 1) % FILL_CHUNK == 0 {
-                    new.apply_batch(std::mem::take(&mut batch))?;
-                    progress.set_position(i as u64 + 1);
+            let rule = self.rule;
+            let mailboxes = &resolved.mailboxes;
+            let mut order: Vec<(String, u32)> = mailboxes
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (address_key(&m.address, rule), i as u32))
+                .collect();
+            order.sort_unstable();
+            let step = (order.len() / 3).max(1);
+            let mut aliases: Vec<(String, u32)> = order
+                .iter()
+                .enumerate()
+                .flat_map(|(pos, (_, idx))| {
+                    mailboxes[*idx as usize]
+                        .aliases
+                        .iter()
+                        .map(move |a| (address_key(a, rule), pos as u32))
+                })
+                .collect();
+            aliases.sort_unstable();
+            for (alias, pos) in &aliases {
+                let (primary, idx) = &order[*pos as usize];
+                let record = encode(&mailboxes[*idx as usize])?;
+                out.insert(key(b'a', &[alias]), alias_value(primary, &record))?;
+            }
+            drop(aliases);
+            progress.set_position(step as u64 / 2);
+            let mut postings: Vec<(String, u32, u8)> = Vec::with_capacity(order.len() * 3);
+            for (pos, (_, idx)) in order.iter().enumerate() {
+                let m = &mailboxes[*idx as usize];
+                postings.push((server_key(&m.home), pos as u32, HOME));
+                postings.extend(
+                    m.replicas
+                        .iter()
+                        .map(|r| (server_key(r), pos as u32, REPLICA)),
+                );
+            }
+            postings.sort_unstable();
+            index::fill(
+                out,
+                postings
+                    .iter()
+                    .map(|(s, pos, role)| (s.as_str(), order[*pos as usize].0.as_str(), *role)),
+            )?;
+            progress.set_position(2 * step as u64);
+            drop(postings);
+            for (i, (primary, idx)) in order.iter().enumerate() {
+                out.insert(key(b'm', &[primary]), encode(&mailboxes[*idx as usize])?)?;
+                if i % 4096 == 0 {
+                    progress.set_position((2 * step + i / 3) as u64);
                 }
             }
-            new.apply_batch(batch)?;
         }
         new.flush()?;
         // The switch: one key, then a flush. Before it the old catalog is live, after it the new.
@@ -408,30 +447,43 @@ fn rule_tag(rule: LocalPartMatch) -> &'static [u8] {
     }
 }
 
-fn load_servers(tree: &sled::Tree) -> Result<HashMap<String, Server>> {
+fn load_servers(tree: &sled::Tree) -> Result<HashMap<String, Arc<Server>>> {
     tree.scan_prefix(b"s\0")
         .map(|r| {
             let (k, v) = r?;
             let s: Server = decode(&v)?;
-            Ok((String::from_utf8_lossy(&k[2..]).into_owned(), s))
+            Ok((String::from_utf8_lossy(&k[2..]).into_owned(), Arc::new(s)))
         })
         .collect()
 }
 
 fn write_mailbox(batch: &mut sled::Batch, m: &Mailbox, rule: LocalPartMatch) -> Result<()> {
     let primary = address_key(&m.address, rule);
-    batch.insert(key(b'm', &[&primary]), encode(m)?);
-    for alias in &m.aliases {
-        batch.insert(key(b'a', &[&address_key(alias, rule)]), primary.as_bytes());
+    let record = encode(m)?;
+    if !m.aliases.is_empty() {
+        let value = alias_value(&primary, &record);
+        for alias in &m.aliases {
+            batch.insert(key(b'a', &[&address_key(alias, rule)]), value.as_slice());
+        }
     }
-    batch.insert(
-        key(b'h', &[&server_key(&m.home), &primary]),
-        b"H".as_slice(),
-    );
-    for r in &m.replicas {
-        batch.insert(key(b'h', &[&server_key(r), &primary]), b"R".as_slice());
-    }
+    batch.insert(key(b'm', &[&primary]), record);
     Ok(())
+}
+
+fn alias_value(primary: &str, record: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(primary.len() + 1 + record.len());
+    v.extend_from_slice(primary.as_bytes());
+    v.push(0);
+    v.extend_from_slice(record);
+    v
+}
+
+/// Splits an alias value into (primary address key, mailbox record).
+fn alias_record(v: &[u8]) -> (&[u8], &[u8]) {
+    match v.iter().position(|b| *b == 0) {
+        Some(i) => (&v[..i], &v[i + 1..]),
+        None => (v, &[]),
+    }
 }
 
 fn remove_mailbox(batch: &mut sled::Batch, m: &Mailbox, rule: LocalPartMatch) {
@@ -440,15 +492,12 @@ fn remove_mailbox(batch: &mut sled::Batch, m: &Mailbox, rule: LocalPartMatch) {
     for alias in &m.aliases {
         batch.remove(key(b'a', &[&address_key(alias, rule)]));
     }
-    for s in std::iter::once(&m.home).chain(&m.replicas) {
-        batch.remove(key(b'h', &[&server_key(s), &primary]));
-    }
 }
 
 /// The catalog as it is, as validation sees it.
 struct TreeView<'a> {
     tree: &'a sled::Tree,
-    servers: &'a HashMap<String, Server>,
+    servers: &'a HashMap<String, Arc<Server>>,
     rule: LocalPartMatch,
 }
 
@@ -463,7 +512,7 @@ impl TreeView<'_> {
 
 impl View for TreeView<'_> {
     fn server(&self, key: &str) -> Option<Server> {
-        self.servers.get(key).cloned()
+        self.servers.get(key).map(|s| (**s).clone())
     }
 
     fn owner(&self, k: &str) -> Option<String> {
@@ -471,20 +520,16 @@ impl View for TreeView<'_> {
             return Some(k.to_string());
         }
         match self.tree.get(key(b'a', &[k])) {
-            Ok(Some(p)) => Some(String::from_utf8_lossy(&p).into_owned()),
+            Ok(Some(v)) => Some(String::from_utf8_lossy(alias_record(&v).0).into_owned()),
             _ => None,
         }
     }
 
     fn mailboxes_on(&self, server_key: &str) -> Vec<Mailbox> {
-        let prefix = key(b'h', &[server_key, ""]);
-        self.tree
-            .scan_prefix(&prefix)
-            .filter_map(|r| r.ok())
-            .filter_map(|(k, _)| {
-                let primary = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-                self.mailbox(&primary).ok().flatten()
-            })
+        index::postings(self.tree, server_key)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(primary, _)| self.mailbox(&primary).ok().flatten())
             .collect()
     }
 }
@@ -508,21 +553,39 @@ impl Plan {
             && self.report.mailboxes.removed == 0
     }
 
-    /// Writes a merge's changes over the catalog as it is (a replace rebuilds instead).
-    fn write(&self, batch: &mut sled::Batch, rule: LocalPartMatch) -> Result<()> {
+    /// Writes a merge's changes over the catalog `tree` as it is (a replace rebuilds
+    /// instead); index chunks are read from `tree`.
+    fn write(
+        &self,
+        tree: &sled::Tree,
+        batch: &mut sled::Batch,
+        rule: LocalPartMatch,
+    ) -> Result<()> {
         for k in &self.removed_servers {
             batch.remove(key(b's', &[k]));
         }
         for s in &self.servers {
             batch.insert(key(b's', &[&server_key(&s.name)]), encode(s)?);
         }
-        for (new, old) in &self.mailboxes {
-            if let Some(old) = old {
-                remove_mailbox(batch, old, rule);
+        // All removals before any write: a name may move from one mailbox of the
+        // import to another, and the later removal must not undo the earlier write.
+        let mut edit = index::Edit::new(tree);
+        for old in self.mailboxes.iter().filter_map(|(_, old)| old.as_ref()) {
+            remove_mailbox(batch, old, rule);
+            let primary = address_key(&old.address, rule);
+            for s in std::iter::once(&old.home).chain(&old.replicas) {
+                edit.remove(&server_key(s), &primary)?;
             }
-            write_mailbox(batch, new, rule)?;
         }
-        Ok(())
+        for (new, _) in &self.mailboxes {
+            write_mailbox(batch, new, rule)?;
+            let primary = address_key(&new.address, rule);
+            edit.add(&server_key(&new.home), &primary, HOME)?;
+            for r in &new.replicas {
+                edit.add(&server_key(r), &primary, REPLICA)?;
+            }
+        }
+        edit.write(batch)
     }
 }
 
@@ -535,7 +598,7 @@ fn plan(view: &TreeView, resolved: &Resolved, mode: Mode) -> Result<Plan> {
         seen_servers.insert(k.clone());
         match view.servers.get(&k) {
             None => report.servers.added += 1,
-            Some(old) if old == s => {
+            Some(old) if **old == *s => {
                 report.servers.unchanged += 1;
                 continue;
             }
@@ -617,4 +680,145 @@ pub fn open_db(data_dir: &std::path::Path, cache_bytes: u64) -> Result<sled::Db>
             }
             other => anyhow!("cannot open the store {}: {other}", path.display()),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::files::{Origin, Place, Row};
+
+    fn input(servers: &[(&str, &str)], mailboxes: &[(&str, &str, &[&str], &[&str])]) -> Input {
+        let origin = Origin {
+            file: 0,
+            place: Place::File,
+        };
+        Input {
+            files: vec!["test".into()],
+            servers: servers
+                .iter()
+                .enumerate()
+                .map(|(i, (name, cluster))| Row {
+                    item: Server {
+                        name: name.to_string(),
+                        cluster: cluster.to_string(),
+                        address: format!("127.0.0.1:{}", 2000 + i),
+                        state: AdminState::InService,
+                    },
+                    origin,
+                })
+                .collect(),
+            mailboxes: mailboxes
+                .iter()
+                .map(|(a, h, r, al)| Row {
+                    item: Mailbox {
+                        address: a.to_string(),
+                        home: h.to_string(),
+                        replicas: r.iter().map(|s| s.to_string()).collect(),
+                        aliases: al.iter().map(|s| s.to_string()).collect(),
+                    },
+                    origin,
+                })
+                .collect(),
+            problems: vec![],
+        }
+    }
+
+    #[test]
+    fn an_interrupted_import_leaves_the_old_catalog_and_its_tree_is_dropped() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let cat = Catalog::open(&db, LocalPartMatch::CaseInsensitive).unwrap();
+        let hidden = indicatif::ProgressBar::hidden();
+        let one = input(
+            &[("a", "c"), ("b", "c")],
+            &[("x@d.test", "a", &["b"], &["y@d.test"])],
+        );
+        cat.import(one, Mode::Replace, false, &hidden).unwrap();
+        // What a replace killed before its switch leaves: a filled tree nobody points at.
+        let orphan = db.open_tree("catalog-99").unwrap();
+        orphan
+            .insert(b"m\0ghost@d.test", b"junk".as_slice())
+            .unwrap();
+        drop(cat);
+        let cat = Catalog::open(&db, LocalPartMatch::CaseInsensitive).unwrap();
+        assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"catalog-99"));
+        let l = cat.lookup("Y@D.test").unwrap().expect("alias found");
+        assert_eq!(l.mailbox.address, "x@d.test");
+        assert_eq!(l.replicas[0].name, "b");
+        assert!(cat.lookup("ghost@d.test").unwrap().is_none());
+    }
+
+    #[test]
+    fn small_merge_and_large_merge_give_the_same_catalog() {
+        let servers = [("a", "c"), ("b", "c"), ("z", "other")];
+        let base: Vec<(String, String)> = (0..300)
+            .map(|i| (format!("u{i}@d.test"), format!("al{i}@d.test")))
+            .collect();
+        let rows: Vec<(&str, &str, &[&str], &[&str])> = Vec::new();
+        let mut results = Vec::new();
+        for limit_forced in [false, true] {
+            let db = sled::Config::new().temporary(true).open().unwrap();
+            let cat = Catalog::open(&db, LocalPartMatch::CaseInsensitive).unwrap();
+            let hidden = indicatif::ProgressBar::hidden();
+            let mut inp = input(&servers, &rows);
+            for (a, al) in &base {
+                inp.mailboxes.push(Row {
+                    item: Mailbox {
+                        address: a.clone(),
+                        home: "a".into(),
+                        replicas: vec!["b".into()],
+                        aliases: vec![al.clone()],
+                    },
+                    origin: inp.servers[0].origin,
+                });
+            }
+            cat.import(inp, Mode::Replace, false, &hidden).unwrap();
+            // Move half the mailboxes home to b, drop their aliases.
+            let mut change = input(&[], &rows);
+            for (a, _) in base.iter().step_by(2) {
+                change.mailboxes.push(Row {
+                    item: Mailbox {
+                        address: a.clone(),
+                        home: "b".into(),
+                        replicas: vec!["a".into()],
+                        aliases: vec![],
+                    },
+                    origin: Origin {
+                        file: 0,
+                        place: Place::File,
+                    },
+                });
+            }
+            let (tree, servers) = cat.live_tree();
+            let view = TreeView {
+                tree: &tree,
+                servers: &servers,
+                rule: cat.rule,
+            };
+            let resolved = resolve(change, Some(&view), cat.rule).unwrap();
+            let plan = plan(&view, &resolved, Mode::Merge).unwrap();
+            assert_eq!(plan.report.mailboxes.updated, 150);
+            if limit_forced {
+                cat.apply_shadow(&tree, &resolved, &plan, Mode::Merge, &hidden)
+                    .unwrap();
+            } else {
+                let mut batch = sled::Batch::default();
+                plan.write(&tree, &mut batch, cat.rule).unwrap();
+                tree.apply_batch(batch).unwrap();
+            }
+            let on_a: Vec<String> = cat
+                .mailboxes(None, Some("a"))
+                .unwrap()
+                .into_iter()
+                .map(|m| m.address)
+                .collect();
+            let on_b = cat.mailboxes(None, Some("b")).unwrap().len();
+            assert_eq!(on_a.len(), 300);
+            assert_eq!(on_b, 300);
+            assert!(cat.lookup("al0@d.test").unwrap().is_none(), "dropped alias");
+            assert_eq!(cat.lookup("al1@d.test").unwrap().unwrap().home.name, "a");
+            assert_eq!(cat.lookup("u0@d.test").unwrap().unwrap().home.name, "b");
+            results.push(cat.mailboxes(None, None).unwrap());
+        }
+        assert_eq!(results[0], results[1]);
+    }
 }

@@ -32,13 +32,21 @@ pub struct Resolved {
     pub mailboxes: Vec<Mailbox>,
 }
 
-/// Checks the input on its own (replace) or against `existing` (merge).
+/// Checks the input on its own (replace) or against `existing` (merge). Consumes the
+/// rows so that a million-mailbox import holds each record once.
 pub fn resolve(
-    input: &Input,
+    input: Input,
     existing: Option<&dyn View>,
     rule: LocalPartMatch,
-) -> Result<Resolved, Vec<Problem>> {
-    let mut problems = input.problems.clone();
+) -> Result<Resolved, Vec<String>> {
+    let Input {
+        files,
+        servers: server_rows,
+        mailboxes: mailbox_rows,
+        problems: read_problems,
+    } = input;
+    let locate = |o: Origin| Input::locate_in(&files, Some(o));
+    let mut problems = read_problems;
     let mut report = |origin: Origin, message: String| {
         problems.push(Problem {
             origin: Some(origin),
@@ -49,7 +57,7 @@ pub fn resolve(
     // Servers from the input, by key.
     let mut servers: HashMap<String, (Server, Origin)> = HashMap::new();
     let mut server_order = Vec::new();
-    for row in &input.servers {
+    for row in server_rows {
         let s = &row.item;
         let mut ok = true;
         for e in [
@@ -69,14 +77,14 @@ pub fn resolve(
                 format!(
                     "server {:?} is defined twice (first at {})",
                     s.name,
-                    input.locate(Some(*first))
+                    locate(*first)
                 ),
             );
             continue;
         }
         if ok {
             server_order.push(key.clone());
-            servers.insert(key, (s.clone(), row.origin));
+            servers.insert(key, (row.item, row.origin));
         }
     }
 
@@ -89,25 +97,32 @@ pub fn resolve(
     };
 
     // Mailboxes from the input: each on its own, then uniqueness of every name.
-    let mut mailboxes = Vec::with_capacity(input.mailboxes.len());
-    let mut primaries: HashMap<String, Origin> = HashMap::with_capacity(input.mailboxes.len());
-    let mut names: HashMap<String, (String, Origin)> =
-        HashMap::with_capacity(input.mailboxes.len());
-    for row in &input.mailboxes {
+    // `names` maps every address key (primary or alias) to its mailbox's index.
+    let mut mailboxes: Vec<Mailbox> = Vec::with_capacity(mailbox_rows.len());
+    let mut origins: Vec<Origin> = Vec::with_capacity(mailbox_rows.len());
+    let mut names: HashMap<String, u32> = HashMap::with_capacity(mailbox_rows.len() * 2);
+    for row in mailbox_rows {
         let primary = address_key(&row.item.address, rule);
-        if let Some(first) = primaries.get(&primary) {
-            report(
-                row.origin,
+        if let Some(&i) = names.get(&primary) {
+            let owner = &mailboxes[i as usize];
+            let message = if address_key(&owner.address, rule) == primary {
                 format!(
                     "mailbox {:?} is defined twice (first at {})",
                     row.item.address,
-                    input.locate(Some(*first))
-                ),
-            );
+                    locate(origins[i as usize])
+                )
+            } else {
+                format!(
+                    "address {:?} already belongs to mailbox {:?} (at {})",
+                    row.item.address,
+                    owner.address,
+                    locate(origins[i as usize])
+                )
+            };
+            report(row.origin, message);
             continue;
         }
-        primaries.insert(primary.clone(), row.origin);
-        let mailbox = match check_mailbox(&row.item, rule, &lookup_server) {
+        let mailbox = match check_mailbox(row.item, rule, &lookup_server) {
             Ok(m) => m,
             Err(errors) => {
                 for e in errors {
@@ -116,32 +131,46 @@ pub fn resolve(
                 continue;
             }
         };
+        let index = mailboxes.len() as u32;
+        let mut clash = false;
         for name in mailbox.names() {
             let key = address_key(name, rule);
-            if let Some((owner, first)) = names.get(&key) {
-                if *owner != primary {
-                    report(
-                        row.origin,
-                        format!(
-                            "address {name:?} already belongs to mailbox {owner:?} (at {})",
-                            input.locate(Some(*first))
-                        ),
-                    );
-                }
-                continue;
+            if let Some(&i) = names.get(&key) {
+                report(
+                    row.origin,
+                    format!(
+                        "address {name:?} already belongs to mailbox {:?} (at {})",
+                        mailboxes[i as usize].address,
+                        locate(origins[i as usize])
+                    ),
+                );
+                clash = true;
             }
-            names.insert(key, (primary.clone(), row.origin));
+        }
+        if clash {
+            continue;
+        }
+        for name in mailbox.names() {
+            names.insert(address_key(name, rule), index);
         }
         mailboxes.push(mailbox);
+        origins.push(row.origin);
     }
 
     if let Some(view) = existing {
+        // Whether the mailbox with this primary key is rewritten by this input.
+        let rewritten = |primary: &str| {
+            names
+                .get(primary)
+                .is_some_and(|&i| address_key(&mailboxes[i as usize].address, rule) == primary)
+        };
         // A name owned in the catalog by a mailbox this input does not rewrite.
-        for (key, (primary, origin)) in &names {
+        for (key, &i) in &names {
             if let Some(owner) = view.owner(key) {
-                if owner != *primary && !primaries.contains_key(&owner) {
+                let primary = address_key(&mailboxes[i as usize].address, rule);
+                if owner != primary && !rewritten(&owner) {
                     report(
-                        *origin,
+                        origins[i as usize],
                         format!(
                             "address {key:?} already belongs to mailbox {owner:?} in the catalog"
                         ),
@@ -160,19 +189,19 @@ pub fn resolve(
             }
             let mut broken = 0usize;
             for m in view.mailboxes_on(key) {
-                if primaries.contains_key(&address_key(&m.address, rule)) {
+                if rewritten(&address_key(&m.address, rule)) {
                     continue;
                 }
-                if let Err(errors) = check_mailbox(&m, rule, &lookup_server) {
+                let address = m.address.clone();
+                if let Err(errors) = check_mailbox(m, rule, &lookup_server) {
                     broken += 1;
                     if broken <= 5 {
                         report(
                             *origin,
                             format!(
-                                "moving server {:?} to cluster {:?} breaks mailbox {:?}: {}",
+                                "moving server {:?} to cluster {:?} breaks mailbox {address:?}: {}",
                                 server.name,
                                 server.cluster,
-                                m.address,
                                 errors.join("; ")
                             ),
                         );
@@ -197,8 +226,12 @@ pub fn resolve(
             mailboxes,
         })
     } else {
+        // Stable sort: file order, then place; problems of one row stay in order.
         problems.sort_by_key(|p| p.origin.map(|o| (o.file, place_rank(o.place))));
-        Err(problems)
+        Err(problems
+            .into_iter()
+            .map(|p| format!("{}: {}", Input::locate_in(&files, p.origin), p.message))
+            .collect())
     }
 }
 
@@ -221,7 +254,7 @@ fn place_rank(p: super::files::Place) -> (u8, u64) {
 /// Checks one mailbox against the servers it names; returns it with server names
 /// in their canonical spelling, or every problem found.
 pub fn check_mailbox(
-    m: &Mailbox,
+    m: Mailbox,
     rule: LocalPartMatch,
     server: &dyn Fn(&str) -> Option<Server>,
 ) -> Result<Mailbox, Vec<String>> {
@@ -275,10 +308,9 @@ pub fn check_mailbox(
     }
     match (home, errors.is_empty()) {
         (Some(h), true) => Ok(Mailbox {
-            address: m.address.clone(),
             home: h.name,
             replicas,
-            aliases: m.aliases.clone(),
+            ..m
         }),
         _ => Err(errors),
     }
