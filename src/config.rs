@@ -48,6 +48,10 @@ pub struct SmtpConfig {
     /// What to do with a message text line over 998 octets: `reject` (550 5.6.0
     /// after the data) or `accept` (kept byte for byte; never truncated).
     pub long_lines: LongLines,
+    /// What to do with a message holding a bare CR or bare LF (RFC 5321 §2.3.8):
+    /// `reject` (550 5.6.0; downstream servers could read them as line ends, the
+    /// SMTP smuggling vector) or `accept` (kept byte for byte).
+    pub bare_line_endings: BareLineEndings,
     /// Waiting for the next command (RFC 5321 §4.5.3.2.7: at least 5 minutes).
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
@@ -66,6 +70,13 @@ pub struct SmtpConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LongLines {
+    Reject,
+    Accept,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BareLineEndings {
     Reject,
     Accept,
 }
@@ -92,6 +103,7 @@ impl Default for SmtpConfig {
             max_connections_per_ip: 100,
             max_errors: 10,
             long_lines: LongLines::Reject,
+            bare_line_endings: BareLineEndings::Reject,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             shutdown_grace: Duration::from_secs(30),

@@ -8,3 +8,6 @@
 pub mod admin;
 pub mod catalog;
 pub mod config;
+pub mod queue;
+pub mod router;
+pub mod smtp;

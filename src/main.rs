@@ -18,12 +18,23 @@ struct Cli {
     /// Config file (default: ./clustermail.toml if present, else built-in defaults).
     #[arg(long, short, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Log format on stderr (RUST_LOG sets the level, default info).
+    #[arg(long, global = true, value_enum, default_value = "pretty")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Run the router: SMTP on the configured listeners, catalog and queue in data_dir.
+    Serve,
     /// Check a config file and print the effective config.
     Config {
         #[command(subcommand)]
@@ -33,6 +44,23 @@ enum Command {
     Catalog {
         #[command(subcommand)]
         command: CatalogCommand,
+    },
+    /// Look at the queue (with the router stopped).
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// List queued messages, oldest first.
+    List,
+    /// Show one message's envelope, or with --raw its octets as queued.
+    Show {
+        id: String,
+        #[arg(long)]
+        raw: bool,
     },
 }
 
@@ -101,13 +129,15 @@ fn parse_state(s: &str) -> Result<AdminState, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Pretty => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     match run(cli) {
         Ok(exit) => ExitCode::from(exit as u8),
         Err(e) => {
@@ -121,6 +151,12 @@ fn run(cli: Cli) -> Result<Exit> {
     let mut out = std::io::stdout().lock();
     let mut err = std::io::stderr();
     match cli.command {
+        Command::Serve => {
+            let (config, source) = Config::load(cli.config.as_deref())?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(clustermail::router::serve(config, source))?;
+            Ok(Exit::Ok)
+        }
         Command::Config {
             command: ConfigCommand::Check { file },
         } => {
@@ -135,6 +171,21 @@ fn run(cli: Cli) -> Result<Exit> {
                 Err(e) => {
                     eprintln!("{e:#}");
                     Ok(Exit::Invalid)
+                }
+            }
+        }
+        Command::Queue { command } => {
+            let (config, _) = Config::load(cli.config.as_deref())?;
+            let db = catalog::open_db(&config.data_dir, config.store_cache_mb << 20)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let _guard = runtime.enter();
+            let spool = clustermail::queue::Spool::open(&db)?;
+            match command {
+                QueueCommand::List => admin::queue::list(&spool, &mut out),
+                QueueCommand::Show { id, raw } => {
+                    admin::queue::show(&spool, &id, raw, &mut out, &mut err)
                 }
             }
         }

@@ -2,6 +2,7 @@
 //! Each prints for people on stdout, problems on stderr, and returns an [`Exit`].
 
 pub mod catalog;
+pub mod queue;
 
 /// How a command ended, as a process exit status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

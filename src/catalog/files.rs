@@ -140,6 +140,20 @@ pub fn read_files(paths: &[PathBuf]) -> Input {
     input
 }
 
+/// Reads one catalog text (e.g. the example built into the binary) as if from a file.
+pub fn read_text(name: &str, format: Format, text: &str) -> Input {
+    let mut input = Input {
+        files: vec![PathBuf::from(name)],
+        ..Input::default()
+    };
+    match format {
+        Format::Toml => read_toml(&mut input, 0, text),
+        Format::Json => read_json(&mut input, 0, text),
+        Format::Csv => read_csv(&mut input, 0, text),
+    }
+    input
+}
+
 fn line_of(text: &str, offset: usize) -> u64 {
     text.as_bytes()[..offset.min(text.len())]
         .iter()

@@ -9,6 +9,7 @@
 //! | `m\0<address key>`          | bincode [`Mailbox`], by primary address |
 //! | `a\0<alias key>`            | primary address key, `\0`, the record    |
 //! | `h\0<server key>\0<start>`  | a chunk of the server index (`index.rs`) |
+//! | `d\0<domain>`               | how many addresses (primary or alias) it has |
 //! | `~rule`                     | the local-part rule the keys were made with |
 //!
 //! An alias carries a copy of its mailbox's record, so every lookup is one read.
@@ -219,6 +220,13 @@ impl Catalog {
             .map(|s| (**s).clone())
     }
 
+    /// Whether any catalog address (primary or alias) is in `domain`.
+    pub fn serves_domain(&self, domain: &str) -> Result<bool> {
+        let domain = address_key(&format!("x@{domain}"), self.rule);
+        let live = self.live.read().unwrap_or_else(|e| e.into_inner());
+        Ok(live.tree.get(key(b'd', &[&domain[2..]]))?.is_some())
+    }
+
     /// All servers sorted by name, optionally of one cluster.
     pub fn servers(&self, cluster: Option<&str>) -> Vec<Server> {
         let mut v: Vec<Server> = self
@@ -378,6 +386,16 @@ impl Catalog {
                 .map(|(i, m)| (address_key(&m.address, rule), i as u32))
                 .collect();
             order.sort_unstable();
+            let mut domains: std::collections::BTreeMap<&str, u64> =
+                std::collections::BTreeMap::new();
+            for m in mailboxes {
+                for name in m.names() {
+                    *domains.entry(domain_of(name)).or_default() += 1;
+                }
+            }
+            for (d, n) in domains {
+                out.insert(key(b'd', &[&d.to_lowercase()]), &n.to_be_bytes())?;
+            }
             let step = (order.len() / 3).max(1);
             let mut aliases: Vec<(String, u32)> = order
                 .iter()
@@ -468,6 +486,10 @@ fn write_mailbox(batch: &mut sled::Batch, m: &Mailbox, rule: LocalPartMatch) -> 
     }
     batch.insert(key(b'm', &[&primary]), record);
     Ok(())
+}
+
+fn domain_of(address: &str) -> &str {
+    address.rsplit_once('@').map_or("", |(_, d)| d)
 }
 
 fn alias_value(primary: &str, record: &[u8]) -> Vec<u8> {
@@ -570,6 +592,30 @@ impl Plan {
         // All removals before any write: a name may move from one mailbox of the
         // import to another, and the later removal must not undo the earlier write.
         let mut edit = index::Edit::new(tree);
+        let mut domains: HashMap<String, i64> = HashMap::new();
+        for (new, old) in &self.mailboxes {
+            for name in new.names() {
+                *domains.entry(domain_of(name).to_lowercase()).or_default() += 1;
+            }
+            for name in old.iter().flat_map(|o| o.names()) {
+                *domains.entry(domain_of(name).to_lowercase()).or_default() -= 1;
+            }
+        }
+        for (d, delta) in domains.into_iter().filter(|(_, d)| *d != 0) {
+            let k = key(b'd', &[&d]);
+            let now = match tree.get(&k)? {
+                Some(v) => u64::from_be_bytes(
+                    v.as_ref()
+                        .try_into()
+                        .map_err(|_| anyhow!("corrupt domain count"))?,
+                ),
+                None => 0,
+            };
+            match (now as i64).saturating_add(delta) {
+                n if n <= 0 => batch.remove(k),
+                n => batch.insert(k, &(n as u64).to_be_bytes()),
+            }
+        }
         for old in self.mailboxes.iter().filter_map(|(_, old)| old.as_ref()) {
             remove_mailbox(batch, old, rule);
             let primary = address_key(&old.address, rule);
@@ -817,6 +863,8 @@ mod tests {
             assert!(cat.lookup("al0@d.test").unwrap().is_none(), "dropped alias");
             assert_eq!(cat.lookup("al1@d.test").unwrap().unwrap().home.name, "a");
             assert_eq!(cat.lookup("u0@d.test").unwrap().unwrap().home.name, "b");
+            assert!(cat.serves_domain("D.TEST").unwrap());
+            assert!(!cat.serves_domain("e.test").unwrap());
             results.push(cat.mailboxes(None, None).unwrap());
         }
         assert_eq!(results[0], results[1]);

@@ -1,0 +1,77 @@
+//! `clustermail queue list|show`: the queue as stored (the router must not be
+//! running: sled is single-process; issue 5 adds the admin socket for that case).
+
+use super::Exit;
+use crate::queue::{QueueId, Spool};
+use anyhow::Result;
+use std::io::Write;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+fn age(received_at: u64) -> String {
+    let then = UNIX_EPOCH + Duration::from_millis(received_at);
+    let secs = SystemTime::now()
+        .duration_since(then)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+pub fn list(spool: &Spool, out: &mut dyn Write) -> Result<Exit> {
+    let envs = spool.envelopes()?;
+    writeln!(
+        out,
+        "{:16}  {:>10}  {:>8}  {:30}  RECIPIENTS",
+        "ID", "AGE", "SIZE", "SENDER"
+    )?;
+    for e in &envs {
+        let rcpts: Vec<&str> = e.recipients.iter().map(|r| r.address.as_str()).collect();
+        writeln!(
+            out,
+            "{}  {:>10}  {:>8}  {:30}  {}",
+            e.id,
+            age(e.received_at),
+            e.size,
+            format!("<{}>", e.sender.as_deref().unwrap_or("")),
+            rcpts.join(", ")
+        )?;
+    }
+    writeln!(out, "{} message(s)", envs.len())?;
+    Ok(Exit::Ok)
+}
+
+pub fn show(
+    spool: &Spool,
+    id: &str,
+    raw: bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<Exit> {
+    let id: QueueId = match id.parse() {
+        Ok(id) => id,
+        Err(e) => {
+            writeln!(err, "{e}")?;
+            return Ok(Exit::Invalid);
+        }
+    };
+    let (Some(env), Some(message)) = (spool.envelope(id)?, spool.message(id)?) else {
+        writeln!(err, "{id}: no such message in the queue")?;
+        return Ok(Exit::Invalid);
+    };
+    if raw {
+        out.write_all(&message)?;
+        return Ok(Exit::Ok);
+    }
+    writeln!(out, "id:        {}", env.id)?;
+    writeln!(out, "sender:    <{}>", env.sender.as_deref().unwrap_or(""))?;
+    writeln!(out, "client:    {} (HELO {})", env.client_ip, env.helo)?;
+    writeln!(out, "received:  {} ago", age(env.received_at))?;
+    writeln!(out, "size:      {} octets", env.size)?;
+    for r in &env.recipients {
+        writeln!(
+            out,
+            "recipient: <{}> (mailbox {}): {:?}",
+            r.address, r.mailbox, r.state
+        )?;
+    }
+    Ok(Exit::Ok)
+}

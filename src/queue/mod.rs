@@ -1,0 +1,10 @@
+//! The durable queue: every accepted message, its envelope and per-recipient state.
+//!
+//! `spool` stores messages in sled and makes them durable (group commit) before the
+//! SMTP session may say 250; `id` makes queue ids.
+
+pub mod id;
+pub mod spool;
+
+pub use id::QueueId;
+pub use spool::{Envelope, Recipient, RecipientState, Spool};

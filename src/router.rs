@@ -1,0 +1,73 @@
+//! `clustermail serve`: opens the store, the catalog and the queue, starts the SMTP
+//! service, and stops it gracefully on SIGINT or SIGTERM.
+
+use crate::catalog::{self, files, Catalog, Mode};
+use crate::config::{Config, Source};
+use crate::queue::Spool;
+use crate::smtp::server;
+use anyhow::Result;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// The example catalog, built in so that `serve` works out of the box.
+pub const EXAMPLE_CATALOG: &str = include_str!("../catalog/example.toml");
+
+pub async fn serve(config: Config, source: Source) -> Result<()> {
+    tracing::info!(config = %source, data_dir = %config.data_dir.display(), "starting clustermail");
+    // Bind first: a port in use is the most likely start-up error.
+    let listeners = server::bind(&config.listen_addrs()?).await?;
+    let db = catalog::open_db(&config.data_dir, config.store_cache_mb << 20)?;
+    let catalog = Arc::new(Catalog::open(&db, config.local_part_match)?);
+    if catalog.servers(None).is_empty() {
+        let input = files::read_text(
+            "catalog/example.toml (built in)",
+            files::Format::Toml,
+            EXAMPLE_CATALOG,
+        );
+        let report = catalog
+            .import(input, Mode::Merge, false, &indicatif::ProgressBar::hidden())
+            .map_err(|e| anyhow::anyhow!("loading the example catalog: {e}"))?;
+        tracing::warn!(
+            mailboxes = report.mailboxes.added,
+            servers = report.servers.added,
+            "the catalog was empty: loaded the built-in example catalog (catalog/example.toml); \
+             import your own with `clustermail catalog import --replace FILE`"
+        );
+    }
+    let spool = Spool::open(&db)?;
+    let queued = spool.len();
+    tracing::info!(queued, "queue opened");
+    let service = server::Service::new(&config.router_name, &config.smtp, catalog, spool.clone())?;
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: no new connections, finishing transactions in progress");
+        let _ = stop.send(true);
+    });
+    server::serve(service, listeners, stopped).await?;
+    spool.durable().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

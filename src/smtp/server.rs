@@ -1,0 +1,420 @@
+//! The SMTP service: listeners, connection limits, and the per-connection driver
+//! that runs a [`Session`] over a [`Conn`], queueing each accepted message durably
+//! before its 250.
+//!
+//! Shutdown: when the shutdown signal fires, listeners stop accepting; an idle
+//! session (no transaction) is told `421 4.3.2` at once, a session inside a
+//! transaction may finish it (bounded by `shutdown_grace`) and is told 421 after.
+
+use super::conn::{Conn, Line};
+use super::policy::CatalogPolicy;
+use super::reply::{self, Reply};
+use super::session::{Action, Message, RecipientPolicy, Session, Settings};
+use super::trace::{received, Trace};
+use crate::catalog::Catalog;
+use crate::config::SmtpConfig;
+use crate::queue::{Envelope, QueueId, Recipient, RecipientState, Spool};
+use anyhow::{Context, Result};
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+/// Everything the connections of one service share.
+pub struct Service {
+    pub settings: Settings,
+    pub config: SmtpConfig,
+    pub policy: Box<dyn RecipientPolicy + Send + Sync>,
+    pub spool: Spool,
+    pub tls: Option<TlsAcceptor>,
+    connections: Arc<Semaphore>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Service {
+    pub fn new(
+        router_name: &str,
+        config: &SmtpConfig,
+        catalog: Arc<Catalog>,
+        spool: Spool,
+    ) -> Result<Arc<Service>> {
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(c), Some(k)) => Some(super::tls::acceptor(c, k)?),
+            _ => None,
+        };
+        Ok(Arc::new(Service {
+            settings: Settings {
+                name: router_name.to_string(),
+                max_message_size: config.max_message_size,
+                max_recipients: config.max_recipients,
+                max_errors: config.max_errors,
+                long_lines: config.long_lines,
+                bare_line_endings: config.bare_line_endings,
+                tls_available: tls.is_some(),
+            },
+            config: config.clone(),
+            policy: Box::new(CatalogPolicy { catalog }),
+            spool,
+            tls,
+            connections: Arc::new(Semaphore::new(config.max_connections)),
+            per_ip: Mutex::new(HashMap::new()),
+        }))
+    }
+}
+
+/// Binds every configured address (before anything else starts, so a port in use
+/// is reported at once).
+pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>> {
+    let mut out = Vec::new();
+    for a in addrs {
+        out.push(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a}"))?,
+        );
+    }
+    Ok(out)
+}
+
+/// Serves until `shutdown` turns true, then waits (up to the grace period) for the
+/// sessions still running.
+pub async fn serve(
+    service: Arc<Service>,
+    listeners: Vec<TcpListener>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let mut accepting = Vec::new();
+    for l in listeners {
+        tracing::info!(addr = %l.local_addr()?, "SMTP listening");
+        accepting.push(tokio::spawn(accept_loop(
+            service.clone(),
+            l,
+            shutdown.clone(),
+        )));
+    }
+    for a in accepting {
+        let _ = a.await;
+    }
+    // Every live connection holds a permit: all permits back means all sessions ended.
+    let max = service.config.max_connections as u32;
+    let grace = service.config.shutdown_grace;
+    match tokio::time::timeout(
+        grace + Duration::from_secs(1),
+        service.connections.acquire_many(max),
+    )
+    .await
+    {
+        Ok(_) => tracing::info!("all SMTP sessions finished"),
+        Err(_) => tracing::warn!(?grace, "SMTP sessions still running after the grace period"),
+    }
+    Ok(())
+}
+
+async fn accept_loop(
+    service: Arc<Service>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() { return; }
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let service = service.clone();
+                    let shutdown = shutdown.clone();
+                    tokio::spawn(async move { connection(service, stream, peer, shutdown).await });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Releases a per-IP connection slot when the connection ends.
+struct IpSlot<'a> {
+    service: &'a Service,
+    ip: IpAddr,
+}
+
+impl Drop for IpSlot<'_> {
+    fn drop(&mut self) {
+        let mut map = self
+            .service
+            .per_ip
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+async fn refuse(stream: TcpStream, r: Reply) {
+    let mut conn = Conn::new(stream);
+    conn.reply(&r);
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.flush()).await;
+}
+
+async fn connection(
+    service: Arc<Service>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let Ok(_permit) = service.connections.clone().try_acquire_owned() else {
+        tracing::warn!(%peer, "connection refused: max_connections reached");
+        return refuse(stream, reply::too_many_connections()).await;
+    };
+    let ip = peer.ip();
+    let admitted = {
+        let mut map = service.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        let ok = *n < service.config.max_connections_per_ip;
+        if ok {
+            *n += 1;
+        }
+        ok
+    };
+    if !admitted {
+        tracing::warn!(%peer, "connection refused: max_connections_per_ip reached");
+        return refuse(stream, reply::too_many_connections()).await;
+    }
+    let _slot = IpSlot {
+        service: &service,
+        ip,
+    };
+    let mut session = Session::new(service.settings.clone());
+    let mut conn = Conn::new(stream);
+    conn.reply(&session.greeting());
+    let outcome = drive(&service, &mut session, &mut conn, peer, shutdown.clone()).await;
+    match outcome {
+        Ok(Next::StartTls) => {
+            let Some(acceptor) = service.tls.clone() else {
+                return;
+            };
+            let tcp = conn.into_inner();
+            match tokio::time::timeout(service.config.command_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    session.tls_started();
+                    let mut conn = Conn::new(tls);
+                    if let Err(e) = drive(&service, &mut session, &mut conn, peer, shutdown).await {
+                        log_io_end(peer, &e);
+                    }
+                }
+                Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+            }
+        }
+        Ok(Next::Close) => {}
+        Err(e) => log_io_end(peer, &e),
+    }
+}
+
+fn log_io_end(peer: SocketAddr, e: &io::Error) {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::BrokenPipe => {
+            tracing::debug!(%peer, error = %e, "connection lost")
+        }
+        _ => tracing::info!(%peer, error = %e, "connection ended"),
+    }
+}
+
+enum Next {
+    Close,
+    StartTls,
+}
+
+/// Runs the session until the client quits, the session closes, or STARTTLS.
+async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+    service: &Service,
+    session: &mut Session,
+    conn: &mut Conn<S>,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<Next> {
+    let cfg = &service.config;
+    let name = &service.settings.name;
+    loop {
+        if *shutdown.borrow() && !session.in_transaction() {
+            conn.reply(&reply::shutting_down(name));
+            conn.flush().await?;
+            return Ok(Next::Close);
+        }
+        // Wait for a command, or for shutdown while idle.
+        let line = if session.in_transaction() || *shutdown.borrow() {
+            conn.read_line(cfg.command_timeout).await
+        } else {
+            tokio::select! {
+                l = conn.read_line(cfg.command_timeout) => l,
+                _ = shutdown.changed() => continue,
+            }
+        };
+        let line = match line {
+            Ok(l) => l,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                conn.reply(&reply::timeout(name));
+                let _ = conn.flush().await;
+                return Ok(Next::Close);
+            }
+            Err(e) => return Err(e),
+        };
+        let action = match line {
+            Line::Eof => return Ok(Next::Close),
+            Line::TooLong => session.line_too_long(),
+            Line::Command(l) => session.command(&l, service.policy.as_ref()),
+        };
+        match action {
+            Action::Reply(r) => conn.reply(&r),
+            Action::Close(r) => {
+                conn.reply(&r);
+                conn.flush().await?;
+                return Ok(Next::Close);
+            }
+            Action::StartTls(r) => {
+                conn.reply(&r);
+                conn.flush().await?;
+                let dropped = conn.discard_buffered();
+                if dropped > 0 {
+                    tracing::warn!(%peer, dropped, "plaintext pipelined after STARTTLS discarded");
+                }
+                return Ok(Next::StartTls);
+            }
+            Action::ReadData(r) => {
+                conn.reply(&r);
+                let mut body = Vec::new();
+                let decoder = match conn
+                    .read_data(cfg.max_message_size, cfg.data_timeout, &mut body)
+                    .await
+                {
+                    Ok(d) => d,
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                        conn.reply(&reply::timeout(name));
+                        let _ = conn.flush().await;
+                        return Ok(Next::Close);
+                    }
+                    Err(e) => return Err(e),
+                };
+                let r = match session.data_received(body, decoder.over_size()) {
+                    Ok(m) => accept(service, m, peer).await,
+                    Err(r) => r,
+                };
+                log_transaction(peer, &r);
+                conn.reply(&r);
+            }
+            Action::ReadBdat { size, last, refuse } => {
+                let mut chunk = Vec::new();
+                let sink = if refuse.is_some() {
+                    None
+                } else {
+                    Some(&mut chunk)
+                };
+                match conn.read_exact(size, cfg.data_timeout, sink).await {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                        conn.reply(&reply::timeout(name));
+                        let _ = conn.flush().await;
+                        return Ok(Next::Close);
+                    }
+                    Err(e) => return Err(e),
+                }
+                let r = match refuse {
+                    Some(r) => r,
+                    None => match session.bdat_chunk(&chunk, last) {
+                        Ok(None) => Session::chunk_reply(size),
+                        Ok(Some(m)) => {
+                            let r = accept(service, m, peer).await;
+                            log_transaction(peer, &r);
+                            r
+                        }
+                        Err(r) => r,
+                    },
+                };
+                conn.reply(&r);
+            }
+        }
+    }
+}
+
+fn log_transaction(peer: SocketAddr, r: &Reply) {
+    if r.is_positive() {
+        tracing::info!(%peer, reply = %r, "message accepted");
+    } else {
+        tracing::info!(%peer, reply = %r, "message refused");
+    }
+}
+
+/// Queues a message durably; the reply is 250 only once it is on disk.
+async fn accept(service: &Service, m: Message, peer: SocketAddr) -> Reply {
+    let id = QueueId::new();
+    let id_text = id.to_string();
+    let now = SystemTime::now();
+    let header = received(&Trace {
+        helo: &m.helo,
+        client_ip: peer.ip(),
+        router: &service.settings.name,
+        esmtp: m.esmtp,
+        tls: m.tls,
+        smtputf8: m.smtputf8,
+        id: &id_text,
+        recipients: &m.recipients,
+        when: now,
+    });
+    let mut message = Vec::with_capacity(header.len() + m.body.len());
+    message.extend_from_slice(header.as_bytes());
+    message.extend_from_slice(&m.body);
+    let env = Envelope {
+        id,
+        sender: m.sender,
+        recipients: m
+            .recipients
+            .into_iter()
+            .map(|(address, mailbox)| Recipient {
+                address,
+                mailbox,
+                state: RecipientState::Pending,
+            })
+            .collect(),
+        client_ip: peer.ip(),
+        helo: m.helo,
+        received_at: now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        size: message.len() as u64,
+        smtputf8: m.smtputf8,
+        eight_bit: m.eight_bit,
+    };
+    match service.spool.enqueue(&env, &message).await {
+        Ok(()) => {
+            tracing::info!(
+                id = %id_text,
+                from = env.sender.as_deref().unwrap_or(""),
+                rcpts = env.recipients.len(),
+                size = env.size,
+                "queued"
+            );
+            Reply::new(250, "2.0.0", format!("Ok: queued as {id_text}"))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "queueing failed");
+            Reply::new(451, "4.3.0", "Queueing failed, try again later")
+        }
+    }
+}

@@ -1,0 +1,627 @@
+//! The inbound SMTP session as a pure state machine: a command line in, an
+//! [`Action`] (reply, read data, start TLS, close) out. No I/O: the connection
+//! driver (`server.rs`) does the reading and writing, the spool the storing.
+
+use super::address::Mailbox;
+use super::command::{self, Body, Command};
+use super::data::{check_body, BodyCheck};
+use super::reply::{self, Reply};
+use crate::config::{BareLineEndings, LongLines};
+
+/// What the session needs to know of the service.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub name: String,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    pub max_errors: usize,
+    pub long_lines: LongLines,
+    pub bare_line_endings: BareLineEndings,
+    /// A certificate is configured: STARTTLS may be offered.
+    pub tls_available: bool,
+}
+
+/// The relay policy's answer for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// A catalog mailbox (its primary address).
+    Accept(String),
+    /// A domain we serve, but no such mailbox.
+    UnknownUser,
+    /// Not ours: relaying denied (with the reason shown to the client).
+    RelayDenied(&'static str),
+    /// The catalog could not be read: try again later.
+    TempFail,
+}
+
+/// Decides which recipients this relay accepts.
+pub trait RecipientPolicy {
+    fn check(&self, rcpt: &Mailbox) -> Verdict;
+}
+
+/// What the driver must do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Reply(Reply),
+    /// Send the reply, then close the connection.
+    Close(Reply),
+    /// Send the 220, then run the TLS handshake and call [`Session::tls_started`].
+    StartTls(Reply),
+    /// Send the 354, then read the data and call [`Session::data_received`].
+    ReadData(Reply),
+    /// Read exactly `size` octets. With `refuse`, discard them and send that reply;
+    /// else pass them to [`Session::bdat_chunk`].
+    ReadBdat {
+        size: u64,
+        last: bool,
+        refuse: Option<Reply>,
+    },
+}
+
+/// A complete message, ready to be queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub sender: Option<String>,
+    /// (forward-path as given, catalog mailbox).
+    pub recipients: Vec<(String, String)>,
+    pub helo: String,
+    pub esmtp: bool,
+    pub tls: bool,
+    pub smtputf8: bool,
+    pub eight_bit: bool,
+    pub body: Vec<u8>,
+    pub check: BodyCheck,
+}
+
+#[derive(Debug, Default)]
+struct Transaction {
+    sender: Option<Mailbox>,
+    smtputf8: bool,
+    eight_bit: bool,
+    recipients: Vec<(String, String)>,
+    /// RCPT commands refused (DATA with none accepted then says 554, not 503).
+    refused: usize,
+    /// BDAT chunks so far.
+    chunks: Option<Vec<u8>>,
+    /// A BDAT chunk went over the size limit: the rest is discarded.
+    bdat_failed: bool,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    settings: Settings,
+    helo: Option<String>,
+    esmtp: bool,
+    tls: bool,
+    tx: Option<Transaction>,
+    errors: usize,
+}
+
+impl Session {
+    pub fn new(settings: Settings) -> Session {
+        Session {
+            settings,
+            helo: None,
+            esmtp: false,
+            tls: false,
+            tx: None,
+            errors: 0,
+        }
+    }
+
+    pub fn greeting(&self) -> Reply {
+        Reply::multi(
+            220,
+            vec![format!("{} ESMTP clustermail", self.settings.name)],
+        )
+    }
+
+    /// A transaction is under way (MAIL given, not yet finished or reset).
+    pub fn in_transaction(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    pub fn tls_active(&self) -> bool {
+        self.tls
+    }
+
+    /// Counts a client error; past the limit the session closes.
+    fn error(&mut self, r: Reply) -> Action {
+        self.errors += 1;
+        if self.errors >= self.settings.max_errors {
+            return Action::Close(Reply::new(
+                421,
+                "4.7.0",
+                format!("{} Too many errors, closing connection", self.settings.name),
+            ));
+        }
+        Action::Reply(r)
+    }
+
+    /// The command line was over 512 octets (the driver skipped the rest of it).
+    pub fn line_too_long(&mut self) -> Action {
+        self.error(reply::line_too_long())
+    }
+
+    /// Handles one command line (without CRLF).
+    pub fn command(&mut self, line: &[u8], policy: &dyn RecipientPolicy) -> Action {
+        let cmd = match command::parse(line, self.esmtp) {
+            Ok(c) => c,
+            Err(r) => return self.error(r),
+        };
+        match cmd {
+            Command::Ehlo(name) => {
+                self.tx = None;
+                self.esmtp = true;
+                let mut lines = vec![format!("{} Hello {name}", self.settings.name)];
+                lines.extend([
+                    "PIPELINING".to_string(),
+                    format!("SIZE {}", self.settings.max_message_size),
+                    "8BITMIME".into(),
+                    "ENHANCEDSTATUSCODES".into(),
+                    "SMTPUTF8".into(),
+                    "CHUNKING".into(),
+                ]);
+                if self.settings.tls_available && !self.tls {
+                    lines.push("STARTTLS".into());
+                }
+                lines.push("HELP".into());
+                self.helo = Some(name);
+                Action::Reply(Reply::multi(250, lines))
+            }
+            Command::Helo(name) => {
+                self.tx = None;
+                self.esmtp = false;
+                let r = Reply::multi(250, vec![format!("{} Hello {name}", self.settings.name)]);
+                self.helo = Some(name);
+                Action::Reply(r)
+            }
+            Command::Mail { from, params } => {
+                if self.helo.is_none() {
+                    return self.error(reply::bad_sequence("Send EHLO or HELO first"));
+                }
+                if self.tx.is_some() {
+                    return self.error(reply::bad_sequence("Nested MAIL command"));
+                }
+                if let Some(size) = params.size {
+                    if size > self.settings.max_message_size {
+                        return Action::Reply(Reply::new(
+                            552,
+                            "5.3.4",
+                            format!(
+                                "Message size exceeds the limit of {} octets",
+                                self.settings.max_message_size
+                            ),
+                        ));
+                    }
+                }
+                if let Some(m) = &from {
+                    if !m.is_ascii() && !params.smtputf8 {
+                        return Action::Reply(Reply::new(
+                            553,
+                            "5.6.7",
+                            "Non-ASCII sender address needs SMTPUTF8",
+                        ));
+                    }
+                }
+                let sender = from.as_ref().map(|m| m.to_string()).unwrap_or_default();
+                self.tx = Some(Transaction {
+                    sender: from,
+                    smtputf8: params.smtputf8,
+                    eight_bit: params.body == Body::EightBitMime,
+                    ..Transaction::default()
+                });
+                Action::Reply(Reply::new(250, "2.1.0", format!("Sender <{sender}> ok")))
+            }
+            Command::Rcpt { to } => {
+                let Some(tx) = self.tx.as_mut() else {
+                    return self.error(reply::bad_sequence("Need MAIL command first"));
+                };
+                if tx.chunks.is_some() {
+                    return self.error(reply::bad_sequence("RCPT after BDAT"));
+                }
+                if tx.recipients.len() >= self.settings.max_recipients {
+                    return Action::Reply(Reply::new(452, "4.5.3", "Too many recipients"));
+                }
+                if !to.is_ascii() && !tx.smtputf8 {
+                    tx.refused += 1;
+                    return Action::Reply(Reply::new(
+                        553,
+                        "5.6.7",
+                        "Non-ASCII recipient address needs SMTPUTF8",
+                    ));
+                }
+                match policy.check(&to) {
+                    Verdict::Accept(mailbox) => {
+                        let r = Reply::new(250, "2.1.5", format!("Recipient <{to}> ok"));
+                        tx.recipients.push((to.to_string(), mailbox));
+                        Action::Reply(r)
+                    }
+                    Verdict::UnknownUser => {
+                        tx.refused += 1;
+                        Action::Reply(Reply::new(
+                            550,
+                            "5.1.1",
+                            format!("<{to}>: no such mailbox here"),
+                        ))
+                    }
+                    Verdict::RelayDenied(why) => {
+                        tx.refused += 1;
+                        Action::Reply(Reply::new(
+                            550,
+                            "5.7.1",
+                            format!("<{to}>: relaying denied: {why}"),
+                        ))
+                    }
+                    Verdict::TempFail => Action::Reply(Reply::new(
+                        451,
+                        "4.3.0",
+                        format!("<{to}>: recipient lookup failed, try again later"),
+                    )),
+                }
+            }
+            Command::Data => match &self.tx {
+                None => self.error(reply::bad_sequence("Need MAIL command first")),
+                Some(tx) if tx.chunks.is_some() => {
+                    self.error(reply::bad_sequence("DATA after BDAT"))
+                }
+                Some(tx) if tx.recipients.is_empty() && tx.refused > 0 => {
+                    Action::Reply(Reply::new(554, "5.5.1", "No valid recipients"))
+                }
+                Some(tx) if tx.recipients.is_empty() => {
+                    self.error(reply::bad_sequence("Need RCPT command first"))
+                }
+                Some(_) => Action::ReadData(Reply::new(354, "", "End data with <CR><LF>.<CR><LF>")),
+            },
+            Command::Bdat { size, last } => {
+                let refuse = match &mut self.tx {
+                    None => Some(reply::bad_sequence("Need MAIL command first")),
+                    Some(tx) if tx.recipients.is_empty() && tx.refused > 0 => {
+                        Some(Reply::new(554, "5.5.1", "No valid recipients"))
+                    }
+                    Some(tx) if tx.recipients.is_empty() => {
+                        Some(reply::bad_sequence("Need RCPT command first"))
+                    }
+                    Some(tx) => {
+                        let so_far = tx.chunks.as_ref().map_or(0, |c| c.len() as u64);
+                        if tx.bdat_failed
+                            || so_far.saturating_add(size) > self.settings.max_message_size
+                        {
+                            tx.bdat_failed = true;
+                            Some(Reply::new(
+                                552,
+                                "5.3.4",
+                                format!(
+                                    "Message size exceeds the limit of {} octets",
+                                    self.settings.max_message_size
+                                ),
+                            ))
+                        } else {
+                            tx.chunks.get_or_insert_with(Vec::new);
+                            None
+                        }
+                    }
+                };
+                if refuse.is_some() && last {
+                    // The transaction ends with a refused last chunk.
+                    if self.tx.as_ref().is_some_and(|t| t.bdat_failed) {
+                        self.tx = None;
+                    }
+                }
+                Action::ReadBdat { size, last, refuse }
+            }
+            Command::Rset => {
+                self.tx = None;
+                Action::Reply(reply::ok("Reset"))
+            }
+            Command::Noop => Action::Reply(reply::ok("Ok")),
+            Command::Quit => Action::Close(Reply::new(
+                221,
+                "2.0.0",
+                format!("{} Bye", self.settings.name),
+            )),
+            Command::Vrfy => Action::Reply(Reply::new(
+                252,
+                "2.5.2",
+                "Cannot VRFY user; send mail and it will be delivered",
+            )),
+            Command::Expn => Action::Reply(Reply::new(502, "5.5.1", "EXPN is not available")),
+            Command::Help => Action::Reply(Reply::new(
+                214,
+                "2.0.0",
+                "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
+            )),
+            Command::StartTls => {
+                if !self.settings.tls_available {
+                    return self.error(Reply::new(502, "5.5.1", "STARTTLS is not available"));
+                }
+                if self.tls {
+                    return self.error(bad_tls());
+                }
+                if self.tx.is_some() {
+                    return self.error(reply::bad_sequence("STARTTLS inside a transaction"));
+                }
+                Action::StartTls(Reply::new(220, "2.0.0", "Ready to start TLS"))
+            }
+        }
+    }
+
+    /// The TLS handshake succeeded: the session starts over (RFC 3207 §4.2).
+    pub fn tls_started(&mut self) {
+        self.tls = true;
+        self.helo = None;
+        self.esmtp = false;
+        self.tx = None;
+    }
+
+    /// The DATA octets were read (`over_size`: counted past the limit, not kept).
+    /// Returns the message to queue, or the reply refusing it; either way the
+    /// transaction is over once the driver has called [`Session::finish`] or got a reply.
+    pub fn data_received(&mut self, body: Vec<u8>, over_size: bool) -> Result<Message, Reply> {
+        let Some(tx) = self.tx.take() else {
+            return Err(reply::bad_sequence("No transaction"));
+        };
+        if over_size {
+            return Err(Reply::new(
+                552,
+                "5.3.4",
+                format!(
+                    "Message size exceeds the limit of {} octets",
+                    self.settings.max_message_size
+                ),
+            ));
+        }
+        self.message(tx, body)
+    }
+
+    /// A BDAT chunk was read. Not last: `Ok(None)` and the reply to send is
+    /// [`Session::chunk_reply`]. Last: the message to queue, or a refusal.
+    pub fn bdat_chunk(&mut self, chunk: &[u8], last: bool) -> Result<Option<Message>, Reply> {
+        let Some(tx) = self.tx.as_mut() else {
+            return Err(reply::bad_sequence("No transaction"));
+        };
+        let buf = tx.chunks.get_or_insert_with(Vec::new);
+        buf.extend_from_slice(chunk);
+        if !last {
+            return Ok(None);
+        }
+        let Some(mut tx) = self.tx.take() else {
+            return Err(reply::bad_sequence("No transaction"));
+        };
+        let body = tx.chunks.take().unwrap_or_default();
+        self.message(tx, body).map(Some)
+    }
+
+    pub fn chunk_reply(size: u64) -> Reply {
+        Reply::new(250, "2.0.0", format!("{size} octets received"))
+    }
+
+    fn message(&self, tx: Transaction, body: Vec<u8>) -> Result<Message, Reply> {
+        let check = check_body(&body);
+        if check.bare_line_ending && self.settings.bare_line_endings == BareLineEndings::Reject {
+            return Err(Reply::new(
+                550,
+                "5.6.0",
+                "Message refused: bare CR or LF in the data (RFC 5321 section 2.3.8)",
+            ));
+        }
+        if check.long_line && self.settings.long_lines == LongLines::Reject {
+            return Err(Reply::new(
+                550,
+                "5.6.0",
+                "Message refused: a line is over 998 octets",
+            ));
+        }
+        Ok(Message {
+            sender: tx.sender.map(|m| m.to_string()),
+            recipients: tx.recipients,
+            helo: self.helo.clone().unwrap_or_default(),
+            esmtp: self.esmtp,
+            tls: self.tls,
+            smtputf8: tx.smtputf8,
+            eight_bit: tx.eight_bit,
+            body,
+            check,
+        })
+    }
+}
+
+fn bad_tls() -> Reply {
+    reply::bad_sequence("TLS is already active")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Policy;
+    impl RecipientPolicy for Policy {
+        fn check(&self, rcpt: &Mailbox) -> Verdict {
+            if let Some(t) = rcpt.relay_trick() {
+                return Verdict::RelayDenied(t);
+            }
+            match (
+                rcpt.local.to_lowercase().as_str(),
+                rcpt.domain.to_lowercase().as_str(),
+            ) {
+                ("alice", "ours.test") => Verdict::Accept("alice@ours.test".into()),
+                ("broken", "ours.test") => Verdict::TempFail,
+                (_, "ours.test") => Verdict::UnknownUser,
+                _ => Verdict::RelayDenied("not a domain of this relay"),
+            }
+        }
+    }
+
+    fn session() -> Session {
+        Session::new(Settings {
+            name: "mx.test".into(),
+            max_message_size: 1000,
+            max_recipients: 2,
+            max_errors: 20,
+            long_lines: LongLines::Reject,
+            bare_line_endings: BareLineEndings::Reject,
+            tls_available: true,
+        })
+    }
+
+    fn say(s: &mut Session, line: &str) -> (u16, &'static str) {
+        match s.command(line.as_bytes(), &Policy) {
+            Action::Reply(r) | Action::Close(r) | Action::StartTls(r) | Action::ReadData(r) => {
+                (r.code, r.status)
+            }
+            Action::ReadBdat {
+                refuse: Some(r), ..
+            } => (r.code, r.status),
+            Action::ReadBdat { refuse: None, .. } => (0, "bdat"),
+        }
+    }
+
+    #[test]
+    fn a_whole_transaction() {
+        let mut s = session();
+        assert_eq!(say(&mut s, "MAIL FROM:<a@x.test>"), (503, "5.5.1"));
+        assert_eq!(say(&mut s, "EHLO client.test").0, 250);
+        assert_eq!(say(&mut s, "DATA"), (503, "5.5.1"));
+        assert_eq!(say(&mut s, "RCPT TO:<alice@ours.test>"), (503, "5.5.1"));
+        assert_eq!(
+            say(&mut s, "MAIL FROM:<a@x.test> SIZE=2000"),
+            (552, "5.3.4")
+        );
+        assert_eq!(say(&mut s, "MAIL FROM:<a@x.test> SIZE=200"), (250, "2.1.0"));
+        assert_eq!(say(&mut s, "MAIL FROM:<a@x.test>"), (503, "5.5.1"));
+        assert_eq!(say(&mut s, "DATA"), (503, "5.5.1"), "no RCPT yet");
+        assert_eq!(say(&mut s, "RCPT TO:<ALICE@Ours.Test>"), (250, "2.1.5"));
+        assert_eq!(say(&mut s, "RCPT TO:<bob@ours.test>"), (550, "5.1.1"));
+        assert_eq!(say(&mut s, "RCPT TO:<bob@elsewhere.test>"), (550, "5.7.1"));
+        assert_eq!(say(&mut s, "RCPT TO:<broken@ours.test>"), (451, "4.3.0"));
+        assert_eq!(say(&mut s, "RCPT TO:<alice@ours.test>"), (250, "2.1.5"));
+        assert_eq!(say(&mut s, "RCPT TO:<alice@ours.test>"), (452, "4.5.3"));
+        assert_eq!(say(&mut s, "DATA"), (354, ""));
+        let m = s
+            .data_received(b"Subject: hi\r\n\r\nhello\r\n".to_vec(), false)
+            .unwrap();
+        assert_eq!(m.sender.as_deref(), Some("a@x.test"));
+        assert_eq!(
+            m.recipients[0],
+            ("ALICE@Ours.Test".to_string(), "alice@ours.test".to_string())
+        );
+        assert!(!s.in_transaction());
+        assert_eq!(say(&mut s, "QUIT"), (221, "2.0.0"));
+    }
+
+    #[test]
+    fn relay_tricks_are_denied() {
+        let mut s = session();
+        say(&mut s, "EHLO c");
+        say(&mut s, "MAIL FROM:<>");
+        for trick in [
+            "RCPT TO:<alice%elsewhere.test@ours.test>",
+            "RCPT TO:<elsewhere.test!alice@ours.test>",
+            "RCPT TO:<\"alice@elsewhere.test\"@ours.test>",
+            "RCPT TO:<alice@[127.0.0.1]>",
+            "RCPT TO:<@ours.test:alice@elsewhere.test>",
+        ] {
+            assert_eq!(say(&mut s, trick), (550, "5.7.1"), "{trick}");
+        }
+        assert_eq!(say(&mut s, "RCPT TO:<alice@ours.test.>"), (501, "5.1.3"));
+        assert_eq!(
+            say(&mut s, "RCPT TO:<@elsewhere.test:alice@ours.test>"),
+            (250, "2.1.5"),
+            "judged on the mailbox"
+        );
+        // All refused then DATA: 554 (RFC 2920), not 503.
+        let mut s = session();
+        say(&mut s, "EHLO c");
+        say(&mut s, "MAIL FROM:<>");
+        say(&mut s, "RCPT TO:<x@elsewhere.test>");
+        assert_eq!(say(&mut s, "DATA"), (554, "5.5.1"));
+    }
+
+    #[test]
+    fn bodies_with_bare_line_endings_or_long_lines_are_refused() {
+        let mut s = session();
+        for body in [
+            &b"a\nb\r\n"[..],
+            &format!("{}\r\n", "x".repeat(999)).into_bytes(),
+        ] {
+            say(&mut s, "EHLO c");
+            say(&mut s, "MAIL FROM:<>");
+            say(&mut s, "RCPT TO:<alice@ours.test>");
+            assert_eq!(say(&mut s, "DATA").0, 354);
+            assert_eq!(
+                s.data_received(body.to_vec(), false).unwrap_err().status,
+                "5.6.0"
+            );
+        }
+        say(&mut s, "MAIL FROM:<>");
+        say(&mut s, "RCPT TO:<alice@ours.test>");
+        say(&mut s, "DATA");
+        assert_eq!(s.data_received(vec![], true).unwrap_err().code, 552);
+    }
+
+    #[test]
+    fn bdat_chunks_and_limits() {
+        let mut s = session();
+        say(&mut s, "EHLO c");
+        assert_eq!(
+            say(&mut s, "BDAT 10"),
+            (503, "5.5.1"),
+            "refused but the driver still reads 10 octets"
+        );
+        say(&mut s, "MAIL FROM:<a@x.test>");
+        say(&mut s, "RCPT TO:<alice@ours.test>");
+        assert_eq!(say(&mut s, "BDAT 5"), (0, "bdat"));
+        assert_eq!(s.bdat_chunk(b"Subje", false), Ok(None));
+        assert_eq!(say(&mut s, "DATA"), (503, "5.5.1"));
+        assert_eq!(say(&mut s, "BDAT 9 LAST"), (0, "bdat"));
+        let m = s.bdat_chunk(b"ct: x\r\n\r\n", true).unwrap().unwrap();
+        assert_eq!(m.body, b"Subject: x\r\n\r\n");
+        say(&mut s, "MAIL FROM:<a@x.test>");
+        say(&mut s, "RCPT TO:<alice@ours.test>");
+        assert_eq!(say(&mut s, "BDAT 2000 LAST"), (552, "5.3.4"));
+        assert!(!s.in_transaction());
+    }
+
+    #[test]
+    fn errors_are_counted_and_close_the_session() {
+        let mut s = session();
+        s.settings.max_errors = 5;
+        for _ in 0..4 {
+            assert_eq!(say(&mut s, "BOGUS").0, 500);
+        }
+        assert!(matches!(s.command(b"BOGUS", &Policy), Action::Close(r) if r.code == 421));
+    }
+
+    #[test]
+    fn utf8_addresses_need_smtputf8() {
+        let mut s = session();
+        say(&mut s, "EHLO c");
+        assert_eq!(say(&mut s, "MAIL FROM:<jörg@x.test>"), (553, "5.6.7"));
+        assert_eq!(say(&mut s, "MAIL FROM:<jörg@x.test> SMTPUTF8").0, 250);
+        let mut s = session();
+        say(&mut s, "HELO c");
+        assert_eq!(
+            say(&mut s, "MAIL FROM:<a@x.test> SMTPUTF8"),
+            (555, "5.5.4"),
+            "no parameters after HELO"
+        );
+    }
+
+    #[test]
+    fn starttls_resets_the_session() {
+        let mut s = session();
+        say(&mut s, "EHLO c");
+        assert_eq!(say(&mut s, "STARTTLS"), (220, "2.0.0"));
+        s.tls_started();
+        assert_eq!(
+            say(&mut s, "MAIL FROM:<>"),
+            (503, "5.5.1"),
+            "EHLO again after TLS"
+        );
+        let Action::Reply(r) = s.command(b"EHLO c", &Policy) else {
+            panic!()
+        };
+        assert!(!r.lines.iter().any(|l| l == "STARTTLS"));
+        assert_eq!(say(&mut s, "STARTTLS"), (503, "5.5.1"));
+    }
+}
