@@ -57,3 +57,264 @@ impl Scratch {
         p
     }
 }
+
+/// A `clustermail serve` process on a free loopback port, with its own data dir.
+pub struct Router {
+    pub scratch: Scratch,
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl Router {
+    /// Starts a router with `extra_smtp` lines added to its `[smtp]` section.
+    pub fn start(extra_smtp: &str) -> Router {
+        Router::start_in(Scratch::new(), extra_smtp)
+    }
+
+    pub fn start_in(scratch: Scratch, extra_smtp: &str) -> Router {
+        let port = free_port();
+        scratch.write(
+            "clustermail.toml",
+            &format!("router_name = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n{extra_smtp}\n"),
+        );
+        let mut r = Router {
+            scratch,
+            port,
+            child: None,
+        };
+        r.restart();
+        r
+    }
+
+    /// (Re)starts the process on the same port and data dir; waits until it listens.
+    pub fn restart(&mut self) {
+        let log = std::fs::File::create(self.scratch.path().join("serve.log")).expect("log file");
+        let child = self
+            .scratch
+            .cmd()
+            .env("RUST_LOG", "info")
+            .arg("serve")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn serve");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "router did not listen:\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.scratch.path().join("serve.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).expect("running")
+    }
+
+    /// SIGTERM, then waits for the process to exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        child.wait().expect("wait")
+    }
+
+    pub fn signal_term(&self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+    }
+
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.take().expect("running").wait().expect("wait")
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(self.port)
+    }
+
+    /// Queue ids as listed by `queue list` (router must be stopped).
+    pub fn queue_ids(&self) -> Vec<String> {
+        self.scratch
+            .ok(&["queue", "list"])
+            .lines()
+            .skip(1)
+            .filter(|l| !l.ends_with("message(s)"))
+            .map(|l| l.split_whitespace().next().unwrap_or("").to_string())
+            .collect()
+    }
+
+    pub fn queued_raw(&self, id: &str) -> Vec<u8> {
+        let out = self
+            .scratch
+            .cmd()
+            .args(["queue", "show", id, "--raw"])
+            .output()
+            .expect("queue show");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A raw SMTP client over TCP, for conformance tests.
+pub struct Client {
+    pub stream: std::net::TcpStream,
+    reader: std::io::BufReader<std::net::TcpStream>,
+}
+
+/// A reply: code and the text of each line (after `code-` / `code `).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    pub lines: Vec<String>,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        self.lines.join("\n")
+    }
+    /// The enhanced status code of the last line ("" if none).
+    pub fn status(&self) -> &str {
+        self.lines
+            .last()
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or("")
+    }
+}
+
+impl Client {
+    pub fn connect(port: u16) -> Client {
+        let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        let reader = std::io::BufReader::new(stream.try_clone().expect("clone"));
+        Client { stream, reader }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    /// Reads one reply; None on EOF.
+    pub fn try_reply(&mut self) -> Option<Reply> {
+        use std::io::BufRead;
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+            let line = line.trim_end_matches(['\r', '\n']);
+            assert!(line.len() >= 3, "short reply line {line:?}");
+            let code: u16 = line[..3].parse().expect("reply code");
+            let more = line.as_bytes().get(3) == Some(&b'-');
+            lines.push(line.get(4..).unwrap_or("").to_string());
+            if !more {
+                return Some(Reply { code, lines });
+            }
+        }
+    }
+
+    pub fn reply(&mut self) -> Reply {
+        self.try_reply().expect("a reply, not EOF")
+    }
+
+    /// Sends one command line and reads its reply.
+    pub fn cmd(&mut self, line: &str) -> Reply {
+        self.send_raw(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+
+    /// Connects until greeted with 220 (a slot held by a connection that just ended
+    /// may take a moment to come free), within 5 s.
+    pub fn greeted(port: u16) -> Client {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let mut c = Client::connect(port);
+            if c.try_reply().is_some_and(|r| r.code == 220) {
+                return c;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never greeted with 220"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Greeting + EHLO.
+    pub fn hello(port: u16) -> Client {
+        let mut c = Client::greeted(port);
+        assert_eq!(c.cmd("EHLO client.test").code, 250);
+        c
+    }
+
+    /// True if the server closed the connection (EOF) within the read timeout.
+    pub fn closed(&mut self) -> bool {
+        self.try_reply().is_none()
+    }
+}
+
+/// Asserts a reply's code and enhanced status.
+#[track_caller]
+pub fn expect(r: &Reply, code: u16, status: &str) {
+    assert_eq!((r.code, r.status()), (code, status), "reply: {r:?}");
+}
+
+/// The queued message without our Received header (first field, with its folded lines).
+pub fn without_received(raw: &[u8]) -> Vec<u8> {
+    assert!(
+        raw.starts_with(b"Received: from "),
+        "{}",
+        String::from_utf8_lossy(raw)
+    );
+    let mut pos = 0;
+    loop {
+        pos += raw[pos..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .expect("header line")
+            + 1;
+        if !matches!(raw.get(pos), Some(b' ' | b'\t')) {
+            return raw[pos..].to_vec();
+        }
+    }
+}
