@@ -419,3 +419,34 @@ fn accepted_mail_survives_kill_9() {
         "2.0.0",
     );
 }
+
+#[test]
+fn listens_on_ipv4_and_ipv6_at_once() {
+    let (port4, port6) = (common::free_port(), common::free_port());
+    let config = format!(
+        "router_name = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port4}\", \"[::1]:{port6}\"]\n"
+    );
+    let mut r = Router::start_config(common::Scratch::new(), &config, port4);
+    for addr in [format!("127.0.0.1:{port4}"), format!("[::1]:{port6}")] {
+        let mut c = Client::connect_to(&addr);
+        assert_eq!(c.reply().code, 220, "{addr}");
+        c.cmd("EHLO v6.test");
+        expect(
+            &send_data(
+                &mut c,
+                "alice@east.example.com",
+                b"Subject: family\r\n\r\n.\r\n",
+            ),
+            250,
+            "2.0.0",
+        );
+    }
+    r.stop();
+    let ids = r.queue_ids();
+    assert_eq!(ids.len(), 2);
+    let v6 = String::from_utf8_lossy(&r.queued_raw(&ids[1])).into_owned();
+    assert!(
+        v6.starts_with("Received: from v6.test ([IPv6:::1])"),
+        "{v6}"
+    );
+}

@@ -80,10 +80,15 @@ impl Router {
 
     pub fn start_in(scratch: Scratch, extra_smtp: &str) -> Router {
         let port = free_port();
-        scratch.write(
-            "clustermail.toml",
-            &format!("router_name = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n{extra_smtp}\n"),
+        let config = format!(
+            "router_name = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n{extra_smtp}\n"
         );
+        Router::start_config(scratch, &config, port)
+    }
+
+    /// Starts a router with this whole config file; `port` is a listener to wait for.
+    pub fn start_config(scratch: Scratch, config: &str, port: u16) -> Router {
+        scratch.write("clustermail.toml", config);
         let mut r = Router {
             scratch,
             port,
@@ -219,7 +224,11 @@ impl Reply {
 
 impl Client {
     pub fn connect(port: u16) -> Client {
-        let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        Client::connect_to(&format!("127.0.0.1:{port}"))
+    }
+
+    pub fn connect_to(addr: &str) -> Client {
+        let stream = std::net::TcpStream::connect(addr).expect("connect");
         stream
             .set_read_timeout(Some(std::time::Duration::from_secs(10)))
             .expect("timeout");
