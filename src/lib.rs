@@ -8,6 +8,8 @@
 pub mod admin;
 pub mod catalog;
 pub mod config;
+pub mod health;
 pub mod queue;
+pub mod route;
 pub mod router;
 pub mod smtp;

@@ -327,3 +327,51 @@ pub fn without_received(raw: &[u8]) -> Vec<u8> {
         }
     }
 }
+
+/// Postfix's smtp-sink on a free loopback port (killed on drop).
+pub struct SmtpSink {
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl SmtpSink {
+    pub fn start() -> SmtpSink {
+        let port = free_port();
+        let mut cmd = std::process::Command::new("smtp-sink");
+        // As root, smtp-sink must drop privileges.
+        if running_as_root() {
+            cmd.args(["-u", "nobody"]);
+        }
+        let child = cmd
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("50")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("smtp-sink is installed (apt-get install postfix)");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "smtp-sink did not listen"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        SmtpSink { port, child }
+    }
+}
+
+fn running_as_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false)
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

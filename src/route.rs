@@ -1,0 +1,505 @@
+//! The routing decision, as a pure function of the recipient's catalog entry, the
+//! servers' availability and the routing policy: deliver **home**, fail over to a
+//! **replica**, or **hold** and retry the home server only.
+//!
+//! Domino's rule, which this follows: mail goes to the home server when it is
+//! available; when it is not, to an available cluster server holding a replica;
+//! with no replica, or none available, the message is kept and delivery is retried
+//! later to the home server *without failover*.
+//!
+//! Every decision carries a [`Route::why`]: the home's state and each replica
+//! considered, with the reason it was or was not taken, so that it can be shown
+//! (`route explain`, `queue show`).
+
+use crate::catalog::{AdminState, Lookup, Server};
+use std::fmt;
+
+/// What the health monitor knows of a server (admin states come from the catalog).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Availability {
+    Up,
+    /// Answering, but slowly or with 4xx: avoided as a failover target.
+    Busy,
+    Down,
+}
+
+impl fmt::Display for Availability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Availability::Up => "up",
+            Availability::Busy => "busy",
+            Availability::Down => "down",
+        })
+    }
+}
+
+/// The settings that shape a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Fail over to replicas at all (config `failover`; a mailbox may override it).
+    pub failover: bool,
+    /// A held message's retries may fail over too (beyond Domino's behaviour).
+    pub retry_failover: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            failover: true,
+            retry_failover: false,
+        }
+    }
+}
+
+/// Where one delivery attempt goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Home(String),
+    Replica(String),
+    /// Keep the message; retry the home server later.
+    Hold,
+}
+
+/// One server as the decision saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Considered {
+    pub server: String,
+    pub admin: AdminState,
+    pub availability: Availability,
+    /// Why it was taken or passed over.
+    pub verdict: &'static str,
+}
+
+/// A decision and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub decision: Decision,
+    pub home: Considered,
+    pub replicas: Vec<Considered>,
+    /// A summary sentence.
+    pub reason: String,
+}
+
+impl Route {
+    /// The decision and each server considered, one per line.
+    pub fn why(&self) -> String {
+        let mut s = format!("{}\n", self.reason);
+        for (role, c) in std::iter::once(("home", &self.home))
+            .chain(self.replicas.iter().map(|c| ("replica", c)))
+        {
+            s.push_str(&format!(
+                "  {role:7} {:20} {:14} {:5} {}\n",
+                c.server,
+                c.admin.as_str(),
+                c.availability.to_string(),
+                c.verdict
+            ));
+        }
+        s
+    }
+}
+
+/// Whether this attempt is the first routing of the recipient or a retry of a held one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    First,
+    /// A retry of a held recipient: home only, unless `retry_failover`.
+    Retry,
+}
+
+/// Decides where a recipient's next delivery attempt goes.
+///
+/// `availability(server)` is the health monitor's view; `skip` names servers that
+/// already failed this attempt (a 4xx or network error from a replica moves on to the
+/// next one without waiting for the monitor).
+pub fn decide(
+    entry: &Lookup,
+    availability: &dyn Fn(&Server) -> Availability,
+    policy: &Policy,
+    attempt: Attempt,
+    skip: &[String],
+) -> Route {
+    let skipped = |s: &Server| skip.iter().any(|k| k.eq_ignore_ascii_case(&s.name));
+    let home_avail = if skipped(&entry.home) {
+        Availability::Down
+    } else {
+        availability(&entry.home)
+    };
+    let home_usable =
+        home_avail == Availability::Up && entry.home.state != AdminState::OutOfService;
+    let mut home = Considered {
+        server: entry.home.name.clone(),
+        admin: entry.home.state,
+        availability: home_avail,
+        verdict: "",
+    };
+    if home_usable {
+        home.verdict = "taken: the home server is available";
+        return Route {
+            decision: Decision::Home(entry.home.name.clone()),
+            reason: format!("deliver home to {}", entry.home.name),
+            home,
+            replicas: considered_unused(entry, availability, skipped),
+        };
+    }
+    home.verdict = match (entry.home.state, home_avail) {
+        (AdminState::OutOfService, _) => "passed over: out of service",
+        (_, Availability::Busy) => "passed over: busy",
+        _ => "passed over: down",
+    };
+    let may_fail_over = policy.failover && (attempt == Attempt::First || policy.retry_failover);
+    let mut replicas = Vec::with_capacity(entry.replicas.len());
+    let mut chosen = None;
+    for r in &entry.replicas {
+        let avail = if skipped(r) {
+            Availability::Down
+        } else {
+            availability(r)
+        };
+        let verdict = if chosen.is_some() {
+            "not needed"
+        } else if !may_fail_over {
+            if policy.failover {
+                "not tried: a held message retries the home server only"
+            } else {
+                "not tried: failover is off"
+            }
+        } else if r.state == AdminState::OutOfService {
+            "passed over: out of service"
+        } else if r.state == AdminState::Restricted {
+            "passed over: restricted (never a failover target)"
+        } else if skipped(r) {
+            "passed over: failed this attempt"
+        } else if avail == Availability::Busy {
+            "passed over: busy"
+        } else if avail == Availability::Down {
+            "passed over: down"
+        } else {
+            chosen = Some(r.name.clone());
+            "taken: first available replica in preference order"
+        };
+        replicas.push(Considered {
+            server: r.name.clone(),
+            admin: r.state,
+            availability: avail,
+            verdict,
+        });
+    }
+    match chosen {
+        Some(name) => Route {
+            reason: format!(
+                "fail over to replica {name}: home {} is {}",
+                entry.home.name,
+                short(&home)
+            ),
+            decision: Decision::Replica(name),
+            home,
+            replicas,
+        },
+        None => {
+            let why = if entry.replicas.is_empty() {
+                "no replica".to_string()
+            } else if !may_fail_over {
+                "no failover for this attempt".to_string()
+            } else {
+                "no replica available".to_string()
+            };
+            Route {
+                reason: format!(
+                    "hold and retry home {} without failover: home is {}, {why}",
+                    entry.home.name,
+                    short(&home)
+                ),
+                decision: Decision::Hold,
+                home,
+                replicas,
+            }
+        }
+    }
+}
+
+fn short(c: &Considered) -> String {
+    if c.admin == AdminState::OutOfService {
+        "out of service".into()
+    } else {
+        c.availability.to_string()
+    }
+}
+
+fn considered_unused(
+    entry: &Lookup,
+    availability: &dyn Fn(&Server) -> Availability,
+    skipped: impl Fn(&Server) -> bool,
+) -> Vec<Considered> {
+    entry
+        .replicas
+        .iter()
+        .map(|r| Considered {
+            server: r.name.clone(),
+            admin: r.state,
+            availability: if skipped(r) {
+                Availability::Down
+            } else {
+                availability(r)
+            },
+            verdict: "not needed",
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Mailbox;
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    fn server(name: &str, state: AdminState) -> Arc<Server> {
+        Arc::new(Server {
+            name: name.into(),
+            cluster: "c".into(),
+            address: "127.0.0.1:25".into(),
+            state,
+        })
+    }
+
+    fn entry(home: AdminState, replicas: &[(&str, AdminState)]) -> Lookup {
+        Lookup {
+            mailbox: Mailbox {
+                address: "u@d.test".into(),
+                home: "h".into(),
+                replicas: replicas.iter().map(|(n, _)| n.to_string()).collect(),
+                aliases: vec![],
+            },
+            home: server("h", home),
+            replicas: replicas.iter().map(|(n, s)| server(n, *s)).collect(),
+        }
+    }
+
+    use AdminState::{InService as In, OutOfService as Oos, Restricted as Res};
+    use Availability::{Busy, Down, Up};
+
+    /// (home admin, home avail, replicas (name, admin, avail), policy, attempt, skip) → decision
+    #[test]
+    fn decision_table() {
+        let on = Policy::default();
+        let off = Policy {
+            failover: false,
+            retry_failover: false,
+        };
+        let retry_fo = Policy {
+            failover: true,
+            retry_failover: true,
+        };
+        type Row<'a> = (
+            AdminState,
+            Availability,
+            &'a [(&'a str, AdminState, Availability)],
+            &'a Policy,
+            Attempt,
+            &'a [&'a str],
+            Decision,
+        );
+        let home = || Decision::Home("h".into());
+        let rep = |n: &str| Decision::Replica(n.into());
+        let table: Vec<Row> = vec![
+            // 1. home up and in service: home, whatever the replicas.
+            (In, Up, &[("r1", In, Up)], &on, Attempt::First, &[], home()),
+            (In, Up, &[], &on, Attempt::First, &[], home()),
+            (Res, Up, &[("r1", In, Up)], &on, Attempt::First, &[], home()),
+            (In, Up, &[("r1", In, Up)], &on, Attempt::Retry, &[], home()),
+            // 2. home not usable: first available in-service replica, in order.
+            (
+                In,
+                Down,
+                &[("r1", In, Up), ("r2", In, Up)],
+                &on,
+                Attempt::First,
+                &[],
+                rep("r1"),
+            ),
+            (
+                In,
+                Down,
+                &[("r1", In, Down), ("r2", In, Up)],
+                &on,
+                Attempt::First,
+                &[],
+                rep("r2"),
+            ),
+            (
+                In,
+                Busy,
+                &[("r1", In, Up)],
+                &on,
+                Attempt::First,
+                &[],
+                rep("r1"),
+            ),
+            (
+                Oos,
+                Up,
+                &[("r1", In, Up)],
+                &on,
+                Attempt::First,
+                &[],
+                rep("r1"),
+            ),
+            (
+                In,
+                Down,
+                &[("r1", Res, Up), ("r2", In, Up)],
+                &on,
+                Attempt::First,
+                &[],
+                rep("r2"),
+            ),
+            (
+                In,
+                Down,
+                &[("r1", In, Busy), ("r2", In, Up)],
+                &on,
+                Attempt::First,
+                &[],
+                rep("r2"),
+            ),
+            (
+                In,
+                Down,
+                &[("r1", Oos, Up), ("r2", In, Up)],
+                &on,
+                Attempt::First,
+                &[],
+                rep("r2"),
+            ),
+            // a replica that just failed this attempt is skipped; so is a failed home.
+            (
+                In,
+                Down,
+                &[("r1", In, Up), ("r2", In, Up)],
+                &on,
+                Attempt::First,
+                &["r1"],
+                rep("r2"),
+            ),
+            (
+                In,
+                Up,
+                &[("r1", In, Up)],
+                &on,
+                Attempt::First,
+                &["h"],
+                rep("r1"),
+            ),
+            // 3. no replica, none available, or failover off: hold.
+            (In, Down, &[], &on, Attempt::First, &[], Decision::Hold),
+            (
+                In,
+                Down,
+                &[("r1", In, Down), ("r2", Res, Up)],
+                &on,
+                Attempt::First,
+                &[],
+                Decision::Hold,
+            ),
+            (
+                In,
+                Down,
+                &[("r1", In, Busy)],
+                &on,
+                Attempt::First,
+                &[],
+                Decision::Hold,
+            ),
+            (
+                In,
+                Down,
+                &[("r1", In, Up)],
+                &off,
+                Attempt::First,
+                &[],
+                Decision::Hold,
+            ),
+            (
+                In,
+                Down,
+                &[("r1", In, Up)],
+                &on,
+                Attempt::First,
+                &["r1"],
+                Decision::Hold,
+            ),
+            // a held message retries the home only: a replica coming back does not take it...
+            (
+                In,
+                Down,
+                &[("r1", In, Up)],
+                &on,
+                Attempt::Retry,
+                &[],
+                Decision::Hold,
+            ),
+            // ...unless retry_failover says so.
+            (
+                In,
+                Down,
+                &[("r1", In, Up)],
+                &retry_fo,
+                Attempt::Retry,
+                &[],
+                rep("r1"),
+            ),
+        ];
+        for (i, (home_admin, home_avail, reps, policy, attempt, skip, want)) in
+            table.into_iter().enumerate()
+        {
+            let e = entry(
+                home_admin,
+                &reps.iter().map(|(n, s, _)| (*n, *s)).collect::<Vec<_>>(),
+            );
+            let mut avail: HashMap<&str, Availability> =
+                reps.iter().map(|(n, _, a)| (*n, *a)).collect();
+            avail.insert("h", home_avail);
+            let skip: Vec<String> = skip.iter().map(|s| s.to_string()).collect();
+            let route = decide(&e, &|s| avail[s.name.as_str()], policy, attempt, &skip);
+            assert_eq!(route.decision, want, "row {i}: {}", route.why());
+            assert_eq!(
+                route.replicas.len(),
+                reps.len(),
+                "row {i}: every replica is accounted for"
+            );
+        }
+    }
+
+    #[test]
+    fn the_reason_names_every_server_and_its_verdict() {
+        let e = entry(In, &[("r1", Res), ("r2", In), ("r3", In)]);
+        let avail = |s: &Server| if s.name == "r2" { Up } else { Down };
+        let route = decide(&e, &avail, &Policy::default(), Attempt::First, &[]);
+        assert_eq!(route.decision, Decision::Replica("r2".into()));
+        let why = route.why();
+        assert!(
+            why.starts_with("fail over to replica r2: home h is down\n"),
+            "{why}"
+        );
+        assert!(
+            why.contains("restricted (never a failover target)"),
+            "{why}"
+        );
+        assert!(why.contains("taken: first available replica"), "{why}");
+        assert!(why.contains("r3") && why.contains("not needed"), "{why}");
+        let held = decide(&e, &avail, &Policy::default(), Attempt::Retry, &[]);
+        assert!(
+            held.why()
+                .contains("a held message retries the home server only"),
+            "{}",
+            held.why()
+        );
+        assert!(
+            held.reason
+                .starts_with("hold and retry home h without failover"),
+            "{}",
+            held.reason
+        );
+    }
+}
