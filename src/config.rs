@@ -27,6 +27,62 @@ pub struct Config {
     /// Memory sled may use for its page cache, in MiB.
     pub store_cache_mb: u64,
     pub smtp: SmtpConfig,
+    pub routing: RoutingConfig,
+}
+
+/// Routing, availability and retries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Fail over to a replica when the home server is unusable.
+    pub failover: bool,
+    /// Let retries of held mail fail over too (Domino retries the home only).
+    pub retry_failover: bool,
+    /// How often every catalog server is probed.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// A probe (connect, greeting) slower than this fails.
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
+    /// A greeting slower than this marks the server busy.
+    #[serde(with = "humantime_serde")]
+    pub busy_threshold: Duration,
+    /// Good probes in a row before a server that was down or busy is up again.
+    pub rise: u32,
+    /// First retry of held mail; doubles with each attempt up to `retry_max`.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Mail still undelivered after this long fails (expired).
+    #[serde(with = "humantime_serde")]
+    pub max_queue_lifetime: Duration,
+    /// Per SMTP step of a delivery.
+    #[serde(with = "humantime_serde")]
+    pub delivery_timeout: Duration,
+    /// Messages being delivered at once.
+    pub max_deliveries: usize,
+    /// A message with more Received headers than this is refused (554 5.4.6): a loop.
+    pub max_hops: usize,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            failover: true,
+            retry_failover: false,
+            probe_interval: Duration::from_secs(10),
+            probe_timeout: Duration::from_secs(5),
+            busy_threshold: Duration::from_secs(2),
+            rise: 2,
+            retry_initial: Duration::from_secs(60),
+            retry_max: Duration::from_secs(3600),
+            max_queue_lifetime: Duration::from_secs(5 * 86_400),
+            delivery_timeout: Duration::from_secs(30),
+            max_deliveries: 20,
+            max_hops: 25,
+        }
+    }
 }
 
 /// The inbound SMTP service.
@@ -89,6 +145,7 @@ impl Default for Config {
             local_part_match: LocalPartMatch::CaseInsensitive,
             store_cache_mb: 64,
             smtp: SmtpConfig::default(),
+            routing: RoutingConfig::default(),
         }
     }
 }
@@ -202,6 +259,23 @@ impl Config {
         }
         if s.tls_cert.is_some() != s.tls_key.is_some() {
             bail!("smtp.tls_cert and smtp.tls_key go together: set both or neither");
+        }
+        let r = &self.routing;
+        if r.rise == 0 || r.max_deliveries == 0 || r.max_hops == 0 {
+            bail!("routing.rise, routing.max_deliveries and routing.max_hops must be above 0");
+        }
+        for (name, d) in [
+            ("probe_interval", r.probe_interval),
+            ("probe_timeout", r.probe_timeout),
+            ("retry_initial", r.retry_initial),
+            ("delivery_timeout", r.delivery_timeout),
+        ] {
+            if d.is_zero() {
+                bail!("routing.{name} must be above 0");
+            }
+        }
+        if r.retry_max < r.retry_initial {
+            bail!("routing.retry_max is shorter than routing.retry_initial");
         }
         Ok(())
     }

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod catalog;
 pub mod config;
+pub mod deliver;
 pub mod health;
 pub mod queue;
 pub mod route;

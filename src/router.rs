@@ -1,8 +1,11 @@
 //! `clustermail serve`: opens the store, the catalog and the queue, starts the SMTP
-//! service, and stops it gracefully on SIGINT or SIGTERM.
+//! service, the health monitor and the queue manager, and stops them gracefully on
+//! SIGINT or SIGTERM.
 
 use crate::catalog::{self, files, Catalog, Mode};
 use crate::config::{Config, Source};
+use crate::health;
+use crate::queue::manager::Manager;
 use crate::queue::Spool;
 use crate::smtp::server;
 use anyhow::Result;
@@ -37,14 +40,37 @@ pub async fn serve(config: Config, source: Source) -> Result<()> {
     let spool = Spool::open(&db)?;
     let queued = spool.len();
     tracing::info!(queued, "queue opened");
-    let service = server::Service::new(&config.router_name, &config.smtp, catalog, spool.clone())?;
+    let service = server::Service::new(
+        &config.router_name,
+        &config.smtp,
+        config.routing.max_hops,
+        catalog.clone(),
+        spool.clone(),
+    )?;
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutting down: no new connections, finishing transactions in progress");
         let _ = stop.send(true);
     });
+    let tracker = health::monitor::shared(&config.routing);
+    let monitor = tokio::spawn(health::monitor::run(
+        catalog.clone(),
+        tracker.clone(),
+        config.routing.clone(),
+        stopped.clone(),
+    ));
+    let manager = Arc::new(Manager {
+        spool: spool.clone(),
+        catalog: catalog.clone(),
+        health: tracker,
+        config: config.routing.clone(),
+        hello_name: config.router_name.clone(),
+    });
+    let delivering = tokio::spawn(manager.run(stopped.clone()));
     server::serve(service, listeners, stopped).await?;
+    let _ = monitor.await;
+    let _ = delivering.await;
     spool.durable().await?;
     tracing::info!("stopped");
     Ok(())

@@ -34,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
         long_lines: LongLines::Reject,
         bare_line_endings: BareLineEndings::Reject,
         tls_available: true,
+        max_hops: 25,
     });
     for line in data.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);

@@ -2,7 +2,7 @@
 //! running: sled is single-process; issue 5 adds the admin socket for that case).
 
 use super::Exit;
-use crate::queue::{QueueId, Spool};
+use crate::queue::{QueueId, RecipientState, Spool};
 use anyhow::Result;
 use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,6 +14,26 @@ fn age(received_at: u64) -> String {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+fn until(at_ms: u64) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(at_ms);
+    let secs = at
+        .duration_since(SystemTime::now())
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+fn state_line(s: &RecipientState) -> String {
+    match s {
+        RecipientState::Pending => "pending".into(),
+        RecipientState::Held => "held (retrying the home server only)".into(),
+        RecipientState::Delivered { server, reply, .. } => {
+            format!("delivered to {server}: {reply}")
+        }
+        RecipientState::Failed { reply, .. } => format!("failed: {reply}"),
+    }
 }
 
 pub fn list(spool: &Spool, out: &mut dyn Write) -> Result<Exit> {
@@ -69,9 +89,23 @@ pub fn show(
     for r in &env.recipients {
         writeln!(
             out,
-            "recipient: <{}> (mailbox {}): {:?}",
-            r.address, r.mailbox, r.state
+            "recipient: <{}> (mailbox {}): {}",
+            r.address,
+            r.mailbox,
+            state_line(&r.state)
         )?;
+        writeln!(out, "  attempts: {}", r.attempts)?;
+        if r.next_attempt > 0 && !r.state.is_final() {
+            writeln!(out, "  next attempt: in {}", until(r.next_attempt))?;
+        }
+        if let Some(e) = &r.last_error {
+            writeln!(out, "  last error: {e}")?;
+        }
+        if let Some(route) = &r.last_route {
+            for line in route.lines() {
+                writeln!(out, "  {line}")?;
+            }
+        }
     }
     Ok(Exit::Ok)
 }

@@ -10,6 +10,7 @@
 //!
 //! [`Tracker`] is the pure state machine; `probe` talks to servers.
 
+pub mod monitor;
 pub mod probe;
 
 use crate::route::Availability;

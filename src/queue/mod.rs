@@ -4,6 +4,7 @@
 //! SMTP session may say 250; `id` makes queue ids.
 
 pub mod id;
+pub mod manager;
 pub mod spool;
 
 pub use id::QueueId;

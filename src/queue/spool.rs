@@ -17,13 +17,33 @@ use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 use tokio::sync::{mpsc, oneshot};
 
-const FORMAT: u8 = 1;
+const FORMAT: u8 = 2;
 
 /// Where a recipient stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RecipientState {
-    /// Waiting for delivery.
+    /// Not yet routed: the first attempt may fail over.
     Pending,
+    /// Kept in the queue: retried on the home server only (see `route`).
+    Held,
+    /// A server took it (2xx after DATA).
+    Delivered {
+        server: String,
+        reply: String,
+        at: u64,
+    },
+    /// Permanently refused, or expired.
+    Failed { reply: String, at: u64 },
+}
+
+impl RecipientState {
+    /// Delivered or failed: nothing more to do for this recipient.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            RecipientState::Delivered { .. } | RecipientState::Failed { .. }
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +53,27 @@ pub struct Recipient {
     /// The catalog mailbox it belongs to (primary address).
     pub mailbox: String,
     pub state: RecipientState,
+    /// Delivery attempts so far.
+    pub attempts: u32,
+    /// Milliseconds since the epoch of the next attempt (0: now).
+    pub next_attempt: u64,
+    /// The last routing decision and why, and the last error, for `queue show`.
+    pub last_route: Option<String>,
+    pub last_error: Option<String>,
+}
+
+impl Recipient {
+    pub fn new(address: String, mailbox: String) -> Recipient {
+        Recipient {
+            address,
+            mailbox,
+            state: RecipientState::Pending,
+            attempts: 0,
+            next_attempt: 0,
+            last_route: None,
+            last_error: None,
+        }
+    }
 }
 
 /// Everything about a queued message except its octets.
@@ -86,6 +127,8 @@ pub struct Spool {
     db: sled::Db,
     tree: sled::Tree,
     flush: mpsc::UnboundedSender<Waiter>,
+    /// Wakes the queue manager when a message arrives.
+    arrived: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl Spool {
@@ -99,6 +142,7 @@ impl Spool {
             db: db.clone(),
             tree,
             flush: tx,
+            arrived: std::sync::Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -112,6 +156,29 @@ impl Spool {
         tokio::task::spawn_blocking(move || tree.apply_batch(batch))
             .await
             .map_err(|e| anyhow!("queue writer failed: {e}"))??;
+        self.durable().await?;
+        self.arrived.notify_one();
+        Ok(())
+    }
+
+    /// Resolves when a message has been queued since the last call (or at once if
+    /// one was queued meanwhile).
+    pub async fn arrival(&self) {
+        self.arrived.notified().await
+    }
+
+    /// Rewrites a message's envelope (recipient states) and waits until it is on disk.
+    pub async fn update(&self, env: &Envelope) -> Result<()> {
+        self.tree.insert(key(b'e', env.id), encode(env)?)?;
+        self.durable().await
+    }
+
+    /// Removes a message (envelope and octets, atomically) and waits until it is on disk.
+    pub async fn remove(&self, id: QueueId) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        batch.remove(&key(b'e', id));
+        batch.remove(&key(b'b', id));
+        self.tree.apply_batch(batch)?;
         self.durable().await
     }
 
@@ -187,11 +254,7 @@ mod tests {
         Envelope {
             id: QueueId::new(),
             sender: Some(format!("s{n}@x.test")),
-            recipients: vec![Recipient {
-                address: "r@y.test".into(),
-                mailbox: "r@y.test".into(),
-                state: RecipientState::Pending,
-            }],
+            recipients: vec![Recipient::new("r@y.test".into(), "r@y.test".into())],
             client_ip: "127.0.0.1".parse().unwrap(),
             helo: "client".into(),
             received_at: 0,

@@ -13,7 +13,7 @@ use super::session::{Action, Message, RecipientPolicy, Session, Settings};
 use super::trace::{received, Trace};
 use crate::catalog::Catalog;
 use crate::config::SmtpConfig;
-use crate::queue::{Envelope, QueueId, Recipient, RecipientState, Spool};
+use crate::queue::{Envelope, QueueId, Recipient, Spool};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::io;
@@ -40,6 +40,7 @@ impl Service {
     pub fn new(
         router_name: &str,
         config: &SmtpConfig,
+        max_hops: usize,
         catalog: Arc<Catalog>,
         spool: Spool,
     ) -> Result<Arc<Service>> {
@@ -56,6 +57,7 @@ impl Service {
                 long_lines: config.long_lines,
                 bare_line_endings: config.bare_line_endings,
                 tls_available: tls.is_some(),
+                max_hops,
             },
             config: config.clone(),
             policy: Box::new(CatalogPolicy { catalog }),
@@ -385,11 +387,7 @@ async fn accept(service: &Service, m: Message, peer: SocketAddr) -> Reply {
         recipients: m
             .recipients
             .into_iter()
-            .map(|(address, mailbox)| Recipient {
-                address,
-                mailbox,
-                state: RecipientState::Pending,
-            })
+            .map(|(address, mailbox)| Recipient::new(address, mailbox))
             .collect(),
         client_ip: peer.ip(),
         helo: m.helo,

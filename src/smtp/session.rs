@@ -19,6 +19,8 @@ pub struct Settings {
     pub bare_line_endings: BareLineEndings,
     /// A certificate is configured: STARTTLS may be offered.
     pub tls_available: bool,
+    /// More Received headers than this: a mail loop, refused.
+    pub max_hops: usize,
 }
 
 /// The relay policy's answer for one recipient.
@@ -412,6 +414,16 @@ impl Session {
                 "Message refused: a line is over 998 octets",
             ));
         }
+        if check.received > self.settings.max_hops {
+            return Err(Reply::new(
+                554,
+                "5.4.6",
+                format!(
+                    "Too many hops ({} Received headers): a mail loop",
+                    check.received
+                ),
+            ));
+        }
         Ok(Message {
             sender: tx.sender.map(|m| m.to_string()),
             recipients: tx.recipients,
@@ -461,6 +473,7 @@ mod tests {
             long_lines: LongLines::Reject,
             bare_line_endings: BareLineEndings::Reject,
             tls_available: true,
+            max_hops: 3,
         })
     }
 
@@ -557,6 +570,13 @@ mod tests {
         say(&mut s, "RCPT TO:<alice@ours.test>");
         say(&mut s, "DATA");
         assert_eq!(s.data_received(vec![], true).unwrap_err().code, 552);
+        // A loop: more Received headers than max_hops.
+        say(&mut s, "MAIL FROM:<>");
+        say(&mut s, "RCPT TO:<alice@ours.test>");
+        say(&mut s, "DATA");
+        let looped =
+            b"Received: a\r\nReceived: b\r\nReceived: c\r\nReceived: d\r\n\r\nx\r\n".to_vec();
+        assert_eq!(s.data_received(looped, false).unwrap_err().status, "5.4.6");
     }
 
     #[test]

@@ -336,8 +336,25 @@ pub struct SmtpSink {
 
 impl SmtpSink {
     pub fn start() -> SmtpSink {
+        SmtpSink::start_with(&[])
+    }
+
+    /// An smtp-sink that writes each message it takes into `dir` (`-d`).
+    pub fn start_dumping(dir: &Path) -> SmtpSink {
+        std::fs::create_dir_all(dir).expect("dump dir");
+        // smtp-sink runs as nobody: the directory must be writable by it.
+        let _ = std::process::Command::new("chmod")
+            .arg("777")
+            .arg(dir)
+            .status();
+        let template = format!("{}/%H%M%S.", dir.display());
+        SmtpSink::start_with(&["-d", &template])
+    }
+
+    fn start_with(extra: &[&str]) -> SmtpSink {
         let port = free_port();
         let mut cmd = std::process::Command::new("smtp-sink");
+        cmd.args(extra);
         // As root, smtp-sink must drop privileges.
         if running_as_root() {
             cmd.args(["-u", "nobody"]);
@@ -373,5 +390,179 @@ impl Drop for SmtpSink {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// One message as a [`RecordingSink`] received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub from: String,
+    pub rcpts: Vec<String>,
+    pub data: Vec<u8>,
+}
+
+/// A small mailbox server for routing tests: records every message, refuses
+/// recipients listed in `refuse` with 550, can be stopped and started again.
+pub struct RecordingSink {
+    pub port: u16,
+    pub name: &'static str,
+    pub received: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    pub refuse: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl RecordingSink {
+    pub fn start(name: &'static str) -> RecordingSink {
+        let mut s = RecordingSink {
+            port: free_port(),
+            name,
+            received: Default::default(),
+            refuse: Default::default(),
+            stop: None,
+        };
+        s.up();
+        s
+    }
+
+    /// Starts listening (again) on the same port.
+    pub fn up(&mut self) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = loop {
+            match std::net::TcpListener::bind(("127.0.0.1", self.port)) {
+                Ok(l) => break l,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        };
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        self.stop = Some(stop.clone());
+        let (received, refuse, name) = (self.received.clone(), self.refuse.clone(), self.name);
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let (received, refuse) = (received.clone(), refuse.clone());
+                std::thread::spawn(move || {
+                    let _ = sink_session(conn, name, &received, &refuse);
+                });
+            }
+        });
+    }
+
+    /// Stops listening: new connections are refused.
+    pub fn down(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            // Wake the accept loop so that it sees the flag and drops the listener.
+            let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+            while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+
+    pub fn messages(&self) -> Vec<Received> {
+        self.received.lock().expect("lock").clone()
+    }
+
+    /// Waits until at least `n` messages arrived (or `secs` pass); returns them.
+    pub fn wait_for(&self, n: usize, secs: u64) -> Vec<Received> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let m = self.messages();
+            if m.len() >= n || std::time::Instant::now() > deadline {
+                return m;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+    }
+}
+
+impl Drop for RecordingSink {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+fn sink_session(
+    conn: std::net::TcpStream,
+    name: &str,
+    received: &std::sync::Mutex<Vec<Received>>,
+    refuse: &std::sync::Mutex<Vec<String>>,
+) -> std::io::Result<()> {
+    use std::io::{BufRead, Write};
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let mut out = conn.try_clone()?;
+    let mut reader = std::io::BufReader::new(conn);
+    write!(out, "220 {name} ESMTP recording sink\r\n")?;
+    let (mut from, mut rcpts) = (String::new(), Vec::new());
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let upper = line.to_ascii_uppercase();
+        let arg = |l: &str| {
+            l.split_once(':')
+                .map(|(_, a)| {
+                    a.trim()
+                        .trim_start_matches('<')
+                        .split('>')
+                        .next()
+                        .unwrap_or("")
+                        .to_string()
+                })
+                .unwrap_or_default()
+        };
+        if upper.starts_with("EHLO") {
+            write!(out, "250-{name}\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n")?;
+        } else if upper.starts_with("MAIL") {
+            from = arg(&line);
+            rcpts.clear();
+            write!(out, "250 2.1.0 ok\r\n")?;
+        } else if upper.starts_with("RCPT") {
+            let r = arg(&line);
+            if refuse
+                .lock()
+                .expect("lock")
+                .iter()
+                .any(|x| x.eq_ignore_ascii_case(&r))
+            {
+                write!(out, "550 5.1.1 <{r}> unknown here\r\n")?;
+            } else {
+                rcpts.push(r);
+                write!(out, "250 2.1.5 ok\r\n")?;
+            }
+        } else if upper.starts_with("DATA") {
+            write!(out, "354 go\r\n")?;
+            let mut data = Vec::new();
+            loop {
+                let mut l = Vec::new();
+                if reader.read_until(b'\n', &mut l)? == 0 {
+                    return Ok(());
+                }
+                if l == b".\r\n" {
+                    break;
+                }
+                let l = if l.starts_with(b"..") {
+                    &l[1..]
+                } else {
+                    &l[..]
+                };
+                data.extend_from_slice(l);
+            }
+            received.lock().expect("lock").push(Received {
+                from: from.clone(),
+                rcpts: rcpts.clone(),
+                data,
+            });
+            write!(out, "250 2.0.0 stored by {name}\r\n")?;
+        } else if upper.starts_with("QUIT") {
+            write!(out, "221 bye\r\n")?;
+            return Ok(());
+        } else {
+            write!(out, "250 ok\r\n")?;
+        }
     }
 }

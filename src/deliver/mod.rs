@@ -1,0 +1,154 @@
+//! Outbound SMTP: one transaction to one mailbox server carrying every recipient
+//! routed there, over lettre's async SMTP connection (tokio). The queued octets are
+//! sent as they are (lettre only dot-stuffs them); each recipient gets its own
+//! outcome.
+
+use crate::health::probe::resolve;
+use lettre::address::Address;
+use lettre::transport::smtp::client::AsyncSmtpConnection;
+use lettre::transport::smtp::commands::{Data, Mail, Quit, Rcpt};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// What became of one recipient in a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The server took the message for this recipient (its reply).
+    Delivered(String),
+    /// 4xx: try again (another server, or later).
+    Temporary(String),
+    /// 5xx: will never be taken.
+    Permanent(String),
+}
+
+/// The transaction as a whole failed: the server is unusable now (could not
+/// connect, timed out, 421, connection lost). Recipients must be re-routed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unusable(pub String);
+
+/// One message for one server.
+pub struct Transaction<'a> {
+    pub server_address: &'a str,
+    pub hello_name: &'a str,
+    pub sender: Option<&'a str>,
+    pub recipients: &'a [String],
+    /// The message as queued.
+    pub message: &'a [u8],
+    pub eight_bit: bool,
+    pub smtputf8: bool,
+    pub timeout: Duration,
+}
+
+fn code_of(e: &lettre::transport::smtp::Error) -> Option<u16> {
+    e.status().map(u16::from)
+}
+
+fn classify(e: &lettre::transport::smtp::Error) -> Result<Outcome, Unusable> {
+    let text = e.to_string();
+    match code_of(e) {
+        Some(421) => Err(Unusable(text)),
+        Some(c) if (400..500).contains(&c) => Ok(Outcome::Temporary(text)),
+        Some(c) if (500..600).contains(&c) => Ok(Outcome::Permanent(text)),
+        _ => Err(Unusable(text)),
+    }
+}
+
+fn reply_text(r: &lettre::transport::smtp::response::Response) -> String {
+    let code: u16 = r.code().into();
+    format!("{code} {}", r.message().collect::<Vec<_>>().join(" "))
+}
+
+/// Runs the transaction; one outcome per recipient, in order.
+pub async fn send(t: &Transaction<'_>) -> Result<Vec<Outcome>, Unusable> {
+    let addr = resolve(t.server_address).await.map_err(Unusable)?;
+    let hello = ClientId::Domain(t.hello_name.to_string());
+    let mut conn = tokio::time::timeout(
+        t.timeout,
+        AsyncSmtpConnection::connect_tokio1(addr, Some(t.timeout), &hello, None, None),
+    )
+    .await
+    .map_err(|_| Unusable(format!("{}: connect timed out", t.server_address)))?
+    .map_err(|e| Unusable(format!("{}: {e}", t.server_address)))?;
+    let result = tokio::time::timeout(t.timeout * 4, transaction(&mut conn, t)).await;
+    match result {
+        Ok(Ok(outcomes)) => {
+            let _ = tokio::time::timeout(t.timeout, conn.command(Quit)).await;
+            Ok(outcomes)
+        }
+        Ok(Err(e)) => {
+            conn.abort().await;
+            Err(e)
+        }
+        Err(_) => {
+            conn.abort().await;
+            Err(Unusable(format!(
+                "{}: transaction timed out",
+                t.server_address
+            )))
+        }
+    }
+}
+
+async fn transaction(
+    conn: &mut AsyncSmtpConnection,
+    t: &Transaction<'_>,
+) -> Result<Vec<Outcome>, Unusable> {
+    let mut params = Vec::new();
+    if (t.eight_bit || !t.message.is_ascii())
+        && conn.server_info().supports_feature(Extension::EightBitMime)
+    {
+        params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+    }
+    if t.smtputf8 {
+        if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
+            let why = "5.6.7 the server does not support SMTPUTF8".to_string();
+            return Ok(vec![Outcome::Permanent(why); t.recipients.len()]);
+        }
+        params.push(MailParameter::SmtpUtfEight);
+    }
+    let sender = match t.sender {
+        Some(s) => Some(Address::from_str(s).map_err(|e| Unusable(format!("sender <{s}>: {e}")))?),
+        None => None,
+    };
+    if let Err(e) = conn.command(Mail::new(sender, params)).await {
+        // MAIL refused: the same answer for every recipient.
+        let o = classify(&e)?;
+        return Ok(vec![o; t.recipients.len()]);
+    }
+    let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(t.recipients.len());
+    for r in t.recipients {
+        let address = match Address::from_str(r) {
+            Ok(a) => a,
+            Err(e) => {
+                outcomes.push(Some(Outcome::Permanent(format!("5.1.3 <{r}>: {e}"))));
+                continue;
+            }
+        };
+        match conn.command(Rcpt::new(address, vec![])).await {
+            Ok(_) => outcomes.push(None),
+            Err(e) => outcomes.push(Some(classify(&e)?)),
+        }
+    }
+    if outcomes.iter().all(Option::is_some) {
+        return Ok(outcomes.into_iter().flatten().collect());
+    }
+    if let Err(e) = conn.command(Data).await {
+        let o = classify(&e)?;
+        return Ok(outcomes
+            .into_iter()
+            .map(|x| x.unwrap_or_else(|| o.clone()))
+            .collect());
+    }
+    // lettre ends the data with CRLF.CRLF itself: drop the message's own last CRLF
+    // so that the octets arrive exactly as queued.
+    let body = t.message.strip_suffix(b"\r\n").unwrap_or(t.message);
+    let after_data = match conn.message(body).await {
+        Ok(r) => Outcome::Delivered(reply_text(&r)),
+        Err(e) => classify(&e)?,
+    };
+    Ok(outcomes
+        .into_iter()
+        .map(|x| x.unwrap_or_else(|| after_data.clone()))
+        .collect())
+}

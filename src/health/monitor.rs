@@ -1,0 +1,61 @@
+//! The health monitor task: probes every catalog server every `probe_interval`
+//! (all at once, each bounded by `probe_timeout`) and records the results.
+
+use super::probe::probe;
+use super::{Probe, Tracker};
+use crate::catalog::Catalog;
+use crate::config::RoutingConfig;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use tokio::sync::watch;
+
+/// Shared availability: written by the monitor and by deliveries, read by routing.
+pub type SharedTracker = Arc<Mutex<Tracker>>;
+
+pub fn shared(config: &RoutingConfig) -> SharedTracker {
+    Arc::new(Mutex::new(Tracker::new(config.rise, config.busy_threshold)))
+}
+
+/// Probes all servers once; logs every change of availability.
+pub async fn probe_all(catalog: &Catalog, tracker: &SharedTracker, config: &RoutingConfig) {
+    let servers = catalog.servers(None);
+    let handles: Vec<_> = servers
+        .iter()
+        .map(|s| {
+            let (address, timeout) = (s.address.clone(), config.probe_timeout);
+            tokio::spawn(async move { probe(&address, timeout).await })
+        })
+        .collect();
+    let mut results = Vec::with_capacity(handles.len());
+    for h in handles {
+        results.push(
+            h.await
+                .unwrap_or_else(|e| Probe::Failed(format!("probe task failed: {e}"))),
+        );
+    }
+    let now = SystemTime::now();
+    let mut t = tracker.lock().unwrap_or_else(|e| e.into_inner());
+    for (s, result) in servers.iter().zip(results) {
+        let (before, after) = t.probed(&s.name, result, now);
+        if before != after {
+            let why = t.health(&s.name).last_problem.unwrap_or_default();
+            tracing::info!(server = %s.name, %before, %after, why, "server availability changed");
+        }
+    }
+}
+
+pub async fn run(
+    catalog: Arc<Catalog>,
+    tracker: SharedTracker,
+    config: RoutingConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(config.probe_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => probe_all(&catalog, &tracker, &config).await,
+            _ = shutdown.changed() => if *shutdown.borrow() { return },
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The queue manager: takes due messages from the spool, routes each recipient
+//! (`route::decide`), delivers one transaction per destination server, and records
+//! every outcome durably.
+//!
+//! Within one pass over a message, a recipient whose server fails (cannot connect,
+//! 421, 4xx) is routed again with that server excluded: a failed home fails over to
+//! a replica at once, a failed replica gives way to the next one, and with none left
+//! the recipient is held. Held recipients are retried on the backoff schedule
+//! (`retry_initial` doubling to `retry_max`) on the home server only, unless
+//! `retry_failover`. Past `max_queue_lifetime` they fail as expired.
+//!
+//! Crash window: a recipient's state is committed right after its server's reply to
+//! the message. A crash between that reply and the commit delivers it again after
+//! restart (at most once more); no other crash point repeats or loses a delivery.
+
+use super::{Envelope, RecipientState, Spool};
+use crate::catalog::Catalog;
+use crate::config::RoutingConfig;
+use crate::deliver::{self, Outcome, Transaction};
+use crate::health::monitor::SharedTracker;
+use crate::route::{self, Attempt, Decision, Policy};
+use anyhow::{anyhow, Result};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{watch, Semaphore};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub struct Manager {
+    pub spool: Spool,
+    pub catalog: Arc<Catalog>,
+    pub health: SharedTracker,
+    pub config: RoutingConfig,
+    /// Our name in EHLO.
+    pub hello_name: String,
+}
+
+impl Manager {
+    fn policy(&self) -> Policy {
+        Policy {
+            failover: self.config.failover,
+            retry_failover: self.config.retry_failover,
+        }
+    }
+
+    /// The wait before retry number `attempts` of a held recipient.
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        let doublings = attempts.saturating_sub(1).min(30);
+        self.config
+            .retry_initial
+            .saturating_mul(1u32 << doublings)
+            .min(self.config.retry_max)
+    }
+
+    /// Runs until shutdown: a pass whenever a message arrives or one falls due.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let limit = Arc::new(Semaphore::new(self.config.max_deliveries));
+        loop {
+            let next = match self.pass(&limit).await {
+                Ok(next) => next,
+                Err(e) => {
+                    tracing::error!(error = %e, "queue pass failed");
+                    Some(now_ms() + 1000)
+                }
+            };
+            // Wake for the earliest due recipient, a new message, or shutdown; at
+            // least every second so that health changes are seen by retries due.
+            let wait = next.map_or(Duration::from_secs(1), |at| {
+                Duration::from_millis(at.saturating_sub(now_ms())).min(Duration::from_secs(1))
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.spool.arrival() => {}
+                _ = shutdown.changed() => if *shutdown.borrow() { return },
+            }
+        }
+    }
+
+    /// One pass over the queue; returns when the earliest recipient left falls due.
+    pub async fn pass(self: &Arc<Self>, limit: &Arc<Semaphore>) -> Result<Option<u64>> {
+        let now = now_ms();
+        let mut tasks = Vec::new();
+        let mut next: Option<u64> = None;
+        for env in self.spool.envelopes()? {
+            let open: Vec<_> = env
+                .recipients
+                .iter()
+                .filter(|r| !r.state.is_final())
+                .collect();
+            if open.is_empty() {
+                continue;
+            }
+            if open.iter().any(|r| r.next_attempt <= now) {
+                let permit = limit
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| anyhow!("{e}"))?;
+                let me = self.clone();
+                tasks.push(tokio::spawn(async move {
+                    let _permit = permit;
+                    let id = env.id;
+                    if let Err(e) = me.process(env).await {
+                        tracing::error!(%id, error = %e, "delivery attempt failed");
+                    }
+                }));
+            } else if let Some(at) = open.iter().map(|r| r.next_attempt).min() {
+                next = Some(next.map_or(at, |n: u64| n.min(at)));
+            }
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        // Messages just processed may be due again (held): look once more.
+        for env in self.spool.envelopes()? {
+            for r in env.recipients.iter().filter(|r| !r.state.is_final()) {
+                next = Some(next.map_or(r.next_attempt, |n| n.min(r.next_attempt)));
+            }
+        }
+        Ok(next)
+    }
+
+    /// Delivers what is due of one message.
+    pub async fn process(&self, mut env: Envelope) -> Result<()> {
+        let id = env.id;
+        let Some(message) = self.spool.message(id)? else {
+            return Err(anyhow!("{id}: envelope without message octets"));
+        };
+        let now = now_ms();
+        let expired = now > env.received_at + self.config.max_queue_lifetime.as_millis() as u64;
+        let due: Vec<usize> = (0..env.recipients.len())
+            .filter(|&i| {
+                !env.recipients[i].state.is_final() && env.recipients[i].next_attempt <= now
+            })
+            .collect();
+        if expired {
+            for &i in &due {
+                let r = &mut env.recipients[i];
+                let why = format!(
+                    "4.4.7 expired after {} in the queue; last error: {}",
+                    humantime::format_duration(self.config.max_queue_lifetime),
+                    r.last_error.as_deref().unwrap_or("none")
+                );
+                tracing::warn!(%id, rcpt = %r.address, "expired");
+                r.state = RecipientState::Failed {
+                    reply: why,
+                    at: now,
+                };
+            }
+            return self.commit(&env).await;
+        }
+        let policy = self.policy();
+        let mut skip: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+        let mut open = due;
+        // Each round routes the open recipients again with the servers that failed
+        // them excluded; rounds end when everyone is delivered, failed or held.
+        while !open.is_empty() {
+            let mut plan: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+            let mut held = Vec::new();
+            for &i in &open {
+                let r = &mut env.recipients[i];
+                let Some(entry) = self.catalog.lookup(&r.mailbox)? else {
+                    r.state = RecipientState::Failed {
+                        reply: format!("5.1.1 mailbox {} is no longer in the catalog", r.mailbox),
+                        at: now,
+                    };
+                    continue;
+                };
+                let attempt = if r.state == RecipientState::Held {
+                    Attempt::Retry
+                } else {
+                    Attempt::First
+                };
+                let avail = |s: &crate::catalog::Server| {
+                    self.health
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .availability(&s.name)
+                };
+                let skipped = skip.get(&i).map(Vec::as_slice).unwrap_or(&[]);
+                let route = route::decide(&entry, &avail, &policy, attempt, skipped);
+                tracing::info!(%id, rcpt = %r.address, decision = %route.reason, "routed");
+                r.last_route = Some(route.why());
+                match route.decision {
+                    Decision::Home(s) | Decision::Replica(s) => plan.entry(s).or_default().push(i),
+                    Decision::Hold => held.push(i),
+                }
+            }
+            for i in held {
+                let r = &mut env.recipients[i];
+                r.state = RecipientState::Held;
+                r.attempts += 1;
+                r.next_attempt = now_ms() + self.backoff(r.attempts).as_millis() as u64;
+            }
+            open = Vec::new();
+            for (server, idxs) in plan {
+                let Some(srv) = self.catalog.server(&server) else {
+                    open.extend(&idxs);
+                    for &i in &idxs {
+                        skip.entry(i).or_default().push(server.clone());
+                    }
+                    continue;
+                };
+                let recipients: Vec<String> = idxs
+                    .iter()
+                    .map(|&i| env.recipients[i].address.clone())
+                    .collect();
+                let t = Transaction {
+                    server_address: &srv.address,
+                    hello_name: &self.hello_name,
+                    sender: env.sender.as_deref(),
+                    recipients: &recipients,
+                    message: &message,
+                    eight_bit: env.eight_bit,
+                    smtputf8: env.smtputf8,
+                    timeout: self.config.delivery_timeout,
+                };
+                match deliver::send(&t).await {
+                    Err(deliver::Unusable(why)) => {
+                        tracing::warn!(%id, server = %server, error = %why, "server unusable: re-routing");
+                        self.health
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .delivery_failed(&server, &why);
+                        for &i in &idxs {
+                            env.recipients[i].last_error = Some(format!("{server}: {why}"));
+                            skip.entry(i).or_default().push(server.clone());
+                        }
+                        open.extend(&idxs);
+                    }
+                    Ok(outcomes) => {
+                        for (&i, outcome) in idxs.iter().zip(outcomes) {
+                            let r = &mut env.recipients[i];
+                            match outcome {
+                                Outcome::Delivered(reply) => {
+                                    tracing::info!(%id, rcpt = %r.address, server = %server, reply = %reply, "delivered");
+                                    r.state = RecipientState::Delivered {
+                                        server: server.clone(),
+                                        reply,
+                                        at: now_ms(),
+                                    };
+                                }
+                                Outcome::Permanent(reply) => {
+                                    tracing::warn!(%id, rcpt = %r.address, server = %server, reply = %reply, "refused");
+                                    r.state = RecipientState::Failed {
+                                        reply,
+                                        at: now_ms(),
+                                    };
+                                }
+                                Outcome::Temporary(reply) => {
+                                    r.last_error = Some(format!("{server}: {reply}"));
+                                    skip.entry(i).or_default().push(server.clone());
+                                    open.push(i);
+                                }
+                            }
+                        }
+                        // Commit right after the server's answer: the crash window.
+                        self.spool.update(&env).await?;
+                    }
+                }
+            }
+        }
+        self.commit(&env).await
+    }
+
+    /// Stores the envelope, or removes the message once every recipient is delivered.
+    /// Failed recipients keep the message in the queue until bounces are sent (DSN).
+    async fn commit(&self, env: &Envelope) -> Result<()> {
+        if env
+            .recipients
+            .iter()
+            .all(|r| matches!(r.state, RecipientState::Delivered { .. }))
+        {
+            self.spool.remove(env.id).await?;
+            tracing::info!(id = %env.id, "all recipients delivered: removed from the queue");
+            Ok(())
+        } else {
+            self.spool.update(env).await
+        }
+    }
+}

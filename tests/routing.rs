@@ -1,0 +1,333 @@
+//! Cluster routing end to end on loopback: the router process, mailbox servers
+//! that record what they get (and Postfix's smtp-sink), and the catalog pointing
+//! at them. Short probe and retry intervals keep each scenario to a few seconds.
+
+mod common;
+use common::{expect, Client, RecordingSink, Router, Scratch, SmtpSink};
+use std::time::Duration;
+
+const ROUTING: &str =
+    "[routing]\nprobe_interval = \"200ms\"\nprobe_timeout = \"500ms\"\nrise = 1\n\
+retry_initial = \"300ms\"\nretry_max = \"600ms\"\ndelivery_timeout = \"2s\"\n";
+
+/// Writes a catalog of servers (name, port, state) and mailboxes, imports it.
+fn catalog(scratch: &Scratch, servers: &[(&str, u16, &str)], mailboxes: &[(&str, &str, &[&str])]) {
+    let mut toml = String::new();
+    for (name, port, state) in servers {
+        toml.push_str(&format!(
+            "[[server]]\nname = \"{name}\"\ncluster = \"c\"\naddress = \"127.0.0.1:{port}\"\nstate = \"{state}\"\n\n"
+        ));
+    }
+    for (addr, home, replicas) in mailboxes {
+        let reps: Vec<String> = replicas.iter().map(|r| format!("\"{r}\"")).collect();
+        toml.push_str(&format!(
+            "[[mailbox]]\naddress = \"{addr}\"\nhome = \"{home}\"\nreplicas = [{}]\n\n",
+            reps.join(", ")
+        ));
+    }
+    let f = scratch.write("cluster.toml", &toml);
+    scratch.ok(&["catalog", "import", "--replace", &f.display().to_string()]);
+}
+
+fn router(scratch: Scratch) -> Router {
+    let port = common::free_port();
+    let config =
+        format!("router_name = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n{ROUTING}");
+    Router::start_config(scratch, &config, port)
+}
+
+fn send(r: &Router, rcpts: &[&str], subject: &str) -> String {
+    let mut c = Client::hello(r.port);
+    expect(&c.cmd("MAIL FROM:<sender@x.test>"), 250, "2.1.0");
+    for rcpt in rcpts {
+        expect(&c.cmd(&format!("RCPT TO:<{rcpt}>")), 250, "2.1.5");
+    }
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send_raw(format!("Subject: {subject}\r\nMessage-ID: <{subject}@x.test>\r\n\r\nbody of {subject}\r\n.\r\n").as_bytes());
+    let reply = c.reply();
+    expect(&reply, 250, "2.0.0");
+    c.cmd("QUIT");
+    reply.text().rsplit(' ').next().unwrap_or("").to_string()
+}
+
+fn subjects(sink: &RecordingSink) -> Vec<String> {
+    sink.messages()
+        .iter()
+        .map(|m| {
+            let text = String::from_utf8_lossy(&m.data).into_owned();
+            text.lines()
+                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Waits for the router's queue to empty (checked by stopping it) — used at the end.
+fn stop_and_queue(r: &mut Router) -> Vec<String> {
+    r.stop();
+    r.queue_ids()
+}
+
+#[test]
+fn home_up_goes_home_byte_for_byte() {
+    let home = RecordingSink::start("m1");
+    let replica = RecordingSink::start("m2");
+    let s = Scratch::new();
+    catalog(
+        &s,
+        &[
+            ("m1", home.port, "in-service"),
+            ("m2", replica.port, "in-service"),
+        ],
+        &[("u1@c.test", "m1", &["m2"])],
+    );
+    let mut r = router(s);
+    send(&r, &["U1@C.test"], "home");
+    let got = home.wait_for(1, 10);
+    assert_eq!(got.len(), 1, "home got nothing; log:\n{}", r.log());
+    assert_eq!(got[0].from, "sender@x.test");
+    assert_eq!(got[0].rcpts, vec!["U1@C.test".to_string()]);
+    let text = String::from_utf8_lossy(&got[0].data);
+    assert!(
+        text.starts_with("Received: from client.test ([127.0.0.1])\r\n\tby mx.test (clustermail)"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("\r\nSubject: home\r\nMessage-ID: <home@x.test>\r\n\r\nbody of home\r\n"),
+        "{text:?}"
+    );
+    assert!(replica.messages().is_empty());
+    assert!(
+        stop_and_queue(&mut r).is_empty(),
+        "delivered mail leaves the queue"
+    );
+}
+
+#[test]
+fn home_down_fails_over_to_a_replica_smtp_sink() {
+    let s = Scratch::new();
+    let dump = s.path().join("sink-dump");
+    let sink = SmtpSink::start_dumping(&dump);
+    let mut home = RecordingSink::start("m1");
+    home.down();
+    catalog(
+        &s,
+        &[
+            ("m1", home.port, "in-service"),
+            ("m3", sink.port, "in-service"),
+        ],
+        &[("u1@c.test", "m1", &["m3"])],
+    );
+    let mut r = router(s);
+    send(&r, &["u1@c.test"], "failover");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&dump).map(|d| d.count()).unwrap_or(0) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica (smtp-sink) got nothing; log:\n{}",
+            r.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(r.log().contains("fail over to replica m3"), "{}", r.log());
+    assert!(stop_and_queue(&mut r).is_empty());
+}
+
+#[test]
+fn all_down_holds_a_returning_replica_does_not_take_it_the_home_does() {
+    let mut home = RecordingSink::start("m1");
+    let mut replica = RecordingSink::start("m2");
+    home.down();
+    replica.down();
+    let s = Scratch::new();
+    catalog(
+        &s,
+        &[
+            ("m1", home.port, "in-service"),
+            ("m2", replica.port, "in-service"),
+        ],
+        &[("u1@c.test", "m1", &["m2"])],
+    );
+    let mut r = router(s);
+    send(&r, &["u1@c.test"], "held");
+    std::thread::sleep(Duration::from_millis(800));
+    // The replica comes back: held mail retries the home only.
+    replica.up();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        replica.messages().is_empty(),
+        "a held message went to a replica"
+    );
+    assert!(
+        r.log().contains("hold and retry home m1 without failover"),
+        "{}",
+        r.log()
+    );
+    home.up();
+    let got = home.wait_for(1, 10);
+    assert_eq!(
+        subjects(&home),
+        vec!["held".to_string()],
+        "log:\n{}",
+        r.log()
+    );
+    assert_eq!(got.len(), 1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(replica.messages().is_empty());
+    assert!(stop_and_queue(&mut r).is_empty());
+}
+
+#[test]
+fn restricted_and_down_replicas_are_skipped_in_preference_order() {
+    let mut home = RecordingSink::start("m1");
+    home.down();
+    let restricted = RecordingSink::start("m2");
+    let mut down = RecordingSink::start("m3");
+    down.down();
+    let taken = RecordingSink::start("m4");
+    let s = Scratch::new();
+    catalog(
+        &s,
+        &[
+            ("m1", home.port, "in-service"),
+            ("m2", restricted.port, "restricted"),
+            ("m3", down.port, "in-service"),
+            ("m4", taken.port, "in-service"),
+        ],
+        &[("u1@c.test", "m1", &["m2", "m3", "m4"])],
+    );
+    let mut r = router(s);
+    send(&r, &["u1@c.test"], "skip");
+    assert_eq!(taken.wait_for(1, 10).len(), 1, "log:\n{}", r.log());
+    assert!(restricted.messages().is_empty());
+    assert!(stop_and_queue(&mut r).is_empty());
+}
+
+#[test]
+fn recipients_on_three_homes_make_three_transactions() {
+    let sinks = [
+        RecordingSink::start("m1"),
+        RecordingSink::start("m2"),
+        RecordingSink::start("m3"),
+    ];
+    let s = Scratch::new();
+    catalog(
+        &s,
+        &[
+            ("m1", sinks[0].port, "in-service"),
+            ("m2", sinks[1].port, "in-service"),
+            ("m3", sinks[2].port, "in-service"),
+        ],
+        &[
+            ("a@c.test", "m1", &[]),
+            ("b@c.test", "m2", &[]),
+            ("c@c.test", "m3", &[]),
+            ("d@c.test", "m1", &[]),
+        ],
+    );
+    let mut r = router(s);
+    send(
+        &r,
+        &["a@c.test", "b@c.test", "c@c.test", "d@c.test"],
+        "mixed",
+    );
+    let m1 = sinks[0].wait_for(1, 10);
+    let m2 = sinks[1].wait_for(1, 10);
+    let m3 = sinks[2].wait_for(1, 10);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        (sinks[0].messages().len(), m2.len(), m3.len()),
+        (1, 1, 1),
+        "one transaction each"
+    );
+    assert_eq!(
+        m1[0].rcpts,
+        vec!["a@c.test".to_string(), "d@c.test".to_string()]
+    );
+    assert_eq!(m2[0].rcpts, vec!["b@c.test".to_string()]);
+    assert!(stop_and_queue(&mut r).is_empty());
+}
+
+#[test]
+fn a_router_restarted_while_holding_delivers_once() {
+    let mut home = RecordingSink::start("m1");
+    home.down();
+    let s = Scratch::new();
+    catalog(
+        &s,
+        &[("m1", home.port, "in-service")],
+        &[("solo@c.test", "m1", &[])],
+    );
+    let mut r = router(s);
+    let id = send(&r, &["solo@c.test"], "restart");
+    std::thread::sleep(Duration::from_millis(700));
+    r.stop();
+    let show = r.scratch.ok(&["queue", "show", &id]);
+    assert!(
+        show.contains("held (retrying the home server only)"),
+        "{show}"
+    );
+    assert!(
+        show.contains("hold and retry home m1 without failover: home is down, no replica"),
+        "{show}"
+    );
+    r.restart();
+    home.up();
+    assert_eq!(home.wait_for(1, 10).len(), 1, "log:\n{}", r.log());
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(home.messages().len(), 1, "delivered exactly once");
+    assert!(stop_and_queue(&mut r).is_empty());
+}
+
+#[test]
+fn a_refused_recipient_fails_and_the_others_are_delivered() {
+    let home = RecordingSink::start("m1");
+    home.refuse.lock().unwrap().push("gone@c.test".into());
+    let s = Scratch::new();
+    catalog(
+        &s,
+        &[("m1", home.port, "in-service")],
+        &[("ok@c.test", "m1", &[]), ("gone@c.test", "m1", &[])],
+    );
+    let mut r = router(s);
+    let id = send(&r, &["ok@c.test", "gone@c.test"], "partial");
+    let got = home.wait_for(1, 10);
+    assert_eq!(got[0].rcpts, vec!["ok@c.test".to_string()]);
+    std::thread::sleep(Duration::from_millis(300));
+    r.stop();
+    let show = r.scratch.ok(&["queue", "show", &id]);
+    assert!(
+        show.contains("<ok@c.test> (mailbox ok@c.test): delivered to m1: 250"),
+        "{show}"
+    );
+    assert!(
+        show.contains("<gone@c.test> (mailbox gone@c.test): failed:") && show.contains("550"),
+        "{show}"
+    );
+}
+
+#[test]
+fn a_looping_message_is_refused() {
+    let home = RecordingSink::start("m1");
+    let s = Scratch::new();
+    catalog(
+        &s,
+        &[("m1", home.port, "in-service")],
+        &[("u@c.test", "m1", &[])],
+    );
+    let r = router(s);
+    let mut c = Client::hello(r.port);
+    c.cmd("MAIL FROM:<sender@x.test>");
+    c.cmd("RCPT TO:<u@c.test>");
+    assert_eq!(c.cmd("DATA").code, 354);
+    let mut data = String::new();
+    for i in 0..26 {
+        data.push_str(&format!(
+            "Received: from hop{i}.test by hop{}.test; Tue, 24 Nov 2026 00:00:00 +0000\r\n",
+            i + 1
+        ));
+    }
+    data.push_str("Subject: loop\r\n\r\n.\r\n");
+    c.send_raw(data.as_bytes());
+    expect(&c.reply(), 554, "5.4.6");
+}
