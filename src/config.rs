@@ -64,6 +64,9 @@ pub struct RoutingConfig {
     pub max_deliveries: usize,
     /// A message with more Received headers than this is refused (554 5.4.6): a loop.
     pub max_hops: usize,
+    /// Where mail for addresses outside the catalog goes (bounces to outside
+    /// senders), `host:port`; unset: the domain's MX hosts.
+    pub relay_host: Option<String>,
 }
 
 impl Default for RoutingConfig {
@@ -81,6 +84,7 @@ impl Default for RoutingConfig {
             delivery_timeout: Duration::from_secs(30),
             max_deliveries: 20,
             max_hops: 25,
+            relay_host: None,
         }
     }
 }
@@ -273,6 +277,10 @@ impl Config {
             if d.is_zero() {
                 bail!("routing.{name} must be above 0");
             }
+        }
+        if let Some(h) = &r.relay_host {
+            crate::catalog::model::check_server_address(h)
+                .map_err(|e| anyhow::anyhow!("routing.relay_host: {e}"))?;
         }
         if r.retry_max < r.retry_initial {
             bail!("routing.retry_max is shorter than routing.retry_initial");

@@ -280,30 +280,117 @@ fn a_router_restarted_while_holding_delivers_once() {
 }
 
 #[test]
-fn a_refused_recipient_fails_and_the_others_are_delivered() {
+fn a_refused_recipient_bounces_to_the_sender_and_the_others_are_delivered() {
+    let home = RecordingSink::start("m1");
+    home.refuse.lock().unwrap().push("gone@c.test".into());
+    let senders_home = RecordingSink::start("m2");
+    let s = Scratch::new();
+    catalog(
+        &s,
+        &[
+            ("m1", home.port, "in-service"),
+            ("m2", senders_home.port, "in-service"),
+        ],
+        &[
+            ("ok@c.test", "m1", &[]),
+            ("gone@c.test", "m1", &[]),
+            ("sender@c.test", "m2", &[]),
+        ],
+    );
+    let mut r = router(s);
+    let mut c = Client::hello(r.port);
+    c.cmd("MAIL FROM:<sender@c.test>");
+    c.cmd("RCPT TO:<ok@c.test>");
+    c.cmd("RCPT TO:<gone@c.test>");
+    c.cmd("DATA");
+    c.send_raw(b"Subject: partial\r\nMessage-ID: <partial@c.test>\r\n\r\nthe body\r\n.\r\n");
+    expect(&c.reply(), 250, "2.0.0");
+    let got = home.wait_for(1, 10);
+    assert_eq!(got[0].rcpts, vec!["ok@c.test".to_string()]);
+    // One DSN, from <>, to the sender, naming the failed recipient only.
+    let dsn = senders_home.wait_for(1, 10);
+    assert_eq!(dsn.len(), 1, "log:\n{}", r.log());
+    assert_eq!(
+        (dsn[0].from.as_str(), dsn[0].rcpts.clone()),
+        ("", vec!["sender@c.test".to_string()])
+    );
+    let text = String::from_utf8_lossy(&dsn[0].data).into_owned();
+    assert!(
+        text.contains("Content-Type: multipart/report; report-type=delivery-status"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Final-Recipient: rfc822; gone@c.test\r\nAction: failed\r\nStatus: 5.1.1"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("Final-Recipient: rfc822; ok@c.test"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Message-ID: <partial@c.test>") && !text.contains("the body"),
+        "{text}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        stop_and_queue(&mut r).is_empty(),
+        "bounced and delivered: nothing left"
+    );
+}
+
+#[test]
+fn no_bounce_to_the_null_sender() {
     let home = RecordingSink::start("m1");
     home.refuse.lock().unwrap().push("gone@c.test".into());
     let s = Scratch::new();
     catalog(
         &s,
         &[("m1", home.port, "in-service")],
-        &[("ok@c.test", "m1", &[]), ("gone@c.test", "m1", &[])],
+        &[("gone@c.test", "m1", &[])],
     );
     let mut r = router(s);
-    let id = send(&r, &["ok@c.test", "gone@c.test"], "partial");
-    let got = home.wait_for(1, 10);
-    assert_eq!(got[0].rcpts, vec!["ok@c.test".to_string()]);
-    std::thread::sleep(Duration::from_millis(300));
-    r.stop();
-    let show = r.scratch.ok(&["queue", "show", &id]);
-    assert!(
-        show.contains("<ok@c.test> (mailbox ok@c.test): delivered to m1: 250"),
-        "{show}"
+    let mut c = Client::hello(r.port);
+    c.cmd("MAIL FROM:<>");
+    c.cmd("RCPT TO:<gone@c.test>");
+    c.cmd("DATA");
+    c.send_raw(b"Subject: bounce of a bounce\r\n\r\n.\r\n");
+    expect(&c.reply(), 250, "2.0.0");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !r.log().contains("no bounce to the null sender") {
+        assert!(std::time::Instant::now() < deadline, "log:\n{}", r.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(home.messages().is_empty());
+    assert!(stop_and_queue(&mut r).is_empty());
+}
+
+#[test]
+fn expired_mail_bounces_and_outside_senders_get_it_through_the_relay_host() {
+    let mut home = RecordingSink::start("m1");
+    home.down();
+    let relay = RecordingSink::start("relay");
+    let s = Scratch::new();
+    catalog(
+        &s,
+        &[("m1", home.port, "in-service")],
+        &[("u@c.test", "m1", &[])],
     );
-    assert!(
-        show.contains("<gone@c.test> (mailbox gone@c.test): failed:") && show.contains("550"),
-        "{show}"
+    let port = common::free_port();
+    let config = format!(
+        "router_name = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n{ROUTING}max_queue_lifetime = \"1s\"\nrelay_host = \"127.0.0.1:{}\"\n",
+        relay.port
     );
+    let mut r = Router::start_config(s, &config, port);
+    send(&r, &["u@c.test"], "expiring");
+    let dsn = relay.wait_for(1, 15);
+    assert_eq!(dsn.len(), 1, "log:\n{}", r.log());
+    assert_eq!(dsn[0].rcpts, vec!["sender@x.test".to_string()]);
+    let text = String::from_utf8_lossy(&dsn[0].data).into_owned();
+    assert!(
+        text.contains("Status: 4.4.7") && text.contains("expired after 1s"),
+        "{text}"
+    );
+    assert!(stop_and_queue(&mut r).is_empty());
 }
 
 #[test]

@@ -3,6 +3,8 @@
 //! sent as they are (lettre only dot-stuffs them); each recipient gets its own
 //! outcome.
 
+pub mod mx;
+
 use crate::health::probe::resolve;
 use lettre::address::Address;
 use lettre::transport::smtp::client::AsyncSmtpConnection;

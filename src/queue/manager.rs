@@ -13,7 +13,7 @@
 //! the message. A crash between that reply and the commit delivers it again after
 //! restart (at most once more); no other crash point repeats or loses a delivery.
 
-use super::{Envelope, RecipientState, Spool};
+use super::{dsn, Envelope, QueueId, RecipientState, Spool};
 use crate::catalog::Catalog;
 use crate::config::RoutingConfig;
 use crate::deliver::{self, Outcome, Transaction};
@@ -93,10 +93,14 @@ impl Manager {
                 .iter()
                 .filter(|r| !r.state.is_final())
                 .collect();
-            if open.is_empty() {
+            let unreported = env
+                .recipients
+                .iter()
+                .any(|r| !r.is_done() && r.state.is_final());
+            if open.is_empty() && !unreported {
                 continue;
             }
-            if open.iter().any(|r| r.next_attempt <= now) {
+            if unreported || open.iter().any(|r| r.next_attempt <= now) {
                 let permit = limit
                     .clone()
                     .acquire_owned()
@@ -153,8 +157,26 @@ impl Manager {
                     at: now,
                 };
             }
-            return self.commit(&env).await;
+        } else {
+            let (external, catalog): (Vec<usize>, Vec<usize>) = due
+                .into_iter()
+                .partition(|&i| env.recipients[i].mailbox.is_empty());
+            self.deliver_catalog(&mut env, catalog, &message).await?;
+            self.deliver_external(&mut env, external, &message).await?;
         }
+        self.bounce(&mut env, &message).await?;
+        self.commit(&env).await
+    }
+
+    /// Routes and delivers recipients that are catalog mailboxes.
+    async fn deliver_catalog(
+        &self,
+        env: &mut Envelope,
+        due: Vec<usize>,
+        message: &[u8],
+    ) -> Result<()> {
+        let id = env.id;
+        let now = now_ms();
         let policy = self.policy();
         let mut skip: BTreeMap<usize, Vec<String>> = BTreeMap::new();
         let mut open = due;
@@ -216,7 +238,7 @@ impl Manager {
                     hello_name: &self.hello_name,
                     sender: env.sender.as_deref(),
                     recipients: &recipients,
-                    message: &message,
+                    message,
                     eight_bit: env.eight_bit,
                     smtputf8: env.smtputf8,
                     timeout: self.config.delivery_timeout,
@@ -261,24 +283,172 @@ impl Manager {
                             }
                         }
                         // Commit right after the server's answer: the crash window.
-                        self.spool.update(&env).await?;
+                        self.spool.update(env).await?;
                     }
                 }
             }
         }
-        self.commit(&env).await
+        Ok(())
     }
 
-    /// Stores the envelope, or removes the message once every recipient is delivered.
-    /// Failed recipients keep the message in the queue until bounces are sent (DSN).
+    /// Delivers recipients outside the catalog (bounces to outside senders) through
+    /// the relay host or the domain's MX hosts; on failure they wait and retry.
+    async fn deliver_external(
+        &self,
+        env: &mut Envelope,
+        due: Vec<usize>,
+        message: &[u8],
+    ) -> Result<()> {
+        let id = env.id;
+        for i in due {
+            let address = env.recipients[i].address.clone();
+            let domain = address.rsplit_once('@').map_or("", |(_, d)| d).to_string();
+            let targets =
+                match deliver::mx::destinations(&domain, self.config.relay_host.as_deref()).await {
+                    Ok(t) => t,
+                    Err(why) => {
+                        env.recipients[i].last_error = Some(why);
+                        Vec::new()
+                    }
+                };
+            let mut done = false;
+            for target in targets {
+                let recipients = [address.clone()];
+                let t = Transaction {
+                    server_address: &target,
+                    hello_name: &self.hello_name,
+                    sender: env.sender.as_deref(),
+                    recipients: &recipients,
+                    message,
+                    eight_bit: env.eight_bit,
+                    smtputf8: env.smtputf8,
+                    timeout: self.config.delivery_timeout,
+                };
+                let outcome = deliver::send(&t).await;
+                let r = &mut env.recipients[i];
+                match outcome {
+                    Ok(outcomes) => match outcomes.into_iter().next() {
+                        Some(Outcome::Delivered(reply)) => {
+                            tracing::info!(%id, rcpt = %address, server = %target, reply = %reply, "delivered");
+                            r.state = RecipientState::Delivered {
+                                server: target.clone(),
+                                reply,
+                                at: now_ms(),
+                            };
+                            done = true;
+                        }
+                        Some(Outcome::Permanent(reply)) => {
+                            r.state = RecipientState::Failed {
+                                reply,
+                                at: now_ms(),
+                            };
+                            done = true;
+                        }
+                        Some(Outcome::Temporary(reply)) => {
+                            r.last_error = Some(format!("{target}: {reply}"))
+                        }
+                        None => {}
+                    },
+                    Err(deliver::Unusable(why)) => r.last_error = Some(format!("{target}: {why}")),
+                }
+                if done {
+                    break;
+                }
+            }
+            if !done {
+                let r = &mut env.recipients[i];
+                r.attempts += 1;
+                r.next_attempt = now_ms() + self.backoff(r.attempts).as_millis() as u64;
+                r.last_route = Some(format!(
+                    "outside the catalog: via {}",
+                    self.config
+                        .relay_host
+                        .as_deref()
+                        .unwrap_or("the domain's MX hosts")
+                ));
+            }
+            self.spool.update(env).await?;
+        }
+        Ok(())
+    }
+
+    /// Queues one bounce (DSN) for every failed recipient not yet reported, then
+    /// marks them reported. The bounce is on disk before the marks: a crash between
+    /// the two can repeat a bounce, never lose one. No bounce to the null sender.
+    async fn bounce(&self, env: &mut Envelope, message: &[u8]) -> Result<()> {
+        let failed: Vec<usize> = (0..env.recipients.len())
+            .filter(|&i| {
+                matches!(env.recipients[i].state, RecipientState::Failed { .. })
+                    && !env.recipients[i].reported
+            })
+            .collect();
+        if failed.is_empty() {
+            return Ok(());
+        }
+        match env.sender.clone() {
+            None => tracing::warn!(id = %env.id, "recipients failed; no bounce to the null sender"),
+            Some(sender) => {
+                let failures: Vec<dsn::Failure> = failed
+                    .iter()
+                    .map(|&i| {
+                        let r = &env.recipients[i];
+                        let reply = match &r.state {
+                            RecipientState::Failed { reply, .. } => reply.as_str(),
+                            _ => "",
+                        };
+                        dsn::Failure {
+                            address: &r.address,
+                            reply,
+                        }
+                    })
+                    .collect();
+                let dsn_id = QueueId::new();
+                let body = dsn::build(&self.hello_name, dsn_id, env, message, &failures);
+                let header = crate::smtp::trace::received(&crate::smtp::trace::Trace {
+                    helo: &self.hello_name,
+                    client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+                    router: &self.hello_name,
+                    esmtp: true,
+                    tls: false,
+                    smtputf8: false,
+                    id: &dsn_id.to_string(),
+                    recipients: &[],
+                    when: SystemTime::now(),
+                });
+                let mut bytes = header.into_bytes();
+                bytes.extend_from_slice(&body);
+                let mailbox = self
+                    .catalog
+                    .lookup(&sender)?
+                    .map(|l| l.mailbox.address)
+                    .unwrap_or_default();
+                let bounce = Envelope {
+                    id: dsn_id,
+                    sender: None,
+                    recipients: vec![super::Recipient::new(sender.clone(), mailbox)],
+                    client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+                    helo: self.hello_name.clone(),
+                    received_at: now_ms(),
+                    size: bytes.len() as u64,
+                    smtputf8: false,
+                    eight_bit: !bytes.is_ascii(),
+                };
+                self.spool.enqueue(&bounce, &bytes).await?;
+                tracing::info!(id = %env.id, dsn = %dsn_id, to = %sender, failed = failed.len(), "bounce queued");
+            }
+        }
+        for i in failed {
+            env.recipients[i].reported = true;
+        }
+        Ok(())
+    }
+
+    /// Stores the envelope, or removes the message once every recipient is done
+    /// (delivered, or failed and reported).
     async fn commit(&self, env: &Envelope) -> Result<()> {
-        if env
-            .recipients
-            .iter()
-            .all(|r| matches!(r.state, RecipientState::Delivered { .. }))
-        {
+        if env.recipients.iter().all(|r| r.is_done()) {
             self.spool.remove(env.id).await?;
-            tracing::info!(id = %env.id, "all recipients delivered: removed from the queue");
+            tracing::info!(id = %env.id, "every recipient done: removed from the queue");
             Ok(())
         } else {
             self.spool.update(env).await

@@ -3,6 +3,7 @@
 //! `spool` stores messages in sled and makes them durable (group commit) before the
 //! SMTP session may say 250; `id` makes queue ids.
 
+pub mod dsn;
 pub mod id;
 pub mod manager;
 pub mod spool;

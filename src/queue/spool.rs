@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 use tokio::sync::{mpsc, oneshot};
 
-const FORMAT: u8 = 2;
+const FORMAT: u8 = 3;
 
 /// Where a recipient stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,7 +50,8 @@ impl RecipientState {
 pub struct Recipient {
     /// The forward-path as the client gave it (source route dropped).
     pub address: String,
-    /// The catalog mailbox it belongs to (primary address).
+    /// The catalog mailbox it belongs to (primary address); empty for an address
+    /// outside the catalog (a bounce to an outside sender).
     pub mailbox: String,
     pub state: RecipientState,
     /// Delivery attempts so far.
@@ -60,6 +61,8 @@ pub struct Recipient {
     /// The last routing decision and why, and the last error, for `queue show`.
     pub last_route: Option<String>,
     pub last_error: Option<String>,
+    /// Failed and its bounce queued (or none owed: null sender).
+    pub reported: bool,
 }
 
 impl Recipient {
@@ -72,6 +75,16 @@ impl Recipient {
             next_attempt: 0,
             last_route: None,
             last_error: None,
+            reported: false,
+        }
+    }
+
+    /// Nothing more to do: delivered, or failed and reported.
+    pub fn is_done(&self) -> bool {
+        match self.state {
+            RecipientState::Delivered { .. } => true,
+            RecipientState::Failed { .. } => self.reported,
+            _ => false,
         }
     }
 }

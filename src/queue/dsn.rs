@@ -1,0 +1,179 @@
+//! Delivery status notifications (RFC 3464): one `multipart/report` per message
+//! naming every recipient that failed, with the original's header block quoted
+//! (located with mail-parser). Never sent to the null sender.
+
+use super::{Envelope, QueueId};
+use crate::smtp::trace::rfc5322_date;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// A failed recipient as reported: address and the final reply.
+pub struct Failure<'a> {
+    pub address: &'a str,
+    pub reply: &'a str,
+}
+
+/// The enhanced status code in a reply ("550 5.1.1 ..." → "5.1.1"), else from the
+/// basic code's class ("4.0.0" / "5.0.0").
+pub fn status_of(reply: &str) -> String {
+    for word in reply.split_whitespace() {
+        let parts: Vec<&str> = word.split('.').collect();
+        if parts.len() == 3
+            && matches!(parts[0], "2" | "4" | "5")
+            && parts[1..]
+                .iter()
+                .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return word.to_string();
+        }
+    }
+    if reply.trim_start().starts_with('4') {
+        "4.0.0".into()
+    } else {
+        "5.0.0".into()
+    }
+}
+
+/// Builds the DSN message (CRLF line ends, ready to queue).
+pub fn build(
+    router: &str,
+    dsn_id: QueueId,
+    env: &Envelope,
+    original: &[u8],
+    failures: &[Failure],
+) -> Vec<u8> {
+    let now = std::time::SystemTime::now();
+    let boundary = format!("{dsn_id}/{router}");
+    let parsed = mail_parser::MessageParser::default().parse(original);
+    let (headers, subject) = match &parsed {
+        Some(m) => {
+            let root = m.root_part();
+            let (start, end) = (root.offset_header as usize, root.offset_body as usize);
+            let headers = original.get(start..end.min(original.len())).unwrap_or(b"");
+            (headers.to_vec(), m.subject().map(str::to_string))
+        }
+        None => (Vec::new(), None),
+    };
+    let sender = env.sender.as_deref().unwrap_or("");
+    let arrival = rfc5322_date(UNIX_EPOCH + Duration::from_millis(env.received_at));
+    let mut out = String::new();
+    out.push_str(&format!(
+        "From: Mail Delivery System <MAILER-DAEMON@{router}>\r\n"
+    ));
+    out.push_str(&format!("To: <{sender}>\r\n"));
+    out.push_str("Subject: Undelivered Mail Returned to Sender\r\n");
+    out.push_str(&format!("Date: {}\r\n", rfc5322_date(now)));
+    out.push_str(&format!("Message-ID: <{dsn_id}.dsn@{router}>\r\n"));
+    out.push_str("Auto-Submitted: auto-replied\r\n");
+    out.push_str("MIME-Version: 1.0\r\n");
+    out.push_str(&format!(
+        "Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\"\r\n\r\n"
+    ));
+    out.push_str("This is a MIME-encapsulated message.\r\n\r\n");
+    out.push_str(&format!(
+        "--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+    ));
+    out.push_str(&format!("This is the mail system at {router}.\r\n\r\n"));
+    match &subject {
+        Some(s) => out.push_str(&format!(
+            "Your message \"{}\" could not be delivered to one or more recipients.\r\n",
+            s.replace(['\r', '\n'], " ")
+        )),
+        None => out.push_str("Your message could not be delivered to one or more recipients.\r\n"),
+    }
+    out.push_str("It is attached below (headers only).\r\n\r\n");
+    for f in failures {
+        out.push_str(&format!("<{}>: {}\r\n", f.address, one_line(f.reply)));
+    }
+    out.push_str(&format!(
+        "\r\n--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n"
+    ));
+    out.push_str(&format!("Reporting-MTA: dns; {router}\r\n"));
+    out.push_str(&format!("X-Clustermail-Queue-ID: {}\r\n", env.id));
+    out.push_str(&format!("Arrival-Date: {arrival}\r\n"));
+    for f in failures {
+        out.push_str(&format!(
+            "\r\nFinal-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {}\r\nDiagnostic-Code: smtp; {}\r\n",
+            f.address,
+            status_of(f.reply),
+            one_line(f.reply)
+        ));
+    }
+    out.push_str(&format!(
+        "\r\n--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+    ));
+    let mut bytes = out.into_bytes();
+    bytes.extend_from_slice(&headers);
+    if !headers.ends_with(b"\r\n") {
+        bytes.extend_from_slice(b"\r\n");
+    }
+    bytes.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    bytes
+}
+
+fn one_line(s: &str) -> String {
+    s.replace(['\r', '\n'], " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::Recipient;
+
+    #[test]
+    fn status_codes() {
+        assert_eq!(status_of("550 5.1.1 <x> unknown"), "5.1.1");
+        assert_eq!(status_of("permanent error (550): 5.7.1 denied"), "5.7.1");
+        assert_eq!(status_of("554 no"), "5.0.0");
+        assert_eq!(status_of("4.4.7 expired"), "4.4.7");
+    }
+
+    #[test]
+    fn a_report_parses_back_with_its_parts() {
+        let env = Envelope {
+            id: QueueId(42),
+            sender: Some("alice@east.example.com".into()),
+            recipients: vec![Recipient::new("bob@x.test".into(), "bob@x.test".into())],
+            client_ip: "127.0.0.1".parse().unwrap(),
+            helo: "h".into(),
+            received_at: 0,
+            size: 0,
+            smtputf8: false,
+            eight_bit: false,
+        };
+        let original = b"Received: from a\r\nSubject: Lunch?\r\nMessage-ID: <m1@x.test>\r\n\r\nsecret body\r\n";
+        let dsn = build(
+            "mx.test",
+            QueueId(43),
+            &env,
+            original,
+            &[Failure {
+                address: "bob@x.test",
+                reply: "550 5.1.1 <bob@x.test> no such user",
+            }],
+        );
+        let text = String::from_utf8(dsn.clone()).unwrap();
+        assert!(
+            !text.contains("secret body"),
+            "only the headers are returned"
+        );
+        let m = mail_parser::MessageParser::default()
+            .parse(&dsn)
+            .expect("parses");
+        assert_eq!(m.subject(), Some("Undelivered Mail Returned to Sender"));
+        assert_eq!(
+            m.parts.len(),
+            4,
+            "multipart + text + delivery-status + headers"
+        );
+        assert!(text.contains("Content-Type: multipart/report; report-type=delivery-status;"));
+        assert!(text.contains(
+            "Final-Recipient: rfc822; bob@x.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        ));
+        assert!(text.contains("Your message \"Lunch?\" could not be delivered"));
+        assert!(text.contains("Content-Type: text/rfc822-headers\r\n\r\nReceived: from a\r\nSubject: Lunch?\r\nMessage-ID: <m1@x.test>\r\n"));
+        assert!(
+            crate::smtp::data::check_body(&dsn) == Default::default(),
+            "CRLF only, short lines"
+        );
+    }
+}
