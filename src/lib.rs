@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod catalog;
+pub mod cli;
 pub mod config;
 pub mod deliver;
 pub mod health;

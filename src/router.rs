@@ -2,7 +2,9 @@
 //! service, the health monitor and the queue manager, and stops them gracefully on
 //! SIGINT or SIGTERM.
 
+use crate::admin::socket;
 use crate::catalog::{self, files, Catalog, Mode};
+use crate::cli;
 use crate::config::{Config, Source};
 use crate::health;
 use crate::queue::manager::Manager;
@@ -17,9 +19,10 @@ pub const EXAMPLE_CATALOG: &str = include_str!("../catalog/example.toml");
 
 pub async fn serve(config: Config, source: Source) -> Result<()> {
     tracing::info!(config = %source, data_dir = %config.data_dir.display(), "starting clustermail");
-    // Bind first: a port in use is the most likely start-up error.
-    let listeners = server::bind(&config.listen_addrs()?).await?;
     let db = catalog::open_db(&config.data_dir, config.store_cache_mb << 20)?;
+    // The admin socket, then SMTP: once the SMTP port answers, the CLI can reach us.
+    let admin_listener = socket::bind(&config.data_dir)?;
+    let listeners = server::bind(&config.listen_addrs()?).await?;
     let catalog = Arc::new(Catalog::open(&db, config.local_part_match)?);
     if catalog.servers(None).is_empty() {
         let input = files::read_text(
@@ -63,14 +66,29 @@ pub async fn serve(config: Config, source: Source) -> Result<()> {
     let manager = Arc::new(Manager {
         spool: spool.clone(),
         catalog: catalog.clone(),
-        health: tracker,
+        health: tracker.clone(),
         config: config.routing.clone(),
         hello_name: config.router_name.clone(),
+    });
+    let admin = Arc::new(cli::Context {
+        catalog: catalog.clone(),
+        spool: spool.clone(),
+        tracker,
+        routing: config.routing.clone(),
+        live: true,
+    });
+    let data_dir = config.data_dir.clone();
+    let admin_stop = stopped.clone();
+    let admin_socket = tokio::spawn(async move {
+        if let Err(e) = socket::serve(admin_listener, &data_dir, admin, admin_stop).await {
+            tracing::error!(error = %e, "admin socket failed: the CLI cannot reach this router");
+        }
     });
     let delivering = tokio::spawn(manager.run(stopped.clone()));
     server::serve(service, listeners, stopped).await?;
     let _ = monitor.await;
     let _ = delivering.await;
+    let _ = admin_socket.await;
     spool.durable().await?;
     tracing::info!("stopped");
     Ok(())

@@ -3,11 +3,15 @@
 
 pub mod catalog;
 pub mod queue;
+pub mod routes;
+pub mod socket;
 
 /// How a command ended, as a process exit status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
     Ok = 0,
+    /// Something failed (an I/O or store error).
+    Failed = 1,
     /// The input was invalid (bad file rows, bad arguments); nothing was changed.
     Invalid = 2,
 }

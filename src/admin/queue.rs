@@ -1,5 +1,5 @@
-//! `clustermail queue list|show`: the queue as stored (the router must not be
-//! running: sled is single-process; issue 5 adds the admin socket for that case).
+//! `clustermail queue list|show|retry|delete`: the queue, through the router's
+//! admin socket when it runs, else as stored.
 
 use super::Exit;
 use crate::queue::{QueueId, RecipientState, Spool};
@@ -107,5 +107,77 @@ pub fn show(
             }
         }
     }
+    Ok(Exit::Ok)
+}
+
+/// `queue retry ID|--all`: makes every open recipient due now and wakes the
+/// queue manager. Held recipients stay held: their retry goes to the home only.
+pub async fn retry(
+    spool: &Spool,
+    id: Option<&str>,
+    all: bool,
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+) -> Result<Exit> {
+    let envs = if all {
+        spool.envelopes()?
+    } else {
+        let Some(text) = id else {
+            writeln!(err, "give a queue id or --all")?;
+            return Ok(Exit::Invalid);
+        };
+        let id: QueueId = match text.parse() {
+            Ok(id) => id,
+            Err(e) => {
+                writeln!(err, "{e}")?;
+                return Ok(Exit::Invalid);
+            }
+        };
+        match spool.envelope(id)? {
+            Some(e) => vec![e],
+            None => {
+                writeln!(err, "{id}: no such message in the queue")?;
+                return Ok(Exit::Invalid);
+            }
+        }
+    };
+    let mut n = 0;
+    for mut env in envs {
+        let mut touched = false;
+        for r in env.recipients.iter_mut().filter(|r| !r.state.is_final()) {
+            r.next_attempt = 0;
+            touched = true;
+        }
+        if touched {
+            spool.update(&env).await?;
+            n += 1;
+        }
+    }
+    spool.wake();
+    writeln!(out, "{n} message(s) due for delivery now")?;
+    Ok(Exit::Ok)
+}
+
+/// `queue delete ID`: drops a message (no bounce).
+pub async fn delete(
+    spool: &Spool,
+    id: &str,
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+) -> Result<Exit> {
+    let id: QueueId = match id.parse() {
+        Ok(id) => id,
+        Err(e) => {
+            writeln!(err, "{e}")?;
+            return Ok(Exit::Invalid);
+        }
+    };
+    if spool.envelope(id)?.is_none() {
+        writeln!(err, "{id}: no such message in the queue")?;
+        return Ok(Exit::Invalid);
+    }
+    spool.remove(id).await?;
+    tracing::warn!(%id, "deleted from the queue by an administrator");
+    writeln!(out, "{id} deleted")?;
     Ok(Exit::Ok)
 }

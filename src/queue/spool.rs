@@ -174,6 +174,11 @@ impl Spool {
         Ok(())
     }
 
+    /// Wakes the queue manager (e.g. after `queue retry`).
+    pub fn wake(&self) {
+        self.arrived.notify_one();
+    }
+
     /// Resolves when a message has been queued since the last call (or at once if
     /// one was queued meanwhile).
     pub async fn arrival(&self) {

@@ -1,0 +1,105 @@
+//! `clustermail servers` and `clustermail route explain ADDRESS`: the router's view
+//! of server availability and what it would do with mail now, and why.
+
+use super::Exit;
+use crate::cli::Context;
+use crate::route::{self, Attempt, Policy};
+use anyhow::Result;
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::SystemTime;
+
+/// Open (not yet delivered or failed) recipients per home server.
+fn queued_per_home(ctx: &Context) -> Result<HashMap<String, usize>> {
+    let mut counts = HashMap::new();
+    for env in ctx.spool.envelopes()? {
+        for r in env.recipients.iter().filter(|r| !r.state.is_final()) {
+            if let Some(l) = ctx.catalog.lookup(&r.mailbox)? {
+                *counts.entry(l.home.name.to_lowercase()).or_insert(0) += 1;
+            }
+        }
+    }
+    Ok(counts)
+}
+
+pub fn servers(ctx: &Context, out: &mut dyn Write) -> Result<Exit> {
+    let queued = queued_per_home(ctx)?;
+    let tracker = ctx
+        .tracker
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    writeln!(
+        out,
+        "{:16} {:10} {:15} {:6} {:>10} {:>8} {:>6}  PROBLEM",
+        "SERVER", "CLUSTER", "ADMIN", "AVAIL", "PROBED", "RTT", "QUEUED"
+    )?;
+    for s in ctx.catalog.servers(None) {
+        let h = tracker.health(&s.name);
+        let probed = h
+            .last_probe
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .map(|d| format!("{}s ago", d.as_secs()))
+            .unwrap_or_else(|| "never".into());
+        let rtt = h
+            .last_rtt
+            .map(|d| format!("{}ms", d.as_millis()))
+            .unwrap_or_else(|| "-".into());
+        writeln!(
+            out,
+            "{:16} {:10} {:15} {:6} {:>10} {:>8} {:>6}  {}",
+            s.name,
+            s.cluster,
+            s.state.as_str(),
+            h.availability.to_string(),
+            probed,
+            rtt,
+            queued.get(&s.name.to_lowercase()).copied().unwrap_or(0),
+            h.last_problem.unwrap_or_default()
+        )?;
+    }
+    if !ctx.live {
+        writeln!(
+            out,
+            "(router not running: availability from a probe made just now)"
+        )?;
+    }
+    Ok(Exit::Ok)
+}
+
+pub fn explain(
+    ctx: &Context,
+    address: &str,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<Exit> {
+    let Some(entry) = ctx.catalog.lookup(address)? else {
+        writeln!(
+            err,
+            "{address}: not a catalog address; RCPT gets 550 5.1.1 in a served domain, else 550 5.7.1"
+        )?;
+        return Ok(Exit::Invalid);
+    };
+    let policy = Policy {
+        failover: ctx.routing.failover,
+        retry_failover: ctx.routing.retry_failover,
+    };
+    let tracker = ctx
+        .tracker
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let avail = |s: &crate::catalog::Server| tracker.availability(&s.name);
+    let first = route::decide(&entry, &avail, &policy, Attempt::First, &[]);
+    writeln!(
+        out,
+        "mailbox {} (cluster {})",
+        entry.mailbox.address, entry.home.cluster
+    )?;
+    writeln!(out, "new mail: {}", first.why().trim_end())?;
+    let retry = route::decide(&entry, &avail, &policy, Attempt::Retry, &[]);
+    if retry.decision != first.decision {
+        writeln!(out, "held mail: {}", retry.reason)?;
+    }
+    Ok(Exit::Ok)
+}

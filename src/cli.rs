@@ -1,0 +1,274 @@
+//! The command line, shared by the `clustermail` binary and the router's admin
+//! socket (which parses the same arguments), and [`execute`], which runs the
+//! commands that need the store against either a running router's objects or the
+//! store opened directly.
+
+use crate::admin::catalog::{Only, What};
+use crate::admin::{self, Exit};
+use crate::catalog::{AdminState, Catalog, Format, Mode};
+use crate::config::RoutingConfig;
+use crate::health::monitor::SharedTracker;
+use crate::queue::Spool;
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(
+    name = "clustermail",
+    version,
+    about = "A Domino-style cluster mail router: deliver home, fail over to a replica, or hold and retry the home server"
+)]
+pub struct Cli {
+    /// Config file (default: ./clustermail.toml if present, else built-in defaults).
+    #[arg(long, short, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log format on stderr (RUST_LOG sets the level, default info).
+    #[arg(long, global = true, value_enum, default_value = "pretty")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the router: SMTP on the configured listeners, catalog and queue in data_dir.
+    Serve,
+    /// Check a config file and print the effective config.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Manage the replica catalog (servers, mailboxes, replicas).
+    Catalog {
+        #[command(subcommand)]
+        command: CatalogCommand,
+    },
+    /// Look at and act on the queue.
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+    /// Each catalog server: admin state, availability, last probe, RTT, queued count.
+    Servers,
+    /// Explain routing decisions.
+    Route {
+        #[command(subcommand)]
+        command: RouteCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum RouteCommand {
+    /// What would happen now to mail for ADDRESS, and why.
+    Explain { address: String },
+}
+
+#[derive(Subcommand)]
+pub enum QueueCommand {
+    /// List queued messages, oldest first.
+    List,
+    /// Show one message's envelope and per-recipient route trace, or with --raw
+    /// its octets as queued.
+    Show {
+        id: String,
+        #[arg(long)]
+        raw: bool,
+    },
+    /// Retry now: one message, or --all (held mail still retries its home only).
+    Retry {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete a message from the queue (no bounce is sent).
+    Delete { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a config (FILE, or the one --config / the defaults give) and print it.
+    Check { file: Option<PathBuf> },
+}
+
+#[derive(Subcommand)]
+pub enum CatalogCommand {
+    /// Import catalog files (.toml, .json, .csv) as one atomic unit.
+    Import {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Make the catalog equal to the files (removes what they do not name).
+        #[arg(long, conflicts_with = "merge")]
+        replace: bool,
+        /// Add and update what the files name, keep the rest (the default).
+        #[arg(long)]
+        merge: bool,
+        /// Check and count, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Check catalog files against the catalog without importing them.
+    Validate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Write the catalog in a format `import` reads back.
+    Export {
+        #[arg(long, short, value_enum, default_value = "toml")]
+        format: Format,
+        /// Export only servers or only mailboxes (CSV holds mailboxes only).
+        #[arg(long, value_enum)]
+        only: Option<Only>,
+        /// Write to FILE (atomically) instead of stdout.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// List servers or mailboxes.
+    List {
+        #[arg(value_enum)]
+        what: What,
+        /// Only those of this cluster.
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Only this server (servers) or mailboxes homed or replicated on it.
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Show the mailbox owning ADDRESS: home, replicas, clusters, admin states.
+    Show { address: String },
+    /// Set a server's admin state: in-service, out-of-service or restricted.
+    SetState {
+        server: String,
+        #[arg(value_parser = parse_state)]
+        state: AdminState,
+    },
+}
+
+pub fn parse_state(s: &str) -> Result<AdminState, String> {
+    s.parse()
+}
+
+impl Command {
+    /// Commands that read or change the store (catalog, queue, availability): run
+    /// by the router when it runs, else against the store directly.
+    pub fn needs_store(&self) -> bool {
+        matches!(
+            self,
+            Command::Catalog { .. }
+                | Command::Queue { .. }
+                | Command::Servers
+                | Command::Route { .. }
+        )
+    }
+
+    /// Makes relative file arguments absolute against `cwd` (the client's).
+    pub fn absolutize(&mut self, cwd: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = cwd.join(&*p);
+            }
+        };
+        if let Command::Catalog { command } = self {
+            match command {
+                CatalogCommand::Import { files, .. } | CatalogCommand::Validate { files } => {
+                    files.iter_mut().for_each(fix)
+                }
+                CatalogCommand::Export {
+                    output: Some(o), ..
+                } => fix(o),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// What a store command runs against.
+pub struct Context {
+    pub catalog: Arc<Catalog>,
+    pub spool: Spool,
+    pub tracker: SharedTracker,
+    pub routing: RoutingConfig,
+    /// The router is running (availability is live, not probed for this command).
+    pub live: bool,
+}
+
+/// Runs a store command; output goes to `out`, problems to `err`.
+pub async fn execute(
+    ctx: &Context,
+    command: Command,
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+) -> Result<Exit> {
+    match command {
+        Command::Catalog { command } => {
+            let cat = &ctx.catalog;
+            match command {
+                CatalogCommand::Import {
+                    files,
+                    replace,
+                    merge: _,
+                    dry_run,
+                } => {
+                    let mode = if replace { Mode::Replace } else { Mode::Merge };
+                    tokio::task::block_in_place(|| {
+                        admin::catalog::import(cat, &files, mode, dry_run, out, err)
+                    })
+                }
+                CatalogCommand::Validate { files } => {
+                    tokio::task::block_in_place(|| admin::catalog::validate(cat, &files, out, err))
+                }
+                CatalogCommand::Export {
+                    format,
+                    only,
+                    output,
+                } => tokio::task::block_in_place(|| {
+                    admin::catalog::export(cat, format, only, output.as_deref(), out)
+                }),
+                CatalogCommand::List {
+                    what,
+                    cluster,
+                    server,
+                } => admin::catalog::list(cat, what, cluster.as_deref(), server.as_deref(), out),
+                CatalogCommand::Show { address } => admin::catalog::show(cat, &address, out, err),
+                CatalogCommand::SetState { server, state } => {
+                    admin::catalog::set_state(cat, &server, state, out)
+                }
+            }
+        }
+        Command::Queue { command } => match command {
+            QueueCommand::List => admin::queue::list(&ctx.spool, out),
+            QueueCommand::Show { id, raw } => admin::queue::show(&ctx.spool, &id, raw, out, err),
+            QueueCommand::Retry { id, all } => {
+                admin::queue::retry(&ctx.spool, id.as_deref(), all, out, err).await
+            }
+            QueueCommand::Delete { id } => admin::queue::delete(&ctx.spool, &id, out, err).await,
+        },
+        Command::Servers => {
+            if !ctx.live {
+                crate::health::monitor::probe_all(&ctx.catalog, &ctx.tracker, &ctx.routing).await;
+            }
+            admin::routes::servers(ctx, out)
+        }
+        Command::Route {
+            command: RouteCommand::Explain { address },
+        } => {
+            if !ctx.live {
+                crate::health::monitor::probe_all(&ctx.catalog, &ctx.tracker, &ctx.routing).await;
+            }
+            admin::routes::explain(ctx, &address, out, err)
+        }
+        Command::Serve | Command::Config { .. } => {
+            writeln!(err, "not a store command")?;
+            Ok(Exit::Invalid)
+        }
+    }
+}
