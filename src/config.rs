@@ -67,6 +67,20 @@ pub struct RoutingConfig {
     /// Where mail for addresses outside the catalog goes (bounces to outside
     /// senders), `host:port`; unset: the domain's MX hosts.
     pub relay_host: Option<String>,
+    /// The cluster this router serves: mail homed in another cluster goes to the
+    /// routers the catalog names for that cluster. Unset: every cluster is local.
+    pub local_cluster: Option<String>,
+}
+
+impl RoutingConfig {
+    /// The settings the routing decision needs.
+    pub fn policy(&self) -> crate::route::Policy {
+        crate::route::Policy {
+            failover: self.failover,
+            retry_failover: self.retry_failover,
+            local_cluster: self.local_cluster.clone(),
+        }
+    }
 }
 
 impl Default for RoutingConfig {
@@ -85,6 +99,7 @@ impl Default for RoutingConfig {
             max_deliveries: 20,
             max_hops: 25,
             relay_host: None,
+            local_cluster: None,
         }
     }
 }

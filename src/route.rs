@@ -36,10 +36,13 @@ impl fmt::Display for Availability {
 /// The settings that shape a decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
-    /// Fail over to replicas at all (config `failover`; a mailbox may override it).
+    /// Fail over to replicas at all (config `failover`).
     pub failover: bool,
     /// A held message's retries may fail over too (beyond Domino's behaviour).
     pub retry_failover: bool,
+    /// The cluster this router serves; mail homed in another cluster goes to that
+    /// cluster's routers when the catalog names some. None: every cluster is local.
+    pub local_cluster: Option<String>,
 }
 
 impl Default for Policy {
@@ -47,6 +50,7 @@ impl Default for Policy {
         Policy {
             failover: true,
             retry_failover: false,
+            local_cluster: None,
         }
     }
 }
@@ -56,6 +60,8 @@ impl Default for Policy {
 pub enum Decision {
     Home(String),
     Replica(String),
+    /// Transfer to a router of the home's cluster (`host:port`), which routes again.
+    NextHop(String),
     /// Keep the message; retry the home server later.
     Hold,
 }
@@ -109,17 +115,53 @@ pub enum Attempt {
 
 /// Decides where a recipient's next delivery attempt goes.
 ///
-/// `availability(server)` is the health monitor's view; `skip` names servers that
-/// already failed this attempt (a 4xx or network error from a replica moves on to the
-/// next one without waiting for the monitor).
+/// `availability(server)` is the health monitor's view; `skip` names servers (or
+/// next-hop router addresses) that already failed this attempt (a 4xx or network
+/// error from a replica moves on to the next one without waiting for the monitor).
+/// `routers` are the next-hop routers the catalog names for the home's cluster.
 pub fn decide(
     entry: &Lookup,
     availability: &dyn Fn(&Server) -> Availability,
     policy: &Policy,
     attempt: Attempt,
     skip: &[String],
+    routers: &[String],
 ) -> Route {
     let skipped = |s: &Server| skip.iter().any(|k| k.eq_ignore_ascii_case(&s.name));
+    // 4. Another cluster's mailbox: transfer to that cluster's router, which routes again.
+    let foreign = policy
+        .local_cluster
+        .as_deref()
+        .is_some_and(|local| !local.eq_ignore_ascii_case(&entry.home.cluster));
+    if foreign && !routers.is_empty() {
+        let home = Considered {
+            server: entry.home.name.clone(),
+            admin: entry.home.state,
+            availability: availability(&entry.home),
+            verdict: "not tried: in another cluster",
+        };
+        let next = routers.iter().find(|r| !skip.iter().any(|k| k == *r));
+        return match next {
+            Some(r) => Route {
+                decision: Decision::NextHop(r.clone()),
+                reason: format!(
+                    "transfer to {r}, a router of cluster {} (next hop)",
+                    entry.home.cluster
+                ),
+                home,
+                replicas: considered_unused(entry, availability, skipped),
+            },
+            None => Route {
+                decision: Decision::Hold,
+                reason: format!(
+                    "hold and retry later: no router of cluster {} answered",
+                    entry.home.cluster
+                ),
+                home,
+                replicas: considered_unused(entry, availability, skipped),
+            },
+        };
+    }
     let home_avail = if skipped(&entry.home) {
         Availability::Down
     } else {
@@ -285,11 +327,11 @@ mod tests {
         let on = Policy::default();
         let off = Policy {
             failover: false,
-            retry_failover: false,
+            ..Policy::default()
         };
         let retry_fo = Policy {
-            failover: true,
             retry_failover: true,
+            ..Policy::default()
         };
         type Row<'a> = (
             AdminState,
@@ -461,7 +503,7 @@ mod tests {
                 reps.iter().map(|(n, _, a)| (*n, *a)).collect();
             avail.insert("h", home_avail);
             let skip: Vec<String> = skip.iter().map(|s| s.to_string()).collect();
-            let route = decide(&e, &|s| avail[s.name.as_str()], policy, attempt, &skip);
+            let route = decide(&e, &|s| avail[s.name.as_str()], policy, attempt, &skip, &[]);
             assert_eq!(route.decision, want, "row {i}: {}", route.why());
             assert_eq!(
                 route.replicas.len(),
@@ -475,7 +517,7 @@ mod tests {
     fn the_reason_names_every_server_and_its_verdict() {
         let e = entry(In, &[("r1", Res), ("r2", In), ("r3", In)]);
         let avail = |s: &Server| if s.name == "r2" { Up } else { Down };
-        let route = decide(&e, &avail, &Policy::default(), Attempt::First, &[]);
+        let route = decide(&e, &avail, &Policy::default(), Attempt::First, &[], &[]);
         assert_eq!(route.decision, Decision::Replica("r2".into()));
         let why = route.why();
         assert!(
@@ -488,7 +530,7 @@ mod tests {
         );
         assert!(why.contains("taken: first available replica"), "{why}");
         assert!(why.contains("r3") && why.contains("not needed"), "{why}");
-        let held = decide(&e, &avail, &Policy::default(), Attempt::Retry, &[]);
+        let held = decide(&e, &avail, &Policy::default(), Attempt::Retry, &[], &[]);
         assert!(
             held.why()
                 .contains("a held message retries the home server only"),
@@ -500,6 +542,69 @@ mod tests {
                 .starts_with("hold and retry home h without failover"),
             "{}",
             held.reason
+        );
+    }
+}
+
+#[cfg(test)]
+mod next_hop_tests {
+    use super::*;
+    use crate::catalog::Mailbox;
+    use std::sync::Arc;
+
+    #[test]
+    fn mail_for_another_cluster_goes_to_its_router() {
+        let home = Arc::new(Server {
+            name: "w1".into(),
+            cluster: "west".into(),
+            address: "127.0.0.1:25".into(),
+            state: AdminState::InService,
+        });
+        let e = Lookup {
+            mailbox: Mailbox {
+                address: "u@w.test".into(),
+                home: "w1".into(),
+                replicas: vec![],
+                aliases: vec![],
+            },
+            home,
+            replicas: vec![],
+        };
+        let up = |_: &Server| Availability::Up;
+        let routers = ["10.0.0.1:25".to_string(), "10.0.0.2:25".to_string()];
+        let east = Policy {
+            local_cluster: Some("east".into()),
+            ..Policy::default()
+        };
+        let r = decide(&e, &up, &east, Attempt::First, &[], &routers);
+        assert_eq!(r.decision, Decision::NextHop("10.0.0.1:25".into()));
+        let r = decide(
+            &e,
+            &up,
+            &east,
+            Attempt::First,
+            &["10.0.0.1:25".into()],
+            &routers,
+        );
+        assert_eq!(r.decision, Decision::NextHop("10.0.0.2:25".into()));
+        let r = decide(&e, &up, &east, Attempt::First, &routers, &routers);
+        assert_eq!(r.decision, Decision::Hold);
+        // Local cluster, no local_cluster set, or no routers named: the normal rules.
+        let west = Policy {
+            local_cluster: Some("WEST".into()),
+            ..Policy::default()
+        };
+        assert_eq!(
+            decide(&e, &up, &west, Attempt::First, &[], &routers).decision,
+            Decision::Home("w1".into())
+        );
+        assert_eq!(
+            decide(&e, &up, &Policy::default(), Attempt::First, &[], &routers).decision,
+            Decision::Home("w1".into())
+        );
+        assert_eq!(
+            decide(&e, &up, &east, Attempt::First, &[], &[]).decision,
+            Decision::Home("w1".into())
         );
     }
 }

@@ -54,6 +54,13 @@ fn every_kind_of_invalid_input_is_reported_and_changes_nothing() {
             ],
         ),
         ("unknown-field.toml", &["unknown-field.toml: mailbox[0]: unknown field `replica`"]),
+        (
+            "bad-cluster.toml",
+            &[
+                "bad-cluster.toml: cluster[0]: router: server address \"127.0.0.1\" is not host:port",
+                "bad-cluster.toml: cluster[1]: cluster \"EAST\" is defined twice",
+            ],
+        ),
         ("missing-field.json", &["missing-field.json: mailbox[1]: missing field `home`"]),
         ("syntax-error.toml", &["syntax-error.toml:3: TOML syntax"]),
         ("syntax-error.json", &["syntax-error.json:3: JSON syntax"]),

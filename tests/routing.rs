@@ -418,3 +418,44 @@ fn a_looping_message_is_refused() {
     c.send_raw(data.as_bytes());
     expect(&c.reply(), 554, "5.4.6");
 }
+
+#[test]
+fn mail_for_another_cluster_goes_to_that_clusters_router() {
+    let local_home = RecordingSink::start("e1");
+    let west_router = RecordingSink::start("west-router");
+    let mut west_home = RecordingSink::start("w1");
+    west_home.down();
+    let s = Scratch::new();
+    let toml = format!(
+        "[[cluster]]\nname = \"west\"\nrouters = [\"127.0.0.1:{}\"]\n\n\
+         [[server]]\nname = \"e1\"\ncluster = \"east\"\naddress = \"127.0.0.1:{}\"\n\n\
+         [[server]]\nname = \"w1\"\ncluster = \"west\"\naddress = \"127.0.0.1:{}\"\n\n\
+         [[mailbox]]\naddress = \"e@c.test\"\nhome = \"e1\"\n\n\
+         [[mailbox]]\naddress = \"w@c.test\"\nhome = \"w1\"\n",
+        west_router.port, local_home.port, west_home.port
+    );
+    let f = s.write("two.toml", &toml);
+    s.ok(&["catalog", "import", "--replace", &f.display().to_string()]);
+    let port = common::free_port();
+    let config = format!(
+        "router_name = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n{ROUTING}local_cluster = \"east\"\n"
+    );
+    let mut r = Router::start_config(s, &config, port);
+    send(&r, &["e@c.test", "w@c.test"], "two clusters");
+    assert_eq!(
+        local_home.wait_for(1, 10)[0].rcpts,
+        vec!["e@c.test".to_string()]
+    );
+    let hop = west_router.wait_for(1, 10);
+    assert_eq!(hop.len(), 1, "log:\n{}", r.log());
+    assert_eq!(hop[0].rcpts, vec!["w@c.test".to_string()]);
+    let explain = r.scratch.ok(&["route", "explain", "w@c.test"]);
+    assert!(
+        explain.contains(&format!(
+            "transfer to 127.0.0.1:{}, a router of cluster west (next hop)",
+            west_router.port
+        )),
+        "{explain}"
+    );
+    assert!(stop_and_queue(&mut r).is_empty());
+}

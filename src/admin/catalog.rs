@@ -37,6 +37,9 @@ pub fn import(
     match cat.import(input, mode, dry_run, &progress) {
         Ok(report) => {
             let verb = if dry_run { "would be" } else { "" };
+            if report.clusters != Default::default() {
+                writeln!(out, "clusters:  {}{}", report.clusters, suffix(verb))?;
+            }
             writeln!(out, "servers:   {}{}", report.servers, suffix(verb))?;
             writeln!(out, "mailboxes: {}{}", report.mailboxes, suffix(verb))?;
             Ok(Exit::Ok)
@@ -114,10 +117,10 @@ pub fn export(
         (Format::Csv, _) => Some(Only::Mailboxes),
         (_, o) => o,
     };
-    let servers = if only == Some(Only::Mailboxes) {
-        Vec::new()
+    let (clusters, servers) = if only == Some(Only::Mailboxes) {
+        (Vec::new(), Vec::new())
     } else {
-        cat.servers(None)
+        (cat.clusters()?, cat.servers(None))
     };
     let mailboxes = if only == Some(Only::Servers) {
         Vec::new()
@@ -128,11 +131,11 @@ pub fn export(
         Some(path) => {
             let tmp = path.with_extension("partial");
             let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-            files::write(&mut f, format, &servers, &mailboxes)?;
+            files::write(&mut f, format, &clusters, &servers, &mailboxes)?;
             f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
             std::fs::rename(&tmp, path)?;
         }
-        None => files::write(out, format, &servers, &mailboxes)?,
+        None => files::write(out, format, &clusters, &servers, &mailboxes)?,
     }
     Ok(Exit::Ok)
 }

@@ -3,7 +3,7 @@
 
 use super::Exit;
 use crate::cli::Context;
-use crate::route::{self, Attempt, Policy};
+use crate::route::{self, Attempt};
 use anyhow::Result;
 use std::collections::HashMap;
 use std::io::Write;
@@ -80,24 +80,26 @@ pub fn explain(
         )?;
         return Ok(Exit::Invalid);
     };
-    let policy = Policy {
-        failover: ctx.routing.failover,
-        retry_failover: ctx.routing.retry_failover,
-    };
+    let policy = ctx.routing.policy();
+    let routers = ctx
+        .catalog
+        .cluster(&entry.home.cluster)?
+        .map(|c| c.routers)
+        .unwrap_or_default();
     let tracker = ctx
         .tracker
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     let avail = |s: &crate::catalog::Server| tracker.availability(&s.name);
-    let first = route::decide(&entry, &avail, &policy, Attempt::First, &[]);
+    let first = route::decide(&entry, &avail, &policy, Attempt::First, &[], &routers);
     writeln!(
         out,
         "mailbox {} (cluster {})",
         entry.mailbox.address, entry.home.cluster
     )?;
     writeln!(out, "new mail: {}", first.why().trim_end())?;
-    let retry = route::decide(&entry, &avail, &policy, Attempt::Retry, &[]);
+    let retry = route::decide(&entry, &avail, &policy, Attempt::Retry, &[], &routers);
     if retry.decision != first.decision {
         writeln!(out, "held mail: {}", retry.reason)?;
     }

@@ -6,7 +6,7 @@
 //! every problem is kept with its origin (`FILE:LINE` for CSV, `FILE: mailbox[i]`
 //! for TOML and JSON), so an administrator fixes a file in one pass.
 
-use super::model::{Mailbox, Server};
+use super::model::{Cluster, Mailbox, Server};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -30,6 +30,7 @@ pub enum Place {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ItemKind {
+    Cluster,
     Server,
     Mailbox,
 }
@@ -37,6 +38,7 @@ pub enum ItemKind {
 impl ItemKind {
     fn key(self) -> &'static str {
         match self {
+            ItemKind::Cluster => "cluster",
             ItemKind::Server => "server",
             ItemKind::Mailbox => "mailbox",
         }
@@ -63,6 +65,7 @@ pub struct Input {
     pub files: Vec<PathBuf>,
     pub servers: Vec<Row<Server>>,
     pub mailboxes: Vec<Row<Mailbox>>,
+    pub clusters: Vec<Row<Cluster>>,
     pub problems: Vec<Problem>,
 }
 
@@ -204,8 +207,8 @@ fn read_json(input: &mut Input, file: u32, text: &str) {
     read_document(input, file, map.into_iter());
 }
 
-/// Reads the `server` and `mailbox` lists of a TOML or JSON document, one item at a
-/// time, so that each bad item is reported on its own.
+/// Reads the `cluster`, `server` and `mailbox` lists of a TOML or JSON document, one
+/// item at a time, so that each bad item is reported on its own.
 fn read_document(
     input: &mut Input,
     file: u32,
@@ -213,13 +216,16 @@ fn read_document(
 ) {
     for (key, value) in doc {
         let kind = match key.as_str() {
+            "cluster" => ItemKind::Cluster,
             "server" => ItemKind::Server,
             "mailbox" => ItemKind::Mailbox,
             other => {
                 input.problem(
                     file,
                     Place::File,
-                    format!("unknown key {other:?} (expected \"server\" and \"mailbox\")"),
+                    format!(
+                        "unknown key {other:?} (expected \"cluster\", \"server\" and \"mailbox\")"
+                    ),
                 );
                 continue;
             }
@@ -235,6 +241,14 @@ fn read_document(
             };
             let origin = Origin { file, place };
             match kind {
+                ItemKind::Cluster => match parse_item::<Cluster>(item) {
+                    Ok(mut c) => {
+                        c.name = c.name.trim().to_string();
+                        c.routers = c.routers.iter().map(|r| r.trim().to_string()).collect();
+                        input.clusters.push(Row { item: c, origin })
+                    }
+                    Err(e) => input.problem(file, place, e),
+                },
                 ItemKind::Server => match parse_item::<Server>(item) {
                     Ok(s) => input.servers.push(Row {
                         item: tidy_server(s),
@@ -389,19 +403,23 @@ fn read_csv(input: &mut Input, file: u32, text: &str) {
 #[derive(Serialize)]
 struct Document<'a> {
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    cluster: &'a [Cluster],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
     server: &'a [Server],
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     mailbox: &'a [Mailbox],
 }
 
-/// Writes servers and mailboxes in the given format. CSV holds mailboxes only.
+/// Writes clusters, servers and mailboxes in the given format. CSV holds mailboxes only.
 pub fn write(
     out: &mut dyn std::io::Write,
     format: Format,
+    clusters: &[Cluster],
     servers: &[Server],
     mailboxes: &[Mailbox],
 ) -> anyhow::Result<()> {
     let doc = Document {
+        cluster: clusters,
         server: servers,
         mailbox: mailboxes,
     };
@@ -412,7 +430,10 @@ pub fn write(
             out.write_all(b"\n")?;
         }
         Format::Csv => {
-            anyhow::ensure!(servers.is_empty(), "CSV holds mailboxes only");
+            anyhow::ensure!(
+                servers.is_empty() && clusters.is_empty(),
+                "CSV holds mailboxes only"
+            );
             let mut w = csv::Writer::from_writer(out);
             w.write_record(CSV_COLUMNS)?;
             for m in mailboxes {

@@ -71,6 +71,17 @@ pub struct Server {
     pub state: AdminState,
 }
 
+/// A cluster's routers: the clustermail relays that take mail for this cluster's
+/// mailboxes from routers of other clusters (the next hop; they repeat the routing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub name: String,
+    /// SMTP addresses `host:port`, in order of preference.
+    #[serde(default)]
+    pub routers: Vec<String>,
+}
+
 /// A mailbox: its primary address, aliases, home server and ordered replica servers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -5,6 +5,7 @@
 //!
 //! | key                         | value                                   |
 //! |-----------------------------|-----------------------------------------|
+//! | `c\0<cluster key>`          | bincode [`Cluster`] (next-hop routers)  |
 //! | `s\0<server key>`           | bincode [`Server`]                      |
 //! | `m\0<address key>`          | bincode [`Mailbox`], by primary address |
 //! | `a\0<alias key>`            | primary address key, `\0`, the record    |
@@ -22,7 +23,7 @@
 
 use super::files::Input;
 use super::index::{self, HOME, REPLICA};
-use super::model::{address_key, server_key, AdminState, LocalPartMatch, Mailbox, Server};
+use super::model::{address_key, server_key, AdminState, Cluster, LocalPartMatch, Mailbox, Server};
 use super::validate::{resolve, Resolved, View};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::{BTreeSet, HashMap};
@@ -85,6 +86,7 @@ impl std::fmt::Display for Counts {
 /// What an import did (or, for a dry run, would do).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ImportReport {
+    pub clusters: Counts,
     pub servers: Counts,
     pub mailboxes: Counts,
 }
@@ -218,6 +220,21 @@ impl Catalog {
             .1
             .get(&server_key(name))
             .map(|s| (**s).clone())
+    }
+
+    /// A cluster's record (its next-hop routers), if the catalog has one.
+    pub fn cluster(&self, name: &str) -> Result<Option<Cluster>> {
+        let live = self.live.read().unwrap_or_else(|e| e.into_inner());
+        live.tree
+            .get(key(b'c', &[&server_key(name)]))?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    /// Every cluster record, sorted by name.
+    pub fn clusters(&self) -> Result<Vec<Cluster>> {
+        let (tree, _) = self.live_tree();
+        tree.scan_prefix(b"c\0").map(|r| decode(&r?.1)).collect()
     }
 
     /// Whether any catalog address (primary or alias) is in `domain`.
@@ -375,6 +392,9 @@ impl Catalog {
             // slower: sled serialises its log writes.)
             let out = &new;
             out.insert(RULE_KEY, rule_tag(self.rule))?;
+            for c in &resolved.clusters {
+                out.insert(key(b'c', &[&server_key(&c.name)]), encode(c)?)?;
+            }
             for s in &resolved.servers {
                 out.insert(key(b's', &[&server_key(&s.name)]), encode(s)?)?;
             }
@@ -559,6 +579,9 @@ impl View for TreeView<'_> {
 /// The changes an import makes, computed before anything is written.
 struct Plan {
     report: ImportReport,
+    /// Clusters to write, and (replace) cluster keys to remove.
+    clusters: Vec<Cluster>,
+    removed_clusters: Vec<String>,
     /// Servers to write, and (replace) server keys to remove.
     servers: Vec<Server>,
     removed_servers: Vec<String>,
@@ -569,7 +592,9 @@ struct Plan {
 
 impl Plan {
     fn is_noop(&self) -> bool {
-        self.servers.is_empty()
+        self.clusters.is_empty()
+            && self.removed_clusters.is_empty()
+            && self.servers.is_empty()
             && self.removed_servers.is_empty()
             && self.mailboxes.is_empty()
             && self.report.mailboxes.removed == 0
@@ -583,6 +608,12 @@ impl Plan {
         batch: &mut sled::Batch,
         rule: LocalPartMatch,
     ) -> Result<()> {
+        for k in &self.removed_clusters {
+            batch.remove(key(b'c', &[k]));
+        }
+        for c in &self.clusters {
+            batch.insert(key(b'c', &[&server_key(&c.name)]), encode(c)?);
+        }
         for k in &self.removed_servers {
             batch.remove(key(b's', &[k]));
         }
@@ -637,6 +668,36 @@ impl Plan {
 
 fn plan(view: &TreeView, resolved: &Resolved, mode: Mode) -> Result<Plan> {
     let mut report = ImportReport::default();
+    let mut clusters = Vec::new();
+    let mut seen_clusters = BTreeSet::new();
+    for c in &resolved.clusters {
+        let k = server_key(&c.name);
+        seen_clusters.insert(k.clone());
+        match view
+            .tree
+            .get(key(b'c', &[&k]))?
+            .map(|v| decode::<Cluster>(&v))
+            .transpose()?
+        {
+            None => report.clusters.added += 1,
+            Some(old) if old == *c => {
+                report.clusters.unchanged += 1;
+                continue;
+            }
+            Some(_) => report.clusters.updated += 1,
+        }
+        clusters.push(c.clone());
+    }
+    let mut removed_clusters = Vec::new();
+    if mode == Mode::Replace {
+        for r in view.tree.scan_prefix(b"c\0") {
+            let k = String::from_utf8_lossy(&r?.0[2..]).into_owned();
+            if !seen_clusters.contains(&k) {
+                removed_clusters.push(k);
+            }
+        }
+        report.clusters.removed = removed_clusters.len() as u64;
+    }
     let mut servers = Vec::new();
     let mut seen_servers = BTreeSet::new();
     for s in &resolved.servers {
@@ -697,6 +758,8 @@ fn plan(view: &TreeView, resolved: &Resolved, mode: Mode) -> Result<Plan> {
             .sum::<usize>();
     Ok(Plan {
         report,
+        clusters,
+        removed_clusters,
         servers,
         removed_servers,
         mailboxes,
@@ -766,6 +829,7 @@ mod tests {
                 })
                 .collect(),
             problems: vec![],
+            clusters: vec![],
         }
     }
 

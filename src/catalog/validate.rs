@@ -10,8 +10,8 @@
 
 use super::files::{Input, Origin, Problem};
 use super::model::{
-    address_key, check_address, check_name, check_server_address, server_key, LocalPartMatch,
-    Mailbox, Server,
+    address_key, check_address, check_name, check_server_address, server_key, Cluster,
+    LocalPartMatch, Mailbox, Server,
 };
 use std::collections::{HashMap, HashSet};
 
@@ -28,6 +28,7 @@ pub trait View {
 /// spelling), ready to be written.
 #[derive(Debug, Default)]
 pub struct Resolved {
+    pub clusters: Vec<Cluster>,
     pub servers: Vec<Server>,
     pub mailboxes: Vec<Mailbox>,
 }
@@ -41,6 +42,7 @@ pub fn resolve(
 ) -> Result<Resolved, Vec<String>> {
     let Input {
         files,
+        clusters: cluster_rows,
         servers: server_rows,
         mailboxes: mailbox_rows,
         problems: read_problems,
@@ -53,6 +55,39 @@ pub fn resolve(
             message,
         })
     };
+
+    // Clusters (their next-hop routers), by key.
+    let mut clusters: Vec<Cluster> = Vec::new();
+    let mut cluster_seen: HashMap<String, Origin> = HashMap::new();
+    for row in cluster_rows {
+        let c = &row.item;
+        let mut ok = true;
+        if let Err(e) = check_name("cluster", &c.name) {
+            report(row.origin, e);
+            ok = false;
+        }
+        for r in &c.routers {
+            if let Err(e) = check_server_address(r) {
+                report(row.origin, format!("router: {e}"));
+                ok = false;
+            }
+        }
+        if let Some(first) = cluster_seen.get(&server_key(&c.name)) {
+            report(
+                row.origin,
+                format!(
+                    "cluster {:?} is defined twice (first at {})",
+                    c.name,
+                    locate(*first)
+                ),
+            );
+            continue;
+        }
+        cluster_seen.insert(server_key(&c.name), row.origin);
+        if ok {
+            clusters.push(row.item);
+        }
+    }
 
     // Servers from the input, by key.
     let mut servers: HashMap<String, (Server, Origin)> = HashMap::new();
@@ -219,6 +254,7 @@ pub fn resolve(
 
     if problems.is_empty() {
         Ok(Resolved {
+            clusters,
             servers: server_order
                 .into_iter()
                 .filter_map(|k| servers.remove(&k).map(|(s, _)| s))
@@ -240,14 +276,14 @@ fn place_rank(p: super::files::Place) -> (u8, u64) {
     match p {
         Place::File => (0, 0),
         Place::Line(n) => (1, n),
-        Place::Item {
-            kind: ItemKind::Server,
-            index,
-        } => (2, index as u64),
-        Place::Item {
-            kind: ItemKind::Mailbox,
-            index,
-        } => (3, index as u64),
+        Place::Item { kind, index } => (
+            match kind {
+                ItemKind::Cluster => 2,
+                ItemKind::Server => 3,
+                ItemKind::Mailbox => 4,
+            },
+            index as u64,
+        ),
     }
 }
 

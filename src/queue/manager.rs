@@ -18,7 +18,7 @@ use crate::catalog::Catalog;
 use crate::config::RoutingConfig;
 use crate::deliver::{self, Outcome, Transaction};
 use crate::health::monitor::SharedTracker;
-use crate::route::{self, Attempt, Decision, Policy};
+use crate::route::{self, Attempt, Decision};
 use anyhow::{anyhow, Result};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -42,13 +42,6 @@ pub struct Manager {
 }
 
 impl Manager {
-    fn policy(&self) -> Policy {
-        Policy {
-            failover: self.config.failover,
-            retry_failover: self.config.retry_failover,
-        }
-    }
-
     /// The wait before retry number `attempts` of a held recipient.
     pub fn backoff(&self, attempts: u32) -> Duration {
         let doublings = attempts.saturating_sub(1).min(30);
@@ -177,14 +170,17 @@ impl Manager {
     ) -> Result<()> {
         let id = env.id;
         let now = now_ms();
-        let policy = self.policy();
+        let policy = self.config.policy();
         let mut skip: BTreeMap<usize, Vec<String>> = BTreeMap::new();
         let mut open = due;
         // Each round routes the open recipients again with the servers that failed
         // them excluded; rounds end when everyone is delivered, failed or held.
         while !open.is_empty() {
-            let mut plan: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+            // Destination (name, address) → recipients: a catalog server, or a next-hop router.
+            let mut plan: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
             let mut held = Vec::new();
+            // Routed to a server that left the catalog meanwhile: route again.
+            let mut retry = Vec::new();
             for &i in &open {
                 let r = &mut env.recipients[i];
                 let Some(entry) = self.catalog.lookup(&r.mailbox)? else {
@@ -206,11 +202,25 @@ impl Manager {
                         .availability(&s.name)
                 };
                 let skipped = skip.get(&i).map(Vec::as_slice).unwrap_or(&[]);
-                let route = route::decide(&entry, &avail, &policy, attempt, skipped);
+                let routers = self
+                    .catalog
+                    .cluster(&entry.home.cluster)?
+                    .map(|c| c.routers)
+                    .unwrap_or_default();
+                let route = route::decide(&entry, &avail, &policy, attempt, skipped, &routers);
                 tracing::info!(%id, rcpt = %r.address, decision = %route.reason, "routed");
                 r.last_route = Some(route.why());
                 match route.decision {
-                    Decision::Home(s) | Decision::Replica(s) => plan.entry(s).or_default().push(i),
+                    Decision::Home(s) | Decision::Replica(s) => match self.catalog.server(&s) {
+                        Some(srv) => plan.entry((s, srv.address)).or_default().push(i),
+                        None => {
+                            skip.entry(i).or_default().push(s);
+                            retry.push(i);
+                        }
+                    },
+                    Decision::NextHop(router) => {
+                        plan.entry((router.clone(), router)).or_default().push(i)
+                    }
                     Decision::Hold => held.push(i),
                 }
             }
@@ -220,21 +230,14 @@ impl Manager {
                 r.attempts += 1;
                 r.next_attempt = now_ms() + self.backoff(r.attempts).as_millis() as u64;
             }
-            open = Vec::new();
-            for (server, idxs) in plan {
-                let Some(srv) = self.catalog.server(&server) else {
-                    open.extend(&idxs);
-                    for &i in &idxs {
-                        skip.entry(i).or_default().push(server.clone());
-                    }
-                    continue;
-                };
+            open = retry;
+            for ((server, address), idxs) in plan {
                 let recipients: Vec<String> = idxs
                     .iter()
                     .map(|&i| env.recipients[i].address.clone())
                     .collect();
                 let t = Transaction {
-                    server_address: &srv.address,
+                    server_address: &address,
                     hello_name: &self.hello_name,
                     sender: env.sender.as_deref(),
                     recipients: &recipients,
