@@ -60,8 +60,11 @@ pub struct RoutingConfig {
     /// Per SMTP step of a delivery.
     #[serde(with = "humantime_serde")]
     pub delivery_timeout: Duration,
-    /// Messages being delivered at once.
+    /// Messages being delivered at once (all destinations).
     pub max_deliveries: usize,
+    /// Transactions running against one server at once (and connections kept
+    /// open to it for reuse).
+    pub max_per_server: usize,
     /// A message with more Received headers than this is refused (554 5.4.6): a loop.
     pub max_hops: usize,
     /// Where mail for addresses outside the catalog goes (bounces to outside
@@ -97,6 +100,7 @@ impl Default for RoutingConfig {
             max_queue_lifetime: Duration::from_secs(5 * 86_400),
             delivery_timeout: Duration::from_secs(30),
             max_deliveries: 20,
+            max_per_server: 5,
             max_hops: 25,
             relay_host: None,
             local_cluster: None,
@@ -280,8 +284,8 @@ impl Config {
             bail!("smtp.tls_cert and smtp.tls_key go together: set both or neither");
         }
         let r = &self.routing;
-        if r.rise == 0 || r.max_deliveries == 0 || r.max_hops == 0 {
-            bail!("routing.rise, routing.max_deliveries and routing.max_hops must be above 0");
+        if r.rise == 0 || r.max_deliveries == 0 || r.max_per_server == 0 || r.max_hops == 0 {
+            bail!("routing.rise, routing.max_deliveries, routing.max_per_server and routing.max_hops must be above 0");
         }
         for (name, d) in [
             ("probe_interval", r.probe_interval),

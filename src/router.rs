@@ -69,6 +69,10 @@ pub async fn serve(config: Config, source: Source) -> Result<()> {
         health: tracker.clone(),
         config: config.routing.clone(),
         hello_name: config.router_name.clone(),
+        deliverer: crate::deliver::Deliverer::new(
+            config.routing.max_per_server,
+            std::time::Duration::from_secs(10),
+        ),
     });
     let admin = Arc::new(cli::Context {
         catalog: catalog.clone(),

@@ -459,3 +459,25 @@ fn mail_for_another_cluster_goes_to_that_clusters_router() {
     );
     assert!(stop_and_queue(&mut r).is_empty());
 }
+
+#[test]
+fn connections_to_a_server_are_reused() {
+    let home = RecordingSink::start("m1");
+    let s = Scratch::new();
+    catalog(
+        &s,
+        &[("m1", home.port, "in-service")],
+        &[("u@c.test", "m1", &[])],
+    );
+    let mut r = router(s);
+    for i in 0..3 {
+        send(&r, &["u@c.test"], &format!("reuse {i}"));
+        assert_eq!(home.wait_for(i + 1, 10).len(), i + 1, "log:\n{}", r.log());
+    }
+    let conns: Vec<usize> = home.messages().iter().map(|m| m.conn).collect();
+    assert!(
+        conns.windows(2).all(|w| w[0] == w[1]),
+        "three messages, one connection: {conns:?}"
+    );
+    assert!(stop_and_queue(&mut r).is_empty());
+}

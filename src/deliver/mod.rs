@@ -1,17 +1,21 @@
 //! Outbound SMTP: one transaction to one mailbox server carrying every recipient
 //! routed there, over lettre's async SMTP connection (tokio). The queued octets are
 //! sent as they are (lettre only dot-stuffs them); each recipient gets its own
-//! outcome.
+//! outcome. Connections are reused per destination, and concurrency is limited per
+//! destination ([`Deliverer`]) as well as globally (the queue manager).
 
 pub mod mx;
 
 use crate::health::probe::resolve;
 use lettre::address::Address;
 use lettre::transport::smtp::client::AsyncSmtpConnection;
-use lettre::transport::smtp::commands::{Data, Mail, Quit, Rcpt};
+use lettre::transport::smtp::commands::{Data, Mail, Quit, Rcpt, Rset};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use std::collections::HashMap;
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 
 /// What became of one recipient in a transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,35 +65,130 @@ fn reply_text(r: &lettre::transport::smtp::response::Response) -> String {
     format!("{code} {}", r.message().collect::<Vec<_>>().join(" "))
 }
 
-/// Runs the transaction; one outcome per recipient, in order.
-pub async fn send(t: &Transaction<'_>) -> Result<Vec<Outcome>, Unusable> {
+/// Delivers transactions with connection reuse and a concurrency limit per
+/// destination: an idle connection to a server is kept for `idle` and used again
+/// (after a NOOP proves it alive); at most `per_server` transactions run against one
+/// server at once.
+pub struct Deliverer {
+    per_server: usize,
+    idle: Duration,
+    limits: Mutex<HashMap<String, Arc<Semaphore>>>,
+    pool: Mutex<HashMap<String, Vec<(AsyncSmtpConnection, Instant)>>>,
+}
+
+impl Deliverer {
+    pub fn new(per_server: usize, idle: Duration) -> Deliverer {
+        Deliverer {
+            per_server: per_server.max(1),
+            idle,
+            limits: Mutex::new(HashMap::new()),
+            pool: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn limit(&self, server: &str) -> Arc<Semaphore> {
+        let mut limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        limits
+            .entry(server.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_server)))
+            .clone()
+    }
+
+    fn pooled(&self, server: &str) -> Option<AsyncSmtpConnection> {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let idle = pool.get_mut(server)?;
+        while let Some((conn, since)) = idle.pop() {
+            if since.elapsed() < self.idle {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn keep(&self, server: &str, conn: AsyncSmtpConnection) {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let idle = pool.entry(server.to_string()).or_default();
+        if idle.len() < self.per_server {
+            idle.push((conn, Instant::now()));
+        }
+    }
+
+    /// Runs the transaction; one outcome per recipient, in order.
+    pub async fn send(&self, t: &Transaction<'_>) -> Result<Vec<Outcome>, Unusable> {
+        let limit = self.limit(t.server_address);
+        let _permit = limit
+            .acquire_owned()
+            .await
+            .map_err(|_| Unusable("delivery limiter closed".into()))?;
+        // A kept connection the server has closed meanwhile fails the NOOP; one that
+        // fails mid-transaction is retried once on a fresh connection, so that a stale
+        // connection never marks a healthy server down.
+        if let Some(mut conn) = self.pooled(t.server_address) {
+            if tokio::time::timeout(t.timeout, conn.test_connected())
+                .await
+                .unwrap_or(false)
+            {
+                if let Ok(outcomes) = self.run(conn, t).await {
+                    return Ok(outcomes);
+                }
+            }
+        }
+        let conn = connect(t).await?;
+        self.run(conn, t).await
+    }
+
+    async fn run(
+        &self,
+        mut conn: AsyncSmtpConnection,
+        t: &Transaction<'_>,
+    ) -> Result<Vec<Outcome>, Unusable> {
+        match tokio::time::timeout(t.timeout * 4, transaction(&mut conn, t)).await {
+            Ok(Ok(outcomes)) => {
+                // A clean state for the next transaction, then keep the connection.
+                match tokio::time::timeout(t.timeout, conn.command(Rset)).await {
+                    Ok(Ok(_)) => self.keep(t.server_address, conn),
+                    _ => conn.abort().await,
+                }
+                Ok(outcomes)
+            }
+            Ok(Err(e)) => {
+                conn.abort().await;
+                Err(e)
+            }
+            Err(_) => {
+                conn.abort().await;
+                Err(Unusable(format!(
+                    "{}: transaction timed out",
+                    t.server_address
+                )))
+            }
+        }
+    }
+
+    /// Says QUIT on every kept connection (at shutdown).
+    pub async fn close_all(&self) {
+        let conns: Vec<AsyncSmtpConnection> = {
+            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            pool.drain()
+                .flat_map(|(_, v)| v.into_iter().map(|(c, _)| c))
+                .collect()
+        };
+        for mut c in conns {
+            let _ = tokio::time::timeout(Duration::from_secs(2), c.command(Quit)).await;
+        }
+    }
+}
+
+async fn connect(t: &Transaction<'_>) -> Result<AsyncSmtpConnection, Unusable> {
     let addr = resolve(t.server_address).await.map_err(Unusable)?;
     let hello = ClientId::Domain(t.hello_name.to_string());
-    let mut conn = tokio::time::timeout(
+    tokio::time::timeout(
         t.timeout,
         AsyncSmtpConnection::connect_tokio1(addr, Some(t.timeout), &hello, None, None),
     )
     .await
     .map_err(|_| Unusable(format!("{}: connect timed out", t.server_address)))?
-    .map_err(|e| Unusable(format!("{}: {e}", t.server_address)))?;
-    let result = tokio::time::timeout(t.timeout * 4, transaction(&mut conn, t)).await;
-    match result {
-        Ok(Ok(outcomes)) => {
-            let _ = tokio::time::timeout(t.timeout, conn.command(Quit)).await;
-            Ok(outcomes)
-        }
-        Ok(Err(e)) => {
-            conn.abort().await;
-            Err(e)
-        }
-        Err(_) => {
-            conn.abort().await;
-            Err(Unusable(format!(
-                "{}: transaction timed out",
-                t.server_address
-            )))
-        }
-    }
+    .map_err(|e| Unusable(format!("{}: {e}", t.server_address)))
 }
 
 async fn transaction(

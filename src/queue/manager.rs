@@ -39,6 +39,7 @@ pub struct Manager {
     pub config: RoutingConfig,
     /// Our name in EHLO.
     pub hello_name: String,
+    pub deliverer: deliver::Deliverer,
 }
 
 impl Manager {
@@ -70,7 +71,10 @@ impl Manager {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.spool.arrival() => {}
-                _ = shutdown.changed() => if *shutdown.borrow() { return },
+                _ = shutdown.changed() => if *shutdown.borrow() {
+                    self.deliverer.close_all().await;
+                    return;
+                },
             }
         }
     }
@@ -246,7 +250,7 @@ impl Manager {
                     smtputf8: env.smtputf8,
                     timeout: self.config.delivery_timeout,
                 };
-                match deliver::send(&t).await {
+                match self.deliverer.send(&t).await {
                     Err(deliver::Unusable(why)) => {
                         tracing::warn!(%id, server = %server, error = %why, "server unusable: re-routing");
                         self.health
@@ -327,7 +331,7 @@ impl Manager {
                     smtputf8: env.smtputf8,
                     timeout: self.config.delivery_timeout,
                 };
-                let outcome = deliver::send(&t).await;
+                let outcome = self.deliverer.send(&t).await;
                 let r = &mut env.recipients[i];
                 match outcome {
                     Ok(outcomes) => match outcomes.into_iter().next() {

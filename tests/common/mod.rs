@@ -399,6 +399,8 @@ pub struct Received {
     pub from: String,
     pub rcpts: Vec<String>,
     pub data: Vec<u8>,
+    /// Which connection (in accept order) carried it.
+    pub conn: usize,
 }
 
 /// A small mailbox server for routing tests: records every message, refuses
@@ -437,14 +439,14 @@ impl RecordingSink {
         self.stop = Some(stop.clone());
         let (received, refuse, name) = (self.received.clone(), self.refuse.clone(), self.name);
         std::thread::spawn(move || {
-            for conn in listener.incoming() {
+            for (n, conn) in listener.incoming().enumerate() {
                 if stop.load(Ordering::SeqCst) {
                     return;
                 }
                 let Ok(conn) = conn else { continue };
                 let (received, refuse) = (received.clone(), refuse.clone());
                 std::thread::spawn(move || {
-                    let _ = sink_session(conn, name, &received, &refuse);
+                    let _ = sink_session(conn, n, name, &received, &refuse);
                 });
             }
         });
@@ -487,6 +489,7 @@ impl Drop for RecordingSink {
 
 fn sink_session(
     conn: std::net::TcpStream,
+    conn_no: usize,
     name: &str,
     received: &std::sync::Mutex<Vec<Received>>,
     refuse: &std::sync::Mutex<Vec<String>>,
@@ -556,6 +559,7 @@ fn sink_session(
                 from: from.clone(),
                 rcpts: rcpts.clone(),
                 data,
+                conn: conn_no,
             });
             write!(out, "250 2.0.0 stored by {name}\r\n")?;
         } else if upper.starts_with("QUIT") {
