@@ -167,8 +167,15 @@ pub fn decide(
     } else {
         availability(&entry.home)
     };
-    let home_usable =
-        home_avail == Availability::Up && entry.home.state != AdminState::OutOfService;
+    // A held recipient's scheduled retry *is* an attempt on the home server: it is
+    // made whatever the monitor last saw (a server coming back may not have passed
+    // `rise` probes yet), unless the home is out of service or already failed now.
+    let retry_home = attempt == Attempt::Retry
+        && !policy.retry_failover
+        && !skipped(&entry.home)
+        && entry.home.state != AdminState::OutOfService;
+    let home_usable = retry_home
+        || (home_avail == Availability::Up && entry.home.state != AdminState::OutOfService);
     let mut home = Considered {
         server: entry.home.name.clone(),
         admin: entry.home.state,
@@ -176,10 +183,21 @@ pub fn decide(
         verdict: "",
     };
     if home_usable {
-        home.verdict = "taken: the home server is available";
+        home.verdict = if home_avail == Availability::Up {
+            "taken: the home server is available"
+        } else {
+            "taken: a held message retries its home server"
+        };
         return Route {
             decision: Decision::Home(entry.home.name.clone()),
-            reason: format!("deliver home to {}", entry.home.name),
+            reason: if retry_home && home_avail != Availability::Up {
+                format!(
+                    "retry home {} (held mail, without failover)",
+                    entry.home.name
+                )
+            } else {
+                format!("deliver home to {}", entry.home.name)
+            },
             home,
             replicas: considered_unused(entry, availability, skipped),
         };
@@ -471,10 +489,39 @@ mod tests {
                 &["r1"],
                 Decision::Hold,
             ),
-            // a held message retries the home only: a replica coming back does not take it...
+            // a held message retries the home only: the retry is an attempt on the home,
+            // whatever the monitor last saw, and a replica coming back does not take it...
             (
                 In,
                 Down,
+                &[("r1", In, Up)],
+                &on,
+                Attempt::Retry,
+                &[],
+                home(),
+            ),
+            (
+                In,
+                Busy,
+                &[("r1", In, Up)],
+                &on,
+                Attempt::Retry,
+                &[],
+                home(),
+            ),
+            // ...when that attempt fails, or the home is out of service, it stays held...
+            (
+                In,
+                Down,
+                &[("r1", In, Up)],
+                &on,
+                Attempt::Retry,
+                &["h"],
+                Decision::Hold,
+            ),
+            (
+                Oos,
+                Up,
                 &[("r1", In, Up)],
                 &on,
                 Attempt::Retry,
@@ -530,7 +577,23 @@ mod tests {
         );
         assert!(why.contains("taken: first available replica"), "{why}");
         assert!(why.contains("r3") && why.contains("not needed"), "{why}");
-        let held = decide(&e, &avail, &Policy::default(), Attempt::Retry, &[], &[]);
+        let retry = decide(&e, &avail, &Policy::default(), Attempt::Retry, &[], &[]);
+        assert_eq!(retry.decision, Decision::Home("h".into()));
+        assert!(
+            retry
+                .reason
+                .starts_with("retry home h (held mail, without failover)"),
+            "{}",
+            retry.reason
+        );
+        let held = decide(
+            &e,
+            &avail,
+            &Policy::default(),
+            Attempt::Retry,
+            &["h".to_string()],
+            &[],
+        );
         assert!(
             held.why()
                 .contains("a held message retries the home server only"),
