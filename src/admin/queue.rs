@@ -16,6 +16,17 @@ fn age(received_at: u64) -> String {
     humantime::format_duration(Duration::from_secs(secs)).to_string()
 }
 
+/// A queue id from the command line; a bad one is reported on `err`.
+fn parse_id(text: &str, err: &mut dyn Write) -> Result<Option<QueueId>> {
+    match text.parse() {
+        Ok(id) => Ok(Some(id)),
+        Err(e) => {
+            writeln!(err, "{e}")?;
+            Ok(None)
+        }
+    }
+}
+
 fn until(at_ms: u64) -> String {
     let at = UNIX_EPOCH + Duration::from_millis(at_ms);
     let secs = at
@@ -66,12 +77,8 @@ pub fn show(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<Exit> {
-    let id: QueueId = match id.parse() {
-        Ok(id) => id,
-        Err(e) => {
-            writeln!(err, "{e}")?;
-            return Ok(Exit::Invalid);
-        }
+    let Some(id) = parse_id(id, err)? else {
+        return Ok(Exit::Invalid);
     };
     let (Some(env), Some(message)) = (spool.envelope(id)?, spool.message(id)?) else {
         writeln!(err, "{id}: no such message in the queue")?;
@@ -126,12 +133,8 @@ pub async fn retry(
             writeln!(err, "give a queue id or --all")?;
             return Ok(Exit::Invalid);
         };
-        let id: QueueId = match text.parse() {
-            Ok(id) => id,
-            Err(e) => {
-                writeln!(err, "{e}")?;
-                return Ok(Exit::Invalid);
-            }
+        let Some(id) = parse_id(text, err)? else {
+            return Ok(Exit::Invalid);
         };
         match spool.envelope(id)? {
             Some(e) => vec![e],
@@ -165,12 +168,8 @@ pub async fn delete(
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> Result<Exit> {
-    let id: QueueId = match id.parse() {
-        Ok(id) => id,
-        Err(e) => {
-            writeln!(err, "{e}")?;
-            return Ok(Exit::Invalid);
-        }
+    let Some(id) = parse_id(id, err)? else {
+        return Ok(Exit::Invalid);
     };
     if spool.envelope(id)?.is_none() {
         writeln!(err, "{id}: no such message in the queue")?;

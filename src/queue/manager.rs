@@ -43,6 +43,26 @@ pub struct Manager {
 }
 
 impl Manager {
+    /// One message for one destination.
+    fn transaction<'a>(
+        &'a self,
+        env: &'a Envelope,
+        address: &'a str,
+        recipients: &'a [String],
+        message: &'a [u8],
+    ) -> Transaction<'a> {
+        Transaction {
+            server_address: address,
+            hello_name: &self.hello_name,
+            sender: env.sender.as_deref(),
+            recipients,
+            message,
+            eight_bit: env.eight_bit,
+            smtputf8: env.smtputf8,
+            timeout: self.config.delivery_timeout,
+        }
+    }
+
     /// The wait before retry number `attempts` of a held recipient.
     pub fn backoff(&self, attempts: u32) -> Duration {
         let doublings = attempts.saturating_sub(1).min(30);
@@ -240,17 +260,11 @@ impl Manager {
                     .iter()
                     .map(|&i| env.recipients[i].address.clone())
                     .collect();
-                let t = Transaction {
-                    server_address: &address,
-                    hello_name: &self.hello_name,
-                    sender: env.sender.as_deref(),
-                    recipients: &recipients,
-                    message,
-                    eight_bit: env.eight_bit,
-                    smtputf8: env.smtputf8,
-                    timeout: self.config.delivery_timeout,
-                };
-                match self.deliverer.send(&t).await {
+                match self
+                    .deliverer
+                    .send(&self.transaction(env, &address, &recipients, message))
+                    .await
+                {
                     Err(deliver::Unusable(why)) => {
                         tracing::warn!(%id, server = %server, error = %why, "server unusable: re-routing");
                         self.health
@@ -321,17 +335,10 @@ impl Manager {
             let mut done = false;
             for target in targets {
                 let recipients = [address.clone()];
-                let t = Transaction {
-                    server_address: &target,
-                    hello_name: &self.hello_name,
-                    sender: env.sender.as_deref(),
-                    recipients: &recipients,
-                    message,
-                    eight_bit: env.eight_bit,
-                    smtputf8: env.smtputf8,
-                    timeout: self.config.delivery_timeout,
-                };
-                let outcome = self.deliverer.send(&t).await;
+                let outcome = self
+                    .deliverer
+                    .send(&self.transaction(env, &target, &recipients, message))
+                    .await;
                 let r = &mut env.recipients[i];
                 match outcome {
                     Ok(outcomes) => match outcomes.into_iter().next() {

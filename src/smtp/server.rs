@@ -270,11 +270,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         };
         let line = match line {
             Ok(l) => l,
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                conn.reply(&reply::timeout(name));
-                let _ = conn.flush().await;
-                return Ok(Next::Close);
-            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return timed_out(conn, name).await,
             Err(e) => return Err(e),
         };
         let action = match line {
@@ -307,9 +303,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 {
                     Ok(d) => d,
                     Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                        conn.reply(&reply::timeout(name));
-                        let _ = conn.flush().await;
-                        return Ok(Next::Close);
+                        return timed_out(conn, name).await
                     }
                     Err(e) => return Err(e),
                 };
@@ -330,9 +324,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 match conn.read_exact(size, cfg.data_timeout, sink).await {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                        conn.reply(&reply::timeout(name));
-                        let _ = conn.flush().await;
-                        return Ok(Next::Close);
+                        return timed_out(conn, name).await
                     }
                     Err(e) => return Err(e),
                 }
@@ -352,6 +344,16 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// The client was silent too long: 421 4.4.2, then close.
+async fn timed_out<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    name: &str,
+) -> io::Result<Next> {
+    conn.reply(&reply::timeout(name));
+    let _ = conn.flush().await;
+    Ok(Next::Close)
 }
 
 fn log_transaction(peer: SocketAddr, r: &Reply) {
