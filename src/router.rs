@@ -73,6 +73,7 @@ pub async fn serve(config: Config, source: Source) -> Result<()> {
             config.routing.max_per_server,
             std::time::Duration::from_secs(10),
         ),
+        in_flight: Default::default(),
     });
     let admin = Arc::new(cli::Context {
         catalog: catalog.clone(),
@@ -88,7 +89,7 @@ pub async fn serve(config: Config, source: Source) -> Result<()> {
             tracing::error!(error = %e, "admin socket failed: the CLI cannot reach this router");
         }
     });
-    let delivering = tokio::spawn(manager.run(stopped.clone()));
+    let delivering = tokio::spawn(manager.run(stopped.clone(), config.smtp.shutdown_grace));
     server::serve(service, listeners, stopped).await?;
     let _ = monitor.await;
     let _ = delivering.await;

@@ -473,6 +473,8 @@ fn connections_to_a_server_are_reused() {
     for i in 0..3 {
         send(&r, &["u@c.test"], &format!("reuse {i}"));
         assert_eq!(home.wait_for(i + 1, 10).len(), i + 1, "log:\n{}", r.log());
+        // Let the delivery finish (RSET) so that the connection is idle again.
+        std::thread::sleep(Duration::from_millis(300));
     }
     let conns: Vec<usize> = home.messages().iter().map(|m| m.conn).collect();
     assert!(
@@ -480,4 +482,45 @@ fn connections_to_a_server_are_reused() {
         "three messages, one connection: {conns:?}"
     );
     assert!(stop_and_queue(&mut r).is_empty());
+}
+
+#[test]
+fn a_silent_server_does_not_hold_back_mail_for_the_others() {
+    // A server that accepts connections and never greets: each delivery to it
+    // waits for the delivery timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in silent.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let fast = RecordingSink::start("fast");
+    let s = Scratch::new();
+    catalog(
+        &s,
+        &[
+            ("slow", silent_port, "in-service"),
+            ("fast", fast.port, "in-service"),
+        ],
+        &[("a@c.test", "slow", &[]), ("b@c.test", "fast", &[])],
+    );
+    let port = common::free_port();
+    let config = format!(
+        "router_name = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n[routing]\nprobe_interval = \"1h\"\n\
+         retry_initial = \"1h\"\nretry_max = \"1h\"\ndelivery_timeout = \"20s\"\n"
+    );
+    let r = Router::start_config(s, &config, port);
+    send(&r, &["a@c.test"], "to the silent one");
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    send(&r, &["b@c.test"], "to the fast one");
+    // Well before the silent server's delivery could time out (20 s), b is delivered.
+    assert_eq!(fast.wait_for(1, 10).len(), 1, "log:\n{}", r.log());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
 }

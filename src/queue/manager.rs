@@ -20,7 +20,7 @@ use crate::deliver::{self, Outcome, Transaction};
 use crate::health::monitor::SharedTracker;
 use crate::route::{self, Attempt, Decision};
 use anyhow::{anyhow, Result};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{watch, Semaphore};
@@ -40,6 +40,8 @@ pub struct Manager {
     /// Our name in EHLO.
     pub hello_name: String,
     pub deliverer: deliver::Deliverer,
+    /// Messages being delivered now (never two tasks for one message).
+    pub in_flight: std::sync::Mutex<HashSet<QueueId>>,
 }
 
 impl Manager {
@@ -72,8 +74,15 @@ impl Manager {
             .min(self.config.retry_max)
     }
 
-    /// Runs until shutdown: a pass whenever a message arrives or one falls due.
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    /// Runs until shutdown: a pass whenever a message arrives, one falls due, or a
+    /// delivery finishes. Deliveries run on their own tasks, so a slow server never
+    /// holds back mail for the others; on shutdown those in flight may finish
+    /// (bounded by `shutdown_wait`).
+    pub async fn run(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+        shutdown_wait: Duration,
+    ) {
         let limit = Arc::new(Semaphore::new(self.config.max_deliveries));
         loop {
             let next = match self.pass(&limit).await {
@@ -83,8 +92,8 @@ impl Manager {
                     Some(now_ms() + 1000)
                 }
             };
-            // Wake for the earliest due recipient, a new message, or shutdown; at
-            // least every second so that health changes are seen by retries due.
+            // Wake for the earliest due recipient, a new message or finished delivery,
+            // or shutdown; at least every second.
             let wait = next.map_or(Duration::from_secs(1), |at| {
                 Duration::from_millis(at.saturating_sub(now_ms())).min(Duration::from_secs(1))
             });
@@ -92,6 +101,11 @@ impl Manager {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.spool.arrival() => {}
                 _ = shutdown.changed() => if *shutdown.borrow() {
+                    // Every delivery in flight holds a permit: all back means all done.
+                    let all = self.config.max_deliveries as u32;
+                    if tokio::time::timeout(shutdown_wait, limit.acquire_many(all)).await.is_err() {
+                        tracing::warn!("deliveries still in flight at shutdown: they will be retried");
+                    }
                     self.deliverer.close_all().await;
                     return;
                 },
@@ -99,52 +113,58 @@ impl Manager {
         }
     }
 
-    /// One pass over the queue; returns when the earliest recipient left falls due.
+    /// One pass over the queue: starts a delivery task for every message with
+    /// something due that is not already in flight; returns when the earliest
+    /// recipient left waiting falls due.
     pub async fn pass(self: &Arc<Self>, limit: &Arc<Semaphore>) -> Result<Option<u64>> {
         let now = now_ms();
-        let mut tasks = Vec::new();
         let mut next: Option<u64> = None;
         for env in self.spool.envelopes()? {
-            let open: Vec<_> = env
-                .recipients
-                .iter()
-                .filter(|r| !r.state.is_final())
-                .collect();
+            if self.in_flight().contains(&env.id) {
+                continue;
+            }
             let unreported = env
                 .recipients
                 .iter()
                 .any(|r| !r.is_done() && r.state.is_final());
-            if open.is_empty() && !unreported {
+            let waiting = env
+                .recipients
+                .iter()
+                .filter(|r| !r.state.is_final())
+                .map(|r| r.next_attempt)
+                .min();
+            let due = unreported || waiting.is_some_and(|at| at <= now);
+            if !due {
+                if let Some(at) = waiting {
+                    next = Some(next.map_or(at, |n: u64| n.min(at)));
+                }
                 continue;
             }
-            if unreported || open.iter().any(|r| r.next_attempt <= now) {
-                let permit = limit
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|e| anyhow!("{e}"))?;
-                let me = self.clone();
-                tasks.push(tokio::spawn(async move {
-                    let _permit = permit;
-                    let id = env.id;
-                    if let Err(e) = me.process(env).await {
-                        tracing::error!(%id, error = %e, "delivery attempt failed");
-                    }
-                }));
-            } else if let Some(at) = open.iter().map(|r| r.next_attempt).min() {
-                next = Some(next.map_or(at, |n: u64| n.min(at)));
-            }
-        }
-        for t in tasks {
-            let _ = t.await;
-        }
-        // Messages just processed may be due again (held): look once more.
-        for env in self.spool.envelopes()? {
-            for r in env.recipients.iter().filter(|r| !r.state.is_final()) {
-                next = Some(next.map_or(r.next_attempt, |n| n.min(r.next_attempt)));
-            }
+            let permit = limit
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            self.in_flight().insert(env.id);
+            let me = self.clone();
+            tokio::spawn(async move {
+                let id = env.id;
+                let result = me.process(env).await;
+                me.in_flight().remove(&id);
+                drop(permit);
+                match result {
+                    // Held recipients got a new due time: let the manager look again.
+                    Ok(()) => me.spool.wake(),
+                    // Not at once: a lasting error would spin; the next tick retries.
+                    Err(e) => tracing::error!(%id, error = %e, "delivery attempt failed"),
+                }
+            });
         }
         Ok(next)
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<QueueId>> {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Delivers what is due of one message.
