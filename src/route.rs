@@ -207,7 +207,8 @@ pub fn decide(
         (_, Availability::Busy) => "passed over: busy",
         _ => "passed over: down",
     };
-    let may_fail_over = policy.failover && (attempt == Attempt::First || policy.retry_failover);
+    let failover = entry.mailbox.failover.unwrap_or(policy.failover);
+    let may_fail_over = failover && (attempt == Attempt::First || policy.retry_failover);
     let mut replicas = Vec::with_capacity(entry.replicas.len());
     let mut chosen = None;
     for r in &entry.replicas {
@@ -219,7 +220,7 @@ pub fn decide(
         let verdict = if chosen.is_some() {
             "not needed"
         } else if !may_fail_over {
-            if policy.failover {
+            if failover {
                 "not tried: a held message retries the home server only"
             } else {
                 "not tried: failover is off"
@@ -330,6 +331,7 @@ mod tests {
                 home: "h".into(),
                 replicas: replicas.iter().map(|(n, _)| n.to_string()).collect(),
                 aliases: vec![],
+                failover: None,
             },
             home: server("h", home),
             replicas: replicas.iter().map(|(n, s)| server(n, *s)).collect(),
@@ -629,6 +631,7 @@ mod next_hop_tests {
                 home: "w1".into(),
                 replicas: vec![],
                 aliases: vec![],
+                failover: None,
             },
             home,
             replicas: vec![],
@@ -669,5 +672,62 @@ mod next_hop_tests {
             decide(&e, &up, &east, Attempt::First, &[], &[]).decision,
             Decision::Home("w1".into())
         );
+    }
+}
+
+#[cfg(test)]
+mod override_tests {
+    use super::*;
+    use crate::catalog::Mailbox;
+    use std::sync::Arc;
+
+    #[test]
+    fn a_mailbox_may_override_the_failover_setting() {
+        let server = |name: &str| {
+            Arc::new(Server {
+                name: name.into(),
+                cluster: "c".into(),
+                address: "127.0.0.1:25".into(),
+                state: AdminState::InService,
+            })
+        };
+        let entry = |failover| Lookup {
+            mailbox: Mailbox {
+                address: "u@d.test".into(),
+                home: "h".into(),
+                replicas: vec!["r".into()],
+                aliases: vec![],
+                failover,
+            },
+            home: server("h"),
+            replicas: vec![server("r")],
+        };
+        let avail = |s: &Server| {
+            if s.name == "h" {
+                Availability::Down
+            } else {
+                Availability::Up
+            }
+        };
+        let on = Policy::default();
+        let off = Policy {
+            failover: false,
+            ..Policy::default()
+        };
+        let d = |f, p: &Policy| decide(&entry(f), &avail, p, Attempt::First, &[], &[]).decision;
+        assert_eq!(d(None, &on), Decision::Replica("r".into()));
+        assert_eq!(
+            d(Some(false), &on),
+            Decision::Hold,
+            "this mailbox never fails over"
+        );
+        assert_eq!(d(None, &off), Decision::Hold);
+        assert_eq!(
+            d(Some(true), &off),
+            Decision::Replica("r".into()),
+            "this one does"
+        );
+        let why = decide(&entry(Some(false)), &avail, &on, Attempt::First, &[], &[]).why();
+        assert!(why.contains("not tried: failover is off"), "{why}");
     }
 }

@@ -409,3 +409,43 @@ fn import_killed_midway_is_all_or_nothing() {
     }
     eprintln!("import took {full:?}; outcomes after kill: {outcomes:?}");
 }
+
+#[test]
+fn a_mailbox_failover_override_round_trips_through_csv_and_toml() {
+    let s = Scratch::new();
+    s.ok(&["catalog", "import", &example()]);
+    let f = s.write(
+        "override.csv",
+        "address,home,replicas,aliases,failover\n\
+         alice@east.example.com,mail-east-1,mail-east-2,,false\n\
+         bob@east.example.com,mail-east-2,mail-east-1,,\n",
+    );
+    s.ok(&["catalog", "import", &f.display().to_string()]);
+    let toml = s.ok(&["catalog", "export"]);
+    assert!(toml.contains("address = \"alice@east.example.com\"\nhome = \"mail-east-1\"\nreplicas = [\"mail-east-2\"]\naliases = []\nfailover = false"), "{toml}");
+    let csv = s.ok(&["catalog", "export", "--format", "csv"]);
+    assert!(
+        csv.starts_with("address,home,replicas,aliases,failover\n"),
+        "{csv}"
+    );
+    assert!(
+        csv.contains("alice@east.example.com,mail-east-1,mail-east-2,,false\n"),
+        "{csv}"
+    );
+    let bad = s.write(
+        "bad.csv",
+        "address,home,failover\nx@east.example.com,mail-east-1,sometimes\n",
+    );
+    let (code, _, err) = s.run(&["catalog", "import", &bad.display().to_string()]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("bad.csv:2: failover must be true, false or empty"),
+        "{err}"
+    );
+    // Without overrides the CSV keeps the four columns.
+    let t = Scratch::new();
+    t.ok(&["catalog", "import", &example()]);
+    assert!(t
+        .ok(&["catalog", "export", "--format", "csv"])
+        .starts_with("address,home,replicas,aliases\n"));
+}

@@ -293,7 +293,9 @@ fn tidy_mailbox(mut m: Mailbox) -> Mailbox {
 }
 
 /// The CSV header, in the order `export` writes it.
-pub const CSV_COLUMNS: [&str; 4] = ["address", "home", "replicas", "aliases"];
+/// The CSV header, in the order `export` writes it; `failover` (true, false or
+/// empty) is optional and written only when a mailbox overrides the global setting.
+pub const CSV_COLUMNS: [&str; 5] = ["address", "home", "replicas", "aliases", "failover"];
 
 fn read_csv(input: &mut Input, file: u32, text: &str) {
     let mut reader = csv::ReaderBuilder::new()
@@ -308,7 +310,7 @@ fn read_csv(input: &mut Input, file: u32, text: &str) {
             return;
         }
     };
-    let mut column = [None; 4];
+    let mut column = [None; 5];
     for (i, name) in header.iter().enumerate() {
         match CSV_COLUMNS
             .iter()
@@ -327,7 +329,7 @@ fn read_csv(input: &mut Input, file: u32, text: &str) {
                 input.problem(
                     file,
                     Place::Line(1),
-                    format!("unknown column {name:?} (expected address,home,replicas,aliases)"),
+                    format!("unknown column {name:?} (expected address,home,replicas,aliases[,failover])"),
                 );
                 return;
             }
@@ -376,11 +378,25 @@ fn read_csv(input: &mut Input, file: u32, text: &str) {
                 .map(String::from)
                 .collect()
         };
+        let failover = match get(column[4]).to_ascii_lowercase().as_str() {
+            "" => None,
+            "true" | "yes" => Some(true),
+            "false" | "no" => Some(false),
+            other => {
+                input.problem(
+                    file,
+                    Place::Line(line),
+                    format!("failover must be true, false or empty, not {other:?}"),
+                );
+                continue;
+            }
+        };
         let mailbox = Mailbox {
             address: get(Some(addr_col)).to_string(),
             home: get(Some(home_col)).to_string(),
             replicas: list(column[2]),
             aliases: list(column[3]),
+            failover,
         };
         if mailbox.address.is_empty() {
             input.problem(file, Place::Line(line), "address is empty");
@@ -435,14 +451,19 @@ pub fn write(
                 "CSV holds mailboxes only"
             );
             let mut w = csv::Writer::from_writer(out);
-            w.write_record(CSV_COLUMNS)?;
+            let overrides = mailboxes.iter().any(|m| m.failover.is_some());
+            let width = if overrides { 5 } else { 4 };
+            w.write_record(&CSV_COLUMNS[..width])?;
             for m in mailboxes {
-                w.write_record([
+                let failover = m.failover.map(|f| f.to_string()).unwrap_or_default();
+                let row = [
                     m.address.as_str(),
                     m.home.as_str(),
                     &m.replicas.join(";"),
                     &m.aliases.join(";"),
-                ])?;
+                    &failover,
+                ];
+                w.write_record(&row[..width])?;
             }
             w.flush()?;
         }

@@ -93,6 +93,10 @@ pub struct Mailbox {
     pub replicas: Vec<String>,
     #[serde(default)]
     pub aliases: Vec<String>,
+    /// Overrides `routing.failover` for this mailbox (None: the global setting).
+    /// (No `skip_serializing_if`: the store's bincode needs every field.)
+    #[serde(default)]
+    pub failover: Option<bool>,
 }
 
 impl Mailbox {

@@ -824,6 +824,7 @@ mod tests {
                         home: h.to_string(),
                         replicas: r.iter().map(|s| s.to_string()).collect(),
                         aliases: al.iter().map(|s| s.to_string()).collect(),
+                        failover: None,
                     },
                     origin,
                 })
@@ -877,6 +878,7 @@ mod tests {
                         home: "a".into(),
                         replicas: vec!["b".into()],
                         aliases: vec![al.clone()],
+                        failover: None,
                     },
                     origin: inp.servers[0].origin,
                 });
@@ -891,6 +893,7 @@ mod tests {
                         home: "b".into(),
                         replicas: vec!["a".into()],
                         aliases: vec![],
+                        failover: None,
                     },
                     origin: Origin {
                         file: 0,
