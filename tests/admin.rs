@@ -104,6 +104,10 @@ fn queue_commands_on_a_running_router_then_a_stopped_one() {
         list.contains(&id) && list.contains("2 message(s)"),
         "{list}"
     );
+    assert!(
+        list.contains("    <u@c.test>: held, next attempt in 59m"),
+        "{list}"
+    );
     let show = r.scratch.ok(&["queue", "show", &id]);
     assert!(
         show.contains("held (retrying the home server only)"),

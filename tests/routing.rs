@@ -524,3 +524,43 @@ fn a_silent_server_does_not_hold_back_mail_for_the_others() {
         started.elapsed()
     );
 }
+
+#[test]
+fn a_busy_replica_is_skipped() {
+    // A replica that greets with 421: the monitor marks it busy.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_port = busy.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        for mut c in busy.incoming().flatten() {
+            let _ = c.write_all(b"421 4.3.2 too busy, try later\r\n");
+        }
+    });
+    let mut home = RecordingSink::start("m1");
+    home.down();
+    let taken = RecordingSink::start("m3");
+    let s = Scratch::new();
+    catalog(
+        &s,
+        &[
+            ("m1", home.port, "in-service"),
+            ("m2", busy_port, "in-service"),
+            ("m3", taken.port, "in-service"),
+        ],
+        &[("u1@c.test", "m1", &["m2", "m3"])],
+    );
+    let mut r = router(s);
+    // Let the monitor see the servers once.
+    std::thread::sleep(Duration::from_millis(600));
+    let servers = r.scratch.ok(&["servers"]);
+    assert!(
+        servers
+            .lines()
+            .any(|l| l.starts_with("m2 ") && l.contains(" busy ")),
+        "{servers}"
+    );
+    send(&r, &["u1@c.test"], "busy");
+    assert_eq!(taken.wait_for(1, 10).len(), 1, "log:\n{}", r.log());
+    assert!(r.log().contains("fail over to replica m3"), "{}", r.log());
+    assert!(stop_and_queue(&mut r).is_empty());
+}

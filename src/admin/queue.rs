@@ -36,6 +36,15 @@ fn until(at_ms: u64) -> String {
     humantime::format_duration(Duration::from_secs(secs)).to_string()
 }
 
+fn short_state(s: &RecipientState) -> String {
+    match s {
+        RecipientState::Pending => "pending".into(),
+        RecipientState::Held => "held".into(),
+        RecipientState::Delivered { server, .. } => format!("delivered to {server}"),
+        RecipientState::Failed { .. } => "failed".into(),
+    }
+}
+
 fn state_line(s: &RecipientState) -> String {
     match s {
         RecipientState::Pending => "pending".into(),
@@ -65,6 +74,21 @@ pub fn list(spool: &Spool, out: &mut dyn Write) -> Result<Exit> {
             format!("<{}>", e.sender.as_deref().unwrap_or("")),
             rcpts.join(", ")
         )?;
+        // One line per recipient: its state, next attempt and last error.
+        for r in &e.recipients {
+            let mut line = format!("    <{}>: {}", r.address, short_state(&r.state));
+            if !r.state.is_final() {
+                if r.next_attempt > 0 {
+                    line.push_str(&format!(", next attempt in {}", until(r.next_attempt)));
+                } else {
+                    line.push_str(", due now");
+                }
+            }
+            if let Some(err) = &r.last_error {
+                line.push_str(&format!(", last error: {err}"));
+            }
+            writeln!(out, "{line}")?;
+        }
     }
     writeln!(out, "{} message(s)", envs.len())?;
     Ok(Exit::Ok)

@@ -166,7 +166,8 @@ impl Router {
             .ok(&["queue", "list"])
             .lines()
             .skip(1)
-            .filter(|l| !l.ends_with("message(s)"))
+            // Message lines; recipient lines are indented.
+            .filter(|l| !l.ends_with("message(s)") && !l.starts_with(' '))
             .map(|l| l.split_whitespace().next().unwrap_or("").to_string())
             .collect()
     }
