@@ -73,6 +73,9 @@ pub struct RoutingConfig {
     /// The cluster this router serves: mail homed in another cluster goes to the
     /// routers the catalog names for that cluster. Unset: every cluster is local.
     pub local_cluster: Option<String>,
+    /// The catalog server this router runs beside (Domino: the local server): when
+    /// a home is unusable, a replica on it is chosen before any other.
+    pub local_server: Option<String>,
 }
 
 impl RoutingConfig {
@@ -82,6 +85,7 @@ impl RoutingConfig {
             failover: self.failover,
             retry_failover: self.retry_failover,
             local_cluster: self.local_cluster.clone(),
+            local_server: self.local_server.clone(),
         }
     }
 }
@@ -104,6 +108,7 @@ impl Default for RoutingConfig {
             max_hops: 25,
             relay_host: None,
             local_cluster: None,
+            local_server: None,
         }
     }
 }

@@ -13,6 +13,7 @@
 
 use crate::catalog::{AdminState, Lookup, Server};
 use std::fmt;
+use std::sync::Arc;
 
 /// What the health monitor knows of a server (admin states come from the catalog).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -43,6 +44,8 @@ pub struct Policy {
     /// The cluster this router serves; mail homed in another cluster goes to that
     /// cluster's routers when the catalog names some. None: every cluster is local.
     pub local_cluster: Option<String>,
+    /// The catalog server this router runs beside: its replica is preferred.
+    pub local_server: Option<String>,
 }
 
 impl Default for Policy {
@@ -51,6 +54,7 @@ impl Default for Policy {
             failover: true,
             retry_failover: false,
             local_cluster: None,
+            local_server: None,
         }
     }
 }
@@ -209,44 +213,114 @@ pub fn decide(
     };
     let failover = entry.mailbox.failover.unwrap_or(policy.failover);
     let may_fail_over = failover && (attempt == Attempt::First || policy.retry_failover);
-    let mut replicas = Vec::with_capacity(entry.replicas.len());
-    let mut chosen = None;
-    for r in &entry.replicas {
-        let avail = if skipped(r) {
-            Availability::Down
-        } else {
-            availability(r)
-        };
-        let verdict = if chosen.is_some() {
-            "not needed"
-        } else if !may_fail_over {
-            if failover {
-                "not tried: a held message retries the home server only"
-            } else {
-                "not tried: failover is off"
-            }
-        } else if r.state == AdminState::OutOfService {
-            "passed over: out of service"
-        } else if r.state == AdminState::Restricted {
-            "passed over: restricted (never a failover target)"
-        } else if skipped(r) {
-            "passed over: failed this attempt"
-        } else if avail == Availability::Busy {
-            "passed over: busy"
-        } else if avail == Availability::Down {
-            "passed over: down"
-        } else {
-            chosen = Some(r.name.clone());
-            "taken: first available replica in preference order"
-        };
-        replicas.push(Considered {
-            server: r.name.clone(),
-            admin: r.state,
-            availability: avail,
-            verdict,
-        });
+    // Replicas in the order they are tried: this router's own mailbox server first
+    // (Domino: a local replica), then the mailbox's preference order.
+    let mut order: Vec<(usize, &Arc<Server>, Availability)> = entry
+        .replicas
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            (
+                i,
+                r,
+                if skipped(r) {
+                    Availability::Down
+                } else {
+                    availability(r)
+                },
+            )
+        })
+        .collect();
+    if let Some(local) = &policy.local_server {
+        order.sort_by_key(|(i, r, _)| (!r.name.eq_ignore_ascii_case(local), *i));
     }
-    match chosen {
+    let target = |r: &Server, avail: Availability| {
+        may_fail_over
+            && r.state == AdminState::InService
+            && !skipped(r)
+            && avail != Availability::Down
+    };
+    // An up replica if there is one; else a busy server still takes the mail when it
+    // is the only one reachable: the home first, then a busy replica.
+    let up_replica = order
+        .iter()
+        .find(|(_, r, a)| target(r, *a) && *a == Availability::Up)
+        .map(|(i, _, _)| *i);
+    let busy_home = up_replica.is_none()
+        && home_avail == Availability::Busy
+        && entry.home.state != AdminState::OutOfService
+        && !skipped(&entry.home);
+    let busy_replica = if up_replica.is_none() && !busy_home {
+        order
+            .iter()
+            .find(|(_, r, a)| target(r, *a) && *a == Availability::Busy)
+            .map(|(i, _, _)| *i)
+    } else {
+        None
+    };
+    let chosen = up_replica.or(busy_replica);
+    let local = |r: &Server| {
+        policy
+            .local_server
+            .as_deref()
+            .is_some_and(|l| l.eq_ignore_ascii_case(&r.name))
+    };
+    // Replicas tried after the chosen one were not needed; those before were passed over.
+    let chosen_at = chosen.and_then(|c| order.iter().position(|(i, _, _)| *i == c));
+    let mut replicas: Vec<Considered> = order
+        .iter()
+        .enumerate()
+        .map(|(at, (i, r, avail))| {
+            let verdict = if Some(*i) == chosen {
+                if *avail == Availability::Busy {
+                    "taken: busy, but the only server reachable"
+                } else if local(r) {
+                    "taken: the replica on this router's own server comes first"
+                } else {
+                    "taken: first available replica in preference order"
+                }
+            } else if chosen_at.is_some_and(|c| at > c) {
+                "not needed"
+            } else if !may_fail_over {
+                if failover {
+                    "not tried: a held message retries the home server only"
+                } else {
+                    "not tried: failover is off"
+                }
+            } else if r.state == AdminState::OutOfService {
+                "passed over: out of service"
+            } else if r.state == AdminState::Restricted {
+                "passed over: restricted (never a failover target)"
+            } else if skipped(r) {
+                "passed over: failed this attempt"
+            } else if *avail == Availability::Busy {
+                "passed over: busy"
+            } else {
+                "passed over: down"
+            };
+            Considered {
+                server: r.name.clone(),
+                admin: r.state,
+                availability: *avail,
+                verdict,
+            }
+        })
+        .collect();
+    // Shown in preference order, whatever the order tried.
+    replicas.sort_by_key(|c| entry.replicas.iter().position(|r| r.name == c.server));
+    if busy_home {
+        home.verdict = "taken: busy, but no replica is available";
+        return Route {
+            decision: Decision::Home(entry.home.name.clone()),
+            reason: format!(
+                "deliver home to {}: busy, but no replica is available",
+                entry.home.name
+            ),
+            home,
+            replicas,
+        };
+    }
+    match chosen.map(|i| entry.replicas[i].name.clone()) {
         Some(name) => Route {
             reason: format!(
                 "fail over to replica {name}: home {} is {}",
@@ -345,6 +419,10 @@ mod tests {
     #[test]
     fn decision_table() {
         let on = Policy::default();
+        let local_r2 = Policy {
+            local_server: Some("R2".into()),
+            ..Policy::default()
+        };
         let off = Policy {
             failover: false,
             ..Policy::default()
@@ -464,6 +542,7 @@ mod tests {
                 &[],
                 Decision::Hold,
             ),
+            // a busy replica still takes the mail when it is the only one reachable...
             (
                 In,
                 Down,
@@ -471,7 +550,84 @@ mod tests {
                 &on,
                 Attempt::First,
                 &[],
+                rep("r1"),
+            ),
+            // ...and a busy home with no replica available gets it too (not held)...
+            (In, Busy, &[], &on, Attempt::First, &[], home()),
+            (
+                In,
+                Busy,
+                &[("r1", In, Down)],
+                &on,
+                Attempt::First,
+                &[],
+                home(),
+            ),
+            (
+                In,
+                Busy,
+                &[("r1", In, Busy)],
+                &on,
+                Attempt::First,
+                &[],
+                home(),
+            ),
+            (
+                In,
+                Busy,
+                &[("r1", In, Up)],
+                &off,
+                Attempt::First,
+                &[],
+                home(),
+            ),
+            // ...but an up replica is preferred to a busy home.
+            (
+                In,
+                Busy,
+                &[("r1", In, Busy), ("r2", In, Up)],
+                &on,
+                Attempt::First,
+                &[],
+                rep("r2"),
+            ),
+            // Only down, out-of-service and (as targets) restricted make a server unusable.
+            (
+                In,
+                Down,
+                &[("r1", Res, Busy)],
+                &on,
+                Attempt::First,
+                &[],
                 Decision::Hold,
+            ),
+            // The replica on this router's own server comes first.
+            (
+                In,
+                Down,
+                &[("r1", In, Up), ("r2", In, Up)],
+                &local_r2,
+                Attempt::First,
+                &[],
+                rep("r2"),
+            ),
+            (
+                In,
+                Down,
+                &[("r1", In, Up), ("r2", In, Down)],
+                &local_r2,
+                Attempt::First,
+                &[],
+                rep("r1"),
+            ),
+            (
+                In,
+                Down,
+                &[("r1", In, Up), ("r2", Res, Up)],
+                &local_r2,
+                Attempt::First,
+                &[],
+                rep("r1"),
             ),
             (
                 In,

@@ -411,6 +411,8 @@ pub struct RecordingSink {
     pub name: &'static str,
     pub received: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
     pub refuse: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Milliseconds to wait before the greeting (a slow, busy server).
+    pub greeting_delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
     stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
@@ -421,6 +423,7 @@ impl RecordingSink {
             name,
             received: Default::default(),
             refuse: Default::default(),
+            greeting_delay_ms: Default::default(),
             stop: None,
         };
         s.up();
@@ -439,6 +442,7 @@ impl RecordingSink {
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         self.stop = Some(stop.clone());
         let (received, refuse, name) = (self.received.clone(), self.refuse.clone(), self.name);
+        let delay = self.greeting_delay_ms.clone();
         std::thread::spawn(move || {
             for (n, conn) in listener.incoming().enumerate() {
                 if stop.load(Ordering::SeqCst) {
@@ -446,7 +450,9 @@ impl RecordingSink {
                 }
                 let Ok(conn) = conn else { continue };
                 let (received, refuse) = (received.clone(), refuse.clone());
+                let wait = delay.load(Ordering::SeqCst);
                 std::thread::spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_millis(wait));
                     let _ = sink_session(conn, n, name, &received, &refuse);
                 });
             }

@@ -1,0 +1,123 @@
+//! Domino parity in routing (issue 9) on loopback: a busy server still takes mail
+//! when it is the only one reachable, an up replica is preferred to a busy home, and
+//! the replica on this router's own mailbox server comes first.
+
+mod common;
+use common::{expect, Client, RecordingSink, Router, Scratch};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+fn catalog(scratch: &Scratch, servers: &[(&str, u16)], mailbox: (&str, &str, &[&str])) {
+    let mut toml = String::new();
+    for (name, port) in servers {
+        toml.push_str(&format!(
+            "[[server]]\nname = \"{name}\"\ncluster = \"c\"\naddress = \"127.0.0.1:{port}\"\n\n"
+        ));
+    }
+    let reps: Vec<String> = mailbox.2.iter().map(|r| format!("\"{r}\"")).collect();
+    toml.push_str(&format!(
+        "[[mailbox]]\naddress = \"{}\"\nhome = \"{}\"\nreplicas = [{}]\n",
+        mailbox.0,
+        mailbox.1,
+        reps.join(", ")
+    ));
+    let f = scratch.write("c.toml", &toml);
+    scratch.ok(&["catalog", "import", "--replace", &f.display().to_string()]);
+}
+
+fn router(scratch: Scratch, extra_routing: &str) -> Router {
+    let port = common::free_port();
+    let config = format!(
+        "router_name = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n[routing]\nprobe_interval = \"200ms\"\n\
+         probe_timeout = \"2s\"\nbusy_threshold = \"150ms\"\nrise = 1\nretry_initial = \"300ms\"\nretry_max = \"600ms\"\n\
+         delivery_timeout = \"3s\"\n{extra_routing}"
+    );
+    Router::start_config(scratch, &config, port)
+}
+
+fn send(r: &Router, rcpt: &str) {
+    let mut c = Client::hello(r.port);
+    c.cmd("MAIL FROM:<sender@x.test>");
+    expect(&c.cmd(&format!("RCPT TO:<{rcpt}>")), 250, "2.1.5");
+    c.cmd("DATA");
+    c.send_raw(b"Subject: parity\r\n\r\n.\r\n");
+    expect(&c.reply(), 250, "2.0.0");
+}
+
+/// Waits until `servers` shows `name` in `state`.
+fn wait_state(r: &Router, name: &str, state: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = r.scratch.ok(&["servers"]);
+        if out
+            .lines()
+            .any(|l| l.starts_with(&format!("{name} ")) && l.contains(&format!(" {state} ")))
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} never {state}:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_busy_home_with_no_replica_still_gets_the_mail() {
+    let home = RecordingSink::start("m1");
+    home.greeting_delay_ms.store(400, Ordering::SeqCst);
+    let s = Scratch::new();
+    catalog(&s, &[("m1", home.port)], ("u@c.test", "m1", &[]));
+    let r = router(s, "");
+    wait_state(&r, "m1", "busy");
+    send(&r, "u@c.test");
+    assert_eq!(home.wait_for(1, 10).len(), 1, "log:\n{}", r.log());
+    assert!(
+        r.log()
+            .contains("deliver home to m1: busy, but no replica is available"),
+        "{}",
+        r.log()
+    );
+}
+
+#[test]
+fn an_up_replica_is_preferred_to_a_busy_home() {
+    let home = RecordingSink::start("m1");
+    home.greeting_delay_ms.store(400, Ordering::SeqCst);
+    let replica = RecordingSink::start("m2");
+    let s = Scratch::new();
+    catalog(
+        &s,
+        &[("m1", home.port), ("m2", replica.port)],
+        ("u@c.test", "m1", &["m2"]),
+    );
+    let r = router(s, "");
+    wait_state(&r, "m1", "busy");
+    send(&r, "u@c.test");
+    assert_eq!(replica.wait_for(1, 10).len(), 1, "log:\n{}", r.log());
+    assert!(home.messages().is_empty());
+}
+
+#[test]
+fn the_replica_on_the_local_server_comes_first() {
+    let mut home = RecordingSink::start("m1");
+    home.down();
+    let far = RecordingSink::start("m2");
+    let local = RecordingSink::start("m3");
+    let s = Scratch::new();
+    catalog(
+        &s,
+        &[("m1", home.port), ("m2", far.port), ("m3", local.port)],
+        ("u@c.test", "m1", &["m2", "m3"]),
+    );
+    let r = router(s, "local_server = \"m3\"\n");
+    send(&r, "u@c.test");
+    assert_eq!(local.wait_for(1, 10).len(), 1, "log:\n{}", r.log());
+    assert!(far.messages().is_empty());
+    let explain = r.scratch.ok(&["route", "explain", "u@c.test"]);
+    assert!(
+        explain.contains("taken: the replica on this router's own server comes first"),
+        "{explain}"
+    );
+}
