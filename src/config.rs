@@ -34,8 +34,11 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
-    /// Fail over to a replica when the home server is unusable.
-    pub failover: bool,
+    /// Failover scope (Domino's three settings): `off` never fails over; `last-hop`
+    /// fails over to a replica of the recipient's mailbox server; `all-hops` also
+    /// tries another router of a foreign cluster when its first router is
+    /// unreachable. `true` and `false` are read as `last-hop` and `off`.
+    pub failover: FailoverScope,
     /// Let retries of held mail fail over too (Domino retries the home only).
     pub retry_failover: bool,
     /// How often every catalog server is probed.
@@ -82,7 +85,8 @@ impl RoutingConfig {
     /// The settings the routing decision needs.
     pub fn policy(&self) -> crate::route::Policy {
         crate::route::Policy {
-            failover: self.failover,
+            failover: self.failover != FailoverScope::Off,
+            all_hops: self.failover == FailoverScope::AllHops,
             retry_failover: self.retry_failover,
             local_cluster: self.local_cluster.clone(),
             local_server: self.local_server.clone(),
@@ -93,7 +97,7 @@ impl RoutingConfig {
 impl Default for RoutingConfig {
     fn default() -> Self {
         RoutingConfig {
-            failover: true,
+            failover: FailoverScope::LastHop,
             retry_failover: false,
             probe_interval: Duration::from_secs(10),
             probe_timeout: Duration::from_secs(5),
@@ -156,6 +160,37 @@ pub struct SmtpConfig {
 pub enum LongLines {
     Reject,
     Accept,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailoverScope {
+    Off,
+    LastHop,
+    AllHops,
+}
+
+impl<'de> Deserialize<'de> for FailoverScope {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Name(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(true) => Ok(FailoverScope::LastHop),
+            Raw::Bool(false) => Ok(FailoverScope::Off),
+            Raw::Name(n) => match n.as_str() {
+                "off" => Ok(FailoverScope::Off),
+                "last-hop" => Ok(FailoverScope::LastHop),
+                "all-hops" => Ok(FailoverScope::AllHops),
+                other => Err(serde::de::Error::custom(format!(
+                    "failover {other:?}: expected off, last-hop, all-hops, true or false"
+                ))),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -358,12 +393,33 @@ mod tests {
     }
 
     #[test]
+    fn failover_scope_takes_names_and_booleans() {
+        for (text, want) in [
+            ("true", FailoverScope::LastHop),
+            ("false", FailoverScope::Off),
+            ("\"off\"", FailoverScope::Off),
+            ("\"last-hop\"", FailoverScope::LastHop),
+            ("\"all-hops\"", FailoverScope::AllHops),
+        ] {
+            let c = Config::parse(&format!("[routing]\nfailover = {text}\n")).unwrap();
+            assert_eq!(c.routing.failover, want, "{text}");
+            assert_eq!(
+                Config::parse(&c.to_toml().unwrap()).unwrap(),
+                c,
+                "round trip"
+            );
+        }
+        assert_eq!(Config::default().routing.failover, FailoverScope::LastHop);
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         for (text, needle) in [
             ("[smtp]\nlisten = [\"nowhere\"]\n", "smtp.listen"),
             ("[smtp]\ntls_cert = \"c.pem\"\n", "tls_key"),
             ("[smtp]\nmax_recipients = 0\n", "max_recipients"),
             ("local_part_match = \"sometimes\"\n", "sometimes"),
+            ("[routing]\nfailover = \"some-hops\"\n", "some-hops"),
         ] {
             let msg = Config::parse(text).unwrap_err().to_string();
             assert!(msg.contains(needle), "{text}: {msg}");

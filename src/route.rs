@@ -46,6 +46,9 @@ pub struct Policy {
     pub local_cluster: Option<String>,
     /// The catalog server this router runs beside: its replica is preferred.
     pub local_server: Option<String>,
+    /// Failover also between next-hop routers of a foreign cluster (`all-hops`);
+    /// otherwise only the first router named is used.
+    pub all_hops: bool,
 }
 
 impl Default for Policy {
@@ -55,6 +58,7 @@ impl Default for Policy {
             retry_failover: false,
             local_cluster: None,
             local_server: None,
+            all_hops: false,
         }
     }
 }
@@ -144,7 +148,13 @@ pub fn decide(
             availability: availability(&entry.home),
             verdict: "not tried: in another cluster",
         };
-        let next = routers.iter().find(|r| !skip.iter().any(|k| k == *r));
+        // Without all-hops failover only the first router is used (and retried later).
+        let candidates = if policy.all_hops {
+            routers
+        } else {
+            &routers[..1]
+        };
+        let next = candidates.iter().find(|r| !skip.iter().any(|k| k == *r));
         return match next {
             Some(r) => Route {
                 decision: Decision::NextHop(r.clone()),
@@ -796,6 +806,7 @@ mod next_hop_tests {
         let routers = ["10.0.0.1:25".to_string(), "10.0.0.2:25".to_string()];
         let east = Policy {
             local_cluster: Some("east".into()),
+            all_hops: true,
             ..Policy::default()
         };
         let r = decide(&e, &up, &east, Attempt::First, &[], &routers);
@@ -810,6 +821,14 @@ mod next_hop_tests {
         );
         assert_eq!(r.decision, Decision::NextHop("10.0.0.2:25".into()));
         let r = decide(&e, &up, &east, Attempt::First, &routers, &routers);
+        assert_eq!(r.decision, Decision::Hold);
+        // last-hop: a failed next-hop router is not replaced by another one.
+        let last_hop = Policy {
+            all_hops: false,
+            ..east.clone()
+        };
+        let first_failed = ["10.0.0.1:25".to_string()];
+        let r = decide(&e, &up, &last_hop, Attempt::First, &first_failed, &routers);
         assert_eq!(r.decision, Decision::Hold);
         // Local cluster, no local_cluster set, or no routers named: the normal rules.
         let west = Policy {

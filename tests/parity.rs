@@ -121,3 +121,71 @@ fn the_replica_on_the_local_server_comes_first() {
         "{explain}"
     );
 }
+
+/// `all-hops`: a foreign cluster's first router is down, the second takes the mail;
+/// with the default `last-hop` the mail is held instead.
+#[test]
+fn all_hops_reaches_a_second_next_hop_router() {
+    for (scope, reached) in [("all-hops", true), ("last-hop", false)] {
+        let mut first = RecordingSink::start("router-a");
+        first.down();
+        let second = RecordingSink::start("router-b");
+        let w1 = RecordingSink::start("w1");
+        let s = Scratch::new();
+        let toml = format!(
+            "[[cluster]]\nname = \"west\"\nrouters = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n\n\
+             [[server]]\nname = \"w1\"\ncluster = \"west\"\naddress = \"127.0.0.1:{}\"\n\n\
+             [[mailbox]]\naddress = \"w@c.test\"\nhome = \"w1\"\n",
+            first.port, second.port, w1.port
+        );
+        let f = s.write("two.toml", &toml);
+        s.ok(&["catalog", "import", "--replace", &f.display().to_string()]);
+        let r = router(
+            s,
+            &format!("local_cluster = \"east\"\nfailover = \"{scope}\"\n"),
+        );
+        send(&r, "w@c.test");
+        if reached {
+            assert_eq!(
+                second.wait_for(1, 10).len(),
+                1,
+                "{scope}: log:\n{}",
+                r.log()
+            );
+        } else {
+            std::thread::sleep(Duration::from_millis(1500));
+            assert!(
+                second.messages().is_empty(),
+                "{scope}: the second router was used"
+            );
+            assert!(
+                r.log().contains("no router of cluster west answered"),
+                "{}",
+                r.log()
+            );
+        }
+        assert!(
+            w1.messages().is_empty(),
+            "{scope}: the west home is not ours to deliver to"
+        );
+    }
+}
+
+#[test]
+fn failover_off_holds() {
+    let mut home = RecordingSink::start("m1");
+    home.down();
+    let replica = RecordingSink::start("m2");
+    let s = Scratch::new();
+    catalog(
+        &s,
+        &[("m1", home.port), ("m2", replica.port)],
+        ("u@c.test", "m1", &["m2"]),
+    );
+    let r = router(s, "failover = \"off\"\n");
+    send(&r, "u@c.test");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(replica.messages().is_empty(), "failover off: no replica");
+    let explain = r.scratch.ok(&["route", "explain", "u@c.test"]);
+    assert!(explain.contains("not tried: failover is off"), "{explain}");
+}
