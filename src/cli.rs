@@ -92,6 +92,10 @@ pub enum QueueCommand {
     },
     /// Delete a message from the queue (no bounce is sent).
     Delete { id: String },
+    /// Route a message's undeliverable recipients again (hold_undeliverable).
+    Release { id: String },
+    /// Bounce a message's undeliverable recipients now (hold_undeliverable).
+    Bounce { id: String },
 }
 
 #[derive(Subcommand)]
@@ -251,6 +255,11 @@ pub async fn execute(
                 admin::queue::retry(&ctx.spool, id.as_deref(), all, out, err).await
             }
             QueueCommand::Delete { id } => admin::queue::delete(&ctx.spool, &id, out, err).await,
+            QueueCommand::Release { id } => {
+                admin::queue::release(&ctx.spool, &id, ctx.routing.max_queue_lifetime, out, err)
+                    .await
+            }
+            QueueCommand::Bounce { id } => admin::queue::bounce(&ctx.spool, &id, out, err).await,
         },
         Command::Servers => {
             if !ctx.live {

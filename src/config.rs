@@ -76,6 +76,10 @@ pub struct RoutingConfig {
     /// The cluster this router serves: mail homed in another cluster goes to the
     /// routers the catalog names for that cluster. Unset: every cluster is local.
     pub local_cluster: Option<String>,
+    /// A permanent failure or expiry keeps the recipient in the queue as
+    /// undeliverable for an administrator (`queue release|bounce|delete`) instead of
+    /// bouncing it.
+    pub hold_undeliverable: bool,
     /// The catalog server this router runs beside (Domino: the local server): when
     /// a home is unusable, a replica on it is chosen before any other.
     pub local_server: Option<String>,
@@ -113,6 +117,7 @@ impl Default for RoutingConfig {
             relay_host: None,
             local_cluster: None,
             local_server: None,
+            hold_undeliverable: false,
         }
     }
 }

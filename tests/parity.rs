@@ -189,3 +189,65 @@ fn failover_off_holds() {
     let explain = r.scratch.ok(&["route", "explain", "u@c.test"]);
     assert!(explain.contains("not tried: failover is off"), "{explain}");
 }
+
+#[test]
+fn hold_undeliverable_keeps_refused_mail_for_release_or_bounce() {
+    let home = RecordingSink::start("m1");
+    home.refuse.lock().unwrap().push("u@c.test".into());
+    let senders = RecordingSink::start("m2");
+    let s = Scratch::new();
+    let toml = format!(
+        "[[server]]\nname = \"m1\"\ncluster = \"c\"\naddress = \"127.0.0.1:{}\"\n\n\
+         [[server]]\nname = \"m2\"\ncluster = \"c\"\naddress = \"127.0.0.1:{}\"\n\n\
+         [[mailbox]]\naddress = \"u@c.test\"\nhome = \"m1\"\n\n\
+         [[mailbox]]\naddress = \"sender@c.test\"\nhome = \"m2\"\n",
+        home.port, senders.port
+    );
+    let f = s.write("c.toml", &toml);
+    s.ok(&["catalog", "import", "--replace", &f.display().to_string()]);
+    let r = router(s, "hold_undeliverable = true\n");
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let mut c = Client::hello(r.port);
+        c.cmd("MAIL FROM:<sender@c.test>");
+        c.cmd("RCPT TO:<u@c.test>");
+        c.cmd("DATA");
+        c.send_raw(b"Subject: refused at first\r\n\r\n.\r\n");
+        let reply = c.reply();
+        expect(&reply, 250, "2.0.0");
+        ids.push(reply.text().rsplit(' ').next().unwrap_or("").to_string());
+    }
+    // Refused with 550: kept, no bounce.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = r.scratch.ok(&["queue", "list"]);
+        if list.matches("<u@c.test>: undeliverable").count() == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{list}\n{}", r.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(senders.messages().is_empty(), "no bounce while held");
+    let show = r.scratch.ok(&["queue", "show", &ids[0]]);
+    assert!(
+        show.contains("undeliverable, held for an administrator: ") && show.contains("550"),
+        "{show}"
+    );
+    // The mailbox server is fixed: release delivers the first message.
+    home.refuse.lock().unwrap().clear();
+    assert_eq!(
+        r.scratch.ok(&["queue", "release", &ids[0]]),
+        format!("{}: 1 recipient(s) released for delivery\n", ids[0])
+    );
+    assert_eq!(home.wait_for(1, 10).len(), 1, "log:\n{}", r.log());
+    // The second is bounced by hand: the DSN goes to the sender.
+    r.scratch.ok(&["queue", "bounce", &ids[1]]);
+    let dsn = senders.wait_for(1, 10);
+    assert_eq!(dsn.len(), 1, "log:\n{}", r.log());
+    assert!(String::from_utf8_lossy(&dsn[0].data).contains("Status: 5.1.1"));
+    let (code, _, err) = r.scratch.run(&["queue", "release", &ids[0]]);
+    assert_eq!(code, 2, "{err}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(r.scratch.ok(&["queue", "list"]).contains("0 message(s)"));
+}

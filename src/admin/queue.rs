@@ -42,6 +42,7 @@ fn short_state(s: &RecipientState) -> String {
         RecipientState::Held => "held".into(),
         RecipientState::Delivered { server, .. } => format!("delivered to {server}"),
         RecipientState::Failed { .. } => "failed".into(),
+        RecipientState::Undeliverable { .. } => "undeliverable".into(),
     }
 }
 
@@ -53,6 +54,9 @@ fn state_line(s: &RecipientState) -> String {
             format!("delivered to {server}: {reply}")
         }
         RecipientState::Failed { reply, .. } => format!("failed: {reply}"),
+        RecipientState::Undeliverable { reply, .. } => {
+            format!("undeliverable, held for an administrator: {reply}")
+        }
     }
 }
 
@@ -202,5 +206,77 @@ pub async fn delete(
     spool.remove(id).await?;
     tracing::warn!(%id, "deleted from the queue by an administrator");
     writeln!(out, "{id} deleted")?;
+    Ok(Exit::Ok)
+}
+
+/// `queue release ID`: undeliverable recipients are routed again, with a new
+/// lifetime (they had expired, or been refused and the cause may be fixed).
+pub async fn release(
+    spool: &Spool,
+    id: &str,
+    lifetime: Duration,
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+) -> Result<Exit> {
+    let Some(id) = parse_id(id, err)? else {
+        return Ok(Exit::Invalid);
+    };
+    let Some(mut env) = spool.envelope(id)? else {
+        writeln!(err, "{id}: no such message in the queue")?;
+        return Ok(Exit::Invalid);
+    };
+    let now = crate::queue::manager::now_ms();
+    let mut n = 0;
+    for r in &mut env.recipients {
+        if let RecipientState::Undeliverable { reply, .. } = &r.state {
+            r.last_error = Some(reply.clone());
+            r.state = RecipientState::Pending;
+            r.attempts = 0;
+            r.next_attempt = 0;
+            r.expires_at = now + lifetime.as_millis() as u64;
+            n += 1;
+        }
+    }
+    if n == 0 {
+        writeln!(err, "{id}: no undeliverable recipient to release")?;
+        return Ok(Exit::Invalid);
+    }
+    spool.update(&env).await?;
+    spool.wake();
+    writeln!(out, "{id}: {n} recipient(s) released for delivery")?;
+    Ok(Exit::Ok)
+}
+
+/// `queue bounce ID`: undeliverable recipients fail now; the bounce goes out.
+pub async fn bounce(
+    spool: &Spool,
+    id: &str,
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+) -> Result<Exit> {
+    let Some(id) = parse_id(id, err)? else {
+        return Ok(Exit::Invalid);
+    };
+    let Some(mut env) = spool.envelope(id)? else {
+        writeln!(err, "{id}: no such message in the queue")?;
+        return Ok(Exit::Invalid);
+    };
+    let mut n = 0;
+    for r in &mut env.recipients {
+        if let RecipientState::Undeliverable { reply, at } = &r.state {
+            r.state = RecipientState::Failed {
+                reply: reply.clone(),
+                at: *at,
+            };
+            n += 1;
+        }
+    }
+    if n == 0 {
+        writeln!(err, "{id}: no undeliverable recipient to bounce")?;
+        return Ok(Exit::Invalid);
+    }
+    spool.update(&env).await?;
+    spool.wake();
+    writeln!(out, "{id}: {n} recipient(s) will bounce")?;
     Ok(Exit::Ok)
 }

@@ -65,6 +65,17 @@ impl Manager {
         }
     }
 
+    /// A permanent failure: bounced, or kept as undeliverable for an administrator
+    /// when `hold_undeliverable` is set.
+    fn failed(&self, reply: String) -> RecipientState {
+        let at = now_ms();
+        if self.config.hold_undeliverable {
+            RecipientState::Undeliverable { reply, at }
+        } else {
+            RecipientState::Failed { reply, at }
+        }
+    }
+
     /// The wait before retry number `attempts` of a held recipient.
     pub fn backoff(&self, attempts: u32) -> Duration {
         let doublings = attempts.saturating_sub(1).min(30);
@@ -123,10 +134,7 @@ impl Manager {
             if self.in_flight().contains(&env.id) {
                 continue;
             }
-            let unreported = env
-                .recipients
-                .iter()
-                .any(|r| !r.is_done() && r.state.is_final());
+            let unreported = env.recipients.iter().any(|r| r.needs_bounce());
             let waiting = env
                 .recipients
                 .iter()
@@ -174,33 +182,36 @@ impl Manager {
             return Err(anyhow!("{id}: envelope without message octets"));
         };
         let now = now_ms();
-        let expired = now > env.received_at + self.config.max_queue_lifetime.as_millis() as u64;
+        let lifetime = self.config.max_queue_lifetime.as_millis() as u64;
         let due: Vec<usize> = (0..env.recipients.len())
             .filter(|&i| {
                 !env.recipients[i].state.is_final() && env.recipients[i].next_attempt <= now
             })
             .collect();
-        if expired {
-            for &i in &due {
-                let r = &mut env.recipients[i];
-                let why = format!(
-                    "4.4.7 expired after {} in the queue; last error: {}",
-                    humantime::format_duration(self.config.max_queue_lifetime),
-                    r.last_error.as_deref().unwrap_or("none")
-                );
-                tracing::warn!(%id, rcpt = %r.address, "expired");
-                r.state = RecipientState::Failed {
-                    reply: why,
-                    at: now,
-                };
-            }
-        } else {
-            let (external, catalog): (Vec<usize>, Vec<usize>) = due
-                .into_iter()
-                .partition(|&i| env.recipients[i].mailbox.is_empty());
-            self.deliver_catalog(&mut env, catalog, &message).await?;
-            self.deliver_external(&mut env, external, &message).await?;
+        let (expired, due): (Vec<usize>, Vec<usize>) = due.into_iter().partition(|&i| {
+            let r = &env.recipients[i];
+            let deadline = if r.expires_at > 0 {
+                r.expires_at
+            } else {
+                env.received_at + lifetime
+            };
+            now > deadline
+        });
+        for i in expired {
+            let r = &mut env.recipients[i];
+            let why = format!(
+                "4.4.7 expired after {} in the queue; last error: {}",
+                humantime::format_duration(self.config.max_queue_lifetime),
+                r.last_error.as_deref().unwrap_or("none")
+            );
+            tracing::warn!(%id, rcpt = %r.address, "expired");
+            r.state = self.failed(why);
         }
+        let (external, catalog): (Vec<usize>, Vec<usize>) = due
+            .into_iter()
+            .partition(|&i| env.recipients[i].mailbox.is_empty());
+        self.deliver_catalog(&mut env, catalog, &message).await?;
+        self.deliver_external(&mut env, external, &message).await?;
         self.bounce(&mut env, &message).await?;
         self.commit(&env).await
     }
@@ -213,7 +224,6 @@ impl Manager {
         message: &[u8],
     ) -> Result<()> {
         let id = env.id;
-        let now = now_ms();
         let policy = self.config.policy();
         let mut skip: BTreeMap<usize, Vec<String>> = BTreeMap::new();
         let mut open = due;
@@ -228,10 +238,10 @@ impl Manager {
             for &i in &open {
                 let r = &mut env.recipients[i];
                 let Some(entry) = self.catalog.lookup(&r.mailbox)? else {
-                    r.state = RecipientState::Failed {
-                        reply: format!("5.1.1 mailbox {} is no longer in the catalog", r.mailbox),
-                        at: now,
-                    };
+                    r.state = self.failed(format!(
+                        "5.1.1 mailbox {} is no longer in the catalog",
+                        r.mailbox
+                    ));
                     continue;
                 };
                 let attempt = if r.state == RecipientState::Held {
@@ -311,10 +321,7 @@ impl Manager {
                                 }
                                 Outcome::Permanent(reply) => {
                                     tracing::warn!(%id, rcpt = %r.address, server = %server, reply = %reply, "refused");
-                                    r.state = RecipientState::Failed {
-                                        reply,
-                                        at: now_ms(),
-                                    };
+                                    r.state = self.failed(reply);
                                 }
                                 Outcome::Temporary(reply) => {
                                     r.last_error = Some(format!("{server}: {reply}"));
@@ -372,10 +379,7 @@ impl Manager {
                             done = true;
                         }
                         Some(Outcome::Permanent(reply)) => {
-                            r.state = RecipientState::Failed {
-                                reply,
-                                at: now_ms(),
-                            };
+                            r.state = self.failed(reply);
                             done = true;
                         }
                         Some(Outcome::Temporary(reply)) => {
@@ -411,10 +415,7 @@ impl Manager {
     /// the two can repeat a bounce, never lose one. No bounce to the null sender.
     async fn bounce(&self, env: &mut Envelope, message: &[u8]) -> Result<()> {
         let failed: Vec<usize> = (0..env.recipients.len())
-            .filter(|&i| {
-                matches!(env.recipients[i].state, RecipientState::Failed { .. })
-                    && !env.recipients[i].reported
-            })
+            .filter(|&i| env.recipients[i].needs_bounce())
             .collect();
         if failed.is_empty() {
             return Ok(());

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 use tokio::sync::{mpsc, oneshot};
 
-const FORMAT: u8 = 3;
+const FORMAT: u8 = 4;
 
 /// Where a recipient stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,14 +34,21 @@ pub enum RecipientState {
     },
     /// Permanently refused, or expired.
     Failed { reply: String, at: u64 },
+    /// Permanently refused or expired, kept for an administrator instead of bounced
+    /// (`routing.hold_undeliverable`): `queue release`, `queue bounce` or `queue delete`.
+    Undeliverable { reply: String, at: u64 },
 }
 
 impl RecipientState {
     /// Delivered or failed: nothing more to do for this recipient.
+    /// No more automatic attempts: delivered, failed, or undeliverable (waiting for
+    /// an administrator).
     pub fn is_final(&self) -> bool {
         matches!(
             self,
-            RecipientState::Delivered { .. } | RecipientState::Failed { .. }
+            RecipientState::Delivered { .. }
+                | RecipientState::Failed { .. }
+                | RecipientState::Undeliverable { .. }
         )
     }
 }
@@ -63,6 +70,9 @@ pub struct Recipient {
     pub last_error: Option<String>,
     /// Failed and its bounce queued (or none owed: null sender).
     pub reported: bool,
+    /// When it expires, in milliseconds since the epoch; 0: the message's arrival
+    /// plus `max_queue_lifetime` (a released recipient gets a new lifetime).
+    pub expires_at: u64,
 }
 
 impl Recipient {
@@ -76,7 +86,13 @@ impl Recipient {
             last_route: None,
             last_error: None,
             reported: false,
+            expires_at: 0,
         }
+    }
+
+    /// Failed and no bounce queued yet.
+    pub fn needs_bounce(&self) -> bool {
+        matches!(self.state, RecipientState::Failed { .. }) && !self.reported
     }
 
     /// Nothing more to do: delivered, or failed and reported.
