@@ -50,6 +50,9 @@ pub struct RoutingConfig {
     /// A greeting slower than this marks the server busy.
     #[serde(with = "humantime_serde")]
     pub busy_threshold: Duration,
+    /// Availability index (0–100) below which an up server counts as busy; 0:
+    /// never. A server may set its own in the catalog.
+    pub availability_threshold: u8,
     /// Good probes in a row before a server that was down or busy is up again.
     pub rise: u32,
     /// First retry of held mail; doubles with each attempt up to `retry_max`.
@@ -106,6 +109,7 @@ impl Default for RoutingConfig {
             probe_interval: Duration::from_secs(10),
             probe_timeout: Duration::from_secs(5),
             busy_threshold: Duration::from_secs(2),
+            availability_threshold: 0,
             rise: 2,
             retry_initial: Duration::from_secs(60),
             retry_max: Duration::from_secs(3600),
@@ -331,6 +335,12 @@ impl Config {
         let r = &self.routing;
         if r.rise == 0 || r.max_deliveries == 0 || r.max_per_server == 0 || r.max_hops == 0 {
             bail!("routing.rise, routing.max_deliveries, routing.max_per_server and routing.max_hops must be above 0");
+        }
+        if r.availability_threshold > 100 {
+            bail!(
+                "routing.availability_threshold must be 0 to 100 (0: never busy), not {}",
+                r.availability_threshold
+            );
         }
         for (name, d) in [
             ("probe_interval", r.probe_interval),

@@ -405,6 +405,7 @@ mod tests {
             cluster: "c".into(),
             address: "127.0.0.1:25".into(),
             state,
+            availability_threshold: None,
         })
     }
 
@@ -790,6 +791,7 @@ mod next_hop_tests {
             cluster: "west".into(),
             address: "127.0.0.1:25".into(),
             state: AdminState::InService,
+            availability_threshold: None,
         });
         let e = Lookup {
             mailbox: Mailbox {
@@ -864,6 +866,7 @@ mod override_tests {
                 cluster: "c".into(),
                 address: "127.0.0.1:25".into(),
                 state: AdminState::InService,
+                availability_threshold: None,
             })
         };
         let entry = |failover| Lookup {

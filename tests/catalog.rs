@@ -51,6 +51,7 @@ fn every_kind_of_invalid_input_is_reported_and_changes_nothing() {
                 "bad-server.toml: server[0]: server name \"s 1\"",
                 "bad-server.toml: server[0]: server address \"127.0.0.1\" is not host:port",
                 "bad-server.toml: server[1]: unknown variant `maintenance`",
+                "bad-server.toml: server[2]: server \"s3\": availability_threshold must be 0 to 100, not 120",
             ],
         ),
         ("unknown-field.toml", &["unknown-field.toml: mailbox[0]: unknown field `replica`"]),
@@ -106,7 +107,7 @@ fn problems_across_files_are_all_reported() {
     let b = err.find("replica-is-home.csv:2").expect(&err);
     let c = err.find("bad-server.toml: server[0]").expect(&err);
     assert!(a < b && b < c, "{err}");
-    assert!(err.contains("5 problem(s)"), "{err}");
+    assert!(err.contains("6 problem(s)"), "{err}");
     assert_eq!(
         s.ok(&["catalog", "list", "servers"]).lines().count(),
         1,

@@ -62,9 +62,9 @@ async fn probes_classify_real_servers() {
     );
     assert_eq!(
         (
-            t.availability("sink"),
-            t.availability("closed"),
-            t.availability("busy")
+            t.availability("sink", None),
+            t.availability("closed", None),
+            t.availability("busy", None)
         ),
         (Availability::Up, Availability::Down, Availability::Busy)
     );

@@ -251,3 +251,46 @@ fn hold_undeliverable_keeps_refused_mail_for_release_or_bounce() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(r.scratch.ok(&["queue", "list"]).contains("0 message(s)"));
 }
+
+#[test]
+fn a_home_slowed_below_its_availability_threshold_is_passed_over() {
+    let home = RecordingSink::start("m1");
+    let replica = RecordingSink::start("m2");
+    let s = Scratch::new();
+    // Only m1 has a threshold: the default (0) never makes a server busy.
+    let f = s.write(
+        "c.toml",
+        &format!(
+            "[[server]]\nname = \"m1\"\ncluster = \"c\"\naddress = \"127.0.0.1:{}\"\navailability_threshold = 50\n\n\
+             [[server]]\nname = \"m2\"\ncluster = \"c\"\naddress = \"127.0.0.1:{}\"\n\n\
+             [[mailbox]]\naddress = \"u@c.test\"\nhome = \"m1\"\nreplicas = [\"m2\"]\n",
+            home.port, replica.port
+        ),
+    );
+    s.ok(&["catalog", "import", "--replace", &f.display().to_string()]);
+    let r = router(s, "");
+    // The baseline is learnt while m1 answers at once...
+    std::thread::sleep(Duration::from_millis(700));
+    wait_state(&r, "m1", "up");
+    // ...then its greeting slows to 12x the 5 ms floor, still well under the
+    // absolute busy_threshold (150 ms): only the index can tell.
+    home.greeting_delay_ms.store(60, Ordering::SeqCst);
+    wait_state(&r, "m1", "busy");
+    let servers = r.scratch.ok(&["servers"]);
+    let line = servers
+        .lines()
+        .find(|l| l.starts_with("m1 "))
+        .unwrap_or_default();
+    assert!(
+        line.contains("availability index") && line.contains("below threshold 50"),
+        "{servers}"
+    );
+    send(&r, "u@c.test");
+    assert_eq!(replica.wait_for(1, 10).len(), 1, "log:\n{}", r.log());
+    assert!(home.messages().is_empty());
+    // Fast again: the index recovers and new mail goes home.
+    home.greeting_delay_ms.store(0, Ordering::SeqCst);
+    wait_state(&r, "m1", "up");
+    send(&r, "u@c.test");
+    assert_eq!(home.wait_for(1, 10).len(), 1, "log:\n{}", r.log());
+}

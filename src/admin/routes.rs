@@ -31,8 +31,8 @@ pub fn servers(ctx: &Context, out: &mut dyn Write) -> Result<Exit> {
         .clone();
     writeln!(
         out,
-        "{:16} {:10} {:15} {:6} {:>10} {:>8} {:>6}  PROBLEM",
-        "SERVER", "CLUSTER", "ADMIN", "AVAIL", "PROBED", "RTT", "QUEUED"
+        "{:16} {:10} {:15} {:6} {:>5} {:>10} {:>8} {:>6}  PROBLEM",
+        "SERVER", "CLUSTER", "ADMIN", "AVAIL", "INDEX", "PROBED", "RTT", "QUEUED"
     )?;
     for s in ctx.catalog.servers(None) {
         let h = tracker.health(&s.name);
@@ -47,15 +47,16 @@ pub fn servers(ctx: &Context, out: &mut dyn Write) -> Result<Exit> {
             .unwrap_or_else(|| "-".into());
         writeln!(
             out,
-            "{:16} {:10} {:15} {:6} {:>10} {:>8} {:>6}  {}",
+            "{:16} {:10} {:15} {:6} {:>5} {:>10} {:>8} {:>6}  {}",
             s.name,
             s.cluster,
             s.state.as_str(),
-            h.availability.to_string(),
+            tracker.of(&s).to_string(),
+            h.index,
             probed,
             rtt,
             queued.get(&s.name.to_lowercase()).copied().unwrap_or(0),
-            h.last_problem.unwrap_or_default()
+            tracker.problem(&s).unwrap_or_default()
         )?;
     }
     if !ctx.live {
@@ -91,7 +92,7 @@ pub fn explain(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    let avail = |s: &crate::catalog::Server| tracker.availability(&s.name);
+    let avail = |s: &crate::catalog::Server| tracker.of(s);
     let first = route::decide(&entry, &avail, &policy, Attempt::First, &[], &routers);
     writeln!(
         out,

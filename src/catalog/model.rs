@@ -69,6 +69,10 @@ pub struct Server {
     pub address: String,
     #[serde(default)]
     pub state: AdminState,
+    /// Overrides `routing.availability_threshold` for this server (0–100): below
+    /// it the server counts as busy. (No `skip_serializing_if`: bincode needs it.)
+    #[serde(default)]
+    pub availability_threshold: Option<u8>,
 }
 
 /// A cluster's routers: the clustermail relays that take mail for this cluster's

@@ -32,6 +32,11 @@ use std::sync::{Arc, RwLock};
 const CURRENT: &[u8] = b"catalog.current";
 const TREE_PREFIX: &str = "catalog-";
 const RULE_KEY: &[u8] = b"~rule";
+/// The record layout of this catalog tree; bumped whenever a stored record gains or
+/// loses a field (bincode records carry no field names). 2: `Mailbox.failover` and
+/// `Server.availability_threshold`.
+const FORMAT_KEY: &[u8] = b"~format";
+const FORMAT: &[u8] = b"2";
 /// Changes beyond this many keys go through a shadow tree instead of one batch.
 const BATCH_LIMIT: usize = 50_000;
 
@@ -144,6 +149,21 @@ impl Catalog {
             }
         }
         let tree = db.open_tree(name.as_bytes())?;
+        let empty = tree.scan_prefix(b"s\0").next().is_none();
+        match tree.get(FORMAT_KEY)? {
+            Some(f) if f.as_ref() == FORMAT => {}
+            _ if empty => {
+                tree.insert(FORMAT_KEY, FORMAT)?;
+            }
+            stored => bail!(
+                "the catalog in this data directory was written by an older clustermail \
+                 (record format {}, this version reads {}); import your catalog files \
+                 again with `clustermail catalog import --replace FILE...`",
+                stored.map_or("1".to_string(), |f| String::from_utf8_lossy(&f)
+                    .into_owned()),
+                String::from_utf8_lossy(FORMAT)
+            ),
+        }
         match tree.get(RULE_KEY)? {
             Some(stored) if stored.as_ref() != rule_tag(rule) => {
                 let empty = tree.scan_prefix(b"m\0").next().is_none();
@@ -392,6 +412,7 @@ impl Catalog {
             // slower: sled serialises its log writes.)
             let out = &new;
             out.insert(RULE_KEY, rule_tag(self.rule))?;
+            out.insert(FORMAT_KEY, FORMAT)?;
             for c in &resolved.clusters {
                 out.insert(key(b'c', &[&server_key(&c.name)]), encode(c)?)?;
             }
@@ -812,6 +833,7 @@ mod tests {
                         cluster: cluster.to_string(),
                         address: format!("127.0.0.1:{}", 2000 + i),
                         state: AdminState::InService,
+                        availability_threshold: None,
                     },
                     origin,
                 })
@@ -856,6 +878,28 @@ mod tests {
         assert_eq!(l.mailbox.address, "x@d.test");
         assert_eq!(l.replicas[0].name, "b");
         assert!(cat.lookup("ghost@d.test").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_catalog_of_an_older_record_format_is_refused_with_what_to_do() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let cat = Catalog::open(&db, LocalPartMatch::CaseInsensitive).unwrap();
+        let one = input(&[("a", "c")], &[("x@d.test", "a", &[], &[])]);
+        let hidden = indicatif::ProgressBar::hidden();
+        cat.import(one, Mode::Replace, false, &hidden).unwrap();
+        let current = cat.meta.get(CURRENT).unwrap().unwrap();
+        drop(cat);
+        let tree = db.open_tree(current).unwrap();
+        assert_eq!(tree.get(FORMAT_KEY).unwrap().as_deref(), Some(FORMAT));
+        tree.remove(FORMAT_KEY).unwrap();
+        let e = Catalog::open(&db, LocalPartMatch::CaseInsensitive)
+            .err()
+            .expect("refused");
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("record format 1") && e.contains("import --replace"),
+            "{e}"
+        );
     }
 
     #[test]

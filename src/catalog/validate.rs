@@ -99,6 +99,13 @@ pub fn resolve(
             check_name("server", &s.name),
             check_name("cluster", &s.cluster),
             check_server_address(&s.address),
+            match s.availability_threshold {
+                Some(t) if t > 100 => Err(format!(
+                    "server {:?}: availability_threshold must be 0 to 100, not {t}",
+                    s.name
+                )),
+                _ => Ok(()),
+            },
         ] {
             if let Err(e) = e {
                 report(row.origin, e);

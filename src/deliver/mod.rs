@@ -33,6 +33,15 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unusable(pub String);
 
+/// A transaction's result: one outcome per recipient, in order, and how long the
+/// server took to answer MAIL (a response time independent of the message size,
+/// for the availability index).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    pub outcomes: Vec<Outcome>,
+    pub response: Duration,
+}
+
 /// One message for one server.
 pub struct Transaction<'a> {
     pub server_address: &'a str,
@@ -114,7 +123,7 @@ impl Deliverer {
     }
 
     /// Runs the transaction; one outcome per recipient, in order.
-    pub async fn send(&self, t: &Transaction<'_>) -> Result<Vec<Outcome>, Unusable> {
+    pub async fn send(&self, t: &Transaction<'_>) -> Result<Sent, Unusable> {
         let limit = self.limit(t.server_address);
         let _permit = limit
             .acquire_owned()
@@ -128,8 +137,8 @@ impl Deliverer {
                 .await
                 .unwrap_or(false)
             {
-                if let Ok(outcomes) = self.run(conn, t).await {
-                    return Ok(outcomes);
+                if let Ok(sent) = self.run(conn, t).await {
+                    return Ok(sent);
                 }
             }
         }
@@ -141,15 +150,15 @@ impl Deliverer {
         &self,
         mut conn: AsyncSmtpConnection,
         t: &Transaction<'_>,
-    ) -> Result<Vec<Outcome>, Unusable> {
+    ) -> Result<Sent, Unusable> {
         match tokio::time::timeout(t.timeout * 4, transaction(&mut conn, t)).await {
-            Ok(Ok(outcomes)) => {
+            Ok(Ok(sent)) => {
                 // A clean state for the next transaction, then keep the connection.
                 match tokio::time::timeout(t.timeout, conn.command(Rset)).await {
                     Ok(Ok(_)) => self.keep(t.server_address, conn),
                     _ => conn.abort().await,
                 }
-                Ok(outcomes)
+                Ok(sent)
             }
             Ok(Err(e)) => {
                 conn.abort().await;
@@ -194,6 +203,16 @@ async fn connect(t: &Transaction<'_>) -> Result<AsyncSmtpConnection, Unusable> {
 async fn transaction(
     conn: &mut AsyncSmtpConnection,
     t: &Transaction<'_>,
+) -> Result<Sent, Unusable> {
+    let mut response = Duration::ZERO;
+    let outcomes = recipients(conn, t, &mut response).await?;
+    Ok(Sent { outcomes, response })
+}
+
+async fn recipients(
+    conn: &mut AsyncSmtpConnection,
+    t: &Transaction<'_>,
+    response: &mut Duration,
 ) -> Result<Vec<Outcome>, Unusable> {
     let mut params = Vec::new();
     if (t.eight_bit || !t.message.is_ascii())
@@ -212,7 +231,10 @@ async fn transaction(
         Some(s) => Some(Address::from_str(s).map_err(|e| Unusable(format!("sender <{s}>: {e}")))?),
         None => None,
     };
-    if let Err(e) = conn.command(Mail::new(sender, params)).await {
+    let started = Instant::now();
+    let mail = conn.command(Mail::new(sender, params)).await;
+    *response = started.elapsed();
+    if let Err(e) = mail {
         // MAIL refused: the same answer for every recipient.
         let o = classify(&e)?;
         return Ok(vec![o; t.recipients.len()]);

@@ -3,10 +3,15 @@
 //!
 //! - A failed probe (no connection, timeout, no 220 banner) marks a server **down**
 //!   at once; so does a connection failure or a 421 while delivering.
-//! - A 4xx banner, or a 220 slower than `busy_threshold`, marks it **busy** (the
-//!   analogue of Domino's server availability threshold).
+//! - A 4xx banner, or a 220 slower than `busy_threshold`, marks it **busy**.
 //! - Coming back needs `rise` good probes in a row, so a flapping server is not
 //!   trusted at once.
+//! - Every server also has an **availability index** 0–100 (Domino's server
+//!   availability index): 100 when it answers as fast as it usually does, lower as
+//!   its recent response times (probe greetings and delivery MAIL replies) grow
+//!   against its own baseline, lower still after 4xx answers. An up server whose
+//!   index is below its availability threshold (`routing.availability_threshold`, or
+//!   the server's own in the catalog; 0 = never) counts as busy.
 //!
 //! [`Tracker`] is the pure state machine; `probe` talks to servers.
 
@@ -14,8 +19,19 @@ pub mod monitor;
 pub mod probe;
 
 use crate::route::Availability;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime};
+
+/// Response times averaged for the index.
+const WINDOW: usize = 8;
+/// Response times below this count as this: loopback jitter is not load.
+const FLOOR: Duration = Duration::from_millis(5);
+/// Index points taken by each 4xx answer; given back 5 per good answer.
+const PENALTY_4XX: u8 = 25;
+const PENALTY_RECOVERY: u8 = 5;
+/// How far the baseline follows a slower sample (1/N of the gap), so that a lasting
+/// change of a server's normal speed is learnt within a few hundred samples.
+const BASELINE_DRIFT: u32 = 128;
 
 /// What one probe saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +45,7 @@ pub enum Probe {
 /// The router's view of one server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Health {
+    /// From probe and delivery events; [`Tracker::availability`] adds the index.
     pub availability: Availability,
     /// Good probes in a row since the server was last not up.
     pub good_streak: u32,
@@ -36,6 +53,12 @@ pub struct Health {
     pub last_rtt: Option<Duration>,
     /// Why the server was last marked down or busy.
     pub last_problem: Option<String>,
+    /// Availability index, 0 (down or swamped) to 100 (as fast as ever).
+    pub index: u8,
+    /// The server's usual response time: the fastest seen, drifting slowly upwards.
+    pub baseline: Option<Duration>,
+    recent: VecDeque<Duration>,
+    penalty: u8,
 }
 
 impl Default for Health {
@@ -48,7 +71,62 @@ impl Default for Health {
             last_probe: None,
             last_rtt: None,
             last_problem: None,
+            index: 100,
+            baseline: None,
+            recent: VecDeque::with_capacity(WINDOW),
+            penalty: 0,
         }
+    }
+}
+
+/// The availability index from a baseline and recent response times (both floored
+/// at [`FLOOR`]) less a penalty: `100 × baseline / mean(recent) − penalty`.
+pub fn availability_index(baseline: Duration, recent: &[Duration], penalty: u8) -> u8 {
+    if recent.is_empty() {
+        return 100u8.saturating_sub(penalty);
+    }
+    let mean = recent.iter().sum::<Duration>() / recent.len() as u32;
+    let ratio = baseline.max(FLOOR).as_secs_f64() / mean.max(FLOOR).as_secs_f64();
+    let index = (100.0 * ratio).round().clamp(0.0, 100.0) as u8;
+    index.saturating_sub(penalty)
+}
+
+impl Health {
+    /// A response time (probe greeting or delivery reply), and whether the answer
+    /// was a 4xx.
+    fn sample(&mut self, rtt: Duration, temporary_failure: bool) {
+        self.baseline = Some(match self.baseline {
+            None => rtt,
+            Some(b) if rtt <= b => rtt,
+            Some(b) => b + (rtt - b) / BASELINE_DRIFT,
+        });
+        if self.recent.len() == WINDOW {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(rtt);
+        self.penalty = if temporary_failure {
+            self.penalty.saturating_add(PENALTY_4XX).min(100)
+        } else {
+            self.penalty.saturating_sub(PENALTY_RECOVERY)
+        };
+        self.reindex();
+    }
+
+    fn reindex(&mut self) {
+        let recent: Vec<Duration> = self.recent.iter().copied().collect();
+        self.index = match (self.availability, self.baseline) {
+            (Availability::Down, _) => 0,
+            (_, None) => 100u8.saturating_sub(self.penalty),
+            (_, Some(b)) => availability_index(b, &recent, self.penalty),
+        };
+    }
+
+    fn down(&mut self, why: String) {
+        self.availability = Availability::Down;
+        self.good_streak = 0;
+        self.last_problem = Some(why);
+        self.recent.clear();
+        self.index = 0;
     }
 }
 
@@ -60,6 +138,9 @@ pub struct Tracker {
     pub rise: u32,
     /// A 220 slower than this means busy.
     pub busy_threshold: Duration,
+    /// An up server whose index is below this is busy (0: never), unless the
+    /// server has its own threshold in the catalog.
+    pub availability_threshold: u8,
 }
 
 impl Tracker {
@@ -68,13 +149,50 @@ impl Tracker {
             servers: HashMap::new(),
             rise: rise.max(1),
             busy_threshold,
+            availability_threshold: 0,
         }
     }
 
-    pub fn availability(&self, server: &str) -> Availability {
-        self.servers
-            .get(&server.to_lowercase())
-            .map_or(Availability::Up, |h| h.availability)
+    pub fn with_availability_threshold(mut self, threshold: u8) -> Tracker {
+        self.availability_threshold = threshold.min(100);
+        self
+    }
+
+    /// The threshold that applies to a server: its own, else the default.
+    pub fn threshold(&self, own: Option<u8>) -> u8 {
+        own.unwrap_or(self.availability_threshold)
+    }
+
+    /// What routing should assume of `server`: down and busy as probes and
+    /// deliveries left them, and busy too when its index is below `threshold`
+    /// (the server's own from the catalog, else the default).
+    pub fn availability(&self, server: &str, threshold: Option<u8>) -> Availability {
+        let Some(h) = self.servers.get(&server.to_lowercase()) else {
+            return Availability::Up;
+        };
+        match h.availability {
+            Availability::Up if h.index < self.threshold(threshold) => Availability::Busy,
+            a => a,
+        }
+    }
+
+    /// [`Tracker::availability`] of a catalog server, with its own threshold.
+    pub fn of(&self, server: &crate::catalog::Server) -> Availability {
+        self.availability(&server.name, server.availability_threshold)
+    }
+
+    /// Why `server` counts as not up, if it does not.
+    pub fn problem(&self, server: &crate::catalog::Server) -> Option<String> {
+        let h = self.health(&server.name);
+        let threshold = self.threshold(server.availability_threshold);
+        match h.availability {
+            Availability::Up if h.index < threshold => Some(format!(
+                "availability index {} below threshold {threshold}",
+                h.index
+            )),
+            Availability::Up => None,
+            _ => h.last_problem,
+        }
     }
 
     pub fn health(&self, server: &str) -> Health {
@@ -88,7 +206,8 @@ impl Tracker {
         self.servers.entry(server.to_lowercase()).or_default()
     }
 
-    /// Records a probe; returns the availability before and after.
+    /// Records a probe; returns the event-driven availability before and after
+    /// (without the index: see [`Tracker::availability`]).
     pub fn probed(
         &mut self,
         server: &str,
@@ -102,10 +221,8 @@ impl Tracker {
         h.last_probe = Some(at);
         match probe {
             Probe::Failed(why) => {
-                h.availability = Availability::Down;
-                h.good_streak = 0;
                 h.last_rtt = None;
-                h.last_problem = Some(why);
+                h.down(why);
             }
             Probe::Banner { code, rtt } => {
                 h.last_rtt = Some(rtt);
@@ -123,10 +240,12 @@ impl Tracker {
                     _ => Some((Availability::Down, format!("greeted with {code}"))),
                 };
                 match problem {
+                    Some((Availability::Down, why)) => h.down(why),
                     Some((availability, why)) => {
                         h.availability = availability;
                         h.good_streak = 0;
                         h.last_problem = Some(why);
+                        h.sample(rtt, (400..500).contains(&code));
                     }
                     None => {
                         h.good_streak = h.good_streak.saturating_add(1);
@@ -134,6 +253,7 @@ impl Tracker {
                             h.availability = Availability::Up;
                             h.last_problem = None;
                         }
+                        h.sample(rtt, false);
                     }
                 }
             }
@@ -141,14 +261,21 @@ impl Tracker {
         (before, h.availability)
     }
 
+    /// A delivery got its MAIL reply after `rtt`; `temporary_failure` when some
+    /// answer of the transaction was a 4xx. Feeds the index only.
+    pub fn responded(&mut self, server: &str, rtt: Duration, temporary_failure: bool) {
+        let h = self.entry(server);
+        if h.availability != Availability::Down {
+            h.sample(rtt, temporary_failure);
+        }
+    }
+
     /// A delivery could not connect, or the server answered 421: down at once,
     /// without waiting for the next probe.
     pub fn delivery_failed(&mut self, server: &str, why: &str) -> (Availability, Availability) {
         let h = self.entry(server);
         let before = h.availability;
-        h.availability = Availability::Down;
-        h.good_streak = 0;
-        h.last_problem = Some(why.to_string());
+        h.down(why.to_string());
         (before, h.availability)
     }
 }
@@ -169,7 +296,7 @@ mod tests {
     fn down_at_once_up_after_rise_good_probes() {
         let mut t = Tracker::new(2, Duration::from_millis(500));
         let now = SystemTime::now();
-        assert_eq!(t.availability("M1"), Up, "presumed up");
+        assert_eq!(t.availability("M1", None), Up, "presumed up");
         assert_eq!(
             t.probed("m1", Probe::Failed("refused".into()), now),
             (Up, Down)
@@ -237,5 +364,99 @@ mod tests {
             assert_eq!(t.probed("m", ok(1), now).1, Down);
         }
         assert_eq!(t.probed("m", ok(1), now).1, Up);
+    }
+
+    #[test]
+    fn index_is_the_baseline_over_recent_response_times() {
+        let ms = Duration::from_millis;
+        assert_eq!(availability_index(ms(20), &[ms(20); 4], 0), 100);
+        assert_eq!(availability_index(ms(20), &[ms(40); 4], 0), 50);
+        assert_eq!(availability_index(ms(20), &[ms(20), ms(60)], 0), 50);
+        assert_eq!(availability_index(ms(20), &[ms(40)], 25), 25, "4xx penalty");
+        assert_eq!(
+            availability_index(ms(20), &[ms(40)], 90),
+            0,
+            "never below 0"
+        );
+        // Sub-floor jitter is not load: 1 ms against 4 ms is still 100.
+        assert_eq!(availability_index(ms(1), &[ms(4)], 0), 100);
+        assert_eq!(availability_index(ms(1), &[ms(10)], 0), 50);
+        assert_eq!(availability_index(ms(20), &[], 10), 90);
+    }
+
+    #[test]
+    fn slow_answers_make_a_server_busy_below_its_threshold() {
+        let mut t = Tracker::new(1, Duration::from_secs(5)).with_availability_threshold(60);
+        let now = SystemTime::now();
+        for _ in 0..WINDOW {
+            t.probed("m", ok(20), now);
+        }
+        assert_eq!(t.health("m").index, 100);
+        assert_eq!(t.availability("m", None), Up);
+        // The server slows to 4x its baseline: index about 25 (30: the baseline has
+        // moved a little towards the slower answers), busy for threshold 60...
+        for _ in 0..WINDOW {
+            t.probed("m", ok(80), now);
+        }
+        let h = t.health("m");
+        assert_eq!(h.availability, Up, "the events alone say up");
+        assert!((25..=32).contains(&h.index), "index {}", h.index);
+        assert_eq!(t.availability("m", None), Busy);
+        // ...not for a server whose own threshold is lower, nor with the default 0.
+        assert_eq!(t.availability("m", Some(20)), Up);
+        assert_eq!(
+            t.clone()
+                .with_availability_threshold(0)
+                .availability("m", None),
+            Up
+        );
+        // Fast again: the index recovers as the window refills.
+        for _ in 0..WINDOW {
+            t.probed("m", ok(20), now);
+        }
+        assert!(t.health("m").index >= 95, "index {}", t.health("m").index);
+        assert_eq!(t.availability("m", None), Up);
+    }
+
+    #[test]
+    fn delivery_replies_and_4xx_answers_feed_the_index() {
+        let mut t = Tracker::new(1, Duration::from_secs(5)).with_availability_threshold(50);
+        let now = SystemTime::now();
+        t.probed("m", ok(10), now);
+        t.responded("m", Duration::from_millis(10), false);
+        assert_eq!(t.health("m").index, 100);
+        t.responded("m", Duration::from_millis(10), true);
+        t.responded("m", Duration::from_millis(10), true);
+        assert_eq!(t.health("m").index, 50);
+        t.responded("m", Duration::from_millis(10), true);
+        assert_eq!(t.availability("m", None), Busy, "three 4xx in a row");
+        for _ in 0..5 {
+            t.responded("m", Duration::from_millis(10), false);
+        }
+        assert_eq!(t.health("m").index, 50, "good answers give points back");
+        assert_eq!(t.availability("m", None), Up);
+        // Down means index 0; deliveries to a down server do not revive it.
+        t.delivery_failed("m", "refused");
+        t.responded("m", Duration::from_millis(10), false);
+        assert_eq!((t.health("m").index, t.availability("m", None)), (0, Down));
+    }
+
+    #[test]
+    fn the_baseline_follows_a_lasting_change_slowly() {
+        let mut t = Tracker::new(1, Duration::from_secs(5));
+        let now = SystemTime::now();
+        t.probed("m", ok(10), now);
+        for _ in 0..50 {
+            t.probed("m", ok(40), now);
+        }
+        let b = t.health("m").baseline.unwrap_or_default();
+        assert!(
+            b > Duration::from_millis(10) && b < Duration::from_millis(25),
+            "{b:?}"
+        );
+        for _ in 0..1000 {
+            t.probed("m", ok(40), now);
+        }
+        assert!(t.health("m").index >= 95, "learnt: {}", t.health("m").index);
     }
 }

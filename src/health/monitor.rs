@@ -13,7 +13,10 @@ use tokio::sync::watch;
 pub type SharedTracker = Arc<Mutex<Tracker>>;
 
 pub fn shared(config: &RoutingConfig) -> SharedTracker {
-    Arc::new(Mutex::new(Tracker::new(config.rise, config.busy_threshold)))
+    Arc::new(Mutex::new(
+        Tracker::new(config.rise, config.busy_threshold)
+            .with_availability_threshold(config.availability_threshold),
+    ))
 }
 
 /// Probes all servers once; logs every change of availability.
@@ -36,10 +39,13 @@ pub async fn probe_all(catalog: &Catalog, tracker: &SharedTracker, config: &Rout
     let now = SystemTime::now();
     let mut t = tracker.lock().unwrap_or_else(|e| e.into_inner());
     for (s, result) in servers.iter().zip(results) {
-        let (before, after) = t.probed(&s.name, result, now);
+        let before = t.of(s);
+        t.probed(&s.name, result, now);
+        let after = t.of(s);
         if before != after {
-            let why = t.health(&s.name).last_problem.unwrap_or_default();
-            tracing::info!(server = %s.name, %before, %after, why, "server availability changed");
+            let why = t.problem(s).unwrap_or_default();
+            let index = t.health(&s.name).index;
+            tracing::info!(server = %s.name, %before, %after, index, why, "server availability changed");
         }
     }
 }

@@ -250,10 +250,7 @@ impl Manager {
                     Attempt::First
                 };
                 let avail = |s: &crate::catalog::Server| {
-                    self.health
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .availability(&s.name)
+                    self.health.lock().unwrap_or_else(|e| e.into_inner()).of(s)
                 };
                 let skipped = skip.get(&i).map(Vec::as_slice).unwrap_or(&[]);
                 let routers = self
@@ -307,8 +304,16 @@ impl Manager {
                         }
                         open.extend(&idxs);
                     }
-                    Ok(outcomes) => {
-                        for (&i, outcome) in idxs.iter().zip(outcomes) {
+                    Ok(sent) => {
+                        let temporary = sent
+                            .outcomes
+                            .iter()
+                            .any(|o| matches!(o, Outcome::Temporary(_)));
+                        self.health
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .responded(&server, sent.response, temporary);
+                        for (&i, outcome) in idxs.iter().zip(sent.outcomes) {
                             let r = &mut env.recipients[i];
                             match outcome {
                                 Outcome::Delivered(reply) => {
@@ -368,7 +373,7 @@ impl Manager {
                     .await;
                 let r = &mut env.recipients[i];
                 match outcome {
-                    Ok(outcomes) => match outcomes.into_iter().next() {
+                    Ok(sent) => match sent.outcomes.into_iter().next() {
                         Some(Outcome::Delivered(reply)) => {
                             tracing::info!(%id, rcpt = %address, server = %target, reply = %reply, "delivered");
                             r.state = RecipientState::Delivered {
