@@ -25,7 +25,8 @@ pub struct Cli {
     /// Config file (default: ./clustermail.toml if present, else built-in defaults).
     #[arg(long, short, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Log format on stderr (RUST_LOG sets the level, default info).
+    /// Log format on stderr (RUST_LOG sets the level: serve logs info, other
+    /// commands warnings).
     #[arg(long, global = true, value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
     #[command(subcommand)]
@@ -42,6 +43,17 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the router: SMTP on the configured listeners, catalog and queue in data_dir.
     Serve,
+    /// Act out home delivery, failover and hold on loopback, with a timeline.
+    ///
+    /// Starts the example cluster's mailbox servers (small SMTP servers storing
+    /// Maildirs), a router, and sends mail while stopping and starting servers:
+    /// home, then a replica, then held, then home again.
+    Demo {
+        /// Where the demo keeps its store and Maildirs (wiped first if it holds
+        /// an earlier demo). Default: DATA_DIR/demo.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Check a config file and print the effective config.
     Config {
         #[command(subcommand)]
@@ -57,7 +69,7 @@ pub enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
-    /// Each catalog server: admin state, availability, last probe, RTT, queued count.
+    /// Each catalog server: admin state, availability and its index, last probe, RTT, queued count.
     Servers,
     /// Explain routing decisions.
     Route {
@@ -275,7 +287,7 @@ pub async fn execute(
             }
             admin::routes::explain(ctx, &address, out, err)
         }
-        Command::Serve | Command::Config { .. } => {
+        Command::Serve | Command::Demo { .. } | Command::Config { .. } => {
             writeln!(err, "not a store command")?;
             Ok(Exit::Invalid)
         }

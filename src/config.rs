@@ -26,6 +26,9 @@ pub struct Config {
     pub local_part_match: LocalPartMatch,
     /// Memory sled may use for its page cache, in MiB.
     pub store_cache_mb: u64,
+    /// Prometheus text endpoint `IP:port` (`GET /metrics`); unset: none. Keep it
+    /// on loopback or a management network: it has no authentication.
+    pub metrics_listen: Option<String>,
     pub smtp: SmtpConfig,
     pub routing: RoutingConfig,
 }
@@ -216,6 +219,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             local_part_match: LocalPartMatch::CaseInsensitive,
             store_cache_mb: 64,
+            metrics_listen: None,
             smtp: SmtpConfig::default(),
             routing: RoutingConfig::default(),
         }
@@ -314,6 +318,11 @@ impl Config {
         for l in &s.listen {
             l.parse::<SocketAddr>().map_err(|_| {
                 anyhow::anyhow!("smtp.listen: {l:?} is not an IP:port (IPv6 as [::1]:2525)")
+            })?;
+        }
+        if let Some(m) = &self.metrics_listen {
+            m.parse::<SocketAddr>().map_err(|_| {
+                anyhow::anyhow!("metrics_listen: {m:?} is not an IP:port (e.g. 127.0.0.1:9125)")
             })?;
         }
         if s.max_message_size == 0 {

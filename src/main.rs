@@ -16,16 +16,18 @@ use std::sync::Arc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The router logs what it does; other commands only what goes wrong.
-    let default_level = if matches!(cli.command, Command::Serve) {
-        "info"
-    } else {
-        "warn"
+    // (The demo prints its own timeline; its router logs only problems.)
+    let default_level = match cli.command {
+        Command::Serve => "info",
+        Command::Demo { .. } => "error",
+        _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match cli.log_format {
         LogFormat::Pretty => logs.init(),
         LogFormat::Json => logs.json().init(),
@@ -47,6 +49,13 @@ fn run(cli: Cli) -> Result<Exit> {
             let (config, source) = Config::load(cli.config.as_deref())?;
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(clustermail::router::serve(config, source))?;
+            Ok(Exit::Ok)
+        }
+        Command::Demo { dir } => {
+            let (config, _) = Config::load(cli.config.as_deref())?;
+            let dir = dir.unwrap_or_else(|| config.data_dir.join("demo"));
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(clustermail::demo::run(&dir, &mut out))?;
             Ok(Exit::Ok)
         }
         Command::Config {

@@ -17,7 +17,19 @@ use tokio::sync::watch;
 /// The example catalog, built in so that `serve` works out of the box.
 pub const EXAMPLE_CATALOG: &str = include_str!("../catalog/example.toml");
 
+/// Runs the router until SIGINT or SIGTERM.
 pub async fn serve(config: Config, source: Source) -> Result<()> {
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: no new connections, finishing transactions in progress");
+        let _ = stop.send(true);
+    });
+    run(config, source, stopped).await
+}
+
+/// Runs the router until `stopped` turns true (the demo and embedders stop it so).
+pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>) -> Result<()> {
     tracing::info!(config = %source, data_dir = %config.data_dir.display(), "starting clustermail");
     let db = catalog::open_db(&config.data_dir, config.store_cache_mb << 20)?;
     // The admin socket, then SMTP: once the SMTP port answers, the CLI can reach us.
@@ -50,12 +62,6 @@ pub async fn serve(config: Config, source: Source) -> Result<()> {
         catalog.clone(),
         spool.clone(),
     )?;
-    let (stop, stopped) = watch::channel(false);
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down: no new connections, finishing transactions in progress");
-        let _ = stop.send(true);
-    });
     let tracker = health::monitor::shared(&config.routing);
     let monitor = tokio::spawn(health::monitor::run(
         catalog.clone(),
@@ -75,6 +81,7 @@ pub async fn serve(config: Config, source: Source) -> Result<()> {
         ),
         in_flight: Default::default(),
     });
+    let metrics_tracker = tracker.clone();
     let admin = Arc::new(cli::Context {
         catalog: catalog.clone(),
         spool: spool.clone(),
@@ -89,6 +96,18 @@ pub async fn serve(config: Config, source: Source) -> Result<()> {
             tracing::error!(error = %e, "admin socket failed: the CLI cannot reach this router");
         }
     });
+    if let Some(addr) = &config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("metrics_listen {addr}: {e}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "metrics listening (GET /metrics)");
+        let sources = crate::metrics::Sources {
+            catalog: catalog.clone(),
+            spool: spool.clone(),
+            tracker: metrics_tracker,
+        };
+        tokio::spawn(crate::metrics::serve(listener, sources, stopped.clone()));
+    }
     let delivering = tokio::spawn(manager.run(stopped.clone(), config.smtp.shutdown_grace));
     server::serve(service, listeners, stopped).await?;
     let _ = monitor.await;

@@ -73,12 +73,7 @@ fn a_busy_home_with_no_replica_still_gets_the_mail() {
     wait_state(&r, "m1", "busy");
     send(&r, "u@c.test");
     assert_eq!(home.wait_for(1, 10).len(), 1, "log:\n{}", r.log());
-    assert!(
-        r.log()
-            .contains("deliver home to m1: busy, but no replica is available"),
-        "{}",
-        r.log()
-    );
+    r.wait_log("deliver home to m1: busy, but no replica is available");
 }
 
 #[test]
@@ -158,11 +153,7 @@ fn all_hops_reaches_a_second_next_hop_router() {
                 second.messages().is_empty(),
                 "{scope}: the second router was used"
             );
-            assert!(
-                r.log().contains("no router of cluster west answered"),
-                "{}",
-                r.log()
-            );
+            r.wait_log("no router of cluster west answered");
         }
         assert!(
             w1.messages().is_empty(),

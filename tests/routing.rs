@@ -129,7 +129,7 @@ fn home_down_fails_over_to_a_replica_smtp_sink() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(r.log().contains("fail over to replica m3"), "{}", r.log());
+    r.wait_log("fail over to replica m3");
     assert!(stop_and_queue(&mut r).is_empty());
 }
 
@@ -158,11 +158,7 @@ fn all_down_holds_a_returning_replica_does_not_take_it_the_home_does() {
         replica.messages().is_empty(),
         "a held message went to a replica"
     );
-    assert!(
-        r.log().contains("hold and retry home m1 without failover"),
-        "{}",
-        r.log()
-    );
+    r.wait_log("hold and retry home m1 without failover");
     home.up();
     let got = home.wait_for(1, 10);
     assert_eq!(
@@ -561,6 +557,6 @@ fn a_busy_replica_is_skipped() {
     );
     send(&r, &["u1@c.test"], "busy");
     assert_eq!(taken.wait_for(1, 10).len(), 1, "log:\n{}", r.log());
-    assert!(r.log().contains("fail over to replica m3"), "{}", r.log());
+    r.wait_log("fail over to replica m3");
     assert!(stop_and_queue(&mut r).is_empty());
 }

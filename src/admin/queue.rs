@@ -31,7 +31,7 @@ fn until(at_ms: u64) -> String {
     let at = UNIX_EPOCH + Duration::from_millis(at_ms);
     let secs = at
         .duration_since(SystemTime::now())
-        .map(|d| d.as_secs())
+        .map(|d| d.as_millis().div_ceil(1000) as u64)
         .unwrap_or(0);
     humantime::format_duration(Duration::from_secs(secs)).to_string()
 }

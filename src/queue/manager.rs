@@ -232,6 +232,8 @@ impl Manager {
         while !open.is_empty() {
             // Destination (name, address) → recipients: a catalog server, or a next-hop router.
             let mut plan: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
+            // Recipient → its decision's kind and reason, for the delivery log line.
+            let mut decided: BTreeMap<usize, (&'static str, String)> = BTreeMap::new();
             let mut held = Vec::new();
             // Routed to a server that left the catalog meanwhile: route again.
             let mut retry = Vec::new();
@@ -259,7 +261,28 @@ impl Manager {
                     .map(|c| c.routers)
                     .unwrap_or_default();
                 let route = route::decide(&entry, &avail, &policy, attempt, skipped, &routers);
-                tracing::info!(%id, rcpt = %r.address, decision = %route.reason, "routed");
+                let m = &crate::metrics::METRICS;
+                let kind = match &route.decision {
+                    Decision::Home(_) => {
+                        m.decided_home.inc();
+                        "home"
+                    }
+                    Decision::Replica(_) => {
+                        m.decided_replica.inc();
+                        "replica"
+                    }
+                    Decision::NextHop(_) => {
+                        m.decided_next_hop.inc();
+                        "next-hop"
+                    }
+                    Decision::Hold => {
+                        m.decided_hold.inc();
+                        m.recipients_held.inc();
+                        tracing::info!(%id, rcpt = %r.address, decision = %"hold", why = %route.reason, "held");
+                        "hold"
+                    }
+                };
+                decided.insert(i, (kind, route.reason.clone()));
                 r.last_route = Some(route.why());
                 match route.decision {
                     Decision::Home(s) | Decision::Replica(s) => match self.catalog.server(&s) {
@@ -293,7 +316,10 @@ impl Manager {
                     .await
                 {
                     Err(deliver::Unusable(why)) => {
-                        tracing::warn!(%id, server = %server, error = %why, "server unusable: re-routing");
+                        for &i in &idxs {
+                            let (kind, reason) = decided.get(&i).cloned().unwrap_or_default();
+                            tracing::warn!(%id, rcpt = %env.recipients[i].address, server = %server, decision = %kind, why = %reason, outcome = %"unusable", reply = %why, "delivery attempt");
+                        }
                         self.health
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
@@ -315,9 +341,16 @@ impl Manager {
                             .responded(&server, sent.response, temporary);
                         for (&i, outcome) in idxs.iter().zip(sent.outcomes) {
                             let r = &mut env.recipients[i];
+                            let (kind, reason) = decided.get(&i).cloned().unwrap_or_default();
+                            let (result, reply) = match &outcome {
+                                Outcome::Delivered(x) => ("delivered", x),
+                                Outcome::Temporary(x) => ("deferred", x),
+                                Outcome::Permanent(x) => ("failed", x),
+                            };
+                            tracing::info!(%id, rcpt = %r.address, server = %server, decision = %kind, why = %reason, outcome = %result, reply = %reply, "delivery attempt");
                             match outcome {
                                 Outcome::Delivered(reply) => {
-                                    tracing::info!(%id, rcpt = %r.address, server = %server, reply = %reply, "delivered");
+                                    crate::metrics::METRICS.recipients_delivered.inc();
                                     r.state = RecipientState::Delivered {
                                         server: server.clone(),
                                         reply,
@@ -325,7 +358,6 @@ impl Manager {
                                     };
                                 }
                                 Outcome::Permanent(reply) => {
-                                    tracing::warn!(%id, rcpt = %r.address, server = %server, reply = %reply, "refused");
                                     r.state = self.failed(reply);
                                 }
                                 Outcome::Temporary(reply) => {
@@ -375,7 +407,8 @@ impl Manager {
                 match outcome {
                     Ok(sent) => match sent.outcomes.into_iter().next() {
                         Some(Outcome::Delivered(reply)) => {
-                            tracing::info!(%id, rcpt = %address, server = %target, reply = %reply, "delivered");
+                            crate::metrics::METRICS.recipients_delivered.inc();
+                            tracing::info!(%id, rcpt = %address, server = %target, decision = %"external", outcome = %"delivered", reply = %reply, "delivery attempt");
                             r.state = RecipientState::Delivered {
                                 server: target.clone(),
                                 reply,
@@ -384,15 +417,20 @@ impl Manager {
                             done = true;
                         }
                         Some(Outcome::Permanent(reply)) => {
+                            tracing::info!(%id, rcpt = %address, server = %target, decision = %"external", outcome = %"failed", reply = %reply, "delivery attempt");
                             r.state = self.failed(reply);
                             done = true;
                         }
                         Some(Outcome::Temporary(reply)) => {
+                            tracing::info!(%id, rcpt = %address, server = %target, decision = %"external", outcome = %"deferred", reply = %reply, "delivery attempt");
                             r.last_error = Some(format!("{target}: {reply}"))
                         }
                         None => {}
                     },
-                    Err(deliver::Unusable(why)) => r.last_error = Some(format!("{target}: {why}")),
+                    Err(deliver::Unusable(why)) => {
+                        tracing::warn!(%id, rcpt = %address, server = %target, decision = %"external", outcome = %"unusable", reply = %why, "delivery attempt");
+                        r.last_error = Some(format!("{target}: {why}"))
+                    }
                 }
                 if done {
                     break;
@@ -474,6 +512,9 @@ impl Manager {
                     eight_bit: !bytes.is_ascii(),
                 };
                 self.spool.enqueue(&bounce, &bytes).await?;
+                crate::metrics::METRICS
+                    .recipients_bounced
+                    .add(failed.len() as u64);
                 tracing::info!(id = %env.id, dsn = %dsn_id, to = %sender, failed = failed.len(), "bounce queued");
             }
         }

@@ -246,6 +246,14 @@ impl Spool {
             .collect()
     }
 
+    /// The oldest message in the queue (ids sort by arrival).
+    pub fn oldest(&self) -> Result<Option<QueueId>> {
+        match self.tree.scan_prefix(b"e\0").next() {
+            Some(r) => Ok(Some(decode(&r?.1)?.id)),
+            None => Ok(None),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.tree.scan_prefix(b"e\0").count()
     }

@@ -65,6 +65,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     pub fn reply(&mut self, r: &Reply) {
+        crate::metrics::METRICS.smtp_reply(r.code);
         self.out.extend_from_slice(r.to_wire().as_bytes());
     }
 

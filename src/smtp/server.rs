@@ -309,9 +309,11 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 };
                 let r = match session.data_received(body, decoder.over_size()) {
                     Ok(m) => accept(service, m, peer).await,
-                    Err(r) => r,
+                    Err(r) => {
+                        log_refused(peer, &r);
+                        r
+                    }
                 };
-                log_transaction(peer, &r);
                 conn.reply(&r);
             }
             Action::ReadBdat { size, last, refuse } => {
@@ -332,11 +334,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     Some(r) => r,
                     None => match session.bdat_chunk(&chunk, last) {
                         Ok(None) => Session::chunk_reply(size),
-                        Ok(Some(m)) => {
-                            let r = accept(service, m, peer).await;
-                            log_transaction(peer, &r);
-                            r
-                        }
+                        Ok(Some(m)) => accept(service, m, peer).await,
                         Err(r) => r,
                     },
                 };
@@ -356,12 +354,10 @@ async fn timed_out<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(Next::Close)
 }
 
-fn log_transaction(peer: SocketAddr, r: &Reply) {
-    if r.is_positive() {
-        tracing::info!(%peer, reply = %r, "message accepted");
-    } else {
-        tracing::info!(%peer, reply = %r, "message refused");
-    }
+/// The transaction's log line when the message was refused at its end (size, loop,
+/// bare line endings...); [`accept`] writes the line of the others.
+fn log_refused(peer: SocketAddr, r: &Reply) {
+    tracing::info!(%peer, reply = %r, "message refused");
 }
 
 /// Queues a message durably; the reply is 250 only once it is on disk.
@@ -401,20 +397,20 @@ async fn accept(service: &Service, m: Message, peer: SocketAddr) -> Reply {
         smtputf8: m.smtputf8,
         eight_bit: m.eight_bit,
     };
+    let rcpts: Vec<&str> = env.recipients.iter().map(|r| r.address.as_str()).collect();
+    let rcpts = rcpts.join(",");
+    let from = env.sender.as_deref().unwrap_or("<>");
     match service.spool.enqueue(&env, &message).await {
         Ok(()) => {
-            tracing::info!(
-                id = %id_text,
-                from = env.sender.as_deref().unwrap_or(""),
-                rcpts = env.recipients.len(),
-                size = env.size,
-                "queued"
-            );
-            Reply::new(250, "2.0.0", format!("Ok: queued as {id_text}"))
+            crate::metrics::METRICS.messages_accepted.inc();
+            let r = Reply::new(250, "2.0.0", format!("Ok: queued as {id_text}"));
+            tracing::info!(id = %id_text, %peer, helo = %env.helo, from = %from, rcpts = %rcpts, size = env.size, reply = %r, "message accepted");
+            r
         }
         Err(e) => {
-            tracing::error!(error = %e, "queueing failed");
-            Reply::new(451, "4.3.0", "Queueing failed, try again later")
+            let r = Reply::new(451, "4.3.0", "Queueing failed, try again later");
+            tracing::error!(id = %id_text, %peer, from = %from, rcpts = %rcpts, error = %e, reply = %r, "message refused: queueing failed");
+            r
         }
     }
 }

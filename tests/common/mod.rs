@@ -122,6 +122,20 @@ impl Router {
         }
     }
 
+    /// Waits up to 10 s for `needle` to appear in the log; panics with the log if
+    /// it does not. (Log lines of a delivery follow the server's reply.)
+    pub fn wait_log(&self, needle: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !self.log().contains(needle) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{needle:?} never logged:\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.scratch.path().join("serve.log")).unwrap_or_default()
     }

@@ -1,0 +1,321 @@
+//! Metrics: counters kept by the parts that do the work, and a Prometheus text
+//! endpoint (`metrics_listen`) that renders them together with gauges read at
+//! scrape time (queue size and oldest age, each server's availability and index).
+//!
+//! The counters are process-wide statics: one router per process, and no part has
+//! to carry a handle to count. The HTTP side is deliberately tiny (one GET, no
+//! keep-alive): it only has to satisfy a Prometheus scraper or `curl`.
+
+use crate::catalog::Catalog;
+use crate::health::monitor::SharedTracker;
+use crate::queue::Spool;
+use crate::route::Availability;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// A monotonically increasing count.
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub const fn new() -> Counter {
+        Counter(AtomicU64::new(0))
+    }
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Every counter of the router.
+pub struct Metrics {
+    /// Messages queued (250 after DATA or BDAT LAST).
+    pub messages_accepted: Counter,
+    /// Recipients delivered (2xx from a server).
+    pub recipients_delivered: Counter,
+    /// Recipients that failed and were reported in a DSN.
+    pub recipients_bounced: Counter,
+    /// Times a recipient was put on hold (home unusable, no replica).
+    pub recipients_held: Counter,
+    /// Routing decisions for delivery attempts, by kind.
+    pub decided_home: Counter,
+    pub decided_replica: Counter,
+    pub decided_next_hop: Counter,
+    pub decided_hold: Counter,
+    /// SMTP replies sent to clients, by code.
+    smtp_replies: Mutex<BTreeMap<u16, u64>>,
+}
+
+pub static METRICS: Metrics = Metrics {
+    messages_accepted: Counter::new(),
+    recipients_delivered: Counter::new(),
+    recipients_bounced: Counter::new(),
+    recipients_held: Counter::new(),
+    decided_home: Counter::new(),
+    decided_replica: Counter::new(),
+    decided_next_hop: Counter::new(),
+    decided_hold: Counter::new(),
+    smtp_replies: Mutex::new(BTreeMap::new()),
+};
+
+impl Metrics {
+    pub fn smtp_reply(&self, code: u16) {
+        let mut m = self.smtp_replies.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry(code).or_insert(0) += 1;
+    }
+
+    fn smtp_replies(&self) -> BTreeMap<u16, u64> {
+        self.smtp_replies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// What the scrape reads besides the counters.
+pub struct Sources {
+    pub catalog: std::sync::Arc<Catalog>,
+    pub spool: Spool,
+    pub tracker: SharedTracker,
+}
+
+/// Escapes a Prometheus label value.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// The Prometheus text exposition (format 0.0.4) of everything.
+pub fn render(m: &Metrics, sources: &Sources) -> String {
+    let mut out = String::new();
+    for (name, help, c) in [
+        (
+            "clustermail_messages_accepted_total",
+            "Messages queued (250 after DATA).",
+            &m.messages_accepted,
+        ),
+        (
+            "clustermail_recipients_delivered_total",
+            "Recipients delivered to a server.",
+            &m.recipients_delivered,
+        ),
+        (
+            "clustermail_recipients_bounced_total",
+            "Recipients failed and reported in a DSN.",
+            &m.recipients_bounced,
+        ),
+        (
+            "clustermail_recipients_held_total",
+            "Times a recipient was held (home unusable, no replica available).",
+            &m.recipients_held,
+        ),
+    ] {
+        family(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", c.get());
+    }
+    let name = "clustermail_routing_decisions_total";
+    family(
+        &mut out,
+        name,
+        "counter",
+        "Routing decisions of delivery attempts, by decision.",
+    );
+    for (decision, c) in [
+        ("home", &m.decided_home),
+        ("replica", &m.decided_replica),
+        ("next-hop", &m.decided_next_hop),
+        ("hold", &m.decided_hold),
+    ] {
+        let _ = writeln!(out, "{name}{{decision=\"{decision}\"}} {}", c.get());
+    }
+    let name = "clustermail_smtp_replies_total";
+    family(
+        &mut out,
+        name,
+        "counter",
+        "SMTP replies sent to clients, by code.",
+    );
+    for (code, n) in m.smtp_replies() {
+        let _ = writeln!(out, "{name}{{code=\"{code}\"}} {n}");
+    }
+
+    let (messages, oldest) = match sources.spool.oldest() {
+        Ok(oldest) => (sources.spool.len(), oldest),
+        Err(_) => (0, None),
+    };
+    family(
+        &mut out,
+        "clustermail_queue_messages",
+        "gauge",
+        "Messages in the queue.",
+    );
+    let _ = writeln!(out, "clustermail_queue_messages {messages}");
+    family(
+        &mut out,
+        "clustermail_queue_oldest_age_seconds",
+        "gauge",
+        "Age of the oldest queued message (0 when empty).",
+    );
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as u64;
+    let age = oldest.map_or(0.0, |id| now_ms.saturating_sub(id.millis()) as f64 / 1000.0);
+    let _ = writeln!(out, "clustermail_queue_oldest_age_seconds {age:.3}");
+
+    let tracker = sources
+        .tracker
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let servers = sources.catalog.servers(None);
+    let name = "clustermail_server_availability";
+    family(
+        &mut out,
+        name,
+        "gauge",
+        "1 for the server's current availability (up, busy, down), 0 for the others.",
+    );
+    for s in &servers {
+        let now = tracker.of(s);
+        for a in [Availability::Up, Availability::Busy, Availability::Down] {
+            let _ = writeln!(
+                out,
+                "{name}{{server=\"{}\",cluster=\"{}\",admin_state=\"{}\",availability=\"{a}\"}} {}",
+                label(&s.name),
+                label(&s.cluster),
+                s.state.as_str(),
+                u8::from(now == a)
+            );
+        }
+    }
+    let name = "clustermail_server_availability_index";
+    family(
+        &mut out,
+        name,
+        "gauge",
+        "Availability index 0-100 (100: answering as fast as its baseline).",
+    );
+    for s in &servers {
+        let _ = writeln!(
+            out,
+            "{name}{{server=\"{}\"}} {}",
+            label(&s.name),
+            tracker.health(&s.name).index
+        );
+    }
+    out
+}
+
+/// Serves `GET /metrics` on `listener` until shutdown.
+pub async fn serve(listener: TcpListener, sources: Sources, mut shutdown: watch::Receiver<bool>) {
+    let sources = std::sync::Arc::new(sources);
+    loop {
+        let (mut stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => if *shutdown.borrow() { return } else { continue },
+        };
+        let sources = sources.clone();
+        tokio::spawn(async move {
+            let answer = async {
+                let head = read_head(&mut stream).await?;
+                let first = head.lines().next().unwrap_or_default().to_string();
+                let mut parts = first.split_whitespace();
+                let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                let (status, kind, body) = match (method, path.split('?').next()) {
+                    ("GET", Some("/metrics")) => (
+                        "200 OK",
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        render(&METRICS, &sources),
+                    ),
+                    ("GET", _) => ("404 Not Found", "text/plain", "try /metrics\n".into()),
+                    _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
+                };
+                let response = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                stream.write_all(response.as_bytes()).await?;
+                stream.shutdown().await
+            };
+            if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(10), answer).await {
+                tracing::debug!(%peer, error = %e, "metrics request failed");
+            }
+        });
+    }
+}
+
+/// Reads an HTTP request head (up to the blank line, at most 8 KiB).
+async fn read_head(stream: &mut tokio::net::TcpStream) -> std::io::Result<String> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
+        if buf.len() > 8192 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "request head too long",
+            ));
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn replies_are_counted_by_code() {
+        let m = Metrics {
+            messages_accepted: Counter::new(),
+            recipients_delivered: Counter::new(),
+            recipients_bounced: Counter::new(),
+            recipients_held: Counter::new(),
+            decided_home: Counter::new(),
+            decided_replica: Counter::new(),
+            decided_next_hop: Counter::new(),
+            decided_hold: Counter::new(),
+            smtp_replies: Mutex::new(BTreeMap::new()),
+        };
+        m.smtp_reply(250);
+        m.smtp_reply(250);
+        m.smtp_reply(550);
+        assert_eq!(
+            m.smtp_replies().into_iter().collect::<Vec<_>>(),
+            vec![(250, 2), (550, 1)]
+        );
+    }
+}
