@@ -76,6 +76,30 @@ pub enum Command {
         #[command(subcommand)]
         command: RouteCommand,
     },
+    /// The active-passive pair: status, set the mode, restore the configured mode.
+    Ha {
+        #[command(subcommand)]
+        command: HaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum HaCommand {
+    /// Configured and effective mode, peer, last heartbeat, queue push, catalog sync.
+    Status,
+    /// Set the effective mode by hand (the way out of OFF).
+    SetMode {
+        #[arg(value_enum)]
+        mode: HaSetMode,
+    },
+    /// Return this unit to its configured mode (refused while a queue push is unfinished).
+    Restore,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum HaSetMode {
+    Master,
+    Slave,
 }
 
 #[derive(Subcommand)]
@@ -183,6 +207,7 @@ impl Command {
                 | Command::Queue { .. }
                 | Command::Servers
                 | Command::Route { .. }
+                | Command::Ha { .. }
         )
     }
 
@@ -215,6 +240,8 @@ pub struct Context {
     pub routing: RoutingConfig,
     /// The router is running (availability is live, not probed for this command).
     pub live: bool,
+    /// The HA unit, when the running router is one of a pair.
+    pub ha: Option<Arc<crate::ha::Ha>>,
 }
 
 /// Runs a store command; output goes to `out`, problems to `err`.
@@ -286,6 +313,40 @@ pub async fn execute(
                 crate::health::monitor::probe_all(&ctx.catalog, &ctx.tracker, &ctx.routing).await;
             }
             admin::routes::explain(ctx, &address, out, err)
+        }
+        Command::Ha { command } => {
+            let Some(ha) = &ctx.ha else {
+                writeln!(
+                    err,
+                    "{}",
+                    if ctx.live {
+                        "this router is not one of an HA pair (no [ha] in its config)"
+                    } else {
+                        "the router is not running: HA status and modes exist only in a running router"
+                    }
+                )?;
+                return Ok(Exit::Failed);
+            };
+            match command {
+                HaCommand::Status => {
+                    ha.write_status(out)?;
+                    Ok(Exit::Ok)
+                }
+                HaCommand::SetMode { mode } => {
+                    writeln!(out, "{}", ha.set_mode(matches!(mode, HaSetMode::Master)))?;
+                    Ok(Exit::Ok)
+                }
+                HaCommand::Restore => match ha.restore() {
+                    Ok(msg) => {
+                        writeln!(out, "{msg}")?;
+                        Ok(Exit::Ok)
+                    }
+                    Err(why) => {
+                        writeln!(err, "refused: {why}")?;
+                        Ok(Exit::Failed)
+                    }
+                },
+            }
         }
         Command::Serve | Command::Demo { .. } | Command::Config { .. } => {
             writeln!(err, "not a store command")?;

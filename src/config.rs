@@ -31,6 +31,63 @@ pub struct Config {
     pub metrics_listen: Option<String>,
     pub smtp: SmtpConfig,
     pub routing: RoutingConfig,
+    /// Active-passive pair of routers; absent: this router runs alone.
+    pub ha: Option<HaConfig>,
+}
+
+/// This unit's configured role in the HA pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HaRole {
+    Primary,
+    Secondary,
+}
+
+/// What a unit does when it finds that it has failed (its peer took over).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFailure {
+    /// OFF: process nothing until an administrator sets the mode.
+    Off,
+    /// FAILED, then back to the configured mode once the peer sees this unit's
+    /// SMTP service again.
+    Restore,
+    /// FAILED, then SLAVE as soon as the peer answers; the queue is pushed to it.
+    #[default]
+    Slave,
+}
+
+/// `[ha]`: the active-passive pair.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaConfig {
+    /// `primary` or `secondary`.
+    pub mode: HaRole,
+    /// Where this unit's HA link listens, `IP:port` (not the SMTP port).
+    pub listen: String,
+    /// The peer's HA link, `host:port`.
+    pub peer: String,
+    /// The peer's SMTP service, `host:port`, checked every heartbeat (remote
+    /// service monitoring).
+    pub peer_smtp: String,
+    /// Shared secret: the HA link (heartbeats, queue push, catalog sync) is
+    /// refused to a peer without it.
+    pub password: String,
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Missed heartbeats (or failed SMTP checks of the MASTER) before acting.
+    #[serde(default = "default_heartbeat_lost")]
+    pub heartbeat_lost: u32,
+    #[serde(default)]
+    pub on_failure: OnFailure,
+}
+
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_heartbeat_lost() -> u32 {
+    3
 }
 
 /// Routing, availability and retries.
@@ -222,6 +279,7 @@ impl Default for Config {
             metrics_listen: None,
             smtp: SmtpConfig::default(),
             routing: RoutingConfig::default(),
+            ha: None,
         }
     }
 }
@@ -319,6 +377,21 @@ impl Config {
             l.parse::<SocketAddr>().map_err(|_| {
                 anyhow::anyhow!("smtp.listen: {l:?} is not an IP:port (IPv6 as [::1]:2525)")
             })?;
+        }
+        if let Some(ha) = &self.ha {
+            ha.listen
+                .parse::<SocketAddr>()
+                .map_err(|_| anyhow::anyhow!("ha.listen: {:?} is not an IP:port", ha.listen))?;
+            for (name, v) in [("ha.peer", &ha.peer), ("ha.peer_smtp", &ha.peer_smtp)] {
+                crate::catalog::model::check_server_address(v)
+                    .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            }
+            if ha.password.len() < 8 {
+                bail!("ha.password: use at least 8 characters");
+            }
+            if ha.heartbeat_interval.is_zero() || ha.heartbeat_lost == 0 {
+                bail!("ha.heartbeat_interval and ha.heartbeat_lost must be above 0");
+            }
         }
         if let Some(m) = &self.metrics_listen {
             m.parse::<SocketAddr>().map_err(|_| {

@@ -95,6 +95,7 @@ fn run(cli: Cli) -> Result<Exit> {
                     tracker: clustermail::health::monitor::shared(&config.routing),
                     routing: config.routing.clone(),
                     live: false,
+                    ha: None,
                 };
                 let exit = cli::execute(&ctx, command, &mut out, &mut err).await;
                 ctx.spool.durable().await?;

@@ -34,6 +34,10 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
     let db = catalog::open_db(&config.data_dir, config.store_cache_mb << 20)?;
     // The admin socket, then SMTP: once the SMTP port answers, the CLI can reach us.
     let admin_listener = socket::bind(&config.data_dir)?;
+    let ha_listener = match &config.ha {
+        Some(ha) => Some(crate::ha::bind(ha).await?),
+        None => None,
+    };
     let listeners = server::bind(&config.listen_addrs()?).await?;
     let catalog = Arc::new(Catalog::open(&db, config.local_part_match)?);
     if catalog.servers(None).is_empty() {
@@ -55,12 +59,25 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
     let spool = Spool::open(&db)?;
     let queued = spool.len();
     tracing::info!(queued, "queue opened");
+    let ha = match &config.ha {
+        Some(c) => Some(Arc::new(crate::ha::Ha::new(
+            c.clone(),
+            &db,
+            spool.clone(),
+            catalog.clone(),
+        )?)),
+        None => None,
+    };
+    let gate = ha
+        .as_ref()
+        .map_or_else(crate::ha::Gate::open, |h| h.gate.clone());
     let service = server::Service::new(
         &config.router_name,
         &config.smtp,
         config.routing.max_hops,
         catalog.clone(),
         spool.clone(),
+        gate.clone(),
     )?;
     let tracker = health::monitor::shared(&config.routing);
     let monitor = tokio::spawn(health::monitor::run(
@@ -80,7 +97,12 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
             std::time::Duration::from_secs(10),
         ),
         in_flight: Default::default(),
+        gate,
     });
+    if let (Some(ha), Some(listener)) = (&ha, ha_listener) {
+        ha.set_manager(manager.clone());
+        tokio::spawn(crate::ha::run(ha.clone(), listener, stopped.clone()));
+    }
     let metrics_tracker = tracker.clone();
     let admin = Arc::new(cli::Context {
         catalog: catalog.clone(),
@@ -88,6 +110,7 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
         tracker,
         routing: config.routing.clone(),
         live: true,
+        ha,
     });
     let data_dir = config.data_dir.clone();
     let admin_stop = stopped.clone();

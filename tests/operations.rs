@@ -267,6 +267,14 @@ fn every_config_key_is_documented_in_the_readme() {
         "routing.relay_host",
         "routing.local_cluster",
         "routing.local_server",
+        "ha.mode",
+        "ha.listen",
+        "ha.peer",
+        "ha.peer_smtp",
+        "ha.password",
+        "ha.heartbeat_interval",
+        "ha.heartbeat_lost",
+        "ha.on_failure",
     ];
     let undocumented: Vec<&str> = keys
         .iter()

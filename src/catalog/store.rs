@@ -32,6 +32,8 @@ use std::sync::{Arc, RwLock};
 const CURRENT: &[u8] = b"catalog.current";
 const TREE_PREFIX: &str = "catalog-";
 const RULE_KEY: &[u8] = b"~rule";
+/// In the meta tree: the catalog's change counter, see [`Catalog::serial`].
+const SERIAL: &[u8] = b"catalog.serial";
 /// The record layout of this catalog tree; bumped whenever a stored record gains or
 /// loses a field (bincode records carry no field names). 2: `Mailbox.failover` and
 /// `Server.availability_threshold`.
@@ -330,6 +332,8 @@ impl Catalog {
         let mut servers = (*live.servers).clone();
         servers.insert(k, Arc::new(server.clone()));
         live.servers = Arc::new(servers);
+        drop(live);
+        self.bump_serial()?;
         Ok(server)
     }
 
@@ -376,7 +380,29 @@ impl Catalog {
             live.servers = Arc::new(load_servers(&live.tree)?);
         }
         progress.finish_and_clear();
+        self.bump_serial()?;
         Ok(plan.report)
+    }
+
+    /// A number that changes with every write to the catalog (import, set-state),
+    /// kept across restarts: how an HA peer tells that its copy is stale.
+    pub fn serial(&self) -> u64 {
+        self.meta
+            .get(SERIAL)
+            .ok()
+            .flatten()
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes)
+    }
+
+    fn bump_serial(&self) -> Result<()> {
+        self.meta.update_and_fetch(SERIAL, |old| {
+            let n = old
+                .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                .map_or(0, u64::from_be_bytes);
+            Some((n + 1).to_be_bytes().to_vec())
+        })?;
+        Ok(())
     }
 
     fn apply_shadow(

@@ -42,6 +42,9 @@ pub struct Manager {
     pub deliverer: deliver::Deliverer,
     /// Messages being delivered now (never two tasks for one message).
     pub in_flight: std::sync::Mutex<HashSet<QueueId>>,
+    /// Closed while this router is not the active unit of its HA pair: no new
+    /// deliveries start (those in flight finish).
+    pub gate: crate::ha::Gate,
 }
 
 impl Manager {
@@ -129,6 +132,9 @@ impl Manager {
     /// recipient left waiting falls due.
     pub async fn pass(self: &Arc<Self>, limit: &Arc<Semaphore>) -> Result<Option<u64>> {
         let now = now_ms();
+        if !self.gate.is_active() {
+            return Ok(Some(now + 1000));
+        }
         let mut next: Option<u64> = None;
         for env in self.spool.envelopes()? {
             if self.in_flight().contains(&env.id) {
@@ -169,6 +175,16 @@ impl Manager {
             });
         }
         Ok(next)
+    }
+
+    /// Is a delivery of `id` running now?
+    pub fn delivering(&self, id: QueueId) -> bool {
+        self.in_flight().contains(&id)
+    }
+
+    /// How many deliveries are running now.
+    pub fn deliveries_running(&self) -> usize {
+        self.in_flight().len()
     }
 
     fn in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<QueueId>> {

@@ -77,6 +77,14 @@ pub fn too_many_connections() -> Reply {
 pub fn timeout(name: &str) -> Reply {
     Reply::new(421, "4.4.2", format!("{name} Timeout, closing connection"))
 }
+/// This router is the standby (or failed) unit of an HA pair.
+pub fn inactive(name: &str) -> Reply {
+    Reply::new(
+        421,
+        "4.3.2",
+        format!("{name} Not the active unit of its HA pair, try the other"),
+    )
+}
 pub fn shutting_down(name: &str) -> Reply {
     Reply::new(
         421,

@@ -32,6 +32,9 @@ pub struct Service {
     pub policy: Box<dyn RecipientPolicy + Send + Sync>,
     pub spool: Spool,
     pub tls: Option<TlsAcceptor>,
+    /// Closed while this router is not the active unit of its HA pair: new
+    /// sessions get 421 4.3.2.
+    pub gate: crate::ha::Gate,
     connections: Arc<Semaphore>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -43,6 +46,7 @@ impl Service {
         max_hops: usize,
         catalog: Arc<Catalog>,
         spool: Spool,
+        gate: crate::ha::Gate,
     ) -> Result<Arc<Service>> {
         let tls = match (&config.tls_cert, &config.tls_key) {
             (Some(c), Some(k)) => Some(super::tls::acceptor(c, k)?),
@@ -63,6 +67,7 @@ impl Service {
             policy: Box::new(CatalogPolicy { catalog }),
             spool,
             tls,
+            gate,
             connections: Arc::new(Semaphore::new(config.max_connections)),
             per_ip: Mutex::new(HashMap::new()),
         }))
@@ -200,6 +205,9 @@ async fn connection(
         service: &service,
         ip,
     };
+    if !service.gate.is_active() {
+        return refuse(stream, reply::inactive(&service.settings.name)).await;
+    }
     let mut session = Session::new(service.settings.clone());
     let mut conn = Conn::new(stream);
     conn.reply(&session.greeting());

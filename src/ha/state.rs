@@ -1,0 +1,416 @@
+//! The HA unit's mode as a pure state machine: one [`Unit::tick`] per heartbeat
+//! interval with what the heartbeat and the remote service check saw, plus the
+//! administrator's commands. No I/O here; `ha::run` feeds it.
+//!
+//! Effective modes (FortiMail's): **MASTER** takes and delivers mail; **SLAVE**
+//! stands by (and pushes any queue it holds to the MASTER); **FAILED** found that
+//! it had failed (the peer took over) and waits to recover; **OFF** processes
+//! nothing until an administrator sets a mode. **STARTING** waits, at most
+//! `heartbeat_lost` intervals, to hear the peer before choosing.
+//!
+//! Two MASTERs (after a partition, or a unit coming back) are resolved by the
+//! *master epoch*: every unit that becomes MASTER takes an epoch above any it has
+//! seen, so the most recent takeover wins (equal epochs: the primary). A unit
+//! that loses that way as configured secondary simply becomes SLAVE; the
+//! configured primary has *failed* and follows `on_failure`.
+
+use crate::config::{HaRole, OnFailure};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mode {
+    Starting,
+    Master,
+    Slave,
+    Failed,
+    Off,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Starting => "STARTING",
+            Mode::Master => "MASTER",
+            Mode::Slave => "SLAVE",
+            Mode::Failed => "FAILED",
+            Mode::Off => "OFF",
+        })
+    }
+}
+
+/// What the peer said of itself in its last heartbeat answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerView {
+    pub role: HaRole,
+    pub mode: Mode,
+    pub epoch: u64,
+    /// The peer's own check of this unit's SMTP service (None: not checked yet).
+    pub sees_our_smtp: Option<bool>,
+}
+
+/// One heartbeat interval's observations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Tick {
+    /// The peer answered the heartbeat (None: no answer, refused or timed out).
+    pub peer: Option<PeerView>,
+    /// Remote service monitoring: the peer's SMTP greeted (None: not checked).
+    pub peer_smtp_ok: Option<bool>,
+}
+
+/// A unit of the pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unit {
+    pub role: HaRole,
+    pub on_failure: OnFailure,
+    /// `heartbeat_lost`: intervals without an answer (or failed checks of the
+    /// MASTER's SMTP) before acting.
+    pub lost_after: u32,
+    pub mode: Mode,
+    pub epoch: u64,
+    /// Heartbeats in a row without an answer.
+    pub missed: u32,
+    /// Failed checks in a row of the MASTER peer's SMTP service.
+    pub smtp_failures: u32,
+    /// Intervals in a row as SLAVE with a peer that is not MASTER.
+    pub masterless: u32,
+    /// Why the mode last changed.
+    pub why: String,
+}
+
+/// A change of mode, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub from: Mode,
+    pub to: Mode,
+    pub why: String,
+}
+
+impl Unit {
+    pub fn new(role: HaRole, on_failure: OnFailure, lost_after: u32, epoch: u64) -> Unit {
+        Unit {
+            role,
+            on_failure,
+            lost_after: lost_after.max(1),
+            mode: Mode::Starting,
+            epoch,
+            missed: 0,
+            smtp_failures: 0,
+            masterless: 0,
+            why: "starting: waiting for the peer".into(),
+        }
+    }
+
+    fn set(&mut self, to: Mode, why: impl Into<String>) -> Option<Change> {
+        let from = self.mode;
+        self.mode = to;
+        self.why = why.into();
+        self.smtp_failures = 0;
+        self.masterless = 0;
+        (from != to).then(|| Change {
+            from,
+            to,
+            why: self.why.clone(),
+        })
+    }
+
+    fn become_master(&mut self, peer: Option<&PeerView>, why: impl Into<String>) -> Option<Change> {
+        self.epoch = self.epoch.max(peer.map_or(0, |p| p.epoch)) + 1;
+        self.set(Mode::Master, why)
+    }
+
+    /// This unit has failed (the peer took over): `on_failure` decides.
+    fn failed(&mut self, why: &str) -> Option<Change> {
+        match self.on_failure {
+            OnFailure::Off => self.set(Mode::Off, format!("{why}; on_failure = off")),
+            OnFailure::Restore | OnFailure::Slave => self.set(Mode::Failed, why.to_string()),
+        }
+    }
+
+    /// The configured mode, taken back (recovery with `restore`, `ha restore`).
+    fn configured(&mut self, peer: Option<&PeerView>, why: &str) -> Option<Change> {
+        match self.role {
+            HaRole::Primary => self.become_master(peer, why.to_string()),
+            HaRole::Secondary => self.set(Mode::Slave, why.to_string()),
+        }
+    }
+
+    /// Does `p` (a MASTER) outrank this unit as MASTER?
+    fn outranked_by(&self, p: &PeerView) -> bool {
+        p.mode == Mode::Master
+            && (p.epoch > self.epoch
+                || (p.epoch == self.epoch
+                    && p.role == HaRole::Primary
+                    && self.role == HaRole::Secondary))
+    }
+
+    /// One heartbeat interval.
+    pub fn tick(&mut self, t: &Tick) -> Option<Change> {
+        match t.peer {
+            Some(_) => self.missed = 0,
+            None => self.missed = self.missed.saturating_add(1),
+        }
+        let lost = self.missed >= self.lost_after;
+        let n = self.lost_after;
+        match (t.peer.map(|p| p.mode), t.peer_smtp_ok) {
+            (Some(Mode::Master), Some(false)) => self.smtp_failures += 1,
+            (Some(Mode::Master), Some(true)) => self.smtp_failures = 0,
+            _ => {}
+        }
+        let peer = t.peer.as_ref();
+        // A unit that is not MASTER keeps the highest epoch it has seen, so that
+        // its own takeover outranks every MASTER before it.
+        if let (Some(p), false) = (peer, self.mode == Mode::Master) {
+            self.epoch = self.epoch.max(p.epoch);
+        }
+        match self.mode {
+            Mode::Off => None,
+            Mode::Starting => match peer {
+                Some(p) if p.mode == Mode::Master => match self.role {
+                    HaRole::Primary => {
+                        self.failed("the secondary took over while this unit was away")
+                    }
+                    HaRole::Secondary => self.set(Mode::Slave, "the primary is MASTER"),
+                },
+                Some(p) => match self.role {
+                    HaRole::Primary => self.become_master(Some(p), "the peer is not MASTER"),
+                    HaRole::Secondary => self.set(Mode::Slave, "configured secondary"),
+                },
+                None if lost => self.become_master(
+                    None,
+                    format!("no heartbeat answer from the peer in {n} intervals"),
+                ),
+                None => None,
+            },
+            Mode::Master => match peer {
+                Some(p) if self.outranked_by(p) => match self.role {
+                    HaRole::Secondary => self.set(Mode::Slave, "the primary is MASTER again"),
+                    HaRole::Primary => self.failed(&format!(
+                        "the peer took over (its master epoch {} > ours {})",
+                        p.epoch, self.epoch
+                    )),
+                },
+                _ => None,
+            },
+            Mode::Slave => match peer {
+                None if lost => self.become_master(None, format!("heartbeat lost ({n} missed)")),
+                Some(p) if p.mode == Mode::Master && self.smtp_failures >= n => {
+                    let why = format!("the MASTER's SMTP service failed {n} checks in a row");
+                    self.become_master(Some(p), why)
+                }
+                Some(p) if p.mode != Mode::Master => {
+                    self.masterless += 1;
+                    if self.masterless >= n {
+                        let why = format!("no MASTER for {n} intervals (the peer is {})", p.mode);
+                        self.become_master(Some(p), why)
+                    } else {
+                        None
+                    }
+                }
+                Some(_) => {
+                    self.masterless = 0;
+                    None
+                }
+                None => None,
+            },
+            Mode::Failed => match (self.on_failure, peer) {
+                (OnFailure::Slave, Some(_)) => self.set(
+                    Mode::Slave,
+                    "the peer answers again: SLAVE, pushing the queue",
+                ),
+                (OnFailure::Restore, Some(p)) if p.sees_our_smtp == Some(true) => self.configured(
+                    Some(p),
+                    "the peer sees this unit's SMTP service again: configured mode restored",
+                ),
+                _ => None,
+            },
+        }
+    }
+
+    /// `ha set-mode master|slave` (the way out of OFF).
+    pub fn set_mode(&mut self, master: bool, peer: Option<&PeerView>) -> Option<Change> {
+        if master {
+            self.become_master(peer, "set by the administrator")
+        } else {
+            self.set(Mode::Slave, "set by the administrator")
+        }
+    }
+
+    /// `ha restore`: back to the configured mode; refused while a queue push is
+    /// unfinished.
+    pub fn restore(
+        &mut self,
+        push_unfinished: bool,
+        peer: Option<&PeerView>,
+    ) -> Result<Option<Change>, String> {
+        if push_unfinished {
+            return Err("the queue push to the MASTER is unfinished: try again when `ha status` shows it done".into());
+        }
+        let configured = match self.role {
+            HaRole::Primary => Mode::Master,
+            HaRole::Secondary => Mode::Slave,
+        };
+        if self.mode == configured {
+            return Ok(None);
+        }
+        Ok(self.configured(
+            peer,
+            "configured operating mode restored by the administrator",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use HaRole::{Primary, Secondary};
+    use Mode::*;
+
+    fn peer(role: HaRole, mode: Mode, epoch: u64) -> Tick {
+        Tick {
+            peer: Some(PeerView {
+                role,
+                mode,
+                epoch,
+                sees_our_smtp: Some(true),
+            }),
+            peer_smtp_ok: Some(true),
+        }
+    }
+
+    const SILENT: Tick = Tick {
+        peer: None,
+        peer_smtp_ok: Some(false),
+    };
+
+    fn unit(role: HaRole, on_failure: OnFailure, mode: Mode, epoch: u64) -> Unit {
+        let mut u = Unit::new(role, on_failure, 3, epoch);
+        u.mode = mode;
+        u
+    }
+
+    #[test]
+    fn starting_units_take_their_roles() {
+        // (role, what the peer says, expected mode)
+        let cases = [
+            (Primary, Some((Secondary, Slave)), Master),
+            (Primary, Some((Secondary, Starting)), Master),
+            (Secondary, Some((Primary, Master)), Slave),
+            (Secondary, Some((Primary, Starting)), Slave),
+            // A primary that finds the secondary MASTER was failed over.
+            (Primary, Some((Secondary, Master)), Failed),
+        ];
+        for (role, p, want) in cases {
+            let mut u = Unit::new(role, OnFailure::Slave, 3, 0);
+            let t = p.map_or(SILENT, |(r, m)| peer(r, m, 1));
+            u.tick(&t);
+            assert_eq!(u.mode, want, "{role:?} seeing {p:?}");
+        }
+        // Alone: MASTER after heartbeat_lost intervals, whatever the role.
+        for role in [Primary, Secondary] {
+            let mut u = Unit::new(role, OnFailure::Slave, 3, 4);
+            assert_eq!((u.tick(&SILENT), u.tick(&SILENT)), (None, None));
+            assert_eq!(u.tick(&SILENT).map(|c| c.to), Some(Master));
+            assert_eq!(u.epoch, 5);
+        }
+    }
+
+    #[test]
+    fn the_slave_takes_over_when_heartbeats_are_lost() {
+        let mut s = unit(Secondary, OnFailure::Slave, Slave, 0);
+        assert_eq!(s.tick(&peer(Primary, Master, 1)), None);
+        s.tick(&SILENT);
+        s.tick(&SILENT);
+        let c = s.tick(&SILENT).expect("takes over");
+        assert_eq!((c.from, c.to), (Slave, Master));
+        assert!(c.why.contains("heartbeat lost"), "{}", c.why);
+        assert_eq!(s.epoch, 2);
+    }
+
+    #[test]
+    fn the_slave_takes_over_when_the_masters_smtp_fails() {
+        let mut s = unit(Secondary, OnFailure::Slave, Slave, 1);
+        let mut t = peer(Primary, Master, 1);
+        t.peer_smtp_ok = Some(false);
+        assert_eq!(s.tick(&t), None);
+        assert_eq!(s.tick(&t), None);
+        assert_eq!(s.tick(&t).map(|c| c.to), Some(Master));
+        assert_eq!(s.epoch, 2, "above the old master's");
+        // One good check resets the count.
+        let mut s = unit(Secondary, OnFailure::Slave, Slave, 1);
+        s.tick(&t);
+        s.tick(&t);
+        s.tick(&peer(Primary, Master, 1));
+        assert_eq!(s.tick(&t), None);
+    }
+
+    #[test]
+    fn a_master_outranked_follows_on_failure_or_yields() {
+        for (on_failure, want) in [
+            (OnFailure::Off, Off),
+            (OnFailure::Restore, Failed),
+            (OnFailure::Slave, Failed),
+        ] {
+            let mut p = unit(Primary, on_failure, Master, 1);
+            p.tick(&peer(Secondary, Master, 2));
+            assert_eq!(p.mode, want, "{on_failure:?}");
+        }
+        // A lower epoch does not outrank; an equal one only if it is the primary.
+        let mut p = unit(Primary, OnFailure::Slave, Master, 3);
+        assert_eq!(p.tick(&peer(Secondary, Master, 2)), None);
+        assert_eq!(p.tick(&peer(Secondary, Master, 3)), None);
+        let mut s = unit(Secondary, OnFailure::Slave, Master, 3);
+        assert_eq!(s.tick(&peer(Primary, Master, 3)).map(|c| c.to), Some(Slave));
+    }
+
+    #[test]
+    fn failed_units_recover_as_on_failure_says() {
+        // slave: SLAVE as soon as the peer answers.
+        let mut u = unit(Primary, OnFailure::Slave, Failed, 1);
+        assert_eq!(u.tick(&SILENT), None);
+        assert_eq!(
+            u.tick(&peer(Secondary, Master, 2)).map(|c| c.to),
+            Some(Slave)
+        );
+        // restore: back to the configured mode once the peer sees our SMTP...
+        let mut u = unit(Primary, OnFailure::Restore, Failed, 1);
+        let mut t = peer(Secondary, Master, 2);
+        if let Some(p) = t.peer.as_mut() {
+            p.sees_our_smtp = Some(false);
+        }
+        assert_eq!(u.tick(&t), None);
+        assert_eq!(
+            u.tick(&peer(Secondary, Master, 2)).map(|c| c.to),
+            Some(Master)
+        );
+        assert_eq!(u.epoch, 3, "outranks the peer, which yields");
+        // ...which for a secondary is SLAVE.
+        let mut u = unit(Secondary, OnFailure::Restore, Failed, 1);
+        assert_eq!(u.tick(&peer(Primary, Master, 2)).map(|c| c.to), Some(Slave));
+        // off: nothing until the administrator.
+        let mut u = unit(Primary, OnFailure::Off, Off, 1);
+        assert_eq!(u.tick(&peer(Secondary, Master, 2)), None);
+        assert_eq!(u.set_mode(false, None).map(|c| c.to), Some(Slave));
+    }
+
+    #[test]
+    fn a_slave_with_no_master_takes_over() {
+        let mut s = unit(Secondary, OnFailure::Slave, Slave, 1);
+        let t = peer(Primary, Failed, 1);
+        assert_eq!((s.tick(&t), s.tick(&t)), (None, None));
+        assert_eq!(s.tick(&t).map(|c| c.to), Some(Master));
+    }
+
+    #[test]
+    fn restore_returns_to_the_configured_mode_unless_a_push_is_unfinished() {
+        let mut p = unit(Primary, OnFailure::Slave, Slave, 2);
+        assert!(p.restore(true, None).is_err());
+        assert_eq!(p.mode, Slave);
+        let t = peer(Secondary, Master, 2);
+        let c = p.restore(false, t.peer.as_ref()).unwrap().expect("changes");
+        assert_eq!((c.to, p.epoch), (Master, 3));
+        assert_eq!(p.restore(false, None), Ok(None), "already configured");
+        let mut s = unit(Secondary, OnFailure::Slave, Master, 2);
+        assert_eq!(s.restore(false, None).unwrap().map(|c| c.to), Some(Slave));
+    }
+}

@@ -1,0 +1,285 @@
+//! The active-passive pair (issue 8): two router processes on loopback with
+//! heartbeats, remote SMTP monitoring, takeover, queue push and restore.
+
+mod common;
+use common::{expect, free_port, Client, RecordingSink, Router, Scratch};
+use std::time::{Duration, Instant};
+
+const INTERVAL_MS: u64 = 200;
+const LOST: u64 = 3;
+
+struct Ports {
+    smtp: [u16; 2],
+    ha: [u16; 2],
+}
+
+fn ports() -> Ports {
+    Ports {
+        smtp: [free_port(), free_port()],
+        ha: [free_port(), free_port()],
+    }
+}
+
+/// Config of unit `i` (0 primary, 1 secondary).
+fn config(p: &Ports, i: usize, on_failure: &str, password: &str) -> String {
+    let (role, other) = if i == 0 {
+        ("primary", 1)
+    } else {
+        ("secondary", 0)
+    };
+    format!(
+        "router_name = \"unit{i}.test\"\n[smtp]\nlisten = [\"127.0.0.1:{}\"]\n\
+         [routing]\nprobe_interval = \"200ms\"\nprobe_timeout = \"500ms\"\nrise = 1\n\
+         retry_initial = \"300ms\"\nretry_max = \"600ms\"\ndelivery_timeout = \"2s\"\n\
+         [ha]\nmode = \"{role}\"\nlisten = \"127.0.0.1:{}\"\npeer = \"127.0.0.1:{}\"\n\
+         peer_smtp = \"127.0.0.1:{}\"\npassword = \"{password}\"\nheartbeat_interval = \"{INTERVAL_MS}ms\"\n\
+         heartbeat_lost = {LOST}\non_failure = \"{on_failure}\"\n",
+        p.smtp[i], p.ha[i], p.ha[other], p.smtp[other]
+    )
+}
+
+/// The catalog: u@c.test homed on `home`, no replica.
+fn catalog(s: &Scratch, home: u16) {
+    let f = s.write(
+        "c.toml",
+        &format!(
+            "[[server]]\nname = \"m1\"\ncluster = \"c\"\naddress = \"127.0.0.1:{home}\"\n\n\
+             [[mailbox]]\naddress = \"u@c.test\"\nhome = \"m1\"\n"
+        ),
+    );
+    s.ok(&["catalog", "import", "--replace", &f.display().to_string()]);
+}
+
+fn status(r: &Router) -> String {
+    r.scratch.ok(&["ha", "status"])
+}
+
+/// Waits until `ha status` says `effective: MODE`; returns the time it took.
+fn wait_mode(r: &Router, mode: &str, secs: u64) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (code, out, _) = r.scratch.run(&["ha", "status"]);
+        if code == 0 && out.contains(&format!("effective:     {mode} ")) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(secs),
+            "never {mode}:\n{out}\n{}",
+            r.log()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn send(port: u16, subject: &str) {
+    let mut c = Client::hello(port);
+    expect(&c.cmd("MAIL FROM:<sender@x.test>"), 250, "2.1.0");
+    expect(&c.cmd("RCPT TO:<u@c.test>"), 250, "2.1.5");
+    c.cmd("DATA");
+    c.send_raw(format!("Subject: {subject}\r\n\r\n.\r\n").as_bytes());
+    expect(&c.reply(), 250, "2.0.0");
+}
+
+/// The SMTP greeting's code.
+fn greeting(port: u16) -> u16 {
+    Client::connect(port).reply().code
+}
+
+fn subjects(sink: &RecordingSink) -> Vec<String> {
+    let mut v: Vec<String> = sink
+        .messages()
+        .iter()
+        .filter_map(|m| {
+            String::from_utf8_lossy(&m.data)
+                .lines()
+                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Both units up, primary MASTER and secondary SLAVE with the primary's catalog.
+fn pair(p: &Ports, home: u16, on_failure: &str) -> (Router, Router) {
+    let a = Scratch::new();
+    catalog(&a, home);
+    let a = Router::start_config(a, &config(p, 0, on_failure, "pair-secret"), p.smtp[0]);
+    let b = Router::start_config(
+        Scratch::new(),
+        &config(p, 1, on_failure, "pair-secret"),
+        p.smtp[1],
+    );
+    wait_mode(&a, "MASTER", 10);
+    wait_mode(&b, "SLAVE", 10);
+    // Catalog sync: the secondary copies the primary's catalog.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !b
+        .scratch
+        .ok(&["catalog", "list", "servers"])
+        .contains(&format!("127.0.0.1:{home}"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "catalog never synced:\n{}",
+            status(&b)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (a, b)
+}
+
+#[test]
+fn takeover_then_the_old_primary_pushes_its_queue_and_restore_returns_the_roles() {
+    let p = ports();
+    let mut home = RecordingSink::start("m1");
+    home.down();
+    let (mut a, b) = pair(&p, home.port, "slave");
+    assert_eq!(greeting(p.smtp[1]), 421, "the SLAVE does not take mail");
+    // Mail held on the primary (its home is down), then the primary dies.
+    send(p.smtp[0], "held-1");
+    send(p.smtp[0], "held-2");
+    std::thread::sleep(Duration::from_millis(300));
+    a.kill9();
+    let took = wait_mode(&b, "MASTER", 10);
+    let bound = Duration::from_millis(INTERVAL_MS * LOST + 1000);
+    assert!(took <= bound, "takeover took {took:?} (bound {bound:?})");
+    let during = status(&b);
+    // Mail sent during the outage is taken and delivered by the new MASTER.
+    home.up();
+    send(p.smtp[1], "outage");
+    assert_eq!(home.wait_for(1, 10).len(), 1, "{}", b.log());
+    // The old primary comes back with its queue: FAILED, then SLAVE, pushes it.
+    a.restart();
+    wait_mode(&a, "SLAVE", 10);
+    let got = home.wait_for(3, 15);
+    assert_eq!(got.len(), 3, "{}\n{}", status(&a), b.log());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !status(&a).contains("queue push:    2 pushed, 0 left") {
+        assert!(Instant::now() < deadline, "{}", status(&a));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after_push = status(&a);
+    assert!(
+        after_push.contains("local queue:   0 message(s)"),
+        "{after_push}"
+    );
+    assert!(
+        a.log()
+            .contains("the secondary took over while this unit was away"),
+        "{}",
+        a.log()
+    );
+    // Exactly once each, nothing delivered by both units.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(subjects(&home), ["held-1", "held-2", "outage"]);
+    // The administrator restores the configured roles.
+    // The primary first: it becomes MASTER with a higher epoch, the secondary
+    // sees it and yields; restoring the secondary is then already done.
+    let restored = a.scratch.ok(&["ha", "restore"]);
+    assert!(
+        restored.contains("configured mode restored: MASTER"),
+        "{restored}"
+    );
+    wait_mode(&a, "MASTER", 10);
+    wait_mode(&b, "SLAVE", 10);
+    let again = b.scratch.ok(&["ha", "restore"]);
+    assert!(
+        again.contains("already in its configured mode: SLAVE"),
+        "{again}"
+    );
+    assert!(a
+        .scratch
+        .ok(&["ha", "restore"])
+        .contains("already in its configured mode"));
+    assert_eq!(greeting(p.smtp[1]), 421);
+    send(p.smtp[0], "after-restore");
+    assert_eq!(home.wait_for(4, 10).len(), 4);
+    println!("--- secondary during the outage\n{during}\n--- old primary after its push\n{after_push}\n--- primary after restore\n{}\n--- secondary after restore\n{}", status(&a), status(&b));
+}
+
+/// A pair, the primary killed and the secondary MASTER, then the primary back.
+fn failed_over(on_failure: &str) -> (Router, Router, RecordingSink, Ports) {
+    let p = ports();
+    let mut home = RecordingSink::start("m1");
+    home.down();
+    let (mut a, b) = pair(&p, home.port, on_failure);
+    send(p.smtp[0], "held");
+    std::thread::sleep(Duration::from_millis(300));
+    a.kill9();
+    wait_mode(&b, "MASTER", 10);
+    home.up();
+    a.restart();
+    (a, b, home, p)
+}
+
+#[test]
+fn on_failure_restore_takes_the_primary_back_to_master() {
+    let (a, b, home, p) = failed_over("restore");
+    // FAILED, then MASTER again once the secondary sees its SMTP service; the
+    // secondary yields and the held mail is delivered by the primary.
+    wait_mode(&a, "MASTER", 10);
+    wait_mode(&b, "SLAVE", 10);
+    assert!(a.log().contains("to=FAILED"), "{}", a.log());
+    assert!(
+        a.log()
+            .contains("the peer sees this unit's SMTP service again: configured mode restored"),
+        "{}",
+        a.log()
+    );
+    assert_eq!(home.wait_for(1, 10).len(), 1);
+    assert_eq!(greeting(p.smtp[0]), 220);
+    assert_eq!(greeting(p.smtp[1]), 421);
+}
+
+#[test]
+fn on_failure_off_waits_for_the_administrator() {
+    let (a, b, home, p) = failed_over("off");
+    wait_mode(&a, "OFF", 10);
+    // OFF processes nothing: its held mail stays, its SMTP says 421.
+    std::thread::sleep(Duration::from_millis(INTERVAL_MS * (LOST + 2)));
+    assert_eq!(
+        status(&a)
+            .lines()
+            .find(|l| l.starts_with("effective"))
+            .map(|l| l.contains("OFF")),
+        Some(true)
+    );
+    assert!(home.messages().is_empty());
+    assert_eq!(greeting(p.smtp[0]), 421);
+    // The administrator makes it SLAVE: it pushes its queue to the MASTER.
+    let out = a.scratch.ok(&["ha", "set-mode", "slave"]);
+    assert!(out.contains("effective mode: SLAVE"), "{out}");
+    assert_eq!(home.wait_for(1, 10).len(), 1, "{}\n{}", status(&a), b.log());
+    wait_mode(&b, "MASTER", 1);
+}
+
+#[test]
+fn a_peer_without_the_password_is_refused() {
+    let p = ports();
+    let a = Scratch::new();
+    catalog(&a, free_port());
+    let a = Router::start_config(a, &config(&p, 0, "slave", "pair-secret"), p.smtp[0]);
+    let b = Router::start_config(
+        Scratch::new(),
+        &config(&p, 1, "slave", "wrong-secret"),
+        p.smtp[1],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = status(&b);
+        if s.contains("HA authentication failed") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        status(&a).contains("authentication failed") || a.log().contains("HA connection refused"),
+        "{}\n{}",
+        status(&a),
+        a.log()
+    );
+    assert!(!status(&a).contains("last heartbeat"), "{}", status(&a));
+    // Nothing it says is taken: the primary never hears a heartbeat from it.
+    assert!(!status(&a).contains("peer's beats"), "{}", status(&a));
+}
