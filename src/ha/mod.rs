@@ -334,7 +334,8 @@ impl Ha {
                 if self.mode() != Mode::Master {
                     return Msg::Refused(format!("this unit is {}, not MASTER", self.mode()));
                 }
-                match self.export_catalog() {
+                // A big catalog takes a while: not on a runtime worker's time.
+                match tokio::task::block_in_place(|| self.export_catalog()) {
                     Ok(toml) => Msg::Catalog {
                         serial: self.catalog.serial(),
                         toml,
@@ -458,12 +459,14 @@ impl Ha {
                 Msg::Catalog { serial, toml } => {
                     let input =
                         files::read_text("the MASTER's catalog", files::Format::Toml, &toml);
-                    let result = self.catalog.import(
-                        input,
-                        ImportMode::Replace,
-                        false,
-                        &indicatif::ProgressBar::hidden(),
-                    );
+                    let result = tokio::task::block_in_place(|| {
+                        self.catalog.import(
+                            input,
+                            ImportMode::Replace,
+                            false,
+                            &indicatif::ProgressBar::hidden(),
+                        )
+                    });
                     let mut s = self.status();
                     match result {
                         Ok(_) => {
