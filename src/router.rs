@@ -97,6 +97,7 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
             std::time::Duration::from_secs(10),
         ),
         in_flight: Default::default(),
+        schedule: Default::default(),
         gate,
     });
     if let (Some(ha), Some(listener)) = (&ha, ha_listener) {

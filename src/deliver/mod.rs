@@ -191,13 +191,22 @@ impl Deliverer {
 async fn connect(t: &Transaction<'_>) -> Result<AsyncSmtpConnection, Unusable> {
     let addr = resolve(t.server_address).await.map_err(Unusable)?;
     let hello = ClientId::Domain(t.hello_name.to_string());
-    tokio::time::timeout(
-        t.timeout,
-        AsyncSmtpConnection::connect_tokio1(addr, Some(t.timeout), &hello, None, None),
-    )
+    let unusable = |e: &dyn std::fmt::Display| Unusable(format!("{}: {e}", t.server_address));
+    tokio::time::timeout(t.timeout, async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| unusable(&format!("Connection error: {e}")))?;
+        // Without it Nagle holds the data's last small write back until the
+        // server's delayed ACK: 40 ms per message on Linux (measured).
+        stream
+            .set_nodelay(true)
+            .map_err(|e| unusable(&format!("Connection error: {e}")))?;
+        AsyncSmtpConnection::connect_with_transport(Box::new(stream), &hello)
+            .await
+            .map_err(|e| unusable(&e))
+    })
     .await
     .map_err(|_| Unusable(format!("{}: connect timed out", t.server_address)))?
-    .map_err(|e| Unusable(format!("{}: {e}", t.server_address)))
 }
 
 async fn transaction(

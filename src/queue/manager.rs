@@ -42,6 +42,10 @@ pub struct Manager {
     pub deliverer: deliver::Deliverer,
     /// Messages being delivered now (never two tasks for one message).
     pub in_flight: std::sync::Mutex<HashSet<QueueId>>,
+    /// When each queued message next has something to do (ms since the epoch; 0:
+    /// now), so that a pass reads only the envelopes that are due. Rebuilt from
+    /// the store at start and whenever the spool asks for it.
+    pub schedule: std::sync::Mutex<std::collections::HashMap<QueueId, u64>>,
     /// Closed while this router is not the active unit of its HA pair: no new
     /// deliveries start (those in flight finish).
     pub gate: crate::ha::Gate,
@@ -135,25 +139,36 @@ impl Manager {
         if !self.gate.is_active() {
             return Ok(Some(now + 1000));
         }
-        let mut next: Option<u64> = None;
-        for env in self.spool.envelopes()? {
-            if self.in_flight().contains(&env.id) {
-                continue;
-            }
-            let unreported = env.recipients.iter().any(|r| r.needs_bounce());
-            let waiting = env
-                .recipients
+        if self.spool.take_rescan() {
+            let rebuilt: std::collections::HashMap<QueueId, u64> = self
+                .spool
+                .envelopes()?
                 .iter()
-                .filter(|r| !r.state.is_final())
-                .map(|r| r.next_attempt)
-                .min();
-            let due = unreported || waiting.is_some_and(|at| at <= now);
-            if !due {
-                if let Some(at) = waiting {
-                    next = Some(next.map_or(at, |n: u64| n.min(at)));
-                }
+                .filter_map(|e| next_due(e).map(|at| (e.id, at)))
+                .collect();
+            *self.schedule() = rebuilt;
+        }
+        let arrivals = self.spool.take_arrivals();
+        let mut due: Vec<QueueId> = {
+            let mut schedule = self.schedule();
+            for id in arrivals {
+                schedule.insert(id, 0);
+            }
+            schedule
+                .iter()
+                .filter(|(_, &at)| at <= now)
+                .map(|(&id, _)| id)
+                .collect()
+        };
+        due.sort_unstable(); // oldest first
+        for id in due {
+            if self.in_flight().contains(&id) {
                 continue;
             }
+            let Some(env) = self.spool.envelope(id)? else {
+                self.schedule().remove(&id);
+                continue;
+            };
             let permit = limit
                 .clone()
                 .acquire_owned()
@@ -164,17 +179,36 @@ impl Manager {
             tokio::spawn(async move {
                 let id = env.id;
                 let result = me.process(env).await;
+                match &result {
+                    Ok(Some(at)) => {
+                        me.schedule().insert(id, *at);
+                    }
+                    Ok(None) => {
+                        me.schedule().remove(&id);
+                    }
+                    // Not at once: a lasting error would spin; a second from now.
+                    Err(e) => {
+                        tracing::error!(%id, error = %e, "delivery attempt failed");
+                        me.schedule().insert(id, now_ms() + 1000);
+                    }
+                }
                 me.in_flight().remove(&id);
                 drop(permit);
-                match result {
-                    // Held recipients got a new due time: let the manager look again.
-                    Ok(()) => me.spool.wake(),
-                    // Not at once: a lasting error would spin; the next tick retries.
-                    Err(e) => tracing::error!(%id, error = %e, "delivery attempt failed"),
-                }
+                // Held recipients got a new due time: let the manager look again.
+                me.spool.nudge();
             });
         }
+        let next = self
+            .schedule()
+            .values()
+            .copied()
+            .filter(|&at| at > now)
+            .min();
         Ok(next)
+    }
+
+    fn schedule(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<QueueId, u64>> {
+        self.schedule.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Is a delivery of `id` running now?
@@ -191,8 +225,9 @@ impl Manager {
         self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Delivers what is due of one message.
-    pub async fn process(&self, mut env: Envelope) -> Result<()> {
+    /// Delivers what is due of one message; when it next has something to do
+    /// (None: it left the queue).
+    pub async fn process(&self, mut env: Envelope) -> Result<Option<u64>> {
         let id = env.id;
         let Some(message) = self.spool.message(id)? else {
             return Err(anyhow!("{id}: envelope without message octets"));
@@ -384,7 +419,11 @@ impl Manager {
                             }
                         }
                         // Commit right after the server's answer: the crash window.
-                        self.spool.update(env).await?;
+                        // (A message now done is removed by `commit` instead: one
+                        // flush, not two.)
+                        if !env.recipients.iter().all(|r| r.is_done()) {
+                            self.spool.update(env).await?;
+                        }
                     }
                 }
             }
@@ -542,13 +581,27 @@ impl Manager {
 
     /// Stores the envelope, or removes the message once every recipient is done
     /// (delivered, or failed and reported).
-    async fn commit(&self, env: &Envelope) -> Result<()> {
+    async fn commit(&self, env: &Envelope) -> Result<Option<u64>> {
         if env.recipients.iter().all(|r| r.is_done()) {
             self.spool.remove(env.id).await?;
             tracing::info!(id = %env.id, "every recipient done: removed from the queue");
-            Ok(())
+            Ok(None)
         } else {
-            self.spool.update(env).await
+            self.spool.update(env).await?;
+            Ok(next_due(env))
         }
     }
+}
+
+/// When `env` next has something to do: now for an unreported failure, else the
+/// earliest retry of a recipient still open; None when nothing is left to do.
+fn next_due(env: &Envelope) -> Option<u64> {
+    if env.recipients.iter().any(|r| r.needs_bounce()) {
+        return Some(0);
+    }
+    env.recipients
+        .iter()
+        .filter(|r| !r.state.is_final())
+        .map(|r| r.next_attempt)
+        .min()
 }

@@ -158,6 +158,11 @@ pub struct Spool {
     flush: mpsc::UnboundedSender<Waiter>,
     /// Wakes the queue manager when a message arrives.
     arrived: std::sync::Arc<tokio::sync::Notify>,
+    /// Messages queued since the manager last looked (it schedules them at once).
+    arrivals: std::sync::Arc<std::sync::Mutex<Vec<QueueId>>>,
+    /// Something changed envelopes behind the manager's back (an administrator's
+    /// retry, release...): its schedule must be rebuilt from the store.
+    rescan: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Spool {
@@ -172,6 +177,8 @@ impl Spool {
             tree,
             flush: tx,
             arrived: std::sync::Arc::new(tokio::sync::Notify::new()),
+            arrivals: Default::default(),
+            rescan: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
         })
     }
 
@@ -186,13 +193,34 @@ impl Spool {
             .await
             .map_err(|e| anyhow!("queue writer failed: {e}"))??;
         self.durable().await?;
+        self.arrivals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(env.id);
         self.arrived.notify_one();
         Ok(())
     }
 
-    /// Wakes the queue manager (e.g. after `queue retry`).
+    /// Wakes the queue manager after envelopes changed outside it (`queue retry`,
+    /// `release`...): it rebuilds its schedule from the store.
     pub fn wake(&self) {
+        self.rescan.store(true, std::sync::atomic::Ordering::SeqCst);
         self.arrived.notify_one();
+    }
+
+    /// Wakes the queue manager without a rebuild (its own schedule is current).
+    pub fn nudge(&self) {
+        self.arrived.notify_one();
+    }
+
+    /// Messages queued since the last call.
+    pub fn take_arrivals(&self) -> Vec<QueueId> {
+        std::mem::take(&mut *self.arrivals.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Whether a rebuild was asked for since the last call.
+    pub fn take_rescan(&self) -> bool {
+        self.rescan.swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Resolves when a message has been queued since the last call (or at once if

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Relay throughput and accept latency, side by side, on loopback:
+#   1. smtp-source -> smtp-sink                      (the ceiling)
+#   2. smtp-source -> clustermail -> smtp-sink       (durable accept, home delivery)
+#   3. smtp-source -> Postfix relay -> smtp-sink     (a private Postfix instance)
+# For each concurrency: messages/s end to end (until the sink has them all), accept
+# latency p50/p99 (bench/latency.py, one extra session timing "." -> 250 while the
+# load runs), peak RSS of the relay, and the ratios 2/1 and 2/3.
+#
+# usage: bench/relay.sh [MESSAGES] [SESSIONS...]     (default: 20000 20 100)
+# needs: postfix (smtp-source, smtp-sink, postfix), python3; run as root (Postfix).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MESSAGES=${1:-20000}
+shift || true
+SESSIONS=${*:-20 100}
+SIZE=10240
+PROBES=200
+BIN=target/release/clustermail
+cargo build --release --quiet
+TMP=$(mktemp -d /tmp/clustermail-bench.XXXXXX)
+chmod 755 "$TMP"
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
+    [ -f "$TMP/pf/etc/main.cf" ] && postfix -c "$TMP/pf/etc" stop >/dev/null 2>&1 || true
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+now() { date +%s.%N; }
+wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+
+# Samples the summed RSS (KiB) of the processes `$1` (a command printing pids)
+# every 100 ms into $2 (the peak), until $3 exists.
+rss_sampler() {
+    local pids_cmd=$1 out=$2 stop=$3 peak=0
+    while [ ! -e "$stop" ]; do
+        local sum
+        sum=$(ps -o rss= -p "$(eval "$pids_cmd" | paste -sd, -)" 2>/dev/null | awk '{s+=$1} END {print s+0}')
+        [ "$sum" -gt "$peak" ] && peak=$sum
+        sleep 0.1
+    done
+    echo "$peak" >"$out"
+}
+
+start_sink() {
+    local port=$1
+    smtp-sink -u nobody "127.0.0.1:$port" 1024 >/dev/null 2>&1 &
+    SINK=$!
+    PIDS+=("$SINK")
+    wait_port "$port"
+}
+
+# run NAME PORT SESSIONS PIDS_CMD DRAIN_CMD: load + probe, then wait for DRAIN_CMD
+# to succeed; prints a result row and stores it in $ROW_<name>.
+run() {
+    local name=$1 port=$2 sessions=$3 pids_cmd=$4 drain=$5
+    rm -f "$TMP/stop" "$TMP/rss"
+    rss_sampler "$pids_cmd" "$TMP/rss" "$TMP/stop" &
+    local sampler=$!
+    python3 bench/latency.py 127.0.0.1 "$port" "$PROBES" "$SIZE" >"$TMP/latency" &
+    local probe=$!
+    local t0 t1
+    t0=$(now)
+    smtp-source -s "$sessions" -m "$MESSAGES" -l "$SIZE" -f a@x.test -t u@c.test "127.0.0.1:$port"
+    wait "$probe"
+    until eval "$drain"; do sleep 0.05; done
+    t1=$(now)
+    touch "$TMP/stop"
+    wait "$sampler"
+    local secs rate p50 p99 rss
+    secs=$(echo "$t1 - $t0" | bc -l)
+    rate=$(echo "($MESSAGES + $PROBES) / $secs" | bc -l)
+    read -r p50 p99 _ _ <"$TMP/latency"
+    rss=$(($(cat "$TMP/rss") / 1024))
+    printf "  %-30s %9.0f %8.2f %8s %8s %8s\n" "$name" "$rate" "$secs" "$p50" "$p99" "$rss"
+    eval "RATE_$6=$rate"
+}
+
+metric() { curl -s "http://127.0.0.1:$1/metrics" | awk -v m="$2" '$1 == m {print $2}'; }
+
+printf "clustermail relay bench: %s messages of %s octets (+%s latency probes), %s\n" "$MESSAGES" "$SIZE" "$PROBES" "$(date -u +%FT%TZ)"
+printf "machine: %s cores, %s\n" "$(nproc)" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+for S in $SESSIONS; do
+    printf "\nsessions = %s\n  %-30s %9s %8s %8s %8s %8s\n" "$S" path "msg/s" "e2e s" "p50 ms" "p99 ms" "RSS MB"
+
+    # 1. Directly into the sink.
+    SP=$(free_port); start_sink "$SP"
+    run "1 smtp-sink directly" "$SP" "$S" "echo $SINK" "true" direct
+    kill "$SINK"; wait "$SINK" 2>/dev/null || true
+
+    # 2. Through clustermail.
+    SP=$(free_port); start_sink "$SP"
+    CP=$(free_port); MP=$(free_port); D="$TMP/cm-$S"; mkdir -p "$D"
+    cat >"$D/clustermail.toml" <<EOF
+router_name = "bench.test"
+data_dir = "$D/data"
+metrics_listen = "127.0.0.1:$MP"
+[smtp]
+listen = ["127.0.0.1:$CP"]
+max_connections_per_ip = 1000
+[routing]
+probe_interval = "1s"
+EOF
+    printf '[[server]]\nname = "m1"\ncluster = "c"\naddress = "127.0.0.1:%s"\n\n[[mailbox]]\naddress = "u@c.test"\nhome = "m1"\n' "$SP" >"$D/catalog.toml"
+    $BIN --config "$D/clustermail.toml" catalog import --replace "$D/catalog.toml" >/dev/null
+    RUST_LOG=warn $BIN --config "$D/clustermail.toml" serve 2>"$D/serve.log" &
+    CM=$!; PIDS+=("$CM"); wait_port "$CP"; wait_port "$MP"
+    TOTAL=$((MESSAGES + PROBES))
+    run "2 clustermail -> smtp-sink" "$CP" "$S" "echo $CM" \
+        "[ \"\$(metric $MP clustermail_recipients_delivered_total)\" -ge $TOTAL ]" clustermail
+    HWM=$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$CM/status")
+    kill "$CM"; wait "$CM" 2>/dev/null || true
+    kill "$SINK"; wait "$SINK" 2>/dev/null || true
+
+    # 3. Through a private Postfix instance relaying to the sink.
+    SP=$(free_port); start_sink "$SP"
+    PP=$(free_port); PF="$TMP/pf"; rm -rf "$PF"; mkdir -p "$PF/etc" "$PF/spool" "$PF/data"
+    chown postfix "$PF/data"
+    cp /etc/postfix/master.cf "$PF/etc/"
+    sed -i "s/^smtp      inet  n       -       y       -       -       smtpd/127.0.0.1:$PP inet n - n - - smtpd/" "$PF/etc/master.cf"
+    cat >"$PF/etc/main.cf" <<EOF
+compatibility_level = 3.6
+queue_directory = $PF/spool
+data_directory = $PF/data
+mail_owner = postfix
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mydestination =
+relay_domains = c.test
+relayhost = [127.0.0.1]:$SP
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+default_process_limit = 200
+smtpd_client_connection_count_limit = 0
+syslog_name = postfix-bench
+maillog_file = $PF/maillog
+maillog_file_prefixes = $TMP
+EOF
+    postfix -c "$PF/etc" start >/dev/null 2>&1 || { echo "postfix did not start:"; cat "$PF/maillog"; exit 1; }
+    wait_port "$PP"
+    MASTER=$(head -1 "$PF/data/master.pid" 2>/dev/null || head -1 "$PF/spool/pid/master.pid" | tr -d ' ')
+    MASTER=$(echo "$MASTER" | tr -d ' ')
+    run "3 postfix relay -> smtp-sink" "$PP" "$S" "{ echo $MASTER; pgrep -P $MASTER; }" \
+        "postqueue -c $PF/etc -p 2>/dev/null | grep -q 'Mail queue is empty'" postfix
+    postfix -c "$PF/etc" stop >/dev/null 2>&1 || true
+    kill "$SINK"; wait "$SINK" 2>/dev/null || true
+    sleep 1
+
+    printf "  ratios: clustermail/direct = %.2f, clustermail/postfix = %.2f (clustermail VmHWM %s MB)\n" \
+        "$(echo "$RATE_clustermail / $RATE_direct" | bc -l)" "$(echo "$RATE_clustermail / $RATE_postfix" | bc -l)" "$HWM"
+done
