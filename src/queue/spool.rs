@@ -8,14 +8,14 @@
 //!
 //! Durability: [`Spool::enqueue`] returns only after the log holding the message is
 //! on disk. Sessions finishing DATA at the same time share one flush (group
-//! commit): a flusher task takes every request waiting, flushes once, and answers
+//! commit): a flusher thread takes every request waiting, flushes once, and answers
 //! them all.
 
 use super::QueueId;
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 const FORMAT: u8 = 4;
 
@@ -155,7 +155,7 @@ type Waiter = oneshot::Sender<Result<(), String>>;
 pub struct Spool {
     db: sled::Db,
     tree: sled::Tree,
-    flush: mpsc::UnboundedSender<Waiter>,
+    flush: std::sync::mpsc::Sender<Waiter>,
     /// Wakes the queue manager when a message arrives.
     arrived: std::sync::Arc<tokio::sync::Notify>,
     /// Messages queued since the manager last looked (it schedules them at once).
@@ -170,8 +170,11 @@ impl Spool {
     /// the flusher task).
     pub fn open(db: &sled::Db) -> Result<Spool> {
         let tree = db.open_tree("queue")?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(flusher(db.clone(), rx));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let flushed = db.clone();
+        std::thread::Builder::new()
+            .name("queue-flusher".into())
+            .spawn(move || flusher(flushed, rx))?;
         Ok(Spool {
             db: db.clone(),
             tree,
@@ -188,10 +191,9 @@ impl Spool {
         let mut batch = sled::Batch::default();
         batch.insert(&key(b'e', env.id), encode(env)?);
         batch.insert(&key(b'b', env.id), message);
-        let tree = self.tree.clone();
-        tokio::task::spawn_blocking(move || tree.apply_batch(batch))
-            .await
-            .map_err(|e| anyhow!("queue writer failed: {e}"))??;
+        // In memory until the flush: cheaper here than a hop to a blocking thread
+        // (measured: fewer thread switches per message).
+        self.tree.apply_batch(batch)?;
         self.durable().await?;
         self.arrivals
             .lock()
@@ -297,18 +299,15 @@ impl Spool {
 }
 
 /// Flushes on behalf of every waiter that queued up while the previous flush ran.
-async fn flusher(db: sled::Db, mut rx: mpsc::UnboundedReceiver<Waiter>) {
-    while let Some(first) = rx.recv().await {
+/// The flusher thread: takes every waiting request, flushes once, answers them
+/// all; ends when every [`Spool`] is gone.
+fn flusher(db: sled::Db, rx: std::sync::mpsc::Receiver<Waiter>) {
+    while let Ok(first) = rx.recv() {
         let mut waiters = vec![first];
         while let Ok(w) = rx.try_recv() {
             waiters.push(w);
         }
-        let db = db.clone();
-        let result = match tokio::task::spawn_blocking(move || db.flush()).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+        let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
         tracing::trace!(shared = waiters.len(), "queue flush");
         for w in waiters {
             let _ = w.send(result.clone());
