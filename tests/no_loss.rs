@@ -56,15 +56,17 @@ fn kill_9_during_a_stream_of_mail_loses_nothing() {
          probe_interval = \"200ms\"\nrise = 1\nretry_initial = \"200ms\"\nretry_max = \"500ms\"\n"
     );
     let mut r = Router::start_config(s, &config, port);
-    let total = 240;
+    // CI size; `bench/faults.sh` runs it bigger (CLUSTERMAIL_SCALE=10: 2,400 messages).
+    let scale = common::scale();
+    let total = 240 * scale;
     // Kills right after a 250 (deliveries of earlier mail under way) ...
-    let kills_after_ack = [40, 110, 180];
+    let kills_after_ack = [40 * scale, 110 * scale, 180 * scale];
     // ... and in the middle of accepting a message (end of data sent, no reply read).
-    let kills_mid_accept = [75, 145, 215];
+    let kills_mid_accept = [75 * scale, 145 * scale, 215 * scale];
     let mut acked = Vec::new();
     let mut mid_done = Vec::new();
     let mut n = 0;
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(120 * scale as u64);
     while acked.len() < total {
         assert!(Instant::now() < deadline, "the client could not finish");
         let mid = kills_mid_accept.contains(&acked.len()) && !mid_done.contains(&acked.len());

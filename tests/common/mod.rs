@@ -65,6 +65,15 @@ pub struct Router {
     child: Option<std::process::Child>,
 }
 
+/// How much bigger than CI size the fault tests run: `CLUSTERMAIL_SCALE` (default 1).
+pub fn scale() -> usize {
+    std::env::var("CLUSTERMAIL_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n >= 1)
+        .unwrap_or(1)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -465,15 +474,17 @@ impl RecordingSink {
                 let Ok(conn) = conn else { continue };
                 let (received, refuse) = (received.clone(), refuse.clone());
                 let wait = delay.load(Ordering::SeqCst);
+                let stop = stop.clone();
                 std::thread::spawn(move || {
                     std::thread::sleep(std::time::Duration::from_millis(wait));
-                    let _ = sink_session(conn, n, name, &received, &refuse);
+                    let _ = sink_session(conn, n, name, &received, &refuse, &stop);
                 });
             }
         });
     }
 
-    /// Stops listening: new connections are refused.
+    /// Stops listening: new connections are refused, and open sessions get 421
+    /// at their next command (a server shutting down).
     pub fn down(&mut self) {
         if let Some(stop) = self.stop.take() {
             stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -514,6 +525,7 @@ fn sink_session(
     name: &str,
     received: &std::sync::Mutex<Vec<Received>>,
     refuse: &std::sync::Mutex<Vec<String>>,
+    stop: &std::sync::atomic::AtomicBool,
 ) -> std::io::Result<()> {
     use std::io::{BufRead, Write};
     conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
@@ -524,6 +536,10 @@ fn sink_session(
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            write!(out, "421 4.3.2 {name} shutting down\r\n")?;
             return Ok(());
         }
         let upper = line.to_ascii_uppercase();
