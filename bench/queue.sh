@@ -12,29 +12,12 @@ TMP=$(mktemp -d /tmp/clustermail-queue.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$TMP"; }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-now() { date +%s.%N; }
-since() { echo "$(now) - $1" | bc -l; }
-metric() { curl -s "http://127.0.0.1:$MP/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
-wait_port() { until (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; do sleep 0.01; done; }
+. bench/lib.sh
 
 SP=$(free_port); CP=$(free_port); MP=$(free_port)
-cat >"$TMP/clustermail.toml" <<EOF
-data_dir = "$TMP/data"
-metrics_listen = "127.0.0.1:$MP"
-[smtp]
-listen = ["127.0.0.1:$CP"]
-max_connections_per_ip = 1000
-[routing]
-probe_interval = "1s"
-retry_initial = "1h"
-retry_max = "1h"
-max_per_server = 20
-max_deliveries = 40
-EOF
-printf '[[server]]\nname = "m1"\ncluster = "c"\naddress = "127.0.0.1:%s"\n\n[[mailbox]]\naddress = "u@c.test"\nhome = "m1"\n' "$SP" >"$TMP/catalog.toml"
+router_config "$TMP" "$CP" "$MP" "$SP" 'retry_initial = "1h"' 'retry_max = "1h"' \
+    'max_per_server = 20' 'max_deliveries = 40'
 CM="$BIN --config $TMP/clustermail.toml"
-$CM catalog import --replace "$TMP/catalog.toml" >/dev/null
 serve() { RUST_LOG=warn $CM serve 2>>"$TMP/serve.log" & ROUTER=$!; PIDS+=("$ROUTER"); }
 
 echo "clustermail queue bench: $N held messages of 1 KB, $(nproc) cores, $(date -u +%FT%TZ)"
@@ -42,7 +25,7 @@ serve; wait_port "$CP"; wait_port "$MP"
 T0=$(now)
 smtp-source -s 20 -m "$N" -l 1024 -f a@x.test -t u@c.test "127.0.0.1:$CP"
 ACCEPT=$(since "$T0")
-until [ "$(metric clustermail_recipients_held_total)" -ge "$N" ]; do sleep 0.2; done
+until [ "$(metric "$MP" clustermail_recipients_held_total)" -ge "$N" ]; do sleep 0.2; done
 HELD=$(since "$T0")
 RSS=$(awk '/VmRSS/ {print int($2/1024)}' "/proc/$ROUTER/status")
 HWM=$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$ROUTER/status")
@@ -55,7 +38,7 @@ printf "stop:     %6.2f s (SIGTERM to exit)\n" "$(since "$T0")"
 T0=$(now); serve; wait_port "$CP"
 printf "restart:  %6.2f s to SMTP listening" "$(since "$T0")"
 wait_port "$MP"
-until [ "$(metric clustermail_queue_messages)" = "$N" ]; do sleep 0.05; done
+until [ "$(metric "$MP" clustermail_queue_messages)" = "$N" ]; do sleep 0.05; done
 printf ", %.2f s until the metrics show all %s queued; RSS %s MB\n" "$(since "$T0")" "$N" \
     "$(awk '/VmRSS/ {print int($2/1024)}' "/proc/$ROUTER/status")"
 
@@ -63,7 +46,7 @@ smtp-sink -u nobody "127.0.0.1:$SP" 1024 >/dev/null 2>&1 & PIDS+=($!)
 wait_port "$SP"
 T0=$(now)
 $CM queue retry --all
-until [ "$(metric clustermail_queue_messages)" = "0" ]; do sleep 0.2; done
+until [ "$(metric "$MP" clustermail_queue_messages)" = "0" ]; do sleep 0.2; done
 DRAIN=$(since "$T0")
 printf "drain:    %6.1f s after the home returned and \`queue retry --all\` (%.0f msg/s); peak RSS %s MB\n" \
     "$DRAIN" "$(echo "$N / $DRAIN" | bc -l)" "$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$ROUTER/status")"

@@ -28,9 +28,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-now() { date +%s.%N; }
-wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+. bench/lib.sh
 
 # Samples the summed RSS (KiB) of the processes `$1` (a command printing pids)
 # every 100 ms into $2 (the peak), until $3 exists.
@@ -79,7 +77,6 @@ run() {
     eval "RATE_$6=$rate"
 }
 
-metric() { curl -s "http://127.0.0.1:$1/metrics" | awk -v m="$2" '$1 == m {print $2}'; }
 
 printf "clustermail relay bench: %s messages of %s octets (+%s latency probes), %s\n" "$MESSAGES" "$SIZE" "$PROBES" "$(date -u +%FT%TZ)"
 printf "machine: %s cores, %s\n" "$(nproc)" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
@@ -93,19 +90,8 @@ for S in $SESSIONS; do
 
     # 2. Through clustermail.
     SP=$(free_port); start_sink "$SP"
-    CP=$(free_port); MP=$(free_port); D="$TMP/cm-$S"; mkdir -p "$D"
-    cat >"$D/clustermail.toml" <<EOF
-router_name = "bench.test"
-data_dir = "$D/data"
-metrics_listen = "127.0.0.1:$MP"
-[smtp]
-listen = ["127.0.0.1:$CP"]
-max_connections_per_ip = 1000
-[routing]
-probe_interval = "1s"
-EOF
-    printf '[[server]]\nname = "m1"\ncluster = "c"\naddress = "127.0.0.1:%s"\n\n[[mailbox]]\naddress = "u@c.test"\nhome = "m1"\n' "$SP" >"$D/catalog.toml"
-    $BIN --config "$D/clustermail.toml" catalog import --replace "$D/catalog.toml" >/dev/null
+    CP=$(free_port); MP=$(free_port); D="$TMP/cm-$S"
+    router_config "$D" "$CP" "$MP" "$SP"
     RUST_LOG=warn $BIN --config "$D/clustermail.toml" serve 2>"$D/serve.log" &
     CM=$!; PIDS+=("$CM"); wait_port "$CP"; wait_port "$MP"
     TOTAL=$((MESSAGES + PROBES))

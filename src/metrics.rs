@@ -57,19 +57,24 @@ pub struct Metrics {
     smtp_replies: Mutex<BTreeMap<u16, u64>>,
 }
 
-pub static METRICS: Metrics = Metrics {
-    messages_accepted: Counter::new(),
-    recipients_delivered: Counter::new(),
-    recipients_bounced: Counter::new(),
-    recipients_held: Counter::new(),
-    decided_home: Counter::new(),
-    decided_replica: Counter::new(),
-    decided_next_hop: Counter::new(),
-    decided_hold: Counter::new(),
-    smtp_replies: Mutex::new(BTreeMap::new()),
-};
+pub static METRICS: Metrics = Metrics::new();
 
 impl Metrics {
+    /// Every counter at zero.
+    pub const fn new() -> Metrics {
+        Metrics {
+            messages_accepted: Counter::new(),
+            recipients_delivered: Counter::new(),
+            recipients_bounced: Counter::new(),
+            recipients_held: Counter::new(),
+            decided_home: Counter::new(),
+            decided_replica: Counter::new(),
+            decided_next_hop: Counter::new(),
+            decided_hold: Counter::new(),
+            smtp_replies: Mutex::new(BTreeMap::new()),
+        }
+    }
+
     pub fn smtp_reply(&self, code: u16) {
         let mut m = self.smtp_replies.lock().unwrap_or_else(|e| e.into_inner());
         *m.entry(code).or_insert(0) += 1;
@@ -299,17 +304,7 @@ mod tests {
 
     #[test]
     fn replies_are_counted_by_code() {
-        let m = Metrics {
-            messages_accepted: Counter::new(),
-            recipients_delivered: Counter::new(),
-            recipients_bounced: Counter::new(),
-            recipients_held: Counter::new(),
-            decided_home: Counter::new(),
-            decided_replica: Counter::new(),
-            decided_next_hop: Counter::new(),
-            decided_hold: Counter::new(),
-            smtp_replies: Mutex::new(BTreeMap::new()),
-        };
+        let m = Metrics::new();
         m.smtp_reply(250);
         m.smtp_reply(250);
         m.smtp_reply(550);
