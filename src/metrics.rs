@@ -59,6 +59,12 @@ pub struct Metrics {
 
 pub static METRICS: Metrics = Metrics::new();
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
 impl Metrics {
     /// Every counter at zero.
     pub const fn new() -> Metrics {
