@@ -143,6 +143,7 @@ fn takeover_then_the_old_primary_pushes_its_queue_and_restore_returns_the_roles(
     let took = wait_mode(&b, "MASTER", 10);
     let bound = Duration::from_millis(INTERVAL_MS * LOST + 1000);
     assert!(took <= bound, "takeover took {took:?} (bound {bound:?})");
+    eprintln!("takeover {} ms after kill -9 (bound {} ms)", took.as_millis(), bound.as_millis());
     let during = status(&b);
     // Mail sent during the outage is taken and delivered by the new MASTER.
     home.up();
