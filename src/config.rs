@@ -80,6 +80,18 @@ pub struct HaConfig {
     pub heartbeat_lost: u32,
     #[serde(default)]
     pub on_failure: OnFailure,
+    /// SMTP while not MASTER: `refuse` (listen, answer 421 4.3.2) or `closed`
+    /// (stop listening, so that clients move on to the next MX at once).
+    #[serde(default)]
+    pub inactive_smtp: InactiveSmtp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum InactiveSmtp {
+    #[default]
+    Refuse,
+    Closed,
 }
 
 fn default_heartbeat() -> Duration {

@@ -78,6 +78,10 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
         catalog.clone(),
         spool.clone(),
         gate.clone(),
+        config
+            .ha
+            .as_ref()
+            .is_some_and(|h| h.inactive_smtp == crate::config::InactiveSmtp::Closed),
     )?;
     let tracker = health::monitor::shared(&config.routing);
     let monitor = tokio::spawn(health::monitor::run(

@@ -143,7 +143,11 @@ fn takeover_then_the_old_primary_pushes_its_queue_and_restore_returns_the_roles(
     let took = wait_mode(&b, "MASTER", 10);
     let bound = Duration::from_millis(INTERVAL_MS * LOST + 1000);
     assert!(took <= bound, "takeover took {took:?} (bound {bound:?})");
-    eprintln!("takeover {} ms after kill -9 (bound {} ms)", took.as_millis(), bound.as_millis());
+    eprintln!(
+        "takeover {} ms after kill -9 (bound {} ms)",
+        took.as_millis(),
+        bound.as_millis()
+    );
     let during = status(&b);
     // Mail sent during the outage is taken and delivered by the new MASTER.
     home.up();
@@ -283,4 +287,42 @@ fn a_peer_without_the_password_is_refused() {
     assert!(!status(&a).contains("last heartbeat"), "{}", status(&a));
     // Nothing it says is taken: the primary never hears a heartbeat from it.
     assert!(!status(&a).contains("peer's beats"), "{}", status(&a));
+}
+
+#[test]
+fn with_inactive_smtp_closed_only_the_master_listens() {
+    let p = ports();
+    let home = RecordingSink::start("m1");
+    let closed = |i| config(&p, i, "slave", "pair-secret") + "inactive_smtp = \"closed\"\n";
+    let a = Scratch::new();
+    catalog(&a, home.port);
+    // (`port` is the HA port: a closed SLAVE has no SMTP port to wait for.)
+    let mut a = Router::start_config(a, &closed(0), p.ha[0]);
+    let mut b = Router::start_config(Scratch::new(), &closed(1), p.ha[1]);
+    wait_mode(&a, "MASTER", 10);
+    wait_mode(&b, "SLAVE", 10);
+    std::thread::sleep(Duration::from_millis(INTERVAL_MS * 2));
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", p.smtp[1])).is_err(),
+        "a closed SLAVE does not listen"
+    );
+    a.kill9();
+    wait_mode(&b, "MASTER", 10);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", p.smtp[1])).is_err() {
+        assert!(Instant::now() < deadline, "{}", b.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(greeting(p.smtp[1]), 220);
+    send(p.smtp[1], "to-the-new-master");
+    assert_eq!(home.wait_for(1, 10).len(), 1);
+    // The old primary comes back (on_failure = slave): a closed SLAVE again.
+    a.restart();
+    wait_mode(&a, "SLAVE", 10);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", p.smtp[0])).is_ok() {
+        assert!(Instant::now() < deadline, "{}", a.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    b.stop();
 }

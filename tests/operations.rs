@@ -275,6 +275,7 @@ fn every_config_key_is_documented_in_the_readme() {
         "ha.heartbeat_interval",
         "ha.heartbeat_lost",
         "ha.on_failure",
+        "ha.inactive_smtp",
     ];
     let undocumented: Vec<&str> = keys
         .iter()

@@ -29,29 +29,32 @@ use link::{Link, Msg};
 use serde::{Deserialize, Serialize};
 use state::{Change, Mode, PeerView, Tick, Unit};
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 /// Open while this router may take and deliver mail: always when it runs alone,
-/// only as MASTER in a pair.
+/// only as MASTER in a pair. Changes can be waited for ([`Gate::subscribe`]).
 #[derive(Clone, Debug)]
-pub struct Gate(Arc<AtomicBool>);
+pub struct Gate(Arc<watch::Sender<bool>>);
 
 impl Gate {
     pub fn open() -> Gate {
-        Gate(Arc::new(AtomicBool::new(true)))
+        Gate(Arc::new(watch::Sender::new(true)))
     }
     pub fn closed() -> Gate {
-        Gate(Arc::new(AtomicBool::new(false)))
+        Gate(Arc::new(watch::Sender::new(false)))
     }
     pub fn is_active(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        *self.0.borrow()
+    }
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.0.subscribe()
     }
     fn set(&self, active: bool) {
-        self.0.store(active, Ordering::SeqCst);
+        self.0
+            .send_if_modified(|v| std::mem::replace(v, active) != active);
     }
 }
 
@@ -133,7 +136,8 @@ impl Ha {
         let meta = db.open_tree("ha")?;
         let epoch = read_u64(&meta, EPOCH).unwrap_or(0);
         let synced = read_u64(&meta, SYNCED);
-        let unit = Unit::new(config.mode, config.on_failure, config.heartbeat_lost, epoch);
+        let mut unit = Unit::new(config.mode, config.on_failure, config.heartbeat_lost, epoch);
+        unit.smtp_when_inactive = config.inactive_smtp == crate::config::InactiveSmtp::Refuse;
         Ok(Ha {
             unit: Mutex::new(unit),
             status: Mutex::new(Status {

@@ -74,6 +74,10 @@ pub struct Unit {
     pub smtp_failures: u32,
     /// Intervals in a row as SLAVE with a peer that is not MASTER.
     pub masterless: u32,
+    /// This unit answers SMTP (with 421) when not MASTER, so the peer's check can
+    /// tell that its service is back; false (`inactive_smtp = "closed"`): a FAILED
+    /// unit with `restore` returns as soon as the peer answers.
+    pub smtp_when_inactive: bool,
     /// Why the mode last changed.
     pub why: String,
 }
@@ -97,6 +101,7 @@ impl Unit {
             missed: 0,
             smtp_failures: 0,
             masterless: 0,
+            smtp_when_inactive: true,
             why: "starting: waiting for the peer".into(),
         }
     }
@@ -218,10 +223,14 @@ impl Unit {
                     Mode::Slave,
                     "the peer answers again: SLAVE, pushing the queue",
                 ),
-                (OnFailure::Restore, Some(p)) if p.sees_our_smtp == Some(true) => self.configured(
-                    Some(p),
-                    "the peer sees this unit's SMTP service again: configured mode restored",
-                ),
+                (OnFailure::Restore, Some(p))
+                    if p.sees_our_smtp == Some(true) || !self.smtp_when_inactive =>
+                {
+                    self.configured(
+                        Some(p),
+                        "the peer sees this unit's SMTP service again: configured mode restored",
+                    )
+                }
                 _ => None,
             },
         }
@@ -384,6 +393,11 @@ mod tests {
             Some(Master)
         );
         assert_eq!(u.epoch, 3, "outranks the peer, which yields");
+        // A unit that does not listen while inactive cannot be seen: it returns
+        // as soon as the peer answers.
+        let mut u = unit(Primary, OnFailure::Restore, Failed, 1);
+        u.smtp_when_inactive = false;
+        assert_eq!(u.tick(&t).map(|c| c.to), Some(Master));
         // ...which for a secondary is SLAVE.
         let mut u = unit(Secondary, OnFailure::Restore, Failed, 1);
         assert_eq!(u.tick(&peer(Primary, Master, 2)).map(|c| c.to), Some(Slave));

@@ -33,8 +33,9 @@ pub struct Service {
     pub spool: Spool,
     pub tls: Option<TlsAcceptor>,
     /// Closed while this router is not the active unit of its HA pair: new
-    /// sessions get 421 4.3.2.
+    /// sessions get 421 4.3.2, or with `close_when_inactive` nobody listens.
     pub gate: crate::ha::Gate,
+    pub close_when_inactive: bool,
     connections: Arc<Semaphore>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -47,6 +48,7 @@ impl Service {
         catalog: Arc<Catalog>,
         spool: Spool,
         gate: crate::ha::Gate,
+        close_when_inactive: bool,
     ) -> Result<Arc<Service>> {
         let tls = match (&config.tls_cert, &config.tls_key) {
             (Some(c), Some(k)) => Some(super::tls::acceptor(c, k)?),
@@ -68,6 +70,7 @@ impl Service {
             spool,
             tls,
             gate,
+            close_when_inactive,
             connections: Arc::new(Semaphore::new(config.max_connections)),
             per_ip: Mutex::new(HashMap::new()),
         }))
@@ -127,12 +130,46 @@ async fn accept_loop(
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let addr = listener.local_addr().ok();
+    let mut listener = Some(listener);
+    let mut gate = service.gate.subscribe();
     loop {
+        // A standby unit with `inactive_smtp = "closed"` does not listen at all.
+        let wanted = !service.close_when_inactive || service.gate.is_active();
+        match (&listener, wanted, addr) {
+            (Some(_), false, _) => {
+                listener = None;
+                tracing::info!(
+                    ?addr,
+                    "SMTP listener closed: not the active unit of the HA pair"
+                );
+            }
+            (None, true, Some(a)) => match TcpListener::bind(a).await {
+                Ok(l) => {
+                    tracing::info!(addr = %a, "SMTP listening again: the active unit of the HA pair");
+                    listener = Some(l);
+                }
+                Err(e) => {
+                    tracing::warn!(addr = %a, error = %e, "SMTP listener cannot be bound again; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            },
+            _ => {}
+        }
+        let Some(l) = &listener else {
+            tokio::select! {
+                _ = shutdown.changed() => if *shutdown.borrow() { return },
+                _ = gate.changed() => {}
+            }
+            continue;
+        };
         tokio::select! {
             _ = shutdown.changed() => {
                 if *shutdown.borrow() { return; }
             }
-            accepted = listener.accept() => match accepted {
+            _ = gate.changed(), if service.close_when_inactive => {}
+            accepted = l.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let service = service.clone();
                     let shutdown = shutdown.clone();
