@@ -5,7 +5,11 @@
 //! measured in the same run: a `HashMap<String, _>` lookup over the same keys, the
 //! fastest an in-memory index could be, so the catalog's ratio to it is shown.
 //!
-//! Run: `cargo run --release --bin catalog-bench -- [MAILBOXES] [LOOKUPS]`
+//! Then, while `clustermail serve` runs on that catalog, 20 SMTP sessions send
+//! RCPT TO for random addresses (every RCPT is a catalog lookup): RCPT replies/s,
+//! RCPT p50/p99 and the router's RSS.
+//!
+//! Run: `cargo build --release && cargo run --release --bin catalog-bench -- [MAILBOXES] [LOOKUPS]`
 //! (`CACHE_MB=N` sets sled's page cache for the lookup phase; default 64 as in config.)
 
 use clustermail::catalog::{self, Catalog, LocalPartMatch, Mode};
@@ -161,6 +165,135 @@ fn main() -> anyhow::Result<()> {
         ])
         .status()?;
     anyhow::ensure!(status.success(), "lookup phase failed: {status}");
+    serving_phase(dir.path(), n, lookups.min(400_000))
+}
+
+/// RCPT lookups through a running router: `rcpts` RCPT commands over 20 sessions.
+fn serving_phase(dir: &std::path::Path, n: usize, rcpts: usize) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    let exe = std::env::current_exe()?.with_file_name("clustermail");
+    anyhow::ensure!(
+        exe.exists(),
+        "{} not built: cargo build --release first",
+        exe.display()
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config = dir.join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\nmax_connections_per_ip = 1000\n\
+             [routing]\nprobe_interval = \"1h\"\n",
+            dir.join("data").display().to_string()
+        ),
+    )?;
+    let mut router = std::process::Command::new(&exe)
+        .args(["--config", &config.display().to_string(), "serve"])
+        .env("RUST_LOG", "warn")
+        .spawn()?;
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "router did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rss = |field: &str| -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/status", router.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines().find(|l| l.starts_with(field)).and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<f64>().ok())
+                })
+            })
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    println!(
+        "serving: router listening after {:.2} s, RSS {:.0} MB",
+        started.elapsed().as_secs_f64(),
+        rss("VmRSS:")
+    );
+    let sessions = 20;
+    let per = rcpts / sessions;
+    let t = Instant::now();
+    let threads: Vec<_> = (0..sessions)
+        .map(|s| {
+            std::thread::spawn(move || -> anyhow::Result<(Vec<Duration>, usize)> {
+                let stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+                stream.set_nodelay(true)?;
+                let mut out = stream.try_clone()?;
+                let mut input = BufReader::new(stream);
+                let mut line = String::new();
+                let mut reply =
+                    |input: &mut BufReader<std::net::TcpStream>| -> anyhow::Result<u16> {
+                        loop {
+                            line.clear();
+                            input.read_line(&mut line)?;
+                            if line.as_bytes().get(3) != Some(&b'-') {
+                                return Ok(line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0));
+                            }
+                        }
+                    };
+                reply(&mut input)?;
+                write!(out, "EHLO bench.test\r\n")?;
+                reply(&mut input)?;
+                let mut rng = Rng(0x2545F4914F6CDD1D ^ (s as u64 + 1));
+                let mut lat = Vec::with_capacity(per);
+                let mut found = 0;
+                for j in 0..per {
+                    if j % 100 == 0 {
+                        write!(out, "RSET\r\nMAIL FROM:<bench@x.test>\r\n")?;
+                        reply(&mut input)?;
+                        reply(&mut input)?;
+                    }
+                    let i = (rng.next() % n as u64) as usize;
+                    let addr = if i.is_multiple_of(2) {
+                        format!("User{i}@D{}.Example.com", i % 50)
+                    } else {
+                        format!("alias{i}@d{}.example.com", i % 50)
+                    };
+                    let sent = Instant::now();
+                    write!(out, "RCPT TO:<{addr}>\r\n")?;
+                    if reply(&mut input)? == 250 {
+                        found += 1;
+                    }
+                    lat.push(sent.elapsed());
+                }
+                Ok((lat, found))
+            })
+        })
+        .collect();
+    let mut lat = Vec::with_capacity(rcpts);
+    let mut found = 0;
+    for th in threads {
+        let (l, f) = th
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        lat.extend(l);
+        found += f;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    lat.sort();
+    println!(
+        "serving: {} RCPT over {sessions} sessions in {secs:.2} s = {:.0} RCPT/s, p50 {:.0} us, p99 {:.0} us, \
+         {found} found; router RSS {:.0} MB (peak {:.0} MB)",
+        lat.len(),
+        lat.len() as f64 / secs,
+        percentile(&lat, 0.5).as_secs_f64() * 1e6,
+        percentile(&lat, 0.99).as_secs_f64() * 1e6,
+        rss("VmRSS:"),
+        rss("VmHWM:")
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &router.id().to_string()])
+        .status();
+    router.wait()?;
     Ok(())
 }
 
