@@ -387,12 +387,7 @@ impl Catalog {
     /// A number that changes with every write to the catalog (import, set-state),
     /// kept across restarts: how an HA peer tells that its copy is stale.
     pub fn serial(&self) -> u64 {
-        self.meta
-            .get(SERIAL)
-            .ok()
-            .flatten()
-            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-            .map_or(0, u64::from_be_bytes)
+        read_u64(&self.meta, SERIAL).unwrap_or(0)
     }
 
     fn bump_serial(&self) -> Result<()> {
@@ -816,6 +811,15 @@ fn plan(view: &TreeView, resolved: &Resolved, mode: Mode) -> Result<Plan> {
 
 /// Opens (creating) the sled store of a data dir, with a clear error when another
 /// process holds it.
+/// A big-endian u64 stored under `key` (None: absent, unreadable or not 8 octets).
+pub fn read_u64(tree: &sled::Tree, key: &[u8]) -> Option<u64> {
+    tree.get(key)
+        .ok()
+        .flatten()
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(u64::from_be_bytes)
+}
+
 pub fn open_db(data_dir: &std::path::Path, cache_bytes: u64) -> Result<sled::Db> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;

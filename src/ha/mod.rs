@@ -19,6 +19,7 @@
 pub mod link;
 pub mod state;
 
+use crate::catalog::store::read_u64;
 use crate::catalog::{files, Catalog, Mode as ImportMode};
 use crate::config::{HaConfig, HaRole};
 use crate::health::{probe, Probe};
@@ -76,6 +77,18 @@ pub struct Beat {
     pub your_smtp_ok: Option<bool>,
 }
 
+impl Beat {
+    /// The peer as the state machine sees it.
+    fn view(&self) -> PeerView {
+        PeerView {
+            role: self.role,
+            mode: self.mode,
+            epoch: self.epoch,
+            sees_our_smtp: self.your_smtp_ok,
+        }
+    }
+}
+
 /// What `ha status` shows besides the unit itself.
 #[derive(Debug, Clone, Default)]
 struct Status {
@@ -105,14 +118,6 @@ pub struct Ha {
 
 const EPOCH: &[u8] = b"ha.epoch";
 const SYNCED: &[u8] = b"ha.catalog_synced";
-
-fn read_u64(tree: &sled::Tree, key: &[u8]) -> Option<u64> {
-    tree.get(key)
-        .ok()
-        .flatten()
-        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-        .map(u64::from_be_bytes)
-}
 
 fn role_name(r: HaRole) -> &'static str {
     match r {
@@ -187,12 +192,7 @@ impl Ha {
     }
 
     fn peer_view(&self) -> Option<PeerView> {
-        self.status().peer.as_ref().map(|(b, _)| PeerView {
-            role: b.role,
-            mode: b.mode,
-            epoch: b.epoch,
-            sees_our_smtp: b.your_smtp_ok,
-        })
+        self.status().peer.as_ref().map(|(b, _)| b.view())
     }
 
     /// Applies a change of mode: log, gate, persisted epoch.
@@ -218,10 +218,8 @@ impl Ha {
 
     /// `ha restore`: back to the configured mode, unless a queue push is unfinished.
     pub fn restore(&self) -> Result<String, String> {
-        let unfinished = {
-            let s = self.status();
-            s.push_left > 0 || (self.mode() != Mode::Master && !self.spool.is_empty())
-        };
+        // Mail still here on a unit that is not MASTER is mail not yet pushed.
+        let unfinished = self.mode() != Mode::Master && !self.spool.is_empty();
         let peer = self.peer_view();
         let c = self.unit().restore(unfinished, peer.as_ref())?;
         let changed = c.is_some();
@@ -420,12 +418,7 @@ impl Ha {
                 let mut s = self.status();
                 s.peer = Some((b, now));
                 s.peer_error = None;
-                Some(PeerView {
-                    role: b.role,
-                    mode: b.mode,
-                    epoch: b.epoch,
-                    sees_our_smtp: b.your_smtp_ok,
-                })
+                Some(b.view())
             }
             Err(e) => {
                 *link = None;

@@ -45,7 +45,7 @@ pub struct Manager {
     /// When each queued message next has something to do (ms since the epoch; 0:
     /// now), so that a pass reads only the envelopes that are due. Rebuilt from
     /// the store at start and whenever the spool asks for it.
-    pub schedule: std::sync::Mutex<std::collections::HashMap<QueueId, u64>>,
+    pub schedule: std::sync::Mutex<super::schedule::Schedule>,
     /// Closed while this router is not the active unit of its HA pair: no new
     /// deliveries start (those in flight finish).
     pub gate: crate::ha::Gate,
@@ -140,7 +140,7 @@ impl Manager {
             return Ok(Some(now + 1000));
         }
         if self.spool.take_rescan() {
-            let rebuilt: std::collections::HashMap<QueueId, u64> = self
+            let rebuilt: super::schedule::Schedule = self
                 .spool
                 .envelopes()?
                 .iter()
@@ -149,24 +149,19 @@ impl Manager {
             *self.schedule() = rebuilt;
         }
         let arrivals = self.spool.take_arrivals();
-        let mut due: Vec<QueueId> = {
+        let due = {
             let mut schedule = self.schedule();
             for id in arrivals {
-                schedule.insert(id, 0);
+                schedule.set(id, 0);
             }
-            schedule
-                .iter()
-                .filter(|(_, &at)| at <= now)
-                .map(|(&id, _)| id)
-                .collect()
+            schedule.due(now)
         };
-        due.sort_unstable(); // oldest first
         for id in due {
             if self.in_flight().contains(&id) {
                 continue;
             }
             let Some(env) = self.spool.envelope(id)? else {
-                self.schedule().remove(&id);
+                self.schedule().remove(id);
                 continue;
             };
             let permit = limit
@@ -181,15 +176,15 @@ impl Manager {
                 let result = me.process(env).await;
                 match &result {
                     Ok(Some(at)) => {
-                        me.schedule().insert(id, *at);
+                        me.schedule().set(id, *at);
                     }
                     Ok(None) => {
-                        me.schedule().remove(&id);
+                        me.schedule().remove(id);
                     }
                     // Not at once: a lasting error would spin; a second from now.
                     Err(e) => {
                         tracing::error!(%id, error = %e, "delivery attempt failed");
-                        me.schedule().insert(id, now_ms() + 1000);
+                        me.schedule().set(id, now_ms() + 1000);
                     }
                 }
                 me.in_flight().remove(&id);
@@ -198,16 +193,10 @@ impl Manager {
                 me.spool.nudge();
             });
         }
-        let next = self
-            .schedule()
-            .values()
-            .copied()
-            .filter(|&at| at > now)
-            .min();
-        Ok(next)
+        Ok(self.schedule().next_after(now))
     }
 
-    fn schedule(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<QueueId, u64>> {
+    fn schedule(&self) -> std::sync::MutexGuard<'_, super::schedule::Schedule> {
         self.schedule.lock().unwrap_or_else(|e| e.into_inner())
     }
 

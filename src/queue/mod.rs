@@ -6,6 +6,7 @@
 pub mod dsn;
 pub mod id;
 pub mod manager;
+pub mod schedule;
 pub mod spool;
 
 pub use id::QueueId;
