@@ -197,9 +197,13 @@ impl Ha {
 
     /// Applies a change of mode: log, gate, persisted epoch.
     fn changed(&self, change: Option<Change>) {
+        // The epoch (also raised by what a SLAVE hears) is kept across restarts;
+        // written only when it moved, not every heartbeat.
         let epoch = self.unit().epoch;
-        let _ = self.meta.insert(EPOCH, &epoch.to_be_bytes());
-        let _ = self.meta.flush();
+        if read_u64(&self.meta, EPOCH) != Some(epoch) {
+            let _ = self.meta.insert(EPOCH, &epoch.to_be_bytes());
+            let _ = self.meta.flush();
+        }
         let mode = self.mode();
         self.gate.set(mode == Mode::Master);
         if let Some(c) = change {
