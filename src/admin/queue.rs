@@ -17,14 +17,50 @@ fn age(received_at: u64) -> String {
 }
 
 /// A queue id from the command line; a bad one is reported on `err`.
-fn parse_id(text: &str, err: &mut dyn Write) -> Result<Option<QueueId>> {
-    match text.parse() {
-        Ok(id) => Ok(Some(id)),
+/// The queued message named by `text`; None (and why, on `err`) when `text` is not
+/// a queue id or no such message is queued.
+fn find(spool: &Spool, text: &str, err: &mut dyn Write) -> Result<Option<crate::queue::Envelope>> {
+    let id: QueueId = match text.parse() {
+        Ok(id) => id,
         Err(e) => {
             writeln!(err, "{e}")?;
-            Ok(None)
+            return Ok(None);
+        }
+    };
+    let env = spool.envelope(id)?;
+    if env.is_none() {
+        writeln!(err, "{id}: no such message in the queue")?;
+    }
+    Ok(env)
+}
+
+/// Applies `settle` to each undeliverable recipient of `env` and stores it for the
+/// manager; refused when there is none. `verb` names the command, `done` says
+/// what became of them.
+async fn settle_undeliverable(
+    spool: &Spool,
+    mut env: crate::queue::Envelope,
+    (verb, done): (&str, &str),
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+    mut settle: impl FnMut(&mut crate::queue::Recipient, String, u64),
+) -> Result<Exit> {
+    let mut n = 0;
+    for r in &mut env.recipients {
+        if let RecipientState::Undeliverable { reply, at } = &r.state {
+            let (reply, at) = (reply.clone(), *at);
+            settle(r, reply, at);
+            n += 1;
         }
     }
+    if n == 0 {
+        writeln!(err, "{}: no undeliverable recipient to {verb}", env.id)?;
+        return Ok(Exit::Invalid);
+    }
+    spool.update(&env).await?;
+    spool.wake();
+    writeln!(out, "{}: {n} recipient(s) {done}", env.id)?;
+    Ok(Exit::Ok)
 }
 
 fn until(at_ms: u64) -> String {
@@ -105,11 +141,11 @@ pub fn show(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<Exit> {
-    let Some(id) = parse_id(id, err)? else {
+    let Some(env) = find(spool, id, err)? else {
         return Ok(Exit::Invalid);
     };
-    let (Some(env), Some(message)) = (spool.envelope(id)?, spool.message(id)?) else {
-        writeln!(err, "{id}: no such message in the queue")?;
+    let Some(message) = spool.message(env.id)? else {
+        writeln!(err, "{}: no such message in the queue", env.id)?;
         return Ok(Exit::Invalid);
     };
     if raw {
@@ -161,16 +197,10 @@ pub async fn retry(
             writeln!(err, "give a queue id or --all")?;
             return Ok(Exit::Invalid);
         };
-        let Some(id) = parse_id(text, err)? else {
+        let Some(env) = find(spool, text, err)? else {
             return Ok(Exit::Invalid);
         };
-        match spool.envelope(id)? {
-            Some(e) => vec![e],
-            None => {
-                writeln!(err, "{id}: no such message in the queue")?;
-                return Ok(Exit::Invalid);
-            }
-        }
+        vec![env]
     };
     let mut n = 0;
     for mut env in envs {
@@ -196,13 +226,10 @@ pub async fn delete(
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> Result<Exit> {
-    let Some(id) = parse_id(id, err)? else {
+    let Some(env) = find(spool, id, err)? else {
         return Ok(Exit::Invalid);
     };
-    if spool.envelope(id)?.is_none() {
-        writeln!(err, "{id}: no such message in the queue")?;
-        return Ok(Exit::Invalid);
-    }
+    let id = env.id;
     spool.remove(id).await?;
     tracing::warn!(%id, "deleted from the queue by an administrator");
     writeln!(out, "{id} deleted")?;
@@ -218,33 +245,25 @@ pub async fn release(
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> Result<Exit> {
-    let Some(id) = parse_id(id, err)? else {
+    let Some(env) = find(spool, id, err)? else {
         return Ok(Exit::Invalid);
     };
-    let Some(mut env) = spool.envelope(id)? else {
-        writeln!(err, "{id}: no such message in the queue")?;
-        return Ok(Exit::Invalid);
-    };
-    let now = crate::queue::manager::now_ms();
-    let mut n = 0;
-    for r in &mut env.recipients {
-        if let RecipientState::Undeliverable { reply, .. } = &r.state {
-            r.last_error = Some(reply.clone());
+    let expires_at = crate::queue::manager::now_ms() + lifetime.as_millis() as u64;
+    settle_undeliverable(
+        spool,
+        env,
+        ("release", "released for delivery"),
+        out,
+        err,
+        |r, reply, _| {
+            r.last_error = Some(reply);
             r.state = RecipientState::Pending;
             r.attempts = 0;
             r.next_attempt = 0;
-            r.expires_at = now + lifetime.as_millis() as u64;
-            n += 1;
-        }
-    }
-    if n == 0 {
-        writeln!(err, "{id}: no undeliverable recipient to release")?;
-        return Ok(Exit::Invalid);
-    }
-    spool.update(&env).await?;
-    spool.wake();
-    writeln!(out, "{id}: {n} recipient(s) released for delivery")?;
-    Ok(Exit::Ok)
+            r.expires_at = expires_at;
+        },
+    )
+    .await
 }
 
 /// `queue bounce ID`: undeliverable recipients fail now; the bounce goes out.
@@ -254,29 +273,18 @@ pub async fn bounce(
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> Result<Exit> {
-    let Some(id) = parse_id(id, err)? else {
+    let Some(env) = find(spool, id, err)? else {
         return Ok(Exit::Invalid);
     };
-    let Some(mut env) = spool.envelope(id)? else {
-        writeln!(err, "{id}: no such message in the queue")?;
-        return Ok(Exit::Invalid);
-    };
-    let mut n = 0;
-    for r in &mut env.recipients {
-        if let RecipientState::Undeliverable { reply, at } = &r.state {
-            r.state = RecipientState::Failed {
-                reply: reply.clone(),
-                at: *at,
-            };
-            n += 1;
-        }
-    }
-    if n == 0 {
-        writeln!(err, "{id}: no undeliverable recipient to bounce")?;
-        return Ok(Exit::Invalid);
-    }
-    spool.update(&env).await?;
-    spool.wake();
-    writeln!(out, "{id}: {n} recipient(s) will bounce")?;
-    Ok(Exit::Ok)
+    settle_undeliverable(
+        spool,
+        env,
+        ("bounce", "will bounce"),
+        out,
+        err,
+        |r, reply, at| {
+            r.state = RecipientState::Failed { reply, at };
+        },
+    )
+    .await
 }
