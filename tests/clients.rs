@@ -119,22 +119,26 @@ with smtplib.SMTP('127.0.0.1', int(sys.argv[1]), local_hostname='py.test', timeo
     );
 }
 
-#[test]
-fn python_smtplib_over_starttls() {
+/// A router offering STARTTLS with a fresh self-signed certificate for `names`.
+fn tls_router(names: &[&str]) -> Router {
     let scratch = common::Scratch::new();
-    let key =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "mx.test".to_string()])
-            .expect("cert");
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let key = rcgen::generate_simple_self_signed(names).expect("cert");
     let cert = scratch.write("cert.pem", &key.cert.pem());
     let pkey = scratch.write("key.pem", &key.signing_key.serialize_pem());
-    let mut r = Router::start_in(
+    Router::start_in(
         scratch,
         &format!(
             "tls_cert = {:?}\ntls_key = {:?}",
             cert.display().to_string(),
             pkey.display().to_string()
         ),
-    );
+    )
+}
+
+#[test]
+fn python_smtplib_over_starttls() {
+    let mut r = tls_router(&["localhost", "mx.test"]);
     let script = r#"
 import smtplib, ssl, sys
 msg = open(sys.argv[2], 'rb').read()
@@ -171,18 +175,7 @@ with smtplib.SMTP('127.0.0.1', int(sys.argv[1]), local_hostname='tls.test', time
 /// Plaintext pipelined behind STARTTLS must not run inside the TLS session.
 #[test]
 fn starttls_command_injection_is_discarded() {
-    let scratch = common::Scratch::new();
-    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
-    let cert = scratch.write("cert.pem", &key.cert.pem());
-    let pkey = scratch.write("key.pem", &key.signing_key.serialize_pem());
-    let r = Router::start_in(
-        scratch,
-        &format!(
-            "tls_cert = {:?}\ntls_key = {:?}",
-            cert.display().to_string(),
-            pkey.display().to_string()
-        ),
-    );
+    let r = tls_router(&["localhost"]);
     let script = r#"
 import socket, ssl, sys
 s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=10)
