@@ -113,11 +113,11 @@ impl Health {
     }
 
     fn reindex(&mut self) {
-        let recent: Vec<Duration> = self.recent.iter().copied().collect();
-        self.index = match (self.availability, self.baseline) {
-            (Availability::Down, _) => 0,
-            (_, None) => 100u8.saturating_sub(self.penalty),
-            (_, Some(b)) => availability_index(b, &recent, self.penalty),
+        // No baseline means no sample yet: the index is 100 less any penalty.
+        let baseline = self.baseline.unwrap_or(FLOOR);
+        self.index = match self.availability {
+            Availability::Down => 0,
+            _ => availability_index(baseline, self.recent.make_contiguous(), self.penalty),
         };
     }
 
