@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The README's test command, and what .ci/run runs: installs the real peers the tests talk to
+# when they are missing (Postfix's smtp-sink/smtp-source, swaks, strace), then runs the suite.
+# As root on Debian it installs them with apt-get; otherwise it names the packages and stops.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+need=()
+command -v smtp-sink >/dev/null || need+=(postfix)
+command -v swaks >/dev/null || need+=(swaks)
+command -v strace >/dev/null || need+=(strace)
+command -v python3 >/dev/null || need+=(python3)
+
+if ((${#need[@]})); then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "test.sh: installing ${need[*]}" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq "${need[@]}" >/dev/null
+    else
+        echo "test.sh: the tests need these Debian packages: ${need[*]}" >&2
+        echo "test.sh: install them (sudo apt-get install ${need[*]}) and run ./test.sh again" >&2
+        exit 1
+    fi
+fi
+
+exec cargo test "$@"
