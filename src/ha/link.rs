@@ -1,28 +1,29 @@
-//! The HA link between the two units: a TCP connection, mutually authenticated
-//! with the shared password, carrying length-prefixed bincode frames, each with
-//! an HMAC-SHA256 tag under a per-connection key.
+//! The HA link between the two units: a TCP connection that the handshake
+//! ([`super::handshake`]: SPAKE2 over the shared password, then key confirmation)
+//! authenticates both ways and keys, carrying length-prefixed bincode frames,
+//! each sealed with ChaCha20-Poly1305 under its direction's key. Owns the frame
+//! format, [`Msg`] and [`Link`].
 //!
-//! Handshake (HMAC = HMAC-SHA256 keyed with the password):
-//! 1. client → server: `CMHA1` + client nonce (32 random octets)
-//! 2. server → client: `CMHA1` + server nonce + HMAC("server" ‖ cn ‖ sn)
-//! 3. client checks it, then → server: HMAC("client" ‖ sn ‖ cn)
-//! 4. server checks it. Session key = HMAC("session" ‖ cn ‖ sn).
-//!
-//! A frame is `len:u32 BE` ‖ payload ‖ tag, tag = HMAC_session(direction ‖ seq ‖
-//! payload): frames cannot be forged, replayed or reordered. The link is not
-//! encrypted: run it on loopback or a management network.
+//! A frame is `len:u32 BE` ‖ ciphertext ‖ tag (16 octets; `len` counts both and is
+//! the associated data). The nonce is the sender's direction octet (`c` or `s`),
+//! three zero octets and the frame's sequence number (u64 BE), counted per
+//! direction from 0 and never sent: a tampered, replayed, reordered or dropped
+//! frame fails to open and ends the link. Nothing crosses in clear but the
+//! handshake's SPAKE2 messages, confirmations and the frame lengths.
 
 use crate::queue::Envelope;
 use anyhow::{anyhow, bail, Context, Result};
-use ring::hmac;
-use ring::rand::{SecureRandom, SystemRandom};
+use ring::aead::{Aad, Nonce, NONCE_LEN};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const MAGIC: &[u8; 5] = b"CMHA1";
-const TAG: usize = 32;
+use super::handshake::{self, Keys};
+pub use super::handshake::{is_auth_failed, AuthFailed};
+
+/// The AEAD tag after each frame's ciphertext.
+const TAG: usize = 16;
 /// Largest frame: a queued message plus its envelope.
 const MAX_FRAME: usize = 256 << 20;
 
@@ -51,31 +52,18 @@ pub enum Msg {
 /// An authenticated connection.
 pub struct Link {
     stream: TcpStream,
-    key: hmac::Key,
+    keys: Keys,
     /// Our direction octet (b'c' client, b's' server) and frame counters.
     me: u8,
     sent: u64,
     received: u64,
 }
 
-fn nonce() -> Result<[u8; 32]> {
-    let mut n = [0u8; 32];
-    SystemRandom::new()
-        .fill(&mut n)
-        .map_err(|_| anyhow!("no randomness for the HA handshake"))?;
-    Ok(n)
-}
-
-fn mac(key: &hmac::Key, parts: &[&[u8]]) -> hmac::Tag {
-    let mut ctx = hmac::Context::with_key(key);
-    for p in parts {
-        ctx.update(p);
-    }
-    ctx.sign()
-}
-
-fn check(key: &hmac::Key, parts: &[&[u8]], tag: &[u8]) -> bool {
-    hmac::verify(key, &parts.concat(), tag).is_ok()
+fn nonce(direction: u8, seq: u64) -> Nonce {
+    let mut n = [0u8; NONCE_LEN];
+    n[0] = direction;
+    n[NONCE_LEN - 8..].copy_from_slice(&seq.to_be_bytes());
+    Nonce::assume_unique_for_key(n)
 }
 
 impl Link {
@@ -92,99 +80,83 @@ impl Link {
     }
 
     async fn client(mut stream: TcpStream, password: &str) -> Result<Link> {
-        let pw = hmac::Key::new(hmac::HMAC_SHA256, password.as_bytes());
-        let cn = nonce()?;
-        stream.write_all(MAGIC).await?;
-        stream.write_all(&cn).await?;
-        let mut hello = [0u8; 5 + 32 + TAG];
-        stream.read_exact(&mut hello).await.map_err(|_| {
-            anyhow!("the peer closed the HA handshake (not a clustermail HA port?)")
-        })?;
-        if &hello[..5] != MAGIC {
-            bail!("the peer does not speak the clustermail HA protocol");
-        }
-        let sn = &hello[5..37];
-        if !check(&pw, &[b"server", &cn, sn], &hello[37..]) {
-            bail!("HA authentication failed: the peer does not know the password");
-        }
-        stream
-            .write_all(mac(&pw, &[b"client", sn, &cn]).as_ref())
-            .await?;
-        let key = mac(&pw, &[b"session", &cn, sn]);
-        Ok(Link {
-            stream,
-            key: hmac::Key::new(hmac::HMAC_SHA256, key.as_ref()),
-            me: b'c',
-            sent: 0,
-            received: 0,
-        })
+        let keys = handshake::client(&mut stream, password).await?;
+        Ok(Link::new(stream, keys, b'c'))
     }
 
     /// Authenticates an incoming connection.
     pub async fn accept(mut stream: TcpStream, password: &str) -> Result<Link> {
         stream.set_nodelay(true)?;
-        let pw = hmac::Key::new(hmac::HMAC_SHA256, password.as_bytes());
-        let mut hello = [0u8; 5 + 32];
-        stream.read_exact(&mut hello).await?;
-        if &hello[..5] != MAGIC {
-            bail!("not the clustermail HA protocol");
-        }
-        let cn = &hello[5..];
-        let sn = nonce()?;
-        stream.write_all(MAGIC).await?;
-        stream.write_all(&sn).await?;
-        stream
-            .write_all(mac(&pw, &[b"server", cn, &sn]).as_ref())
-            .await?;
-        let mut proof = [0u8; TAG];
-        stream.read_exact(&mut proof).await.map_err(|_| {
-            anyhow!("authentication failed: the peer closed the handshake (wrong password?)")
-        })?;
-        if !check(&pw, &[b"client", &sn, cn], &proof) {
-            bail!("authentication failed: wrong password");
-        }
-        let key = mac(&pw, &[b"session", cn, &sn]);
-        Ok(Link {
+        let keys = handshake::server(&mut stream, password).await?;
+        Ok(Link::new(stream, keys, b's'))
+    }
+
+    fn new(stream: TcpStream, keys: Keys, me: u8) -> Link {
+        Link {
             stream,
-            key: hmac::Key::new(hmac::HMAC_SHA256, key.as_ref()),
-            me: b's',
+            keys,
+            me,
             sent: 0,
             received: 0,
-        })
+        }
     }
 
     pub async fn send(&mut self, msg: &Msg) -> Result<()> {
-        let payload = bincode::serde::encode_to_vec(msg, bincode::config::standard())?;
-        let tag = mac(&self.key, &[&[self.me], &self.sent.to_be_bytes(), &payload]);
-        self.sent += 1;
-        let len = u32::try_from(payload.len()).context("HA frame too large")?;
-        let mut frame = Vec::with_capacity(4 + payload.len() + TAG);
-        frame.extend_from_slice(&len.to_be_bytes());
-        frame.extend_from_slice(&payload);
-        frame.extend_from_slice(tag.as_ref());
+        let frame = self.seal(msg)?;
         self.stream.write_all(&frame).await?;
         Ok(())
     }
 
+    /// The next frame to send, with `msg` sealed under our key and sequence number.
+    fn seal(&mut self, msg: &Msg) -> Result<Vec<u8>> {
+        let payload = bincode::serde::encode_to_vec(msg, bincode::config::standard())?;
+        if payload.len() > MAX_FRAME {
+            bail!("HA frame of {} octets is over the limit", payload.len());
+        }
+        let header = u32::try_from(payload.len() + TAG)
+            .context("HA frame too large")?
+            .to_be_bytes();
+        let mut frame = Vec::with_capacity(4 + payload.len() + TAG);
+        frame.extend_from_slice(&header);
+        frame.extend_from_slice(&payload);
+        let tag = self
+            .keys
+            .seal
+            .seal_in_place_separate_tag(
+                nonce(self.me, self.sent),
+                Aad::from(header),
+                &mut frame[4..],
+            )
+            .map_err(|_| anyhow!("HA frame could not be sealed"))?;
+        frame.extend_from_slice(tag.as_ref());
+        self.sent = self
+            .sent
+            .checked_add(1)
+            .context("HA link sequence exhausted")?;
+        Ok(frame)
+    }
+
     pub async fn recv(&mut self) -> Result<Msg> {
-        let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len).await?;
-        let len = u32::from_be_bytes(len) as usize;
-        if len > MAX_FRAME {
-            bail!("HA frame of {len} octets is over the limit");
+        let mut header = [0u8; 4];
+        self.stream.read_exact(&mut header).await?;
+        let len = u32::from_be_bytes(header) as usize;
+        if len < TAG || len - TAG > MAX_FRAME {
+            bail!("HA frame of {len} octets is outside the limits");
         }
-        let mut buf = vec![0u8; len + TAG];
+        let mut buf = vec![0u8; len];
         self.stream.read_exact(&mut buf).await?;
-        let (payload, tag) = buf.split_at(len);
         let them = if self.me == b'c' { b's' } else { b'c' };
-        if !check(
-            &self.key,
-            &[&[them], &self.received.to_be_bytes(), payload],
-            tag,
-        ) {
-            bail!("HA frame failed authentication");
-        }
-        self.received += 1;
+        let payload = self
+            .keys
+            .open
+            .open_in_place(nonce(them, self.received), Aad::from(header), &mut buf)
+            .map_err(|_| {
+                anyhow!("HA frame failed authentication (tampered, replayed or out of order)")
+            })?;
+        self.received = self
+            .received
+            .checked_add(1)
+            .context("HA link sequence exhausted")?;
         Ok(bincode::serde::decode_from_slice(payload, bincode::config::standard())?.0)
     }
 
@@ -216,44 +188,258 @@ mod tests {
         (client, server.await.unwrap())
     }
 
+    async fn linked() -> (Link, Link) {
+        let (c, s) = pair("secret-1", "secret-1").await;
+        (c.unwrap(), s.unwrap())
+    }
+
     #[tokio::test]
     async fn frames_flow_both_ways_once_authenticated() {
-        let (c, s) = pair("secret-1", "secret-1").await;
-        let (mut c, mut s) = (c.unwrap(), s.unwrap());
-        c.send(&Msg::CatalogPull).await.unwrap();
-        assert!(matches!(s.recv().await.unwrap(), Msg::CatalogPull));
-        s.send(&Msg::Refused("no".into())).await.unwrap();
-        assert!(matches!(c.recv().await.unwrap(), Msg::Refused(w) if w == "no"));
-    }
-
-    #[tokio::test]
-    async fn a_wrong_password_is_refused_on_both_sides() {
-        let (c, s) = pair("secret-1", "secret-2").await;
-        let e = c.err().expect("client refuses").to_string();
-        assert!(e.contains("authentication failed"), "{e}");
-        assert!(s.is_err());
-    }
-
-    #[tokio::test]
-    async fn a_tampered_frame_is_rejected() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        let server = tokio::spawn(async move {
-            let (s, _) = l.accept().await.unwrap();
-            let mut link = Link::accept(s, "secret-1").await.unwrap();
-            link.recv().await
+        let (mut c, mut s) = linked().await;
+        for n in 0..20 {
+            c.send(&Msg::Refused(format!("c{n}"))).await.unwrap();
+            s.send(&Msg::Refused(format!("s{n}"))).await.unwrap();
+        }
+        for n in 0..20 {
+            assert!(matches!(s.recv().await.unwrap(), Msg::Refused(w) if w == format!("c{n}")));
+            assert!(matches!(c.recv().await.unwrap(), Msg::Refused(w) if w == format!("s{n}")));
+        }
+        let body = vec![b'x'; 1 << 20];
+        let request = push(&body);
+        let answer = tokio::join!(c.call(&request, Duration::from_secs(10)), async {
+            let got = s.recv().await.unwrap();
+            s.send(&Msg::Stored).await.unwrap();
+            got
         });
-        let mut c = Link::connect(&addr, "secret-1", Duration::from_secs(5))
-            .await
-            .unwrap();
-        // A frame whose tag is not the session's.
+        assert!(matches!(answer.0.unwrap(), Msg::Stored));
+        assert!(matches!(answer.1, Msg::Push { message, .. } if message == body));
+    }
+
+    #[tokio::test]
+    async fn a_wrong_password_fails_with_auth_failed_on_both_ends() {
+        let (c, s) = pair("secret-1", "secret-2").await;
+        let c = c.err().expect("the client refuses");
+        let s = s.err().expect("the server refuses");
+        assert!(is_auth_failed(&c), "{c:#}");
+        assert!(is_auth_failed(&s), "{s:#}");
+        assert!(c.to_string().contains("HA authentication failed"), "{c}");
+    }
+
+    /// What the server makes of these raw octets from an authenticated client.
+    async fn server_reads(
+        c: &mut Link,
+        s: &mut Link,
+        raw: &[u8],
+        frames: usize,
+    ) -> Vec<Result<Msg>> {
+        c.stream.write_all(raw).await.unwrap();
+        let mut got = Vec::new();
+        for _ in 0..frames {
+            let r = tokio::time::timeout(Duration::from_secs(10), s.recv())
+                .await
+                .unwrap();
+            let failed = r.is_err();
+            got.push(r);
+            if failed {
+                break;
+            }
+        }
+        got
+    }
+
+    fn refused(r: &Result<Msg>) -> bool {
+        matches!(r, Err(e) if e.to_string().contains("failed authentication"))
+    }
+
+    #[tokio::test]
+    async fn a_tampered_frame_is_refused() {
+        for at in [0usize, 4, 9] {
+            let (mut c, mut s) = linked().await;
+            let mut frame = c.seal(&Msg::Refused("pay 10 EUR".into())).unwrap();
+            // 0: the length octets would only stall the read: tamper past them.
+            let i = if at == 0 { frame.len() - 1 } else { at };
+            frame[i] ^= 0x20;
+            let got = server_reads(&mut c, &mut s, &frame, 1).await;
+            assert!(refused(&got[0]), "octet {i}: {:?}", got[0].as_ref().err());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_forged_frame_is_refused() {
+        let (mut c, mut s) = linked().await;
         let payload =
             bincode::serde::encode_to_vec(&Msg::CatalogPull, bincode::config::standard()).unwrap();
-        let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+        let mut frame = ((payload.len() + TAG) as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(&payload);
         frame.extend_from_slice(&[0u8; TAG]);
-        c.stream.write_all(&frame).await.unwrap();
-        let e = server.await.unwrap().expect_err("rejected").to_string();
-        assert!(e.contains("failed authentication"), "{e}");
+        let got = server_reads(&mut c, &mut s, &frame, 1).await;
+        assert!(refused(&got[0]), "{:?}", got[0].as_ref().err());
+    }
+
+    #[tokio::test]
+    async fn a_replayed_frame_is_refused() {
+        let (mut c, mut s) = linked().await;
+        let f0 = c.seal(&Msg::CatalogPull).unwrap();
+        let got = server_reads(&mut c, &mut s, &[f0.clone(), f0].concat(), 2).await;
+        assert!(matches!(got[0], Ok(Msg::CatalogPull)));
+        assert!(refused(&got[1]), "{:?}", got[1].as_ref().err());
+
+        // Into another connection: each handshake makes fresh keys.
+        let (mut old, _s) = linked().await;
+        let f0 = old.seal(&Msg::CatalogPull).unwrap();
+        let (mut c, mut s) = linked().await;
+        let got = server_reads(&mut c, &mut s, &f0, 1).await;
+        assert!(refused(&got[0]), "{:?}", got[0].as_ref().err());
+    }
+
+    #[tokio::test]
+    async fn a_reordered_or_dropped_frame_is_refused() {
+        let (mut c, mut s) = linked().await;
+        let f0 = c.seal(&Msg::Refused("first".into())).unwrap();
+        let f1 = c.seal(&Msg::Refused("second".into())).unwrap();
+        let got = server_reads(&mut c, &mut s, &[f1.clone(), f0].concat(), 2).await;
+        assert!(refused(&got[0]), "{:?}", got[0].as_ref().err());
+
+        let (mut c, mut s) = linked().await;
+        let _dropped = c.seal(&Msg::Refused("first".into())).unwrap();
+        let f1 = c.seal(&Msg::Refused("second".into())).unwrap();
+        let got = server_reads(&mut c, &mut s, &f1, 1).await;
+        assert!(refused(&got[0]), "{:?}", got[0].as_ref().err());
+
+        // A frame of one direction reflected back to its sender.
+        let (mut c, mut s) = linked().await;
+        let f0 = s.seal(&Msg::Stored).unwrap();
+        let got = server_reads(&mut c, &mut s, &f0, 1).await;
+        assert!(refused(&got[0]), "{:?}", got[0].as_ref().err());
+    }
+
+    #[tokio::test]
+    async fn a_man_in_the_middle_with_a_wrong_password_cannot_complete() {
+        let real = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let real_addr = real.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            let (s, _) = real.accept().await.unwrap();
+            Link::accept(s, "pair-secret").await
+        });
+        let fake = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fake_addr = fake.local_addr().unwrap().to_string();
+        // The man in the middle answers the client as the server and calls the
+        // server as the client, with the only password it has.
+        let mitm = tokio::spawn(async move {
+            let (s, _) = fake.accept().await.unwrap();
+            let to_client = Link::accept(s, "guessed-secret").await;
+            let to_server =
+                Link::connect(&real_addr, "guessed-secret", Duration::from_secs(5)).await;
+            (to_client.is_ok(), to_server.is_ok())
+        });
+        let client = Link::connect(&fake_addr, "pair-secret", Duration::from_secs(5)).await;
+        let c = client
+            .err()
+            .expect("the client refuses the man in the middle");
+        let s = server
+            .await
+            .unwrap()
+            .err()
+            .expect("the server refuses the man in the middle");
+        assert!(is_auth_failed(&c), "{c:#}");
+        assert!(is_auth_failed(&s), "{s:#}");
+        assert_eq!(
+            mitm.await.unwrap(),
+            (false, false),
+            "the man in the middle got a link"
+        );
+    }
+
+    /// A TCP proxy to `to` for one connection, keeping every octet it forwards.
+    async fn tap(to: String) -> (String, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = seen.clone();
+        tokio::spawn(async move {
+            let (a, _) = l.accept().await.unwrap();
+            let b = TcpStream::connect(to).await.unwrap();
+            let (ar, aw) = a.into_split();
+            let (br, bw) = b.into_split();
+            let k2 = kept.clone();
+            tokio::join!(copy(ar, bw, kept), copy(br, aw, k2));
+        });
+        (addr, seen)
+    }
+
+    async fn copy(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    ) {
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+
+    fn push(body: &[u8]) -> Msg {
+        let mut recipient = crate::queue::Recipient::new("r@y.test".into(), "r@y.test".into());
+        recipient.attempts = 0;
+        Msg::Push {
+            envelope: Envelope {
+                id: crate::queue::QueueId::new(),
+                sender: Some("sender-marker@x.test".into()),
+                recipients: vec![recipient],
+                client_ip: "127.0.0.1".parse().unwrap(),
+                helo: "client".into(),
+                received_at: 0,
+                size: body.len() as u64,
+                smtputf8: false,
+                eight_bit: false,
+            },
+            message: body.to_vec(),
+        }
+    }
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[tokio::test]
+    async fn a_passive_transcript_holds_no_plaintext_of_a_pushed_message() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = l.local_addr().unwrap().to_string();
+        let body = b"Subject: payroll\r\n\r\nTOP-SECRET-BODY-7f3a the quarterly figures\r\n";
+        let server = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut link = Link::accept(s, "pair-secret-1").await.unwrap();
+            let got = link.recv().await.unwrap();
+            link.send(&Msg::Stored).await.unwrap();
+            got
+        });
+        let (proxy, seen) = tap(server_addr).await;
+        let mut c = Link::connect(&proxy, "pair-secret-1", Duration::from_secs(5))
+            .await
+            .unwrap();
+        let answer = c.call(&push(body), Duration::from_secs(5)).await.unwrap();
+        assert!(matches!(answer, Msg::Stored), "{answer:?}");
+        match server.await.unwrap() {
+            Msg::Push { message, .. } => assert_eq!(message, body.to_vec()),
+            other => panic!("{other:?}"),
+        }
+        let seen = seen.lock().unwrap().clone();
+        assert!(seen.len() > body.len(), "the tap saw the push go by");
+        for secret in [
+            &b"TOP-SECRET-BODY-7f3a"[..],
+            b"sender-marker",
+            b"r@y.test",
+            b"pair-secret-1",
+        ] {
+            assert!(
+                !contains(&seen, secret),
+                "{:?} crossed the link in clear",
+                String::from_utf8_lossy(secret)
+            );
+        }
     }
 }

@@ -16,6 +16,7 @@
 //! nothing, so no message is delivered by both units. A SLAVE also copies the
 //! MASTER's catalog whenever the MASTER's catalog serial changes.
 
+mod handshake;
 pub mod link;
 pub mod state;
 
