@@ -231,6 +231,11 @@ fn router(scratch: Scratch, routing: &str) -> Router {
 
 /// Sends one message (MAIL FROM `from`, the path between the brackets); its queue id.
 fn send(r: &Router, from: &str, rcpts: &[&str], subject: &str, smtputf8: bool) -> String {
+    let body = format!("Subject: {subject}\r\n\r\nbody of {subject}\r\n.line stuffed\r\n");
+    send_body(r, from, rcpts, body.as_bytes(), smtputf8)
+}
+
+fn send_body(r: &Router, from: &str, rcpts: &[&str], body: &[u8], smtputf8: bool) -> String {
     let mut c = Client::hello(r.port);
     let param = if smtputf8 { " SMTPUTF8" } else { "" };
     expect(&c.cmd(&format!("MAIL FROM:<{from}>{param}")), 250, "2.1.0");
@@ -238,9 +243,8 @@ fn send(r: &Router, from: &str, rcpts: &[&str], subject: &str, smtputf8: bool) -
         expect(&c.cmd(&format!("RCPT TO:<{rcpt}>")), 250, "2.1.5");
     }
     assert_eq!(c.cmd("DATA").code, 354);
-    c.send_raw(
-        format!("Subject: {subject}\r\n\r\nbody of {subject}\r\n.line stuffed\r\n.\r\n").as_bytes(),
-    );
+    c.send_raw(body);
+    c.send_raw(b".\r\n");
     let reply = c.reply();
     expect(&reply, 250, "2.0.0");
     c.cmd("QUIT");
@@ -468,4 +472,72 @@ fn a_4xx_to_one_recipient_retries_it_later_at_the_same_server() {
     assert!(line.contains(" up ") && line.contains(" 100 "), "{line}");
     r.stop();
     assert!(r.queue_ids().is_empty());
+}
+
+/// A router whose mail outside the catalog (bounces) goes to `relay`.
+fn router_with_relay(s: Scratch, relay: &Mailbox) -> Router {
+    let routing = format!(
+        "delivery_timeout = \"2s\"\nretry_initial = \"300ms\"\nrelay_host = \"127.0.0.1:{}\"",
+        relay.port
+    );
+    router(s, &routing)
+}
+
+#[test]
+fn a_server_without_8bitmime_gets_no_8bit_data_the_sender_gets_a_5_6_3_bounce() {
+    let home = Mailbox::start("m1");
+    *home.script.ehlo.lock().unwrap() = Some(vec!["PIPELINING".into()]);
+    let relay = Mailbox::start("relay");
+    let s = Scratch::new();
+    catalog(&s, &[("m1", home.port)], &[("u1@c.test", "m1", &[])]);
+    let r = router_with_relay(s, &relay);
+    let body = "Subject: 8bit\r\n\r\ncaf\u{e9} cr\u{e8}me\r\n".as_bytes();
+    send_body(&r, "sender@x.test", &["u1@c.test"], body, false);
+    // ASCII mail still goes to that server.
+    send(&r, "sender@x.test", &["u1@c.test"], "ascii", false);
+    let bounce = relay.wait_for(1, 10);
+    assert_eq!(bounce.len(), 1, "log:\n{}", r.log());
+    assert_eq!(
+        (bounce[0].from.as_str(), &bounce[0].rcpts[..]),
+        ("", &["sender@x.test".to_string()][..])
+    );
+    assert!(String::from_utf8_lossy(&bounce[0].data).contains("5.6.3"));
+    let got = home.wait_for(1, 10);
+    assert_eq!(got.len(), 1, "log:\n{}", r.log());
+    assert_eq!(with_subject(&got, "ascii"), 1);
+    assert!(
+        !got[0].mail_line.contains("BODY=8BITMIME"),
+        "{}",
+        got[0].mail_line
+    );
+}
+
+#[test]
+fn smtputf8_goes_only_where_needed_and_supported_and_a_bounce_to_a_utf8_sender_uses_it() {
+    let home = Mailbox::start("m1");
+    *home.script.ehlo.lock().unwrap() = Some(vec!["8BITMIME".into(), "PIPELINING".into()]);
+    let relay = Mailbox::start("relay");
+    let s = Scratch::new();
+    catalog(&s, &[("m1", home.port)], &[("u1@c.test", "m1", &[])]);
+    let r = router_with_relay(s, &relay);
+    send(&r, "jörg@bücher.example", &["u1@c.test"], "utf8", true);
+    // Asked for SMTPUTF8 but needs none of it: goes without.
+    send(&r, "plain@x.test", &["u1@c.test"], "ascii", true);
+    let bounce = relay.wait_for(1, 10);
+    assert_eq!(bounce.len(), 1, "log:\n{}", r.log());
+    assert_eq!(bounce[0].rcpts, ["jörg@bücher.example"]);
+    assert!(
+        bounce[0].mail_line.ends_with(" SMTPUTF8"),
+        "{}",
+        bounce[0].mail_line
+    );
+    assert!(String::from_utf8_lossy(&bounce[0].data).contains("5.6.7"));
+    let got = home.wait_for(1, 10);
+    assert_eq!(got.len(), 1, "log:\n{}", r.log());
+    assert_eq!(with_subject(&got, "ascii"), 1);
+    assert!(
+        !got[0].mail_line.contains("SMTPUTF8"),
+        "{}",
+        got[0].mail_line
+    );
 }

@@ -37,24 +37,50 @@ fn outcome_of(reply: &Reply) -> Outcome {
     }
 }
 
-/// The MAIL FROM line, or why every recipient fails without asking the server.
-fn mail_line(conn: &Connection, t: &Transaction<'_>) -> Result<String, Outcome> {
+/// The message's header block (up to the empty line).
+fn header_block(message: &[u8]) -> &[u8] {
+    message
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(message, |end| &message[..end])
+}
+
+/// The MAIL FROM line, or why every recipient fails without asking the server:
+/// an unwritable sender, 8-bit data for a server without 8BITMIME (RFC 6152 §3: not
+/// converted, refused with 5.6.3), or a message that needs SMTPUTF8 (a UTF-8
+/// address or header) for a server without it (RFC 6531 §3.2: 5.6.7). A message
+/// that asked for SMTPUTF8 but needs none of it goes without it.
+fn mail_line(
+    conn: &Connection,
+    t: &Transaction<'_>,
+    recipients: &[&str],
+) -> Result<String, Outcome> {
     let sender = match t.sender {
         None => String::new(),
         Some(s) => {
             path::render(s).map_err(|e| Outcome::Permanent(format!("550 5.1.7 sender {}", e.0)))?
         }
     };
+    let ext = conn.extensions;
+    let needs_utf8 = !sender.is_ascii()
+        || recipients.iter().any(|r| !r.is_ascii())
+        || (t.smtputf8 && !header_block(t.message).is_ascii());
+    if needs_utf8 && !ext.smtputf8 {
+        return Err(Outcome::Permanent(
+            "550 5.6.7 the server does not support SMTPUTF8, which this message needs".into(),
+        ));
+    }
+    let eight_bit = !t.message.is_ascii();
+    if eight_bit && !ext.eight_bit_mime && !(needs_utf8 && ext.smtputf8) {
+        return Err(Outcome::Permanent(
+            "554 5.6.3 the server does not support 8BITMIME; 8-bit data is not converted".into(),
+        ));
+    }
     let mut line = format!("MAIL FROM:<{sender}>");
-    if t.eight_bit && conn.extensions.eight_bit_mime {
+    if (t.eight_bit || eight_bit) && ext.eight_bit_mime {
         line.push_str(" BODY=8BITMIME");
     }
-    if t.smtputf8 {
-        if !conn.extensions.smtputf8 {
-            return Err(Outcome::Permanent(
-                "550 5.6.7 the server does not support SMTPUTF8".into(),
-            ));
-        }
+    if needs_utf8 {
         line.push_str(" SMTPUTF8");
     }
     Ok(line)
@@ -67,7 +93,7 @@ pub async fn run(
     recipients: &[&str],
 ) -> Result<Ended, BeforeData> {
     let n = recipients.len();
-    let mail = match mail_line(conn, t) {
+    let mail = match mail_line(conn, t, recipients) {
         Ok(line) => line,
         Err(o) => {
             return Ok(Ended {

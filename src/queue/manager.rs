@@ -301,7 +301,8 @@ impl Manager {
                     helo: self.hello_name.clone(),
                     received_at: now_ms(),
                     size: bytes.len() as u64,
-                    smtputf8: false,
+                    // To a UTF-8 address, or quoting UTF-8 headers (RFC 6531).
+                    smtputf8: env.smtputf8 || !sender.is_ascii(),
                     eight_bit: !bytes.is_ascii(),
                 };
                 self.spool.enqueue(&bounce, &bytes).await?;
