@@ -93,7 +93,7 @@ pub struct Transaction<'a> {
 
 /// Delivers transactions with connection reuse and a concurrency limit per
 /// destination: an idle connection to a server is kept for `idle` and used again
-/// (after a RSET proves it alive); at most `per_server` transactions run against one
+/// (a stale one is replaced before the data); at most `per_server` transactions run against one
 /// server at once.
 pub struct Deliverer {
     per_server: usize,
@@ -139,12 +139,12 @@ impl Deliverer {
         }
     }
 
-    /// A kept connection that still answers RSET, else a new one.
+    /// A kept connection (in a clean state: kept only after a transaction ended
+    /// normally), else a new one. A kept connection the server has closed
+    /// meanwhile fails at MAIL, before the data: `send` then takes a fresh one.
     async fn connection(&self, t: &Transaction<'_>) -> Result<(Connection, bool), String> {
-        while let Some(mut conn) = self.pooled(t.server_address) {
-            if matches!(conn.command("RSET", t.timeout).await, Ok(r) if r.code == 250) {
-                return Ok((conn, true));
-            }
+        if let Some(conn) = self.pooled(t.server_address) {
+            return Ok((conn, true));
         }
         let addrs = mx::addresses(t.server_address).await?;
         let conn = Connection::open(&addrs, t.hello_name, t.timeout).await;

@@ -93,15 +93,14 @@ pub async fn run(
     recipients: &[&str],
 ) -> Result<Ended, BeforeData> {
     let n = recipients.len();
+    let unasked = |outcomes| Ended {
+        outcomes,
+        response: None,
+        reusable: true,
+    };
     let mail = match mail_line(conn, t, recipients) {
         Ok(line) => line,
-        Err(o) => {
-            return Ok(Ended {
-                outcomes: vec![Some(o); n],
-                response: None,
-                reusable: true,
-            })
-        }
+        Err(o) => return Ok(unasked(vec![Some(o); n])),
     };
     // Recipients that cannot be written get their outcome now and are not asked.
     let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
@@ -113,81 +112,73 @@ pub async fn run(
         }
     }
     if lines.is_empty() {
-        return Ok(Ended {
-            outcomes,
-            response: None,
-            reusable: true,
-        });
+        return Ok(unasked(outcomes));
     }
     let (mail_reply, rcpt_replies, response) = envelope(conn, t.timeout, &mail, &lines).await?;
-    if !mail_reply.is_positive() {
+    let (accepted, o, reusable) = if !mail_reply.is_positive() {
         // MAIL refused: the same answer for every recipient; 4xx here refuses the
         // transaction, not a recipient, so another server may take it now.
-        let o = match outcome_of(&mail_reply) {
-            Outcome::Deferred(x) => Outcome::Temporary(x),
-            o => o,
-        };
-        for (i, _) in &lines {
-            outcomes[*i] = Some(o.clone());
+        let asked = lines.iter().map(|(i, _)| *i).collect();
+        (asked, refused(&mail_reply), false)
+    } else {
+        let mut accepted = Vec::new();
+        for ((i, _), reply) in lines.iter().zip(rcpt_replies) {
+            outcomes[*i] = if reply.is_positive() {
+                accepted.push(*i);
+                None
+            } else if reply.code == 452 && !accepted.is_empty() {
+                None
+            } else {
+                Some(outcome_of(&reply))
+            };
         }
-        return Ok(Ended {
-            outcomes,
-            response: Some(response),
-            reusable: false,
-        });
-    }
-    let mut accepted = Vec::new();
-    for ((i, _), reply) in lines.iter().zip(rcpt_replies) {
-        outcomes[*i] = if reply.is_positive() {
-            accepted.push(*i);
-            None
-        } else if reply.code == 452 && !accepted.is_empty() {
-            None
-        } else {
-            Some(outcome_of(&reply))
-        };
-    }
-    if accepted.is_empty() {
-        return Ok(Ended {
-            outcomes,
-            response: Some(response),
-            reusable: false,
-        });
-    }
-    let data = conn.command("DATA", t.timeout).await.map_err(BeforeData)?;
-    if data.code == 421 {
-        return Err(BeforeData(format!("DATA: {data}")));
-    }
-    if data.code != 354 {
-        let o = match outcome_of(&data) {
-            Outcome::Deferred(x) | Outcome::Delivered(x) => Outcome::Temporary(x),
-            o => o,
-        };
-        for &i in &accepted {
-            outcomes[i] = Some(o.clone());
+        if accepted.is_empty() {
+            return Ok(Ended {
+                outcomes,
+                response: Some(response),
+                reusable: false,
+            });
         }
-        return Ok(Ended {
-            outcomes,
-            response: Some(response),
-            reusable: false,
-        });
-    }
-    let after = match conn.data(t.message, t.timeout).await {
-        Err((why, false)) => return Err(BeforeData(why)),
-        Err((why, true)) => Err(why),
-        Ok(()) => conn.reply(t.final_timeout, "reply to the data").await,
+        let (o, reusable) = data(conn, t).await?;
+        (accepted, o, reusable)
     };
-    let (o, reusable) = match after {
-        Ok(reply) => (outcome_of(&reply), reply.code != 421),
-        Err(why) => (Outcome::Unconfirmed(why), false),
-    };
-    for &i in &accepted {
+    for i in accepted {
         outcomes[i] = Some(o.clone());
     }
     Ok(Ended {
         outcomes,
         response: Some(response),
         reusable,
+    })
+}
+
+/// A refusal of the whole transaction before the data: a 4xx lets another
+/// server take it now.
+fn refused(reply: &Reply) -> Outcome {
+    match outcome_of(reply) {
+        Outcome::Deferred(x) | Outcome::Delivered(x) => Outcome::Temporary(x),
+        o => o,
+    }
+}
+
+/// DATA, the data and the reply to it: the outcome for every accepted recipient
+/// and whether the connection may be kept.
+async fn data(conn: &mut Connection, t: &Transaction<'_>) -> Result<(Outcome, bool), BeforeData> {
+    let data = conn.command("DATA", t.timeout).await.map_err(BeforeData)?;
+    if data.code == 421 {
+        return Err(BeforeData(format!("DATA: {data}")));
+    }
+    if data.code != 354 {
+        return Ok((refused(&data), false));
+    }
+    let after = match conn.data(t.message, t.timeout).await {
+        Err((why, false)) => return Err(BeforeData(why)),
+        Err((why, true)) => Err(why),
+        Ok(()) => conn.reply(t.final_timeout, "reply to the data").await,
+    };
+    Ok(match after {
+        Ok(reply) => (outcome_of(&reply), reply.code != 421),
+        Err(why) => (Outcome::Unconfirmed(why), false),
     })
 }
 
