@@ -29,8 +29,10 @@ struct Stored {
 /// How a scripted mailbox server misbehaves.
 #[derive(Default)]
 struct Script {
-    /// Wait this long before answering the final "." (after storing).
+    /// Wait this long before answering the final "." (after storing)...
     final_delay_ms: AtomicU64,
+    /// ...the next this many times.
+    slow_finals: AtomicUsize,
     /// Close the connection right after storing, without a reply: this many times.
     drop_after_store: AtomicUsize,
     /// Take at most this many RCPTs per transaction; 452 4.5.3 to the rest (0: no limit).
@@ -190,7 +192,11 @@ fn session(
                 script.drop_after_store.store(drops - 1, SeqCst);
                 return Ok(());
             }
-            std::thread::sleep(Duration::from_millis(script.final_delay_ms.load(SeqCst)));
+            let slow = script.slow_finals.load(SeqCst);
+            if slow > 0 {
+                script.slow_finals.store(slow - 1, SeqCst);
+                std::thread::sleep(Duration::from_millis(script.final_delay_ms.load(SeqCst)));
+            }
             write!(out, "250 2.0.0 stored by {name}\r\n")?;
         } else if upper.starts_with("QUIT") {
             write!(out, "221 bye\r\n")?;
@@ -286,6 +292,7 @@ fn a_final_reply_slower_than_the_step_timeout_is_waited_for_one_copy_only() {
     let home = Mailbox::start("m1");
     let replica = Mailbox::start("m2");
     home.script.final_delay_ms.store(5000, SeqCst);
+    home.script.slow_finals.store(2, SeqCst);
     let s = Scratch::new();
     catalog(
         &s,
@@ -339,6 +346,37 @@ fn a_connection_dropped_after_storing_retries_at_the_home_later_never_the_replic
         gap >= Duration::from_millis(1500),
         "re-sent after {gap:?}, not after the backoff"
     );
+    assert!(replica.stored().is_empty(), "log:\n{}", r.log());
+    assert!(
+        server_line(&r, "m1").contains(" up "),
+        "{}",
+        server_line(&r, "m1")
+    );
+    r.stop();
+    assert!(r.queue_ids().is_empty());
+}
+
+#[test]
+fn no_reply_within_final_reply_timeout_retries_at_the_home_later_never_the_replica() {
+    let home = Mailbox::start("m1");
+    let replica = Mailbox::start("m2");
+    home.script.final_delay_ms.store(4000, SeqCst);
+    home.script.slow_finals.store(1, SeqCst);
+    let s = Scratch::new();
+    catalog(
+        &s,
+        &[("m1", home.port), ("m2", replica.port)],
+        &[("u1@c.test", "m1", &["m2"])],
+    );
+    let mut r = router(
+        s,
+        "delivery_timeout = \"5s\"\nfinal_reply_timeout = \"1s\"\nretry_initial = \"1s\"",
+    );
+    send(&r, "sender@x.test", &["u1@c.test"], "late", false);
+    wait_log_count(&r, "outcome=unconfirmed", 1, 20);
+    let got = home.wait_for(2, 30);
+    assert_eq!(with_subject(&got, "late"), 2, "log:\n{}", r.log());
+    wait_log_count(&r, "outcome=delivered", 1, 20);
     assert!(replica.stored().is_empty(), "log:\n{}", r.log());
     assert!(
         server_line(&r, "m1").contains(" up "),

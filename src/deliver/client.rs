@@ -256,6 +256,36 @@ mod tests {
         assert_eq!(&bytes[body..], b".\r\n");
     }
 
+    #[tokio::test]
+    async fn every_address_is_tried_until_one_answers() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed_addr = closed.local_addr().unwrap();
+        drop(closed);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open_addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            s.write_all(b"220 hi\r\n").await.unwrap();
+            let mut buf = [0u8; 256];
+            let _ = s.read(&mut buf).await;
+            s.write_all(b"250-mx\r\n250-PIPELINING\r\n250 SMTPUTF8\r\n")
+                .await
+                .unwrap();
+            let _ = s.read(&mut buf).await;
+        });
+        let conn = Connection::open(
+            &[closed_addr, open_addr],
+            "me.test",
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        assert!(conn.extensions.pipelining && conn.extensions.smtputf8);
+        assert!(!conn.extensions.eight_bit_mime);
+        let none = Connection::open(&[closed_addr], "me.test", Duration::from_secs(10)).await;
+        assert!(none.is_err());
+    }
+
     #[test]
     fn ehlo_keywords_are_read_case_insensitively() {
         let r = Reply {
