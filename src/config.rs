@@ -135,9 +135,13 @@ pub struct RoutingConfig {
     /// Mail still undelivered after this long fails (expired).
     #[serde(with = "humantime_serde")]
     pub max_queue_lifetime: Duration,
-    /// Per SMTP step of a delivery.
+    /// Per SMTP step of a delivery (all but the reply to the data).
     #[serde(with = "humantime_serde")]
     pub delivery_timeout: Duration,
+    /// For the server's reply to the final "." of the data (RFC 5321
+    /// §4.5.3.2.6: 10 minutes).
+    #[serde(with = "humantime_serde")]
+    pub final_reply_timeout: Duration,
     /// Messages being delivered at once (all destinations).
     pub max_deliveries: usize,
     /// Transactions running against one server at once (and connections kept
@@ -187,6 +191,7 @@ impl Default for RoutingConfig {
             retry_max: Duration::from_secs(3600),
             max_queue_lifetime: Duration::from_secs(5 * 86_400),
             delivery_timeout: Duration::from_secs(30),
+            final_reply_timeout: Duration::from_secs(600),
             max_deliveries: 20,
             max_per_server: 5,
             max_hops: 25,
@@ -441,6 +446,7 @@ impl Config {
             ("probe_timeout", r.probe_timeout),
             ("retry_initial", r.retry_initial),
             ("delivery_timeout", r.delivery_timeout),
+            ("final_reply_timeout", r.final_reply_timeout),
         ] {
             if d.is_zero() {
                 bail!("routing.{name} must be above 0");

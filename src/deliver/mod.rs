@@ -1,45 +1,78 @@
 //! Outbound SMTP: one transaction to one mailbox server carrying every recipient
-//! routed there, over lettre's async SMTP connection (tokio). The queued octets are
-//! sent as they are (lettre only dot-stuffs them); each recipient gets its own
-//! outcome. Connections are reused per destination, and concurrency is limited per
-//! destination ([`Deliverer`]) as well as globally (the queue manager).
+//! routed there, over our own client (`client`: tokio, TCP_NODELAY, PIPELINING,
+//! per-step timeouts, the final reply's own timeout). The queued octets are sent as
+//! they are (only dot-stuffed); addresses are sent as inbound accepted them
+//! (`path`); each recipient gets its own [`Outcome`] (`transaction`). Connections
+//! are reused per destination, and concurrency is limited per destination
+//! ([`Deliverer`]) as well as globally (the queue manager).
 
+pub mod client;
 pub mod mx;
+pub mod path;
+pub mod transaction;
 
-use crate::health::probe::resolve;
-use lettre::address::Address;
-use lettre::transport::smtp::client::AsyncSmtpConnection;
-use lettre::transport::smtp::commands::{Data, Mail, Quit, Rcpt, Rset};
-use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use client::Connection;
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
-/// What became of one recipient in a transaction.
+/// What became of one recipient in a delivery to one server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The server took the message for this recipient (its reply).
     Delivered(String),
-    /// 4xx: try again (another server, or later).
+    /// 4xx to this recipient (its RCPT, or the reply to the data): retry it later
+    /// at the same server. Says nothing about the server's availability.
+    Deferred(String),
+    /// 4xx to the whole transaction before the data (MAIL, DATA): nothing was
+    /// sent, another server may take it now.
     Temporary(String),
-    /// 5xx: will never be taken.
+    /// 5xx, or an address that cannot be sent: will never be taken.
     Permanent(String),
+    /// The data was sent but no reply to it came (timeout, connection lost): the
+    /// server may have stored it. Never sent again in this attempt; retried later
+    /// at the same server; says nothing about the server's availability.
+    Unconfirmed(String),
+    /// The session failed before the data could reach the server (connect,
+    /// greeting, EHLO, 421, a timeout or lost connection before the data): nothing
+    /// was stored; the server is unusable now, the recipient may go elsewhere.
+    Unusable(String),
 }
 
-/// The transaction as a whole failed: the server is unusable now (could not
-/// connect, timed out, 421, connection lost). Recipients must be re-routed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unusable(pub String);
+impl Outcome {
+    /// The word in the `delivery attempt` log line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Delivered(_) => "delivered",
+            Outcome::Deferred(_) => "deferred",
+            Outcome::Temporary(_) => "temporary",
+            Outcome::Permanent(_) => "failed",
+            Outcome::Unconfirmed(_) => "unconfirmed",
+            Outcome::Unusable(_) => "unusable",
+        }
+    }
 
-/// A transaction's result: one outcome per recipient, in order, and how long the
+    /// The server's reply, or why there is none.
+    pub fn reply(&self) -> &str {
+        match self {
+            Outcome::Delivered(x)
+            | Outcome::Deferred(x)
+            | Outcome::Temporary(x)
+            | Outcome::Permanent(x)
+            | Outcome::Unconfirmed(x)
+            | Outcome::Unusable(x) => x,
+        }
+    }
+}
+
+/// A delivery's result: one outcome per recipient, in order, and how long the
 /// server took to answer MAIL (a response time independent of the message size,
-/// for the availability index).
+/// for the availability index), if it was asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sent {
     pub outcomes: Vec<Outcome>,
-    pub response: Duration,
+    pub response: Option<Duration>,
 }
 
 /// One message for one server.
@@ -52,37 +85,21 @@ pub struct Transaction<'a> {
     pub message: &'a [u8],
     pub eight_bit: bool,
     pub smtputf8: bool,
+    /// Per SMTP step (`routing.delivery_timeout`).
     pub timeout: Duration,
-}
-
-fn code_of(e: &lettre::transport::smtp::Error) -> Option<u16> {
-    e.status().map(u16::from)
-}
-
-fn classify(e: &lettre::transport::smtp::Error) -> Result<Outcome, Unusable> {
-    let text = e.to_string();
-    match code_of(e) {
-        Some(421) => Err(Unusable(text)),
-        Some(c) if (400..500).contains(&c) => Ok(Outcome::Temporary(text)),
-        Some(c) if (500..600).contains(&c) => Ok(Outcome::Permanent(text)),
-        _ => Err(Unusable(text)),
-    }
-}
-
-fn reply_text(r: &lettre::transport::smtp::response::Response) -> String {
-    let code: u16 = r.code().into();
-    format!("{code} {}", r.message().collect::<Vec<_>>().join(" "))
+    /// For the reply to the final "." (`routing.final_reply_timeout`).
+    pub final_timeout: Duration,
 }
 
 /// Delivers transactions with connection reuse and a concurrency limit per
 /// destination: an idle connection to a server is kept for `idle` and used again
-/// (after a NOOP proves it alive); at most `per_server` transactions run against one
+/// (a stale one is replaced before the data); at most `per_server` transactions run against one
 /// server at once.
 pub struct Deliverer {
     per_server: usize,
     idle: Duration,
     limits: Mutex<HashMap<String, Arc<Semaphore>>>,
-    pool: Mutex<HashMap<String, Vec<(AsyncSmtpConnection, Instant)>>>,
+    pool: Mutex<HashMap<String, Vec<(Connection, Instant)>>>,
 }
 
 impl Deliverer {
@@ -103,7 +120,7 @@ impl Deliverer {
             .clone()
     }
 
-    fn pooled(&self, server: &str) -> Option<AsyncSmtpConnection> {
+    fn pooled(&self, server: &str) -> Option<Connection> {
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         let idle = pool.get_mut(server)?;
         while let Some((conn, since)) = idle.pop() {
@@ -114,7 +131,7 @@ impl Deliverer {
         None
     }
 
-    fn keep(&self, server: &str, conn: AsyncSmtpConnection) {
+    fn keep(&self, server: &str, conn: Connection) {
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         let idle = pool.entry(server.to_string()).or_default();
         if idle.len() < self.per_server {
@@ -122,165 +139,101 @@ impl Deliverer {
         }
     }
 
-    /// Runs the transaction; one outcome per recipient, in order.
-    pub async fn send(&self, t: &Transaction<'_>) -> Result<Sent, Unusable> {
-        let limit = self.limit(t.server_address);
-        let _permit = limit
-            .acquire_owned()
-            .await
-            .map_err(|_| Unusable("delivery limiter closed".into()))?;
-        // A kept connection the server has closed meanwhile fails the NOOP; one that
-        // fails mid-transaction is retried once on a fresh connection, so that a stale
-        // connection never marks a healthy server down.
-        if let Some(mut conn) = self.pooled(t.server_address) {
-            if tokio::time::timeout(t.timeout, conn.test_connected())
-                .await
-                .unwrap_or(false)
-            {
-                if let Ok(sent) = self.run(conn, t).await {
-                    return Ok(sent);
+    /// A kept connection (in a clean state: kept only after a transaction ended
+    /// normally), else a new one. A kept connection the server has closed
+    /// meanwhile fails at MAIL, before the data: `send` then takes a fresh one.
+    async fn connection(&self, t: &Transaction<'_>) -> Result<(Connection, bool), String> {
+        if let Some(conn) = self.pooled(t.server_address) {
+            return Ok((conn, true));
+        }
+        let addrs = mx::addresses(t.server_address).await?;
+        let conn = Connection::open(&addrs, t.hello_name, t.timeout).await;
+        conn.map(|c| (c, false))
+            .map_err(|e| format!("{}: {e}", t.server_address))
+    }
+
+    /// Delivers to one server; one outcome per recipient, in order.
+    ///
+    /// A kept connection that fails before the data is replaced by a fresh one
+    /// once (a stale connection must not make a healthy server look down); after
+    /// the data nothing is sent again. Recipients refused with 452 after others
+    /// were taken go in a new transaction at once.
+    pub async fn send(&self, t: &Transaction<'_>) -> Sent {
+        let n = t.recipients.len();
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
+        let mut response = None;
+        let Ok(_permit) = self.limit(t.server_address).acquire_owned().await else {
+            let why = Outcome::Unusable("delivery limiter closed".into());
+            return Sent {
+                outcomes: vec![why; n],
+                response,
+            };
+        };
+        // Each round either settles a recipient or stops: at most n + 1 rounds.
+        let mut fresh_tries = 0;
+        while outcomes.iter().any(Option::is_none) && fresh_tries < 2 {
+            let open: Vec<usize> = (0..n).filter(|&i| outcomes[i].is_none()).collect();
+            let (mut conn, pooled) = match self.connection(t).await {
+                Ok(c) => c,
+                Err(why) => {
+                    fill(&mut outcomes, &open, Outcome::Unusable(why));
+                    break;
+                }
+            };
+            if !pooled {
+                fresh_tries += 1;
+            }
+            let rcpts: Vec<&str> = open.iter().map(|&i| t.recipients[i].as_str()).collect();
+            match transaction::run(&mut conn, t, &rcpts).await {
+                Err(transaction::BeforeData(why)) if !pooled => {
+                    let why = format!("{}: {why}", t.server_address);
+                    fill(&mut outcomes, &open, Outcome::Unusable(why));
+                }
+                Err(transaction::BeforeData(why)) => {
+                    tracing::debug!(server = %t.server_address, %why, "kept connection failed before the data: a fresh one");
+                }
+                Ok(ended) => {
+                    response = response.or(ended.response);
+                    let progress = ended.outcomes.iter().any(Option::is_some);
+                    for (&i, o) in open.iter().zip(ended.outcomes) {
+                        outcomes[i] = o;
+                    }
+                    if ended.reusable {
+                        self.keep(t.server_address, conn);
+                    }
+                    if !progress {
+                        break;
+                    }
+                    fresh_tries = 0;
                 }
             }
         }
-        let conn = connect(t).await?;
-        self.run(conn, t).await
-    }
-
-    async fn run(
-        &self,
-        mut conn: AsyncSmtpConnection,
-        t: &Transaction<'_>,
-    ) -> Result<Sent, Unusable> {
-        match tokio::time::timeout(t.timeout * 4, transaction(&mut conn, t)).await {
-            Ok(Ok(sent)) => {
-                // A clean state for the next transaction, then keep the connection.
-                match tokio::time::timeout(t.timeout, conn.command(Rset)).await {
-                    Ok(Ok(_)) => self.keep(t.server_address, conn),
-                    _ => conn.abort().await,
-                }
-                Ok(sent)
-            }
-            Ok(Err(e)) => {
-                conn.abort().await;
-                Err(e)
-            }
-            Err(_) => {
-                conn.abort().await;
-                Err(Unusable(format!(
-                    "{}: transaction timed out",
-                    t.server_address
-                )))
-            }
+        let left = Outcome::Deferred("452 4.5.3 too many recipients".into());
+        Sent {
+            outcomes: outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or_else(|| left.clone()))
+                .collect(),
+            response,
         }
     }
 
     /// Says QUIT on every kept connection (at shutdown).
     pub async fn close_all(&self) {
-        let conns: Vec<AsyncSmtpConnection> = {
+        let conns: Vec<Connection> = {
             let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
             pool.drain()
                 .flat_map(|(_, v)| v.into_iter().map(|(c, _)| c))
                 .collect()
         };
-        for mut c in conns {
-            let _ = tokio::time::timeout(Duration::from_secs(2), c.command(Quit)).await;
+        for c in conns {
+            c.quit().await;
         }
     }
 }
 
-async fn connect(t: &Transaction<'_>) -> Result<AsyncSmtpConnection, Unusable> {
-    let addr = resolve(t.server_address).await.map_err(Unusable)?;
-    let hello = ClientId::Domain(t.hello_name.to_string());
-    let unusable = |e: &dyn std::fmt::Display| Unusable(format!("{}: {e}", t.server_address));
-    tokio::time::timeout(t.timeout, async {
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| unusable(&format!("Connection error: {e}")))?;
-        // Without it Nagle holds the data's last small write back until the
-        // server's delayed ACK: 40 ms per message on Linux (measured).
-        stream
-            .set_nodelay(true)
-            .map_err(|e| unusable(&format!("Connection error: {e}")))?;
-        AsyncSmtpConnection::connect_with_transport(Box::new(stream), &hello)
-            .await
-            .map_err(|e| unusable(&e))
-    })
-    .await
-    .map_err(|_| Unusable(format!("{}: connect timed out", t.server_address)))?
-}
-
-async fn transaction(
-    conn: &mut AsyncSmtpConnection,
-    t: &Transaction<'_>,
-) -> Result<Sent, Unusable> {
-    let mut response = Duration::ZERO;
-    let outcomes = recipients(conn, t, &mut response).await?;
-    Ok(Sent { outcomes, response })
-}
-
-async fn recipients(
-    conn: &mut AsyncSmtpConnection,
-    t: &Transaction<'_>,
-    response: &mut Duration,
-) -> Result<Vec<Outcome>, Unusable> {
-    let mut params = Vec::new();
-    if (t.eight_bit || !t.message.is_ascii())
-        && conn.server_info().supports_feature(Extension::EightBitMime)
-    {
-        params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+fn fill(outcomes: &mut [Option<Outcome>], which: &[usize], o: Outcome) {
+    for &i in which {
+        outcomes[i] = Some(o.clone());
     }
-    if t.smtputf8 {
-        if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
-            let why = "5.6.7 the server does not support SMTPUTF8".to_string();
-            return Ok(vec![Outcome::Permanent(why); t.recipients.len()]);
-        }
-        params.push(MailParameter::SmtpUtfEight);
-    }
-    let sender = match t.sender {
-        Some(s) => Some(Address::from_str(s).map_err(|e| Unusable(format!("sender <{s}>: {e}")))?),
-        None => None,
-    };
-    let started = Instant::now();
-    let mail = conn.command(Mail::new(sender, params)).await;
-    *response = started.elapsed();
-    if let Err(e) = mail {
-        // MAIL refused: the same answer for every recipient.
-        let o = classify(&e)?;
-        return Ok(vec![o; t.recipients.len()]);
-    }
-    let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(t.recipients.len());
-    for r in t.recipients {
-        let address = match Address::from_str(r) {
-            Ok(a) => a,
-            Err(e) => {
-                outcomes.push(Some(Outcome::Permanent(format!("5.1.3 <{r}>: {e}"))));
-                continue;
-            }
-        };
-        match conn.command(Rcpt::new(address, vec![])).await {
-            Ok(_) => outcomes.push(None),
-            Err(e) => outcomes.push(Some(classify(&e)?)),
-        }
-    }
-    if outcomes.iter().all(Option::is_some) {
-        return Ok(outcomes.into_iter().flatten().collect());
-    }
-    if let Err(e) = conn.command(Data).await {
-        let o = classify(&e)?;
-        return Ok(outcomes
-            .into_iter()
-            .map(|x| x.unwrap_or_else(|| o.clone()))
-            .collect());
-    }
-    // lettre ends the data with CRLF.CRLF itself: drop the message's own last CRLF
-    // so that the octets arrive exactly as queued.
-    let body = t.message.strip_suffix(b"\r\n").unwrap_or(t.message);
-    let after_data = match conn.message(body).await {
-        Ok(r) => Outcome::Delivered(reply_text(&r)),
-        Err(e) => classify(&e)?,
-    };
-    Ok(outcomes
-        .into_iter()
-        .map(|x| x.unwrap_or_else(|| after_data.clone()))
-        .collect())
 }

@@ -1,44 +1,28 @@
 //! The availability probe: connect, read the greeting, say QUIT, within a timeout.
-//! Host names are resolved with hickory-resolver at probe time (never at import).
+//! Host names are resolved at probe time (never at import), with the resolver
+//! deliveries share (`deliver::mx`); the first address that accepts is probed.
 
 use super::Probe;
-use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-
-/// Resolves `host:port` (an IP, `[IPv6]`, or a DNS name).
-pub async fn resolve(address: &str) -> Result<SocketAddr, String> {
-    let (host, port) = address
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{address}: not host:port"))?;
-    let port: u16 = port.parse().map_err(|_| format!("{address}: bad port"))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, port));
-    }
-    let resolver = hickory_resolver::TokioResolver::builder_tokio()
-        .map_err(|e| format!("resolver: {e}"))?
-        .build()
-        .map_err(|e| format!("resolver: {e}"))?;
-    let ips = resolver
-        .lookup_ip(host)
-        .await
-        .map_err(|e| format!("{host}: {e}"))?;
-    ips.iter()
-        .next()
-        .map(|ip| SocketAddr::new(ip, port))
-        .ok_or_else(|| format!("{host}: no address"))
-}
 
 /// Probes one server: the greeting's code and how long it took, or why it failed.
 pub async fn probe(address: &str, timeout: Duration) -> Probe {
     let started = Instant::now();
     let attempt = async {
-        let addr = resolve(address).await?;
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
+        let mut why = String::from("no address");
+        let mut stream = None;
+        for addr in crate::deliver::mx::addresses(address).await? {
+            match TcpStream::connect(addr).await {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => why = format!("connect: {e}"),
+            }
+        }
+        let stream = stream.ok_or(why)?;
         let mut reader = BufReader::new(stream);
         // The greeting may span several lines (220-...); its code is what counts.
         let mut line = String::new();

@@ -1,26 +1,36 @@
-//! The queue manager: takes due messages from the spool, routes each recipient
-//! (`route::decide`), delivers one transaction per destination server, and records
-//! every outcome durably.
+//! The queue manager: takes due messages from the spool, hands each to the
+//! delivery half (`deliver`: routing, one transaction per destination server,
+//! what each outcome means), and records every outcome durably.
 //!
-//! Within one pass over a message, a recipient whose server fails (cannot connect,
-//! 421, 4xx) is routed again with that server excluded: a failed home fails over to
-//! a replica at once, a failed replica gives way to the next one, and with none left
-//! the recipient is held. Held recipients are retried on the backoff schedule
+//! Within one pass over a message, a recipient whose server failed before the
+//! message data could reach it (cannot connect, greeting, 421, a timeout or lost
+//! connection before the data, or a 4xx to MAIL or DATA) is routed again with that
+//! server excluded: a failed home fails over to a replica at once, a failed replica
+//! gives way to the next one, and with none left the recipient is held. A 4xx to
+//! the recipient itself, or the data sent with no reply to it, holds it for a retry
+//! later instead. Held recipients are retried on the backoff schedule
 //! (`retry_initial` doubling to `retry_max`) on the home server only, unless
 //! `retry_failover`. Past `max_queue_lifetime` they fail as expired.
 //!
-//! Crash window: a recipient's state is committed right after its server's reply to
-//! the message. A crash between that reply and the commit delivers it again after
-//! restart (at most once more); no other crash point repeats or loses a delivery.
+//! Duplicate windows (each can deliver a recipient once more, never lose it):
+//! - a crash between a server's reply to the data and the commit of the
+//!   recipient's state (committed right after that reply): delivered again after
+//!   restart;
+//! - the server's reply to the data lost (connection lost, or no reply within
+//!   `final_reply_timeout`) after the server stored the message: the recipient is
+//!   held and retried later (at its home, as held mail is), never sent elsewhere in
+//!   the same attempt.
+//!
+//! No other crash point or failure repeats or loses a delivery.
+
+mod deliver;
 
 use super::{dsn, Envelope, QueueId, RecipientState, Spool};
 use crate::catalog::Catalog;
 use crate::config::RoutingConfig;
-use crate::deliver::{self, Outcome, Transaction};
 use crate::health::monitor::SharedTracker;
-use crate::route::{self, Attempt, Decision};
 use anyhow::{anyhow, Result};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{watch, Semaphore};
@@ -39,7 +49,7 @@ pub struct Manager {
     pub config: RoutingConfig,
     /// Our name in EHLO.
     pub hello_name: String,
-    pub deliverer: deliver::Deliverer,
+    pub deliverer: crate::deliver::Deliverer,
     /// Messages being delivered now (never two tasks for one message).
     pub in_flight: std::sync::Mutex<HashSet<QueueId>>,
     /// When each queued message next has something to do (ms since the epoch; 0:
@@ -52,26 +62,6 @@ pub struct Manager {
 }
 
 impl Manager {
-    /// One message for one destination.
-    fn transaction<'a>(
-        &'a self,
-        env: &'a Envelope,
-        address: &'a str,
-        recipients: &'a [String],
-        message: &'a [u8],
-    ) -> Transaction<'a> {
-        Transaction {
-            server_address: address,
-            hello_name: &self.hello_name,
-            sender: env.sender.as_deref(),
-            recipients,
-            message,
-            eight_bit: env.eight_bit,
-            smtputf8: env.smtputf8,
-            timeout: self.config.delivery_timeout,
-        }
-    }
-
     /// A permanent failure: bounced, or kept as undeliverable for an administrator
     /// when `hold_undeliverable` is set.
     fn failed(&self, reply: String) -> RecipientState {
@@ -256,247 +246,6 @@ impl Manager {
         self.commit(&env).await
     }
 
-    /// Routes and delivers recipients that are catalog mailboxes.
-    async fn deliver_catalog(
-        &self,
-        env: &mut Envelope,
-        due: Vec<usize>,
-        message: &[u8],
-    ) -> Result<()> {
-        let id = env.id;
-        let policy = self.config.policy();
-        let mut skip: BTreeMap<usize, Vec<String>> = BTreeMap::new();
-        let mut open = due;
-        // Each round routes the open recipients again with the servers that failed
-        // them excluded; rounds end when everyone is delivered, failed or held.
-        while !open.is_empty() {
-            // Destination (name, address) → recipients: a catalog server, or a next-hop router.
-            let mut plan: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
-            // Recipient → its decision's kind and reason, for the delivery log line.
-            let mut decided: BTreeMap<usize, (&'static str, String)> = BTreeMap::new();
-            let mut held = Vec::new();
-            // Routed to a server that left the catalog meanwhile: route again.
-            let mut retry = Vec::new();
-            for &i in &open {
-                let r = &mut env.recipients[i];
-                let Some(entry) = self.catalog.lookup(&r.mailbox)? else {
-                    r.state = self.failed(format!(
-                        "5.1.1 mailbox {} is no longer in the catalog",
-                        r.mailbox
-                    ));
-                    continue;
-                };
-                let attempt = if r.state == RecipientState::Held {
-                    Attempt::Retry
-                } else {
-                    Attempt::First
-                };
-                let avail = |s: &crate::catalog::Server| {
-                    self.health.lock().unwrap_or_else(|e| e.into_inner()).of(s)
-                };
-                let skipped = skip.get(&i).map(Vec::as_slice).unwrap_or(&[]);
-                let routers = self
-                    .catalog
-                    .cluster(&entry.home.cluster)?
-                    .map(|c| c.routers)
-                    .unwrap_or_default();
-                let route = route::decide(&entry, &avail, &policy, attempt, skipped, &routers);
-                let m = &crate::metrics::METRICS;
-                let kind = match &route.decision {
-                    Decision::Home(_) => {
-                        m.decided_home.inc();
-                        "home"
-                    }
-                    Decision::Replica(_) => {
-                        m.decided_replica.inc();
-                        "replica"
-                    }
-                    Decision::NextHop(_) => {
-                        m.decided_next_hop.inc();
-                        "next-hop"
-                    }
-                    Decision::Hold => {
-                        m.decided_hold.inc();
-                        m.recipients_held.inc();
-                        tracing::info!(%id, rcpt = %r.address, decision = %"hold", why = %route.reason, "held");
-                        "hold"
-                    }
-                };
-                decided.insert(i, (kind, route.reason.clone()));
-                r.last_route = Some(route.why());
-                match route.decision {
-                    Decision::Home(s) | Decision::Replica(s) => match self.catalog.server(&s) {
-                        Some(srv) => plan.entry((s, srv.address)).or_default().push(i),
-                        None => {
-                            skip.entry(i).or_default().push(s);
-                            retry.push(i);
-                        }
-                    },
-                    Decision::NextHop(router) => {
-                        plan.entry((router.clone(), router)).or_default().push(i)
-                    }
-                    Decision::Hold => held.push(i),
-                }
-            }
-            for i in held {
-                let r = &mut env.recipients[i];
-                r.state = RecipientState::Held;
-                r.attempts += 1;
-                r.next_attempt = now_ms() + self.backoff(r.attempts).as_millis() as u64;
-            }
-            open = retry;
-            for ((server, address), idxs) in plan {
-                let recipients: Vec<String> = idxs
-                    .iter()
-                    .map(|&i| env.recipients[i].address.clone())
-                    .collect();
-                match self
-                    .deliverer
-                    .send(&self.transaction(env, &address, &recipients, message))
-                    .await
-                {
-                    Err(deliver::Unusable(why)) => {
-                        for &i in &idxs {
-                            let (kind, reason) = decided.get(&i).cloned().unwrap_or_default();
-                            tracing::warn!(%id, rcpt = %env.recipients[i].address, server = %server, decision = %kind, why = %reason, outcome = %"unusable", reply = %why, "delivery attempt");
-                        }
-                        self.health
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .delivery_failed(&server, &why);
-                        for &i in &idxs {
-                            env.recipients[i].last_error = Some(format!("{server}: {why}"));
-                            skip.entry(i).or_default().push(server.clone());
-                        }
-                        open.extend(&idxs);
-                    }
-                    Ok(sent) => {
-                        let temporary = sent
-                            .outcomes
-                            .iter()
-                            .any(|o| matches!(o, Outcome::Temporary(_)));
-                        self.health
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .responded(&server, sent.response, temporary);
-                        for (&i, outcome) in idxs.iter().zip(sent.outcomes) {
-                            let r = &mut env.recipients[i];
-                            let (kind, reason) = decided.get(&i).cloned().unwrap_or_default();
-                            let (result, reply) = match &outcome {
-                                Outcome::Delivered(x) => ("delivered", x),
-                                Outcome::Temporary(x) => ("deferred", x),
-                                Outcome::Permanent(x) => ("failed", x),
-                            };
-                            tracing::info!(%id, rcpt = %r.address, server = %server, decision = %kind, why = %reason, outcome = %result, reply = %reply, "delivery attempt");
-                            match outcome {
-                                Outcome::Delivered(reply) => {
-                                    crate::metrics::METRICS.recipients_delivered.inc();
-                                    r.state = RecipientState::Delivered {
-                                        server: server.clone(),
-                                        reply,
-                                        at: now_ms(),
-                                    };
-                                }
-                                Outcome::Permanent(reply) => {
-                                    r.state = self.failed(reply);
-                                }
-                                Outcome::Temporary(reply) => {
-                                    r.last_error = Some(format!("{server}: {reply}"));
-                                    skip.entry(i).or_default().push(server.clone());
-                                    open.push(i);
-                                }
-                            }
-                        }
-                        // Commit right after the server's answer: the crash window.
-                        // (A message now done is removed by `commit` instead: one
-                        // flush, not two.)
-                        if !env.recipients.iter().all(|r| r.is_done()) {
-                            self.spool.update(env).await?;
-                        }
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Delivers recipients outside the catalog (bounces to outside senders) through
-    /// the relay host or the domain's MX hosts; on failure they wait and retry.
-    async fn deliver_external(
-        &self,
-        env: &mut Envelope,
-        due: Vec<usize>,
-        message: &[u8],
-    ) -> Result<()> {
-        let id = env.id;
-        for i in due {
-            let address = env.recipients[i].address.clone();
-            let domain = address.rsplit_once('@').map_or("", |(_, d)| d).to_string();
-            let targets =
-                match deliver::mx::destinations(&domain, self.config.relay_host.as_deref()).await {
-                    Ok(t) => t,
-                    Err(why) => {
-                        env.recipients[i].last_error = Some(why);
-                        Vec::new()
-                    }
-                };
-            let mut done = false;
-            for target in targets {
-                let recipients = [address.clone()];
-                let outcome = self
-                    .deliverer
-                    .send(&self.transaction(env, &target, &recipients, message))
-                    .await;
-                let r = &mut env.recipients[i];
-                match outcome {
-                    Ok(sent) => match sent.outcomes.into_iter().next() {
-                        Some(Outcome::Delivered(reply)) => {
-                            crate::metrics::METRICS.recipients_delivered.inc();
-                            tracing::info!(%id, rcpt = %address, server = %target, decision = %"external", outcome = %"delivered", reply = %reply, "delivery attempt");
-                            r.state = RecipientState::Delivered {
-                                server: target.clone(),
-                                reply,
-                                at: now_ms(),
-                            };
-                            done = true;
-                        }
-                        Some(Outcome::Permanent(reply)) => {
-                            tracing::info!(%id, rcpt = %address, server = %target, decision = %"external", outcome = %"failed", reply = %reply, "delivery attempt");
-                            r.state = self.failed(reply);
-                            done = true;
-                        }
-                        Some(Outcome::Temporary(reply)) => {
-                            tracing::info!(%id, rcpt = %address, server = %target, decision = %"external", outcome = %"deferred", reply = %reply, "delivery attempt");
-                            r.last_error = Some(format!("{target}: {reply}"))
-                        }
-                        None => {}
-                    },
-                    Err(deliver::Unusable(why)) => {
-                        tracing::warn!(%id, rcpt = %address, server = %target, decision = %"external", outcome = %"unusable", reply = %why, "delivery attempt");
-                        r.last_error = Some(format!("{target}: {why}"))
-                    }
-                }
-                if done {
-                    break;
-                }
-            }
-            if !done {
-                let r = &mut env.recipients[i];
-                r.attempts += 1;
-                r.next_attempt = now_ms() + self.backoff(r.attempts).as_millis() as u64;
-                r.last_route = Some(format!(
-                    "outside the catalog: via {}",
-                    self.config
-                        .relay_host
-                        .as_deref()
-                        .unwrap_or("the domain's MX hosts")
-                ));
-            }
-            self.spool.update(env).await?;
-        }
-        Ok(())
-    }
-
     /// Queues one bounce (DSN) for every failed recipient not yet reported, then
     /// marks them reported. The bounce is on disk before the marks: a crash between
     /// the two can repeat a bounce, never lose one. No bounce to the null sender.
@@ -552,7 +301,8 @@ impl Manager {
                     helo: self.hello_name.clone(),
                     received_at: now_ms(),
                     size: bytes.len() as u64,
-                    smtputf8: false,
+                    // To a UTF-8 address, or quoting UTF-8 headers (RFC 6531).
+                    smtputf8: env.smtputf8 || !sender.is_ascii(),
                     eight_bit: !bytes.is_ascii(),
                 };
                 self.spool.enqueue(&bounce, &bytes).await?;
