@@ -261,12 +261,14 @@ impl Tracker {
         (before, h.availability)
     }
 
-    /// A delivery got its MAIL reply after `rtt`; `temporary_failure` when some
-    /// answer of the transaction was a 4xx. Feeds the index only.
-    pub fn responded(&mut self, server: &str, rtt: Duration, temporary_failure: bool) {
+    /// A delivery got its MAIL reply after `rtt`. Feeds the index's response
+    /// times only: a 4xx inside a transaction (to MAIL, an RCPT or the data) may
+    /// be the sender's or the recipient's doing, so it never costs the server
+    /// points; only session-level trouble does (a 4xx greeting, 421, no answer).
+    pub fn responded(&mut self, server: &str, rtt: Duration) {
         let h = self.entry(server);
         if h.availability != Availability::Down {
-            h.sample(rtt, temporary_failure);
+            h.sample(rtt, false);
         }
     }
 
@@ -419,25 +421,30 @@ mod tests {
     }
 
     #[test]
-    fn delivery_replies_and_4xx_answers_feed_the_index() {
+    fn delivery_replies_feed_the_index_and_4xx_greetings_cost_points() {
         let mut t = Tracker::new(1, Duration::from_secs(5)).with_availability_threshold(50);
         let now = SystemTime::now();
         t.probed("m", ok(10), now);
-        t.responded("m", Duration::from_millis(10), false);
+        t.responded("m", Duration::from_millis(10));
         assert_eq!(t.health("m").index, 100);
-        t.responded("m", Duration::from_millis(10), true);
-        t.responded("m", Duration::from_millis(10), true);
-        assert_eq!(t.health("m").index, 50);
-        t.responded("m", Duration::from_millis(10), true);
-        assert_eq!(t.availability("m", None), Busy, "three 4xx in a row");
+        t.responded("m", Duration::from_millis(20));
+        assert!(t.health("m").index < 100, "slower replies lower the index");
+        let mut t = Tracker::new(1, Duration::from_secs(5)).with_availability_threshold(50);
+        t.probed("m", ok(10), now);
+        let busy = Probe::Banner {
+            code: 421,
+            rtt: Duration::from_millis(10),
+        };
+        t.probed("m", busy.clone(), now);
+        t.probed("m", busy, now);
+        assert_eq!(t.health("m").index, 50, "two 4xx greetings: 50 points");
         for _ in 0..5 {
-            t.responded("m", Duration::from_millis(10), false);
+            t.responded("m", Duration::from_millis(10));
         }
-        assert_eq!(t.health("m").index, 50, "good answers give points back");
-        assert_eq!(t.availability("m", None), Up);
+        assert_eq!(t.health("m").index, 75, "good answers give points back");
         // Down means index 0; deliveries to a down server do not revive it.
         t.delivery_failed("m", "refused");
-        t.responded("m", Duration::from_millis(10), false);
+        t.responded("m", Duration::from_millis(10));
         assert_eq!((t.health("m").index, t.availability("m", None)), (0, Down));
     }
 

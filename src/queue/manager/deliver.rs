@@ -133,9 +133,8 @@ impl Manager {
     }
 
     /// What a delivery says about the server: a session failure before the data
-    /// marks it down; otherwise MAIL's response time feeds its index, with a 4xx
-    /// penalty only when the whole transaction was refused (never for a 4xx to one
-    /// recipient, nor for data sent without a reply).
+    /// marks it down; otherwise MAIL's response time feeds its index. No answer
+    /// inside the transaction costs it points (see `Tracker::responded`).
     fn feed_health(&self, server: &str, sent: &Sent) {
         let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(Outcome::Unusable(why)) = sent
@@ -145,11 +144,7 @@ impl Manager {
         {
             health.delivery_failed(server, why);
         } else if let Some(rtt) = sent.response {
-            let refused = sent
-                .outcomes
-                .iter()
-                .any(|o| matches!(o, Outcome::Temporary(_)));
-            health.responded(server, rtt, refused);
+            health.responded(server, rtt);
         }
     }
 
