@@ -13,6 +13,12 @@
 //! seen, so the most recent takeover wins (equal epochs: the primary). A unit
 //! that loses that way as configured secondary simply becomes SLAVE; the
 //! configured primary has *failed* and follows `on_failure`.
+//!
+//! When the HA link gives no answer (peer down, partition, or a failed
+//! authentication), the peer's SMTP greeting is what tells its mode: a 220 means
+//! it is MASTER and serving, so no unit takes over from it, and of two MASTERs
+//! that cannot talk the secondary yields; another answer (421) means it is up but
+//! not MASTER. Only a peer whose HA link and SMTP both fail counts as lost.
 
 use crate::config::{HaRole, OnFailure};
 use serde::{Deserialize, Serialize};
@@ -49,13 +55,41 @@ pub struct PeerView {
     pub sees_our_smtp: Option<bool>,
 }
 
+/// What the check of the peer's SMTP service saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerSmtp {
+    /// Greeted 220: the peer takes mail, so it is MASTER.
+    Serving,
+    /// Greeted with another 2xx-4xx code (421 4.3.2: up, not MASTER).
+    Answering,
+    /// No greeting (or a 5xx).
+    Down,
+}
+
+impl PeerSmtp {
+    /// The service answers at all (the MASTER's health check).
+    pub fn alive(self) -> bool {
+        self != PeerSmtp::Down
+    }
+
+    /// From a greeting's code.
+    pub fn of_code(code: u16) -> PeerSmtp {
+        match code {
+            220 => PeerSmtp::Serving,
+            200..=499 => PeerSmtp::Answering,
+            _ => PeerSmtp::Down,
+        }
+    }
+}
+
 /// One heartbeat interval's observations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Tick {
-    /// The peer answered the heartbeat (None: no answer, refused or timed out).
+    /// The peer answered the heartbeat (None: no answer, refused, timed out, or
+    /// the link failed authentication).
     pub peer: Option<PeerView>,
-    /// Remote service monitoring: the peer's SMTP greeted (None: not checked).
-    pub peer_smtp_ok: Option<bool>,
+    /// Remote service monitoring: what the peer's SMTP said (None: not checked).
+    pub peer_smtp: Option<PeerSmtp>,
 }
 
 /// A unit of the pair.
@@ -149,20 +183,47 @@ impl Unit {
                     && self.role == HaRole::Secondary))
     }
 
+    /// The peer as its SMTP greeting shows it when the HA link gave no answer:
+    /// 220, a MASTER (of our epoch: of two MASTERs the primary stays); another
+    /// answer, up but not MASTER; none, nothing known.
+    fn seen_by_smtp(&self, smtp: Option<PeerSmtp>) -> Option<PeerView> {
+        let mode = match smtp? {
+            PeerSmtp::Serving => Mode::Master,
+            PeerSmtp::Answering => Mode::Starting,
+            PeerSmtp::Down => return None,
+        };
+        Some(PeerView {
+            role: match self.role {
+                HaRole::Primary => HaRole::Secondary,
+                HaRole::Secondary => HaRole::Primary,
+            },
+            mode,
+            epoch: self.epoch,
+            sees_our_smtp: None,
+        })
+    }
+
     /// One heartbeat interval.
     pub fn tick(&mut self, t: &Tick) -> Option<Change> {
-        match t.peer {
+        let heard = t.peer;
+        let seen = heard.or_else(|| self.seen_by_smtp(t.peer_smtp));
+        match seen {
             Some(_) => self.missed = 0,
             None => self.missed = self.missed.saturating_add(1),
         }
         let lost = self.missed >= self.lost_after;
         let n = self.lost_after;
-        match (t.peer.map(|p| p.mode), t.peer_smtp_ok) {
+        match (heard.map(|p| p.mode), t.peer_smtp.map(PeerSmtp::alive)) {
             (Some(Mode::Master), Some(false)) => self.smtp_failures += 1,
             (Some(Mode::Master), Some(true)) => self.smtp_failures = 0,
             _ => {}
         }
-        let peer = t.peer.as_ref();
+        if heard.is_none() {
+            if let Some(c) = self.unlinked(seen.as_ref()) {
+                return Some(c);
+            }
+        }
+        let peer = seen.as_ref();
         // A unit that is not MASTER keeps the highest epoch it has seen, so that
         // its own takeover outranks every MASTER before it.
         if let (Some(p), false) = (peer, self.mode == Mode::Master) {
@@ -236,6 +297,25 @@ impl Unit {
         }
     }
 
+    /// What only a peer seen by its SMTP greeting (no HA link) decides: a MASTER
+    /// secondary yields to a primary that serves; a unit that is not MASTER never
+    /// takes over from a peer that serves.
+    fn unlinked(&mut self, seen: Option<&PeerView>) -> Option<Change> {
+        let serving = seen.is_some_and(|p| p.mode == Mode::Master);
+        match (self.mode, self.role, serving) {
+            (Mode::Master, HaRole::Secondary, true) => self.set(
+                Mode::Slave,
+                "the primary's SMTP service serves (220) while the HA link fails: \
+                 the primary keeps MASTER",
+            ),
+            (Mode::Starting, HaRole::Secondary, true) => self.set(
+                Mode::Slave,
+                "the primary's SMTP service serves (220); the HA link fails",
+            ),
+            _ => None,
+        }
+    }
+
     /// `ha set-mode master|slave` (the way out of OFF).
     pub fn set_mode(&mut self, master: bool, peer: Option<&PeerView>) -> Option<Change> {
         if master {
@@ -283,14 +363,31 @@ mod tests {
                 epoch,
                 sees_our_smtp: Some(true),
             }),
-            peer_smtp_ok: Some(true),
+            peer_smtp: Some(greeting(mode)),
+        }
+    }
+
+    /// What a unit in `mode` greets SMTP clients with.
+    fn greeting(mode: Mode) -> PeerSmtp {
+        if mode == Master {
+            PeerSmtp::Serving
+        } else {
+            PeerSmtp::Answering
         }
     }
 
     const SILENT: Tick = Tick {
         peer: None,
-        peer_smtp_ok: Some(false),
+        peer_smtp: Some(PeerSmtp::Down),
     };
+
+    /// No HA link (a failed authentication, a cut), the peer's SMTP as in `mode`.
+    fn unlinked(mode: Mode) -> Tick {
+        Tick {
+            peer: None,
+            peer_smtp: Some(greeting(mode)),
+        }
+    }
 
     fn unit(role: HaRole, on_failure: OnFailure, mode: Mode, epoch: u64) -> Unit {
         let mut u = Unit::new(role, on_failure, 3, epoch);
@@ -340,7 +437,7 @@ mod tests {
     fn the_slave_takes_over_when_the_masters_smtp_fails() {
         let mut s = unit(Secondary, OnFailure::Slave, Slave, 1);
         let mut t = peer(Primary, Master, 1);
-        t.peer_smtp_ok = Some(false);
+        t.peer_smtp = Some(PeerSmtp::Down);
         assert_eq!(s.tick(&t), None);
         assert_eq!(s.tick(&t), None);
         assert_eq!(s.tick(&t).map(|c| c.to), Some(Master));
@@ -413,6 +510,44 @@ mod tests {
         let t = peer(Primary, Failed, 1);
         assert_eq!((s.tick(&t), s.tick(&t)), (None, None));
         assert_eq!(s.tick(&t).map(|c| c.to), Some(Master));
+    }
+
+    #[test]
+    fn without_the_ha_link_the_peers_greeting_decides_and_one_master_remains() {
+        // Both start, the link fails (wrong password): each sees the other's 421.
+        let mut p = Unit::new(Primary, OnFailure::Slave, 3, 1);
+        let mut s = Unit::new(Secondary, OnFailure::Slave, 3, 1);
+        p.tick(&unlinked(Starting));
+        s.tick(&unlinked(Starting));
+        assert_eq!((p.mode, s.mode), (Master, Slave));
+        // Then the primary serves (220): the secondary never takes over.
+        for _ in 0..20 {
+            assert_eq!(s.tick(&unlinked(p.mode)), None);
+            assert_eq!(p.tick(&unlinked(s.mode)), None);
+        }
+        assert_eq!((p.mode, s.mode), (Master, Slave));
+        // Two MASTERs that cannot talk (both took over during a partition): the
+        // secondary yields as soon as it sees the primary serve; the primary stays.
+        let mut p = unit(Primary, OnFailure::Slave, Master, 2);
+        let mut s = unit(Secondary, OnFailure::Slave, Master, 3);
+        assert_eq!(p.tick(&unlinked(Master)), None);
+        let c = s.tick(&unlinked(Master)).expect("yields");
+        assert_eq!(c.to, Slave);
+        assert!(c.why.contains("220"), "{}", c.why);
+        // A SLAVE whose heartbeats go unanswered does not take over while the
+        // MASTER serves; it does once the MASTER's SMTP is gone too.
+        let mut s = unit(Secondary, OnFailure::Slave, Slave, 1);
+        for _ in 0..10 {
+            assert_eq!(s.tick(&unlinked(Master)), None);
+        }
+        s.tick(&SILENT);
+        s.tick(&SILENT);
+        assert_eq!(s.tick(&SILENT).map(|c| c.to), Some(Master));
+        // A unit that is up but not MASTER (421) leaves the SLAVE masterless.
+        let mut s = unit(Secondary, OnFailure::Slave, Slave, 1);
+        s.tick(&unlinked(Failed));
+        s.tick(&unlinked(Failed));
+        assert_eq!(s.tick(&unlinked(Failed)).map(|c| c.to), Some(Master));
     }
 
     #[test]
