@@ -108,6 +108,9 @@ pub struct Unit {
     pub smtp_failures: u32,
     /// Intervals in a row as SLAVE with a peer that is not MASTER.
     pub masterless: u32,
+    /// Intervals in a row as MASTER secondary seeing, without an HA answer, the
+    /// peer serve SMTP (220): two MASTERs that cannot compare epochs.
+    pub unlinked_masters: u32,
     /// This unit answers SMTP (with 421) when not MASTER, so the peer's check can
     /// tell that its service is back; false (`inactive_smtp = "closed"`): a FAILED
     /// unit with `restore` returns as soon as the peer answers.
@@ -135,6 +138,7 @@ impl Unit {
             missed: 0,
             smtp_failures: 0,
             masterless: 0,
+            unlinked_masters: 0,
             smtp_when_inactive: true,
             why: "starting: waiting for the peer".into(),
         }
@@ -146,6 +150,7 @@ impl Unit {
         self.why = why.into();
         self.smtp_failures = 0;
         self.masterless = 0;
+        self.unlinked_masters = 0;
         (from != to).then(|| Change {
             from,
             to,
@@ -222,6 +227,8 @@ impl Unit {
             if let Some(c) = self.unlinked(seen.as_ref()) {
                 return Some(c);
             }
+        } else {
+            self.unlinked_masters = 0;
         }
         let peer = seen.as_ref();
         // A unit that is not MASTER keeps the highest epoch it has seen, so that
@@ -248,7 +255,8 @@ impl Unit {
                 ),
                 None => None,
             },
-            Mode::Master => match peer {
+            // Epochs compare only with a peer heard over the link (see `unlinked`).
+            Mode::Master => match heard.as_ref() {
                 Some(p) if self.outranked_by(p) => match self.role {
                     HaRole::Secondary => self.set(Mode::Slave, "the primary is MASTER again"),
                     HaRole::Primary => self.failed(&format!(
@@ -298,16 +306,26 @@ impl Unit {
     }
 
     /// What only a peer seen by its SMTP greeting (no HA link) decides: a MASTER
-    /// secondary yields to a primary that serves; a unit that is not MASTER never
-    /// takes over from a peer that serves.
+    /// secondary yields to a primary that serves for `heartbeat_lost` intervals
+    /// (time for the link to return, so that epochs decide); a unit that is not
+    /// MASTER never takes over from a peer that serves.
     fn unlinked(&mut self, seen: Option<&PeerView>) -> Option<Change> {
         let serving = seen.is_some_and(|p| p.mode == Mode::Master);
+        if !(serving && self.mode == Mode::Master) {
+            self.unlinked_masters = 0;
+        }
         match (self.mode, self.role, serving) {
-            (Mode::Master, HaRole::Secondary, true) => self.set(
-                Mode::Slave,
-                "the primary's SMTP service serves (220) while the HA link fails: \
-                 the primary keeps MASTER",
-            ),
+            (Mode::Master, HaRole::Secondary, true) => {
+                self.unlinked_masters += 1;
+                if self.unlinked_masters < self.lost_after {
+                    return None;
+                }
+                self.set(
+                    Mode::Slave,
+                    "the primary's SMTP service serves (220) while the HA link fails: \
+                     the primary keeps MASTER",
+                )
+            }
             (Mode::Starting, HaRole::Secondary, true) => self.set(
                 Mode::Slave,
                 "the primary's SMTP service serves (220); the HA link fails",
@@ -527,10 +545,15 @@ mod tests {
         }
         assert_eq!((p.mode, s.mode), (Master, Slave));
         // Two MASTERs that cannot talk (both took over during a partition): the
-        // secondary yields as soon as it sees the primary serve; the primary stays.
+        // secondary yields once it has seen the primary serve for heartbeat_lost
+        // intervals (time for the link to come back and epochs to decide).
         let mut p = unit(Primary, OnFailure::Slave, Master, 2);
         let mut s = unit(Secondary, OnFailure::Slave, Master, 3);
         assert_eq!(p.tick(&unlinked(Master)), None);
+        assert_eq!(
+            (s.tick(&unlinked(Master)), s.tick(&unlinked(Master))),
+            (None, None)
+        );
         let c = s.tick(&unlinked(Master)).expect("yields");
         assert_eq!(c.to, Slave);
         assert!(c.why.contains("220"), "{}", c.why);

@@ -82,6 +82,39 @@ impl Ha {
                 ago(*since)
             )?;
         }
+        self.write_peer(out, &s)?;
+        writeln!(
+            out,
+            "queue push:    {} pushed, {} left{}",
+            s.pushed,
+            s.push_left,
+            last_error(&s.push_error)
+        )?;
+        writeln!(
+            out,
+            "pushes taken:  {} repeated push(es) recognised, {} pushed recipient(s) refused; {} remembered",
+            s.repeats,
+            s.refused,
+            self.tombstones.len()
+        )?;
+        writeln!(
+            out,
+            "catalog:       version {} (local serial {}){}{}",
+            self.catalog_version(),
+            self.catalog.serial(),
+            s.catalog_copied
+                .map(|v| format!(", last copied from the peer: version {v}"))
+                .unwrap_or_default(),
+            s.catalog_error
+                .as_ref()
+                .map(|e| format!(" (last sync error: {e})"))
+                .unwrap_or_default()
+        )?;
+        writeln!(out, "local queue:   {} message(s)", self.spool.len())
+    }
+
+    /// The peer's lines of `ha status`: its last heartbeat and its SMTP service.
+    fn write_peer(&self, out: &mut dyn Write, s: &Status) -> std::io::Result<()> {
         match (&s.peer, &s.peer_error) {
             (Some((b, at)), None) => writeln!(
                 out,
@@ -120,33 +153,6 @@ impl Ha {
                 self.config.peer_smtp
             )?,
         }
-        writeln!(
-            out,
-            "queue push:    {} pushed, {} left{}",
-            s.pushed,
-            s.push_left,
-            last_error(&s.push_error)
-        )?;
-        writeln!(
-            out,
-            "pushes taken:  {} repeated push(es) recognised, {} pushed recipient(s) refused; {} remembered",
-            s.repeats,
-            s.refused,
-            self.tombstones.len()
-        )?;
-        writeln!(
-            out,
-            "catalog:       version {} (local serial {}){}{}",
-            self.catalog_version(),
-            self.catalog.serial(),
-            s.catalog_copied
-                .map(|v| format!(", last copied from the peer: version {v}"))
-                .unwrap_or_default(),
-            s.catalog_error
-                .as_ref()
-                .map(|e| format!(" (last sync error: {e})"))
-                .unwrap_or_default()
-        )?;
-        writeln!(out, "local queue:   {} message(s)", self.spool.len())
+        Ok(())
     }
 }
