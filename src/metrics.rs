@@ -52,6 +52,8 @@ pub struct Metrics {
     pub decided_replica: Counter,
     pub decided_next_hop: Counter,
     pub decided_hold: Counter,
+    /// HA link authentications that failed (either side): an alarm.
+    pub ha_auth_failures: Counter,
     /// SMTP replies sent to clients, by code.
     /// Index: the reply code (SMTP codes are 200-599); counted without a lock, as
     /// every reply of every session passes here.
@@ -78,6 +80,7 @@ impl Metrics {
             decided_replica: Counter::new(),
             decided_next_hop: Counter::new(),
             decided_hold: Counter::new(),
+            ha_auth_failures: Counter::new(),
             smtp_replies: [const { Counter::new() }; 600],
         }
     }
@@ -139,6 +142,11 @@ pub fn render(m: &Metrics, sources: &Sources) -> String {
             "clustermail_recipients_held_total",
             "Times a recipient was held (home unusable, no replica available).",
             &m.recipients_held,
+        ),
+        (
+            "clustermail_ha_auth_failures_total",
+            "HA link authentications that failed (wrong ha.password on one unit?): an alarm.",
+            &m.ha_auth_failures,
         ),
     ] {
         family(&mut out, name, "counter", help);

@@ -2,131 +2,10 @@
 //! heartbeats, remote SMTP monitoring, takeover, queue push and restore.
 
 mod common;
-use common::{expect, free_port, Client, RecordingSink, Router, Scratch};
+mod ha_common;
+use common::{RecordingSink, Router, Scratch};
+use ha_common::*;
 use std::time::{Duration, Instant};
-
-const INTERVAL_MS: u64 = 200;
-const LOST: u64 = 3;
-
-struct Ports {
-    smtp: [u16; 2],
-    ha: [u16; 2],
-}
-
-fn ports() -> Ports {
-    Ports {
-        smtp: [free_port(), free_port()],
-        ha: [free_port(), free_port()],
-    }
-}
-
-/// Config of unit `i` (0 primary, 1 secondary).
-fn config(p: &Ports, i: usize, on_failure: &str, password: &str) -> String {
-    let (role, other) = if i == 0 {
-        ("primary", 1)
-    } else {
-        ("secondary", 0)
-    };
-    format!(
-        "router_name = \"unit{i}.test\"\n[smtp]\nlisten = [\"127.0.0.1:{}\"]\n\
-         [routing]\nprobe_interval = \"200ms\"\nprobe_timeout = \"500ms\"\nrise = 1\n\
-         retry_initial = \"300ms\"\nretry_max = \"600ms\"\ndelivery_timeout = \"2s\"\n\
-         [ha]\nmode = \"{role}\"\nlisten = \"127.0.0.1:{}\"\npeer = \"127.0.0.1:{}\"\n\
-         peer_smtp = \"127.0.0.1:{}\"\npassword = \"{password}\"\nheartbeat_interval = \"{INTERVAL_MS}ms\"\n\
-         heartbeat_lost = {LOST}\non_failure = \"{on_failure}\"\n",
-        p.smtp[i], p.ha[i], p.ha[other], p.smtp[other]
-    )
-}
-
-/// The catalog: u@c.test homed on `home`, no replica.
-fn catalog(s: &Scratch, home: u16) {
-    let f = s.write(
-        "c.toml",
-        &format!(
-            "[[server]]\nname = \"m1\"\ncluster = \"c\"\naddress = \"127.0.0.1:{home}\"\n\n\
-             [[mailbox]]\naddress = \"u@c.test\"\nhome = \"m1\"\n"
-        ),
-    );
-    s.ok(&["catalog", "import", "--replace", &f.display().to_string()]);
-}
-
-fn status(r: &Router) -> String {
-    r.scratch.ok(&["ha", "status"])
-}
-
-/// Waits until `ha status` says `effective: MODE`; returns the time it took.
-fn wait_mode(r: &Router, mode: &str, secs: u64) -> Duration {
-    let started = Instant::now();
-    loop {
-        let (code, out, _) = r.scratch.run(&["ha", "status"]);
-        if code == 0 && out.contains(&format!("effective:     {mode} ")) {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(secs),
-            "never {mode}:\n{out}\n{}",
-            r.log()
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
-fn send(port: u16, subject: &str) {
-    let mut c = Client::hello(port);
-    expect(&c.cmd("MAIL FROM:<sender@x.test>"), 250, "2.1.0");
-    expect(&c.cmd("RCPT TO:<u@c.test>"), 250, "2.1.5");
-    c.cmd("DATA");
-    c.send_raw(format!("Subject: {subject}\r\n\r\n.\r\n").as_bytes());
-    expect(&c.reply(), 250, "2.0.0");
-}
-
-/// The SMTP greeting's code.
-fn greeting(port: u16) -> u16 {
-    Client::connect(port).reply().code
-}
-
-fn subjects(sink: &RecordingSink) -> Vec<String> {
-    let mut v: Vec<String> = sink
-        .messages()
-        .iter()
-        .filter_map(|m| {
-            String::from_utf8_lossy(&m.data)
-                .lines()
-                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
-        })
-        .collect();
-    v.sort();
-    v
-}
-
-/// Both units up, primary MASTER and secondary SLAVE with the primary's catalog.
-fn pair(p: &Ports, home: u16, on_failure: &str) -> (Router, Router) {
-    let a = Scratch::new();
-    catalog(&a, home);
-    let a = Router::start_config(a, &config(p, 0, on_failure, "pair-secret"), p.smtp[0]);
-    let b = Router::start_config(
-        Scratch::new(),
-        &config(p, 1, on_failure, "pair-secret"),
-        p.smtp[1],
-    );
-    wait_mode(&a, "MASTER", 10);
-    wait_mode(&b, "SLAVE", 10);
-    // Catalog sync: the secondary copies the primary's catalog.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !b
-        .scratch
-        .ok(&["catalog", "list", "servers"])
-        .contains(&format!("127.0.0.1:{home}"))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "catalog never synced:\n{}",
-            status(&b)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (a, b)
-}
 
 #[test]
 fn takeover_then_the_old_primary_pushes_its_queue_and_restore_returns_the_roles() {
@@ -256,37 +135,6 @@ fn on_failure_off_waits_for_the_administrator() {
     assert!(out.contains("effective mode: SLAVE"), "{out}");
     assert_eq!(home.wait_for(1, 10).len(), 1, "{}\n{}", status(&a), b.log());
     wait_mode(&b, "MASTER", 1);
-}
-
-#[test]
-fn a_peer_without_the_password_is_refused() {
-    let p = ports();
-    let a = Scratch::new();
-    catalog(&a, free_port());
-    let a = Router::start_config(a, &config(&p, 0, "slave", "pair-secret"), p.smtp[0]);
-    let b = Router::start_config(
-        Scratch::new(),
-        &config(&p, 1, "slave", "wrong-secret"),
-        p.smtp[1],
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = status(&b);
-        if s.contains("HA authentication failed") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{s}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        status(&a).contains("authentication failed") || a.log().contains("HA connection refused"),
-        "{}\n{}",
-        status(&a),
-        a.log()
-    );
-    assert!(!status(&a).contains("last heartbeat"), "{}", status(&a));
-    // Nothing it says is taken: the primary never hears a heartbeat from it.
-    assert!(!status(&a).contains("peer's beats"), "{}", status(&a));
 }
 
 #[test]

@@ -32,7 +32,9 @@ const MAX_FRAME: usize = 256 << 20;
 pub enum Msg {
     /// Heartbeat (request) and its answer: the sender's view of itself.
     Beat(super::Beat),
-    /// A queued message handed to the MASTER (queue push after a failover).
+    /// A queued message handed to the MASTER (queue push after a failover); the
+    /// answer is `Stored` also when it is the very same message taken before
+    /// (same id and digest).
     Push {
         envelope: Envelope,
         message: Vec<u8>,
@@ -43,8 +45,9 @@ pub enum Msg {
     Refused(String),
     /// A SLAVE asks for the MASTER's catalog; the answer is `Catalog`.
     CatalogPull,
+    /// The answer: the whole catalog and its version (comparable across units).
     Catalog {
-        serial: u64,
+        version: super::sync::CatalogVersion,
         toml: String,
     },
 }

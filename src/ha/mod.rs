@@ -4,35 +4,41 @@
 //! Each unit listens on its HA port ([`link`]: authenticated with the shared
 //! password) and, every `heartbeat_interval`, sends the peer a heartbeat and
 //! checks the peer's SMTP service (remote service monitoring: it can tell that
-//! something failed, not where). [`state::Unit`] turns what it saw into the
-//! effective mode. Only the MASTER takes mail (the others answer SMTP with
-//! 421 4.3.2) and delivers; the [`Gate`] carries that to the SMTP service and
-//! the queue manager.
+//! something failed, not where; a 220 greeting says the peer is MASTER). [`state::Unit`]
+//! turns what it saw into the effective mode. Only the MASTER takes mail (the
+//! others answer SMTP with 421 4.3.2, also at MAIL on sessions opened before a
+//! demotion) and delivers; the [`Gate`] carries that to the SMTP service and the
+//! queue manager. A link that fails authentication is an alarm (`ha status`, log,
+//! metrics), never a reason to take over.
 //!
 //! A SLAVE holding mail (the old MASTER after a failover) pushes its queue to
-//! the MASTER: each message goes over the link, and is removed here only once
-//! the MASTER has it on disk; the MASTER treats a message it already has as
-//! stored, so a crash between the two repeats nothing. A SLAVE delivers
-//! nothing, so no message is delivered by both units. A SLAVE also copies the
-//! MASTER's catalog whenever the MASTER's catalog serial changes.
+//! the MASTER ([`push`]: exactly once, by id and digest, with tombstones; pushed
+//! recipients pass the relay policy). A SLAVE delivers nothing, so no message is
+//! delivered by both units. Catalogs carry versions comparable across the units
+//! ([`sync`]).
 
 mod handshake;
 pub mod link;
+pub mod push;
 pub mod state;
+mod status;
+pub mod sync;
 
 use crate::catalog::store::read_u64;
-use crate::catalog::{files, Catalog, Mode as ImportMode};
+use crate::catalog::Catalog;
 use crate::config::{HaConfig, HaRole};
 use crate::health::{probe, Probe};
 use crate::queue::manager::Manager;
-use crate::queue::{RecipientState, Spool};
+use crate::queue::tombstone::{self, Tombstones};
+use crate::queue::{QueueId, Spool};
 use anyhow::Result;
 use link::{Link, Msg};
 use serde::{Deserialize, Serialize};
-use state::{Change, Mode, PeerView, Tick, Unit};
-use std::io::Write;
+use state::{Change, Mode, PeerSmtp, PeerView, Tick, Unit};
+use status::Status;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
+use sync::CatalogVersion;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -73,7 +79,7 @@ pub struct Beat {
     pub mode: Mode,
     pub epoch: u64,
     pub queued: u64,
-    pub catalog_serial: u64,
+    pub catalog: CatalogVersion,
     /// The sender's last check of the receiver's SMTP service.
     pub your_smtp_ok: Option<bool>,
 }
@@ -90,21 +96,6 @@ impl Beat {
     }
 }
 
-/// What `ha status` shows besides the unit itself.
-#[derive(Debug, Clone, Default)]
-struct Status {
-    peer: Option<(Beat, SystemTime)>,
-    peer_error: Option<String>,
-    peer_smtp: Option<(bool, String, SystemTime)>,
-    heard_from_peer: Option<SystemTime>,
-    since: Option<SystemTime>,
-    pushed: u64,
-    push_left: u64,
-    push_error: Option<String>,
-    catalog_synced: Option<u64>,
-    catalog_error: Option<String>,
-}
-
 /// The running HA unit.
 pub struct Ha {
     config: HaConfig,
@@ -115,40 +106,37 @@ pub struct Ha {
     catalog: Arc<Catalog>,
     meta: sled::Tree,
     manager: Mutex<Option<Arc<Manager>>>,
+    /// Messages taken from the peer's pushes (see [`push`]).
+    tombstones: Tombstones,
+    pruned: Mutex<Option<Instant>>,
+    /// Held while a copy of the peer's catalog is imported (see [`sync`]).
+    catalog_lock: Mutex<()>,
 }
 
 const EPOCH: &[u8] = b"ha.epoch";
-const SYNCED: &[u8] = b"ha.catalog_synced";
+/// Tombstones are pruned at most this often.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
-fn role_name(r: HaRole) -> &'static str {
-    match r {
-        HaRole::Primary => "primary",
-        HaRole::Secondary => "secondary",
-    }
-}
-
-fn ago(t: SystemTime) -> String {
-    let secs = SystemTime::now()
-        .duration_since(t)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    format!("{secs}s ago")
+/// A link error that is a failed authentication (the peer answers, but with
+/// another password, or a frame was forged): an alarm, not a lost peer.
+fn is_auth_failure(e: &str) -> bool {
+    e.to_ascii_lowercase().contains("authentication")
 }
 
 impl Ha {
     /// The unit, STARTING (gate closed until it is MASTER); its master epoch is
-    /// kept in the store across restarts.
+    /// kept in the store across restarts. Queue ids made from now on carry this
+    /// unit's bit, so the two units never make the same id.
     pub fn new(config: HaConfig, db: &sled::Db, spool: Spool, catalog: Arc<Catalog>) -> Result<Ha> {
+        QueueId::set_unit(config.mode == HaRole::Secondary);
         let meta = db.open_tree("ha")?;
         let epoch = read_u64(&meta, EPOCH).unwrap_or(0);
-        let synced = read_u64(&meta, SYNCED);
         let mut unit = Unit::new(config.mode, config.on_failure, config.heartbeat_lost, epoch);
         unit.smtp_when_inactive = config.inactive_smtp == crate::config::InactiveSmtp::Refuse;
         Ok(Ha {
             unit: Mutex::new(unit),
             status: Mutex::new(Status {
                 since: Some(SystemTime::now()),
-                catalog_synced: synced,
                 ..Status::default()
             }),
             gate: Gate::closed(),
@@ -156,6 +144,9 @@ impl Ha {
             catalog,
             meta,
             manager: Mutex::new(None),
+            tombstones: Tombstones::open(db, "ha.pushed", tombstone::KEEP)?,
+            pruned: Mutex::new(None),
+            catalog_lock: Mutex::new(()),
             config,
         })
     }
@@ -187,7 +178,7 @@ impl Ha {
             mode,
             epoch,
             queued: self.spool.len() as u64,
-            catalog_serial: self.catalog.serial(),
+            catalog: self.catalog_version(),
             your_smtp_ok: self.status().peer_smtp.as_ref().map(|(ok, _, _)| *ok),
         }
     }
@@ -210,6 +201,20 @@ impl Ha {
         if let Some(c) = change {
             self.status().since = Some(SystemTime::now());
             tracing::warn!(from = %c.from, to = %c.to, epoch, why = %c.why, "HA mode changed");
+        }
+    }
+
+    /// The HA link failed authentication (`side`: our heartbeat, or the peer's
+    /// connection): alarm in `ha status`, the log (once per new error) and metrics.
+    fn auth_failed(&self, side: &str, e: &str) {
+        crate::metrics::METRICS.ha_auth_failures.inc();
+        let mut s = self.status();
+        s.auth_failures += 1;
+        let new = s.auth_alarm.as_ref().map(|(old, _)| old.as_str()) != Some(e);
+        s.auth_alarm = Some((e.to_string(), SystemTime::now()));
+        drop(s);
+        if new {
+            tracing::error!(peer = %self.config.peer, side, error = %e, "HA ALARM: authentication with the peer failed; check ha.password on both units (this unit will not take over because of it)");
         }
     }
 
@@ -236,91 +241,6 @@ impl Ha {
         })
     }
 
-    /// `ha status`.
-    pub fn write_status(&self, out: &mut dyn Write) -> std::io::Result<()> {
-        let u = self.unit().clone();
-        let s = self.status().clone();
-        let on_failure = match self.config.on_failure {
-            crate::config::OnFailure::Off => "off",
-            crate::config::OnFailure::Restore => "restore",
-            crate::config::OnFailure::Slave => "slave",
-        };
-        writeln!(
-            out,
-            "configured:    {} (on_failure = {on_failure})",
-            role_name(u.role)
-        )?;
-        writeln!(
-            out,
-            "effective:     {} since {}: {}",
-            u.mode,
-            s.since.map(ago).unwrap_or_default(),
-            u.why
-        )?;
-        writeln!(out, "master epoch:  {}", u.epoch)?;
-        match (&s.peer, &s.peer_error) {
-            (Some((b, at)), None) => writeln!(
-                out,
-                "peer:          {} {} {} (epoch {}), {} queued, last heartbeat {}",
-                self.config.peer,
-                role_name(b.role),
-                b.mode,
-                b.epoch,
-                b.queued,
-                ago(*at)
-            )?,
-            (last, Some(e)) => writeln!(
-                out,
-                "peer:          {} unreachable: {e}{}",
-                self.config.peer,
-                last.as_ref()
-                    .map(|(_, at)| format!(" (last heartbeat {})", ago(*at)))
-                    .unwrap_or_default()
-            )?,
-            (None, None) => writeln!(out, "peer:          {} not heard yet", self.config.peer)?,
-        }
-        if let Some(at) = s.heard_from_peer {
-            writeln!(out, "peer's beats:  last received {}", ago(at))?;
-        }
-        match &s.peer_smtp {
-            Some((ok, what, at)) => writeln!(
-                out,
-                "peer SMTP:     {} {} ({what}, {})",
-                self.config.peer_smtp,
-                if *ok { "up" } else { "down" },
-                ago(*at)
-            )?,
-            None => writeln!(
-                out,
-                "peer SMTP:     {} not checked yet",
-                self.config.peer_smtp
-            )?,
-        }
-        writeln!(
-            out,
-            "queue push:    {} pushed, {} left{}",
-            s.pushed,
-            s.push_left,
-            s.push_error
-                .as_ref()
-                .map(|e| format!(" (last error: {e})"))
-                .unwrap_or_default()
-        )?;
-        writeln!(
-            out,
-            "catalog:       serial {}{}{}",
-            self.catalog.serial(),
-            s.catalog_synced
-                .map(|n| format!(", copied from the MASTER's serial {n}"))
-                .unwrap_or_default(),
-            s.catalog_error
-                .as_ref()
-                .map(|e| format!(" (last sync error: {e})"))
-                .unwrap_or_default()
-        )?;
-        writeln!(out, "local queue:   {} message(s)", self.spool.len())
-    }
-
     /// Answers one request from the peer.
     async fn answer(&self, msg: Msg) -> Msg {
         match msg {
@@ -332,65 +252,19 @@ impl Ha {
                 if self.mode() != Mode::Master {
                     return Msg::Refused(format!("this unit is {}, not MASTER", self.mode()));
                 }
-                match self.store_pushed(envelope, &message).await {
-                    Ok(()) => Msg::Stored,
-                    Err(e) => Msg::Refused(format!("queueing failed: {e:#}")),
-                }
+                self.answer_push(envelope, message).await
             }
-            Msg::CatalogPull => {
-                if self.mode() != Mode::Master {
-                    return Msg::Refused(format!("this unit is {}, not MASTER", self.mode()));
-                }
-                // A big catalog takes a while: not on a runtime worker's time.
-                match tokio::task::block_in_place(|| self.export_catalog()) {
-                    Ok(toml) => Msg::Catalog {
-                        serial: self.catalog.serial(),
-                        toml,
-                    },
-                    Err(e) => Msg::Refused(format!("catalog export failed: {e:#}")),
-                }
-            }
+            // Any mode: a unit about to become MASTER takes a newer catalog first.
+            Msg::CatalogPull => match tokio::task::block_in_place(|| self.export_catalog()) {
+                Ok((version, toml)) => Msg::Catalog { version, toml },
+                Err(e) => Msg::Refused(format!("catalog export failed: {e:#}")),
+            },
             other => Msg::Refused(format!("unexpected request {other:?}")),
         }
     }
 
-    /// Queues a pushed message (durably) for delivery now; one already here (a
-    /// push repeated after a crash) counts as stored.
-    async fn store_pushed(&self, mut env: crate::queue::Envelope, message: &[u8]) -> Result<()> {
-        if let Some(have) = self.spool.envelope(env.id)? {
-            if have.size == env.size && have.sender == env.sender {
-                return Ok(());
-            }
-            env.id = crate::queue::QueueId::new();
-        }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        for r in &mut env.recipients {
-            if matches!(r.state, RecipientState::Pending | RecipientState::Held) {
-                r.next_attempt = now;
-            }
-        }
-        self.spool.enqueue(&env, message).await?;
-        tracing::info!(id = %env.id, rcpts = env.recipients.len(), "HA: message pushed by the peer queued");
-        Ok(())
-    }
-
-    fn export_catalog(&self) -> Result<String> {
-        let mut out = Vec::new();
-        files::write(
-            &mut out,
-            files::Format::Toml,
-            &self.catalog.clusters()?,
-            &self.catalog.servers(None),
-            &self.catalog.mailboxes(None, None)?,
-        )?;
-        Ok(String::from_utf8(out)?)
-    }
-
-    /// One heartbeat interval of the client side.
-    async fn tick(&self, link: &mut Option<Link>) {
+    /// One heartbeat and SMTP check of the peer: what they saw, recorded.
+    async fn observe(&self, link: &mut Option<Link>) -> (Option<Beat>, PeerSmtp) {
         let interval = self.config.heartbeat_interval;
         let smtp_check = probe::probe(&self.config.peer_smtp, interval);
         let heartbeat = async {
@@ -407,141 +281,88 @@ impl Ha {
         };
         let (smtp, beat) = tokio::join!(smtp_check, heartbeat);
         let now = SystemTime::now();
-        let smtp_ok = match smtp {
+        let smtp = match smtp {
             Probe::Banner { code, .. } => {
-                let ok = (200..500).contains(&code);
-                self.status().peer_smtp = Some((ok, format!("greeted {code}"), now));
-                ok
+                let seen = PeerSmtp::of_code(code);
+                self.status().peer_smtp = Some((seen.alive(), format!("greeted {code}"), now));
+                seen
             }
             Probe::Failed(why) => {
                 self.status().peer_smtp = Some((false, why, now));
-                false
+                PeerSmtp::Down
             }
         };
-        let peer = match beat {
+        let beat = match beat {
             Ok(b) => {
                 let mut s = self.status();
                 s.peer = Some((b, now));
                 s.peer_error = None;
-                Some(b.view())
+                s.auth_alarm = None;
+                Some(b)
             }
             Err(e) => {
                 *link = None;
                 let e = format!("{e:#}");
-                if self.status().peer_error.as_deref() != Some(e.as_str()) {
+                if is_auth_failure(&e) {
+                    self.auth_failed("heartbeat", &e);
+                } else if self.status().peer_error.as_deref() != Some(e.as_str()) {
                     tracing::warn!(peer = %self.config.peer, error = %e, "HA heartbeat failed");
                 }
                 self.status().peer_error = Some(e);
                 None
             }
         };
+        (beat, smtp)
+    }
+
+    /// One heartbeat interval of the client side.
+    async fn tick(&self, link: &mut Option<Link>) {
+        let (beat, smtp) = self.observe(link).await;
+        // Before the mode is decided: a unit that is not MASTER takes a newer
+        // catalog, and a SLAVE the MASTER's whenever it differs.
+        if let (Some(b), Some(l)) = (beat, link.as_mut()) {
+            let (ours, mode) = (self.catalog_version(), self.mode());
+            let stale = (mode != Mode::Master && b.catalog.newer_than(&ours))
+                || (mode == Mode::Slave && b.mode == Mode::Master && b.catalog != ours);
+            if stale {
+                if let Err(e) = self.pull_catalog(l).await {
+                    tracing::warn!(error = %e, "HA catalog sync with the peer failed");
+                    *link = None;
+                }
+            }
+        }
         let change = self.unit().tick(&Tick {
-            peer,
-            peer_smtp_ok: Some(smtp_ok),
+            peer: beat.map(|b| b.view()),
+            peer_smtp: Some(smtp),
         });
         self.changed(change);
-        if let (Some(p), Mode::Slave) = (peer, self.mode()) {
-            if p.mode == Mode::Master {
-                if let Some(l) = link.as_mut() {
-                    if let Err(e) = self.sync(l).await {
-                        tracing::warn!(error = %e, "HA sync with the MASTER failed");
-                        *link = None;
-                    }
+        if let (Some(b), Mode::Slave, Some(l)) = (beat, self.mode(), link.as_mut()) {
+            if b.mode == Mode::Master {
+                if let Err(e) = self.push(l).await {
+                    tracing::warn!(error = %e, "HA queue push to the MASTER failed");
+                    *link = None;
                 }
             }
         }
+        self.prune();
     }
 
-    /// As SLAVE: copy the MASTER's catalog if it changed, push the local queue.
-    async fn sync(&self, l: &mut Link) -> Result<()> {
-        let master_serial = self.status().peer.as_ref().map(|(b, _)| b.catalog_serial);
-        let synced = self.status().catalog_synced;
-        if master_serial.is_some() && master_serial != synced {
-            match l.call(&Msg::CatalogPull, Duration::from_secs(60)).await? {
-                Msg::Catalog { serial, toml } => {
-                    let input =
-                        files::read_text("the MASTER's catalog", files::Format::Toml, &toml);
-                    let result = tokio::task::block_in_place(|| {
-                        self.catalog.import(
-                            input,
-                            ImportMode::Replace,
-                            false,
-                            &indicatif::ProgressBar::hidden(),
-                        )
-                    });
-                    let mut s = self.status();
-                    match result {
-                        Ok(_) => {
-                            let _ = self.meta.insert(SYNCED, &serial.to_be_bytes());
-                            s.catalog_synced = Some(serial);
-                            s.catalog_error = None;
-                            tracing::info!(serial, "HA: catalog copied from the MASTER");
-                        }
-                        Err(e) => s.catalog_error = Some(e.to_string()),
-                    }
-                }
-                Msg::Refused(why) => self.status().catalog_error = Some(why),
-                other => anyhow::bail!("unexpected answer {other:?}"),
-            }
+    /// Forgets tombstones past their keeping time, at most once an hour.
+    fn prune(&self) {
+        let mut last = self.pruned.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < PRUNE_EVERY) {
+            return;
         }
-        self.push(l).await
-    }
-
-    /// Pushes queued messages to the MASTER, for at most a heartbeat interval
-    /// (the next tick goes on); never one being delivered.
-    async fn push(&self, l: &mut Link) -> Result<()> {
-        let manager = self
-            .manager
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let envelopes = self.spool.envelopes()?;
-        self.status().push_left = envelopes.len() as u64;
-        if envelopes.is_empty() {
-            return Ok(());
+        *last = Some(Instant::now());
+        let now = crate::queue::manager::now_ms();
+        match self.tombstones.prune(now) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                forgotten = n,
+                "HA: pushed-message tombstones past their keeping time removed"
+            ),
+            Err(e) => tracing::warn!(error = %e, "HA: pruning tombstones failed"),
         }
-        if manager.as_ref().is_some_and(|m| m.deliveries_running() > 0) {
-            return Ok(()); // deliveries from our MASTER days are finishing
-        }
-        let deadline = tokio::time::Instant::now() + self.config.heartbeat_interval;
-        for env in envelopes {
-            if tokio::time::Instant::now() > deadline {
-                break;
-            }
-            if manager.as_ref().is_some_and(|m| m.delivering(env.id)) {
-                continue;
-            }
-            let Some(message) = self.spool.message(env.id)? else {
-                continue;
-            };
-            let id = env.id;
-            match l
-                .call(
-                    &Msg::Push {
-                        envelope: env,
-                        message,
-                    },
-                    Duration::from_secs(60),
-                )
-                .await?
-            {
-                Msg::Stored => {
-                    self.spool.remove(id).await?;
-                    let mut s = self.status();
-                    s.pushed += 1;
-                    s.push_left = s.push_left.saturating_sub(1);
-                    s.push_error = None;
-                    drop(s);
-                    tracing::info!(%id, "HA: message pushed to the MASTER and removed here");
-                }
-                Msg::Refused(why) => {
-                    self.status().push_error = Some(why);
-                    break;
-                }
-                other => anyhow::bail!("unexpected answer {other:?}"),
-            }
-        }
-        Ok(())
     }
 }
 
@@ -576,6 +397,10 @@ pub async fn run(ha: Arc<Ha>, listener: TcpListener, mut shutdown: watch::Receiv
                     let mut link = match link {
                         Ok(Ok(l)) => l,
                         Ok(Err(e)) => {
+                            let e = format!("{e:#}");
+                            if is_auth_failure(&e) {
+                                ha.auth_failed("the peer's connection", &e);
+                            }
                             tracing::warn!(%from, error = %e, "HA connection refused");
                             return;
                         }

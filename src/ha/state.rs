@@ -13,6 +13,12 @@
 //! seen, so the most recent takeover wins (equal epochs: the primary). A unit
 //! that loses that way as configured secondary simply becomes SLAVE; the
 //! configured primary has *failed* and follows `on_failure`.
+//!
+//! When the HA link gives no answer (peer down, partition, or a failed
+//! authentication), the peer's SMTP greeting is what tells its mode: a 220 means
+//! it is MASTER and serving, so no unit takes over from it, and of two MASTERs
+//! that cannot talk the secondary yields; another answer (421) means it is up but
+//! not MASTER. Only a peer whose HA link and SMTP both fail counts as lost.
 
 use crate::config::{HaRole, OnFailure};
 use serde::{Deserialize, Serialize};
@@ -49,13 +55,41 @@ pub struct PeerView {
     pub sees_our_smtp: Option<bool>,
 }
 
+/// What the check of the peer's SMTP service saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerSmtp {
+    /// Greeted 220: the peer takes mail, so it is MASTER.
+    Serving,
+    /// Greeted with another 2xx-4xx code (421 4.3.2: up, not MASTER).
+    Answering,
+    /// No greeting (or a 5xx).
+    Down,
+}
+
+impl PeerSmtp {
+    /// The service answers at all (the MASTER's health check).
+    pub fn alive(self) -> bool {
+        self != PeerSmtp::Down
+    }
+
+    /// From a greeting's code.
+    pub fn of_code(code: u16) -> PeerSmtp {
+        match code {
+            220 => PeerSmtp::Serving,
+            200..=499 => PeerSmtp::Answering,
+            _ => PeerSmtp::Down,
+        }
+    }
+}
+
 /// One heartbeat interval's observations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Tick {
-    /// The peer answered the heartbeat (None: no answer, refused or timed out).
+    /// The peer answered the heartbeat (None: no answer, refused, timed out, or
+    /// the link failed authentication).
     pub peer: Option<PeerView>,
-    /// Remote service monitoring: the peer's SMTP greeted (None: not checked).
-    pub peer_smtp_ok: Option<bool>,
+    /// Remote service monitoring: what the peer's SMTP said (None: not checked).
+    pub peer_smtp: Option<PeerSmtp>,
 }
 
 /// A unit of the pair.
@@ -74,6 +108,9 @@ pub struct Unit {
     pub smtp_failures: u32,
     /// Intervals in a row as SLAVE with a peer that is not MASTER.
     pub masterless: u32,
+    /// Intervals in a row as MASTER secondary seeing, without an HA answer, the
+    /// peer serve SMTP (220): two MASTERs that cannot compare epochs.
+    pub unlinked_masters: u32,
     /// This unit answers SMTP (with 421) when not MASTER, so the peer's check can
     /// tell that its service is back; false (`inactive_smtp = "closed"`): a FAILED
     /// unit with `restore` returns as soon as the peer answers.
@@ -101,6 +138,7 @@ impl Unit {
             missed: 0,
             smtp_failures: 0,
             masterless: 0,
+            unlinked_masters: 0,
             smtp_when_inactive: true,
             why: "starting: waiting for the peer".into(),
         }
@@ -112,6 +150,7 @@ impl Unit {
         self.why = why.into();
         self.smtp_failures = 0;
         self.masterless = 0;
+        self.unlinked_masters = 0;
         (from != to).then(|| Change {
             from,
             to,
@@ -149,20 +188,49 @@ impl Unit {
                     && self.role == HaRole::Secondary))
     }
 
+    /// The peer as its SMTP greeting shows it when the HA link gave no answer:
+    /// 220, a MASTER (of our epoch: of two MASTERs the primary stays); another
+    /// answer, up but not MASTER; none, nothing known.
+    fn seen_by_smtp(&self, smtp: Option<PeerSmtp>) -> Option<PeerView> {
+        let mode = match smtp? {
+            PeerSmtp::Serving => Mode::Master,
+            PeerSmtp::Answering => Mode::Starting,
+            PeerSmtp::Down => return None,
+        };
+        Some(PeerView {
+            role: match self.role {
+                HaRole::Primary => HaRole::Secondary,
+                HaRole::Secondary => HaRole::Primary,
+            },
+            mode,
+            epoch: self.epoch,
+            sees_our_smtp: None,
+        })
+    }
+
     /// One heartbeat interval.
     pub fn tick(&mut self, t: &Tick) -> Option<Change> {
-        match t.peer {
+        let heard = t.peer;
+        let seen = heard.or_else(|| self.seen_by_smtp(t.peer_smtp));
+        match seen {
             Some(_) => self.missed = 0,
             None => self.missed = self.missed.saturating_add(1),
         }
         let lost = self.missed >= self.lost_after;
         let n = self.lost_after;
-        match (t.peer.map(|p| p.mode), t.peer_smtp_ok) {
+        match (heard.map(|p| p.mode), t.peer_smtp.map(PeerSmtp::alive)) {
             (Some(Mode::Master), Some(false)) => self.smtp_failures += 1,
             (Some(Mode::Master), Some(true)) => self.smtp_failures = 0,
             _ => {}
         }
-        let peer = t.peer.as_ref();
+        if heard.is_none() {
+            if let Some(c) = self.unlinked(seen.as_ref()) {
+                return Some(c);
+            }
+        } else {
+            self.unlinked_masters = 0;
+        }
+        let peer = seen.as_ref();
         // A unit that is not MASTER keeps the highest epoch it has seen, so that
         // its own takeover outranks every MASTER before it.
         if let (Some(p), false) = (peer, self.mode == Mode::Master) {
@@ -187,7 +255,8 @@ impl Unit {
                 ),
                 None => None,
             },
-            Mode::Master => match peer {
+            // Epochs compare only with a peer heard over the link (see `unlinked`).
+            Mode::Master => match heard.as_ref() {
                 Some(p) if self.outranked_by(p) => match self.role {
                     HaRole::Secondary => self.set(Mode::Slave, "the primary is MASTER again"),
                     HaRole::Primary => self.failed(&format!(
@@ -233,6 +302,35 @@ impl Unit {
                 }
                 _ => None,
             },
+        }
+    }
+
+    /// What only a peer seen by its SMTP greeting (no HA link) decides: a MASTER
+    /// secondary yields to a primary that serves for `heartbeat_lost` intervals
+    /// (time for the link to return, so that epochs decide); a unit that is not
+    /// MASTER never takes over from a peer that serves.
+    fn unlinked(&mut self, seen: Option<&PeerView>) -> Option<Change> {
+        let serving = seen.is_some_and(|p| p.mode == Mode::Master);
+        if !(serving && self.mode == Mode::Master) {
+            self.unlinked_masters = 0;
+        }
+        match (self.mode, self.role, serving) {
+            (Mode::Master, HaRole::Secondary, true) => {
+                self.unlinked_masters += 1;
+                if self.unlinked_masters < self.lost_after {
+                    return None;
+                }
+                self.set(
+                    Mode::Slave,
+                    "the primary's SMTP service serves (220) while the HA link fails: \
+                     the primary keeps MASTER",
+                )
+            }
+            (Mode::Starting, HaRole::Secondary, true) => self.set(
+                Mode::Slave,
+                "the primary's SMTP service serves (220); the HA link fails",
+            ),
+            _ => None,
         }
     }
 
@@ -283,14 +381,31 @@ mod tests {
                 epoch,
                 sees_our_smtp: Some(true),
             }),
-            peer_smtp_ok: Some(true),
+            peer_smtp: Some(greeting(mode)),
+        }
+    }
+
+    /// What a unit in `mode` greets SMTP clients with.
+    fn greeting(mode: Mode) -> PeerSmtp {
+        if mode == Master {
+            PeerSmtp::Serving
+        } else {
+            PeerSmtp::Answering
         }
     }
 
     const SILENT: Tick = Tick {
         peer: None,
-        peer_smtp_ok: Some(false),
+        peer_smtp: Some(PeerSmtp::Down),
     };
+
+    /// No HA link (a failed authentication, a cut), the peer's SMTP as in `mode`.
+    fn unlinked(mode: Mode) -> Tick {
+        Tick {
+            peer: None,
+            peer_smtp: Some(greeting(mode)),
+        }
+    }
 
     fn unit(role: HaRole, on_failure: OnFailure, mode: Mode, epoch: u64) -> Unit {
         let mut u = Unit::new(role, on_failure, 3, epoch);
@@ -340,7 +455,7 @@ mod tests {
     fn the_slave_takes_over_when_the_masters_smtp_fails() {
         let mut s = unit(Secondary, OnFailure::Slave, Slave, 1);
         let mut t = peer(Primary, Master, 1);
-        t.peer_smtp_ok = Some(false);
+        t.peer_smtp = Some(PeerSmtp::Down);
         assert_eq!(s.tick(&t), None);
         assert_eq!(s.tick(&t), None);
         assert_eq!(s.tick(&t).map(|c| c.to), Some(Master));
@@ -413,6 +528,49 @@ mod tests {
         let t = peer(Primary, Failed, 1);
         assert_eq!((s.tick(&t), s.tick(&t)), (None, None));
         assert_eq!(s.tick(&t).map(|c| c.to), Some(Master));
+    }
+
+    #[test]
+    fn without_the_ha_link_the_peers_greeting_decides_and_one_master_remains() {
+        // Both start, the link fails (wrong password): each sees the other's 421.
+        let mut p = Unit::new(Primary, OnFailure::Slave, 3, 1);
+        let mut s = Unit::new(Secondary, OnFailure::Slave, 3, 1);
+        p.tick(&unlinked(Starting));
+        s.tick(&unlinked(Starting));
+        assert_eq!((p.mode, s.mode), (Master, Slave));
+        // Then the primary serves (220): the secondary never takes over.
+        for _ in 0..20 {
+            assert_eq!(s.tick(&unlinked(p.mode)), None);
+            assert_eq!(p.tick(&unlinked(s.mode)), None);
+        }
+        assert_eq!((p.mode, s.mode), (Master, Slave));
+        // Two MASTERs that cannot talk (both took over during a partition): the
+        // secondary yields once it has seen the primary serve for heartbeat_lost
+        // intervals (time for the link to come back and epochs to decide).
+        let mut p = unit(Primary, OnFailure::Slave, Master, 2);
+        let mut s = unit(Secondary, OnFailure::Slave, Master, 3);
+        assert_eq!(p.tick(&unlinked(Master)), None);
+        assert_eq!(
+            (s.tick(&unlinked(Master)), s.tick(&unlinked(Master))),
+            (None, None)
+        );
+        let c = s.tick(&unlinked(Master)).expect("yields");
+        assert_eq!(c.to, Slave);
+        assert!(c.why.contains("220"), "{}", c.why);
+        // A SLAVE whose heartbeats go unanswered does not take over while the
+        // MASTER serves; it does once the MASTER's SMTP is gone too.
+        let mut s = unit(Secondary, OnFailure::Slave, Slave, 1);
+        for _ in 0..10 {
+            assert_eq!(s.tick(&unlinked(Master)), None);
+        }
+        s.tick(&SILENT);
+        s.tick(&SILENT);
+        assert_eq!(s.tick(&SILENT).map(|c| c.to), Some(Master));
+        // A unit that is up but not MASTER (421) leaves the SLAVE masterless.
+        let mut s = unit(Secondary, OnFailure::Slave, Slave, 1);
+        s.tick(&unlinked(Failed));
+        s.tick(&unlinked(Failed));
+        assert_eq!(s.tick(&unlinked(Failed)).map(|c| c.to), Some(Master));
     }
 
     #[test]

@@ -170,6 +170,12 @@ impl Spool {
     /// the flusher task).
     pub fn open(db: &sled::Db) -> Result<Spool> {
         let tree = db.open_tree("queue")?;
+        // New ids are above every id queued before a restart (clock stepped back).
+        if let Some((k, _)) = tree.scan_prefix(b"e\0").next_back().transpose()? {
+            if let Ok(b) = <[u8; 8]>::try_from(&k[2..]) {
+                QueueId::observe(QueueId::from_bytes(b));
+            }
+        }
         let (tx, rx) = std::sync::mpsc::channel();
         let flushed = db.clone();
         std::thread::Builder::new()
@@ -195,12 +201,43 @@ impl Spool {
         // (measured: fewer thread switches per message).
         self.tree.apply_batch(batch)?;
         self.durable().await?;
+        self.announce(env.id);
+        Ok(())
+    }
+
+    /// Like [`Spool::enqueue`], writing `other_key` → `other_value` into `other` in the same
+    /// atomic write as the message (a record that it was taken, e.g. a
+    /// tombstone): after a crash both are there or neither.
+    pub async fn enqueue_recorded(
+        &self,
+        env: &Envelope,
+        message: &[u8],
+        other: &sled::Tree,
+        other_key: &[u8],
+        other_value: &[u8],
+    ) -> Result<()> {
+        use sled::Transactional;
+        let (e, b) = (key(b'e', env.id), key(b'b', env.id));
+        let record = encode(env)?;
+        (&self.tree, other)
+            .transaction(|(q, o)| {
+                q.insert(&e[..], record.as_slice())?;
+                q.insert(&b[..], message)?;
+                o.insert(other_key, other_value)?;
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| anyhow!("queue write failed: {e:?}"))?;
+        self.durable().await?;
+        self.announce(env.id);
+        Ok(())
+    }
+
+    fn announce(&self, id: QueueId) {
         self.arrivals
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(env.id);
+            .push(id);
         self.arrived.notify_one();
-        Ok(())
     }
 
     /// Wakes the queue manager after envelopes changed outside it (`queue retry`,

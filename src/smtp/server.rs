@@ -321,6 +321,11 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         let action = match line {
             Line::Eof => return Ok(Next::Close),
             Line::TooLong => session.line_too_long(),
+            // The HA gate again at MAIL: a session opened before this unit was
+            // demoted takes no new transaction (421 4.3.2, then close).
+            Line::Command(l) if !service.gate.is_active() && is_mail(&l) => {
+                Action::Close(reply::inactive(name))
+            }
             Line::Command(l) => session.command(&l, service.policy.as_ref()),
         };
         match action {
@@ -387,6 +392,12 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// A MAIL command (any case).
+fn is_mail(line: &[u8]) -> bool {
+    line.get(..5)
+        .is_some_and(|w| w.eq_ignore_ascii_case(b"MAIL "))
 }
 
 /// The client was silent too long: 421 4.4.2, then close.
