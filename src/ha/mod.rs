@@ -119,10 +119,6 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// A link error that is a failed authentication (the peer answers, but with
 /// another password, or a frame was forged): an alarm, not a lost peer.
-fn is_auth_failure(e: &str) -> bool {
-    e.to_ascii_lowercase().contains("authentication")
-}
-
 impl Ha {
     /// The unit, STARTING (gate closed until it is MASTER); its master epoch is
     /// kept in the store across restarts. Queue ids made from now on carry this
@@ -302,8 +298,9 @@ impl Ha {
             }
             Err(e) => {
                 *link = None;
+                let auth = crate::ha::link::is_auth_failed(&e);
                 let e = format!("{e:#}");
-                if is_auth_failure(&e) {
+                if auth {
                     self.auth_failed("heartbeat", &e);
                 } else if self.status().peer_error.as_deref() != Some(e.as_str()) {
                     tracing::warn!(peer = %self.config.peer, error = %e, "HA heartbeat failed");
@@ -397,8 +394,9 @@ pub async fn run(ha: Arc<Ha>, listener: TcpListener, mut shutdown: watch::Receiv
                     let mut link = match link {
                         Ok(Ok(l)) => l,
                         Ok(Err(e)) => {
+                            let auth = crate::ha::link::is_auth_failed(&e);
                             let e = format!("{e:#}");
-                            if is_auth_failure(&e) {
+                            if auth {
                                 ha.auth_failed("the peer's connection", &e);
                             }
                             tracing::warn!(%from, error = %e, "HA connection refused");
