@@ -82,10 +82,15 @@ impl Control {
             });
         };
         let (what, result) = change(&mut env)?;
-        match what {
-            Change::Store => self.spool.update(&env).await?,
-            Change::Remove => self.spool.remove(id).await?,
-            Change::Keep => {}
+        let written = match what {
+            Change::Store => self.spool.update(&env).await,
+            Change::Remove => self.spool.remove(id).await,
+            Change::Keep => Ok(()),
+        };
+        match written {
+            // Removed by a writer that does not claim (an HA push).
+            Err(e) if e.is::<super::spool::Removed>() => return Err(Refused::LeftQueue(id)),
+            other => other?,
         }
         drop(claim);
         match what {

@@ -125,3 +125,29 @@ pub fn start(db: sled::Db, store: &Path) -> anyhow::Result<std::sync::mpsc::Send
         })?;
     Ok(tx)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_blob_file_sled_writes_is_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        // 64 KiB segments: values over ~16 KiB are blob files.
+        let db = sled::Config::new()
+            .path(dir.path())
+            .segment_size(64 << 10)
+            .open()
+            .unwrap();
+        db.insert(b"small", vec![1u8; 100]).unwrap();
+        db.insert(b"big1", vec![2u8; 50_000]).unwrap();
+        db.flush().unwrap();
+        let mut syncer = Syncer::open(dir.path()).unwrap();
+        assert_eq!(syncer.synced.len(), 1, "the blob written before the open");
+        db.insert(b"big2", vec![3u8; 50_000]).unwrap();
+        db.flush().unwrap();
+        syncer.sync().unwrap();
+        let on_disk = std::fs::read_dir(dir.path().join("blobs")).unwrap().count();
+        assert_eq!((syncer.synced.len(), on_disk), (2, 2));
+    }
+}

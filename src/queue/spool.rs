@@ -294,6 +294,9 @@ impl Spool {
     /// Rewrites a message's envelope in the store without waiting for the disk
     /// (follow with [`Spool::durable`]). [`Removed`] if the message left the queue.
     pub fn put(&self, env: &Envelope) -> Result<()> {
+        if !self.visible(env.id) {
+            return Err(Removed(env.id).into());
+        }
         let new = encode(env)?;
         let mut present = false;
         // Atomic in the store: an envelope removed meanwhile stays removed.
@@ -301,7 +304,7 @@ impl Spool {
             present = old.is_some();
             old.map(|_| new.clone())
         })?;
-        if !present || !self.visible(env.id) {
+        if !present {
             return Err(Removed(env.id).into());
         }
         Ok(())
