@@ -6,8 +6,9 @@
 //! no metadata — then (2) a real `fdatasync` of the log file (`store/db`), of every
 //! blob file sled wrote since the last round (values over its blob threshold live
 //! in `store/blobs/<lsn>`) and, when there are new blobs, `fsync` of the `blobs`
-//! directory for their entries. Only then are the waiters answered. The store and
-//! blob directories are synced once at open for the entries made at creation.
+//! directory for their entries; and `fsync` of the store directory when its entries
+//! changed (sled renames a new snapshot into place there). Only then are the
+//! waiters answered. At open, `conf` and both directories are synced once.
 //!
 //! Test hook: when the environment variable `CLUSTERMAIL_TEST_FAIL_FLUSH` names a
 //! file and that file exists, each round does its flush and then reports failure
@@ -28,6 +29,9 @@ pub type Waiter = oneshot::Sender<Result<(), String>>;
 struct Syncer {
     /// `store/db`, sled's log (opened read-only: fdatasync acts on the inode).
     log: File,
+    store: PathBuf,
+    /// The store directory's entries at the last sync.
+    entries: Vec<OsString>,
     blobs: PathBuf,
     /// Blob files already synced (pruned to those still present).
     synced: HashSet<OsString>,
@@ -39,18 +43,21 @@ impl Syncer {
     fn open(store: &Path) -> std::io::Result<Syncer> {
         let log = File::open(store.join("db"))?;
         let blobs = store.join("blobs");
-        File::open(store)?.sync_all()?;
+        File::open(store.join("conf"))?.sync_all()?;
         if blobs.is_dir() {
             File::open(&blobs)?.sync_all()?;
         }
         let mut s = Syncer {
             log,
+            store: store.to_path_buf(),
+            entries: Vec::new(),
             blobs,
             synced: HashSet::new(),
             fail_when: std::env::var_os(FAIL_FLUSH_ENV).map(PathBuf::from),
         };
-        // Blobs from before this open: synced once, like everything new.
+        // Entries and blobs from before this open: synced once, like everything new.
         s.sync_blobs()?;
+        s.sync_store_dir()?;
         Ok(s)
     }
 
@@ -58,6 +65,7 @@ impl Syncer {
     fn sync(&mut self) -> std::io::Result<()> {
         self.log.sync_data()?;
         self.sync_blobs()?;
+        self.sync_store_dir()?;
         if let Some(trigger) = &self.fail_when {
             if trigger.exists() {
                 return Err(std::io::Error::other(format!(
@@ -65,6 +73,19 @@ impl Syncer {
                     trigger.display()
                 )));
             }
+        }
+        Ok(())
+    }
+
+    /// fsync of the store directory if its entries changed since the last time.
+    fn sync_store_dir(&mut self) -> std::io::Result<()> {
+        let mut now = std::fs::read_dir(&self.store)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        now.sort();
+        if now != self.entries {
+            File::open(&self.store)?.sync_all()?;
+            self.entries = now;
         }
         Ok(())
     }
