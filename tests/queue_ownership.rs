@@ -213,7 +213,7 @@ fn queue_delete_during_a_slow_delivery_leaves_no_zombie() {
     r.scratch.ok(&["queue", "show", &id]);
 
     // Waits for the delivery in progress, then deletes.
-    let delete = spawn_cli(&r, &["queue", "delete", &id]);
+    let delete = spawn_cli(&r, &["queue", "delete", &id, "--wait", "60s"]);
     std::thread::sleep(Duration::from_millis(1500));
     slow.hold.store(false, Ordering::SeqCst);
     let (code, out, err) = delete.join().expect("delete");
@@ -270,7 +270,7 @@ fn queue_retry_all_racing_a_delivery_never_resends_a_delivered_recipient() {
     gate.hold.store(true, Ordering::SeqCst);
     let id = send(&r, &[&["g@c.test", "f@c.test"]]).remove(0);
     gate.wait_data_ended(1);
-    let retry = spawn_cli(&r, &["queue", "retry", "--all"]);
+    let retry = spawn_cli(&r, &["queue", "retry", "--all", "--wait", "60s"]);
     std::thread::sleep(Duration::from_millis(300));
     // The gate defers; `fast` takes f@c.test; g@c.test is held.
     gate.hold.store(false, Ordering::SeqCst);
