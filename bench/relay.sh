@@ -5,9 +5,13 @@
 #   3. smtp-source -> Postfix relay -> smtp-sink     (a private Postfix instance)
 # For each concurrency: messages/s end to end (until the sink has them all), accept
 # latency p50/p99 (bench/latency.py, one extra session timing "." -> 250 while the
-# load runs), peak RSS of the relay, and the ratios 2/1 and 2/3.
+# load runs), the relay's CPU per message (user + system time of its processes, and
+# of their reaped children, from /proc/PID/stat before and after), peak RSS of the
+# relay, and the ratios 2/1 and 2/3.
 #
 # usage: bench/relay.sh [MESSAGES] [SESSIONS...]     (default: 20000 20 100)
+#        CLUSTERMAIL_BIN=path/to/clustermail bench/relay.sh ...   (another build, e.g.
+#        an older commit's, instead of building this tree's release binary)
 # needs: postfix (smtp-source, smtp-sink, postfix), python3; run as root (Postfix).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,8 +20,12 @@ shift || true
 SESSIONS=${*:-20 100}
 SIZE=10240
 PROBES=200
-BIN=target/release/clustermail
-cargo build --release --quiet
+if [ -n "${CLUSTERMAIL_BIN:-}" ]; then
+    BIN=$CLUSTERMAIL_BIN
+else
+    BIN=target/release/clustermail
+    cargo build --release --quiet
+fi
 TMP=$(mktemp -d /tmp/clustermail-bench.XXXXXX)
 chmod 755 "$TMP"
 PIDS=()
@@ -43,6 +51,19 @@ rss_sampler() {
     echo "$peak" >"$out"
 }
 
+# CPU time (clock ticks) of the processes `$1` (a command printing pids): user +
+# system, their own and their reaped children's (/proc/PID/stat fields 14-17).
+cpu_ticks() {
+    local sum=0 pid t
+    for pid in $(eval "$1"); do
+        # Fields after "pid (comm) ": utime is the 12th, then stime, cutime, cstime.
+        t=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $12 + $13 + $14 + $15}')
+        sum=$((sum + ${t:-0}))
+    done
+    echo "$sum"
+}
+TICKS=$(getconf CLK_TCK)
+
 start_sink() {
     local port=$1
     smtp-sink -u nobody "127.0.0.1:$port" 1024 >/dev/null 2>&1 &
@@ -60,20 +81,23 @@ run() {
     local sampler=$!
     python3 bench/latency.py 127.0.0.1 "$port" "$PROBES" "$SIZE" >"$TMP/latency" &
     local probe=$!
-    local t0 t1
+    local t0 t1 cpu0 cpu1
+    cpu0=$(cpu_ticks "$pids_cmd")
     t0=$(now)
     smtp-source -s "$sessions" -m "$MESSAGES" -l "$SIZE" -f a@x.test -t u@c.test "127.0.0.1:$port"
     wait "$probe"
     until eval "$drain"; do sleep 0.05; done
     t1=$(now)
+    cpu1=$(cpu_ticks "$pids_cmd")
     touch "$TMP/stop"
     wait "$sampler"
-    local secs rate p50 p99 rss
+    local secs rate p50 p99 rss cpu
     secs=$(echo "$t1 - $t0" | bc -l)
+    cpu=$(echo "($cpu1 - $cpu0) * 1000000 / $TICKS / ($MESSAGES + $PROBES)" | bc -l)
     rate=$(echo "($MESSAGES + $PROBES) / $secs" | bc -l)
     read -r p50 p99 _ _ <"$TMP/latency"
     rss=$(($(cat "$TMP/rss") / 1024))
-    printf "  %-30s %9.0f %8.2f %8s %8s %8s\n" "$name" "$rate" "$secs" "$p50" "$p99" "$rss"
+    printf "  %-30s %9.0f %8.2f %8s %8s %10.0f %8s\n" "$name" "$rate" "$secs" "$p50" "$p99" "$cpu" "$rss"
     eval "RATE_$6=$rate"
 }
 
@@ -81,7 +105,7 @@ run() {
 printf "clustermail relay bench: %s messages of %s octets (+%s latency probes), %s\n" "$MESSAGES" "$SIZE" "$PROBES" "$(date -u +%FT%TZ)"
 printf "machine: %s cores, %s\n" "$(nproc)" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 for S in $SESSIONS; do
-    printf "\nsessions = %s\n  %-30s %9s %8s %8s %8s %8s\n" "$S" path "msg/s" "e2e s" "p50 ms" "p99 ms" "RSS MB"
+    printf "\nsessions = %s\n  %-30s %9s %8s %8s %8s %10s %8s\n" "$S" path "msg/s" "e2e s" "p50 ms" "p99 ms" "CPU us/msg" "RSS MB"
 
     # 1. Directly into the sink.
     SP=$(free_port); start_sink "$SP"

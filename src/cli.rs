@@ -8,6 +8,7 @@ use crate::admin::{self, Exit};
 use crate::catalog::{AdminState, Catalog, Format, Mode};
 use crate::config::RoutingConfig;
 use crate::health::monitor::SharedTracker;
+use crate::queue::control::Control;
 use crate::queue::Spool;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -125,13 +126,36 @@ pub enum QueueCommand {
         id: Option<String>,
         #[arg(long)]
         all: bool,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Delete a message from the queue (no bounce is sent).
-    Delete { id: String },
+    Delete {
+        id: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
     /// Route a message's undeliverable recipients again (hold_undeliverable).
-    Release { id: String },
+    Release {
+        id: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
     /// Bounce a message's undeliverable recipients now (hold_undeliverable).
-    Bounce { id: String },
+    Bounce {
+        id: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+}
+
+/// How long a queue command waits for a delivery of its message in progress.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct Wait {
+    /// Wait this long for a delivery of the message in progress to end (e.g.
+    /// "30s", "0s": do not wait); then the command is refused (exit 1).
+    #[arg(long = "wait", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: std::time::Duration,
 }
 
 #[derive(Subcommand)]
@@ -290,15 +314,23 @@ pub async fn execute(
         Command::Queue { command } => match command {
             QueueCommand::List => admin::queue::list(&ctx.spool, out),
             QueueCommand::Show { id, raw } => admin::queue::show(&ctx.spool, &id, raw, out, err),
-            QueueCommand::Retry { id, all } => {
-                admin::queue::retry(&ctx.spool, id.as_deref(), all, out, err).await
+            QueueCommand::Retry { id, all, wait } => {
+                let control = Control::new(ctx.spool.clone());
+                admin::queue::retry(&control, id.as_deref(), all, wait.duration, out, err).await
             }
-            QueueCommand::Delete { id } => admin::queue::delete(&ctx.spool, &id, out, err).await,
-            QueueCommand::Release { id } => {
-                admin::queue::release(&ctx.spool, &id, ctx.routing.max_queue_lifetime, out, err)
-                    .await
+            QueueCommand::Delete { id, wait } => {
+                let control = Control::new(ctx.spool.clone());
+                admin::queue::delete(&control, &id, wait.duration, out, err).await
             }
-            QueueCommand::Bounce { id } => admin::queue::bounce(&ctx.spool, &id, out, err).await,
+            QueueCommand::Release { id, wait } => {
+                let control = Control::new(ctx.spool.clone());
+                let lifetime = ctx.routing.max_queue_lifetime;
+                admin::queue::release(&control, &id, lifetime, wait.duration, out, err).await
+            }
+            QueueCommand::Bounce { id, wait } => {
+                let control = Control::new(ctx.spool.clone());
+                admin::queue::bounce(&control, &id, wait.duration, out, err).await
+            }
         },
         Command::Servers => {
             if !ctx.live {

@@ -91,7 +91,7 @@ fn run(cli: Cli) -> Result<Exit> {
             runtime.block_on(async {
                 let ctx = cli::Context {
                     catalog: Arc::new(Catalog::open(&db, config.local_part_match)?),
-                    spool: Spool::open(&db)?,
+                    spool: Spool::open(&db, &catalog::store_path(&config.data_dir))?,
                     tracker: clustermail::health::monitor::shared(&config.routing),
                     routing: config.routing.clone(),
                     live: false,

@@ -56,7 +56,7 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
              import your own with `clustermail catalog import --replace FILE`"
         );
     }
-    let spool = Spool::open(&db)?;
+    let spool = Spool::open(&db, &catalog::store_path(&config.data_dir))?;
     let queued = spool.len();
     tracing::info!(queued, "queue opened");
     let ha = match &config.ha {
@@ -100,7 +100,6 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
             config.routing.max_per_server,
             std::time::Duration::from_secs(10),
         ),
-        in_flight: Default::default(),
         schedule: Default::default(),
         gate,
     });

@@ -1,7 +1,9 @@
-//! `clustermail queue list|show|retry|delete`: the queue, through the router's
-//! admin socket when it runs, else as stored.
+//! `clustermail queue list|show|retry|delete|release|bounce`: the queue, through
+//! the router's admin socket when it runs, else as stored. The actions are
+//! `queue::control`'s; this module only parses ids and prints their results.
 
 use super::Exit;
+use crate::queue::control::{Control, Refused};
 use crate::queue::{QueueId, RecipientState, Spool};
 use anyhow::Result;
 use std::io::Write;
@@ -32,35 +34,6 @@ fn find(spool: &Spool, text: &str, err: &mut dyn Write) -> Result<Option<crate::
         writeln!(err, "{id}: no such message in the queue")?;
     }
     Ok(env)
-}
-
-/// Applies `settle` to each undeliverable recipient of `env` and stores it for the
-/// manager; refused when there is none. `verb` names the command, `done` says
-/// what became of them.
-async fn settle_undeliverable(
-    spool: &Spool,
-    mut env: crate::queue::Envelope,
-    (verb, done): (&str, &str),
-    out: &mut (dyn Write + Send),
-    err: &mut (dyn Write + Send),
-    mut settle: impl FnMut(&mut crate::queue::Recipient, String, u64),
-) -> Result<Exit> {
-    let mut n = 0;
-    for r in &mut env.recipients {
-        if let RecipientState::Undeliverable { reply, at } = &r.state {
-            let (reply, at) = (reply.clone(), *at);
-            settle(r, reply, at);
-            n += 1;
-        }
-    }
-    if n == 0 {
-        writeln!(err, "{}: no undeliverable recipient to {verb}", env.id)?;
-        return Ok(Exit::Invalid);
-    }
-    spool.update(&env).await?;
-    spool.wake();
-    writeln!(out, "{}: {n} recipient(s) {done}", env.id)?;
-    Ok(Exit::Ok)
 }
 
 fn until(at_ms: u64) -> String {
@@ -181,110 +154,133 @@ pub fn show(
     Ok(Exit::Ok)
 }
 
+/// A queue id from the command line; None (and why, on `err`) if it is not one.
+fn parse_id(text: &str, err: &mut dyn Write) -> Result<Option<QueueId>> {
+    match text.parse() {
+        Ok(id) => Ok(Some(id)),
+        Err(e) => {
+            writeln!(err, "{e}")?;
+            Ok(None)
+        }
+    }
+}
+
+/// Prints an action's refusal; its exit code (a store failure is an error).
+fn refused(r: Refused, err: &mut dyn Write) -> Result<Exit> {
+    let exit = match r {
+        Refused::Store(e) => return Err(e),
+        Refused::InDelivery(..) => Exit::Failed,
+        Refused::NoSuchMessage(_) | Refused::LeftQueue(_) | Refused::NothingUndeliverable(..) => {
+            Exit::Invalid
+        }
+    };
+    writeln!(err, "{r}")?;
+    Ok(exit)
+}
+
 /// `queue retry ID|--all`: makes every open recipient due now and wakes the
 /// queue manager. Held recipients stay held: their retry goes to the home only.
 pub async fn retry(
-    spool: &Spool,
+    control: &Control,
     id: Option<&str>,
     all: bool,
+    wait: Duration,
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> Result<Exit> {
-    let envs = if all {
-        spool.envelopes()?
-    } else {
-        let Some(text) = id else {
-            writeln!(err, "give a queue id or --all")?;
-            return Ok(Exit::Invalid);
+    if all {
+        let done = match control.retry_all(wait).await {
+            Ok(done) => done,
+            Err(r) => return refused(r, err),
         };
-        let Some(env) = find(spool, text, err)? else {
-            return Ok(Exit::Invalid);
-        };
-        vec![env]
-    };
-    let mut n = 0;
-    for mut env in envs {
-        let mut touched = false;
-        for r in env.recipients.iter_mut().filter(|r| !r.state.is_final()) {
-            r.next_attempt = 0;
-            touched = true;
+        writeln!(out, "{} message(s) due for delivery now", done.due)?;
+        if done.in_delivery.is_empty() {
+            return Ok(Exit::Ok);
         }
-        if touched {
-            spool.update(&env).await?;
-            n += 1;
-        }
+        let ids: Vec<String> = done.in_delivery.iter().map(|i| i.to_string()).collect();
+        writeln!(
+            err,
+            "{} message(s) still being delivered after waiting {}, left as they are: {}",
+            ids.len(),
+            humantime::format_duration(wait),
+            ids.join(" ")
+        )?;
+        return Ok(Exit::Failed);
     }
-    spool.wake();
-    writeln!(out, "{n} message(s) due for delivery now")?;
-    Ok(Exit::Ok)
+    let Some(text) = id else {
+        writeln!(err, "give a queue id or --all")?;
+        return Ok(Exit::Invalid);
+    };
+    let Some(id) = parse_id(text, err)? else {
+        return Ok(Exit::Invalid);
+    };
+    match control.retry(id, wait).await {
+        Ok(due) => {
+            writeln!(out, "{} message(s) due for delivery now", usize::from(due))?;
+            Ok(Exit::Ok)
+        }
+        Err(r) => refused(r, err),
+    }
 }
 
 /// `queue delete ID`: drops a message (no bounce).
 pub async fn delete(
-    spool: &Spool,
+    control: &Control,
     id: &str,
+    wait: Duration,
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> Result<Exit> {
-    let Some(env) = find(spool, id, err)? else {
+    let Some(id) = parse_id(id, err)? else {
         return Ok(Exit::Invalid);
     };
-    let id = env.id;
-    spool.remove(id).await?;
-    tracing::warn!(%id, "deleted from the queue by an administrator");
-    writeln!(out, "{id} deleted")?;
-    Ok(Exit::Ok)
+    match control.delete(id, wait).await {
+        Ok(()) => {
+            writeln!(out, "{id} deleted")?;
+            Ok(Exit::Ok)
+        }
+        Err(r) => refused(r, err),
+    }
 }
 
 /// `queue release ID`: undeliverable recipients are routed again, with a new
 /// lifetime (they had expired, or been refused and the cause may be fixed).
 pub async fn release(
-    spool: &Spool,
+    control: &Control,
     id: &str,
     lifetime: Duration,
+    wait: Duration,
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> Result<Exit> {
-    let Some(env) = find(spool, id, err)? else {
+    let Some(id) = parse_id(id, err)? else {
         return Ok(Exit::Invalid);
     };
-    let expires_at = crate::queue::manager::now_ms() + lifetime.as_millis() as u64;
-    settle_undeliverable(
-        spool,
-        env,
-        ("release", "released for delivery"),
-        out,
-        err,
-        |r, reply, _| {
-            r.last_error = Some(reply);
-            r.state = RecipientState::Pending;
-            r.attempts = 0;
-            r.next_attempt = 0;
-            r.expires_at = expires_at;
-        },
-    )
-    .await
+    match control.release(id, lifetime, wait).await {
+        Ok(n) => {
+            writeln!(out, "{id}: {n} recipient(s) released for delivery")?;
+            Ok(Exit::Ok)
+        }
+        Err(r) => refused(r, err),
+    }
 }
 
 /// `queue bounce ID`: undeliverable recipients fail now; the bounce goes out.
 pub async fn bounce(
-    spool: &Spool,
+    control: &Control,
     id: &str,
+    wait: Duration,
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> Result<Exit> {
-    let Some(env) = find(spool, id, err)? else {
+    let Some(id) = parse_id(id, err)? else {
         return Ok(Exit::Invalid);
     };
-    settle_undeliverable(
-        spool,
-        env,
-        ("bounce", "will bounce"),
-        out,
-        err,
-        |r, reply, at| {
-            r.state = RecipientState::Failed { reply, at };
-        },
-    )
-    .await
+    match control.bounce(id, wait).await {
+        Ok(n) => {
+            writeln!(out, "{id}: {n} recipient(s) will bounce")?;
+            Ok(Exit::Ok)
+        }
+        Err(r) => refused(r, err),
+    }
 }

@@ -12,4 +12,4 @@ pub mod validate;
 
 pub use files::{read_files, Format, Input, Problem};
 pub use model::{AdminState, Cluster, LocalPartMatch, Mailbox, Server};
-pub use store::{open_db, Catalog, Counts, ImportError, ImportReport, Lookup, Mode};
+pub use store::{open_db, store_path, Catalog, Counts, ImportError, ImportReport, Lookup, Mode};

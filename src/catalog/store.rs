@@ -838,10 +838,15 @@ fn segment_size(store: &std::path::Path) -> usize {
         .unwrap_or(8 << 20)
 }
 
+/// The sled store's directory in `data_dir`.
+pub fn store_path(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("store")
+}
+
 pub fn open_db(data_dir: &std::path::Path, cache_bytes: u64) -> Result<sled::Db> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
-    let path = data_dir.join("store");
+    let path = store_path(data_dir);
     sled::Config::new()
         .path(&path)
         .cache_capacity(cache_bytes)

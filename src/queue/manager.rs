@@ -25,12 +25,12 @@
 
 mod deliver;
 
+use super::claim::Holder;
 use super::{dsn, Envelope, QueueId, RecipientState, Spool};
 use crate::catalog::Catalog;
 use crate::config::RoutingConfig;
 use crate::health::monitor::SharedTracker;
 use anyhow::{anyhow, Result};
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{watch, Semaphore};
@@ -50,8 +50,6 @@ pub struct Manager {
     /// Our name in EHLO.
     pub hello_name: String,
     pub deliverer: crate::deliver::Deliverer,
-    /// Messages being delivered now (never two tasks for one message).
-    pub in_flight: std::sync::Mutex<HashSet<QueueId>>,
     /// When each queued message next has something to do (ms since the epoch; 0:
     /// now), so that a pass reads only the envelopes that are due. Rebuilt from
     /// the store at start and whenever the spool asks for it.
@@ -147,22 +145,26 @@ impl Manager {
             schedule.due(now)
         };
         for id in due {
-            if self.in_flight().contains(&id) {
+            // Held by a delivery or an administrator's command: its holder wakes
+            // us when done.
+            if self.spool.claims().holder(id).is_some() {
                 continue;
             }
-            let Some(env) = self.spool.envelope(id)? else {
-                self.schedule().remove(id);
-                continue;
-            };
             let permit = limit
                 .clone()
                 .acquire_owned()
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
-            self.in_flight().insert(env.id);
+            // The claim first, then the envelope: what we deliver is current.
+            let Some(claim) = self.spool.claims().try_claim(id, Holder::Delivery) else {
+                continue;
+            };
+            let Some(env) = self.spool.envelope(id)? else {
+                self.schedule().remove(id);
+                continue;
+            };
             let me = self.clone();
             tokio::spawn(async move {
-                let id = env.id;
                 let result = me.process(env).await;
                 match &result {
                     Ok(Some(at)) => {
@@ -171,13 +173,19 @@ impl Manager {
                     Ok(None) => {
                         me.schedule().remove(id);
                     }
+                    // Removed while we held it (cannot happen through `control`,
+                    // which waits for the claim): nothing left to do.
+                    Err(e) if e.is::<super::spool::Removed>() => {
+                        tracing::warn!(%id, error = %e, "delivery ended: the message left the queue");
+                        me.schedule().remove(id);
+                    }
                     // Not at once: a lasting error would spin; a second from now.
                     Err(e) => {
                         tracing::error!(%id, error = %e, "delivery attempt failed");
                         me.schedule().set(id, now_ms() + 1000);
                     }
                 }
-                me.in_flight().remove(&id);
+                drop(claim);
                 drop(permit);
                 // Held recipients got a new due time: let the manager look again.
                 me.spool.nudge();
@@ -192,16 +200,12 @@ impl Manager {
 
     /// Is a delivery of `id` running now?
     pub fn delivering(&self, id: QueueId) -> bool {
-        self.in_flight().contains(&id)
+        self.spool.claims().holder(id) == Some(Holder::Delivery)
     }
 
     /// How many deliveries are running now.
     pub fn deliveries_running(&self) -> usize {
-        self.in_flight().len()
-    }
-
-    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<QueueId>> {
-        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+        self.spool.claims().deliveries()
     }
 
     /// Delivers what is due of one message; when it next has something to do

@@ -1,10 +1,15 @@
 //! The durable queue: every accepted message, its envelope and per-recipient state.
 //!
 //! `spool` stores messages in sled and makes them durable (group commit) before the
-//! SMTP session may say 250; `id` makes queue ids;
+//! SMTP session may say 250 (`durable`: the flusher, with a real fdatasync);
+//! `claim` says who may change a message now; `control` is the administrator's
+//! actions on the queue; `id` makes queue ids;
 //! `tombstone` recognises a message handed over twice (id and digest).
 
+pub mod claim;
+pub mod control;
 pub mod dsn;
+pub mod durable;
 pub mod id;
 pub mod manager;
 pub mod schedule;

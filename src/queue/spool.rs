@@ -6,15 +6,23 @@
 //! `apply_batch`, which sled recovers all or nothing: a crash never leaves half a
 //! message. Records start with a format version byte.
 //!
-//! Durability: [`Spool::enqueue`] returns only after the log holding the message is
-//! on disk. Sessions finishing DATA at the same time share one flush (group
-//! commit): a flusher thread takes every request waiting, flushes once, and answers
-//! them all.
+//! Durability: [`Spool::enqueue`] returns only after the message is on disk (group
+//! commit with a real fdatasync: see `durable`). A message is in the queue — seen
+//! by the manager, the CLI and the HA push — only once it is durable; if its flush
+//! fails it is removed and never delivered (the client got 451).
+//!
+//! Ownership: envelope changes are made under the message's claim (see `claim`),
+//! and [`Spool::update`] never re-creates a removed message: a stale writer gets
+//! [`Removed`] instead of making an envelope without octets.
 
+use super::claim::Claims;
+use super::durable::{self, Waiter};
 use super::QueueId;
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 const FORMAT: u8 = 4;
@@ -148,7 +156,11 @@ fn decode(bytes: &[u8]) -> Result<Envelope> {
     }
 }
 
-type Waiter = oneshot::Sender<Result<(), String>>;
+/// An envelope write for a message no longer in the queue: refused, so that no
+/// stale writer re-creates a removed message.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}: no longer in the queue")]
+pub struct Removed(pub QueueId);
 
 /// The queue's store. Clone it freely: clones share the store and the flusher.
 #[derive(Clone)]
@@ -163,12 +175,17 @@ pub struct Spool {
     /// Something changed envelopes behind the manager's back (an administrator's
     /// retry, release...): its schedule must be rebuilt from the store.
     rescan: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Messages written but not (yet) durable, or refused after a failed flush:
+    /// invisible to every reader.
+    unsettled: Arc<Mutex<HashSet<QueueId>>>,
+    /// Who is changing which message now.
+    claims: Arc<Claims>,
 }
 
 impl Spool {
-    /// Opens the spool in `db`; must be called inside a tokio runtime (it starts
-    /// the flusher task).
-    pub fn open(db: &sled::Db) -> Result<Spool> {
+    /// Opens the spool in `db`, the sled store in directory `store`; must be called
+    /// inside a tokio runtime. Starts the flusher thread.
+    pub fn open(db: &sled::Db, store: &std::path::Path) -> Result<Spool> {
         let tree = db.open_tree("queue")?;
         // New ids are above every id queued before a restart (clock stepped back).
         if let Some((k, _)) = tree.scan_prefix(b"e\0").next_back().transpose()? {
@@ -176,38 +193,48 @@ impl Spool {
                 QueueId::observe(QueueId::from_bytes(b));
             }
         }
-        let (tx, rx) = std::sync::mpsc::channel();
-        let flushed = db.clone();
-        std::thread::Builder::new()
-            .name("queue-flusher".into())
-            .spawn(move || flusher(flushed, rx))?;
         Ok(Spool {
             db: db.clone(),
             tree,
-            flush: tx,
+            flush: durable::start(db.clone(), store)?,
             arrived: std::sync::Arc::new(tokio::sync::Notify::new()),
             arrivals: Default::default(),
             rescan: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            unsettled: Default::default(),
+            claims: Default::default(),
         })
     }
 
+    fn unsettled(&self) -> std::sync::MutexGuard<'_, HashSet<QueueId>> {
+        self.unsettled.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn visible(&self, id: QueueId) -> bool {
+        !self.unsettled().contains(&id)
+    }
+
     /// Stores a message and waits until it is on disk. Only then may the caller
-    /// say 250.
+    /// say 250. On error the message is not queued (and never delivered): the
+    /// caller says 451.
     pub async fn enqueue(&self, env: &Envelope, message: &[u8]) -> Result<()> {
+        let id = env.id;
         let mut batch = sled::Batch::default();
-        batch.insert(&key(b'e', env.id), encode(env)?);
-        batch.insert(&key(b'b', env.id), message);
+        batch.insert(&key(b'e', id), encode(env)?);
+        batch.insert(&key(b'b', id), message);
+        self.unsettled().insert(id);
         // In memory until the flush: cheaper here than a hop to a blocking thread
         // (measured: fewer thread switches per message).
-        self.tree.apply_batch(batch)?;
-        self.durable().await?;
-        self.announce(env.id);
-        Ok(())
+        if let Err(e) = self.tree.apply_batch(batch) {
+            self.unsettled().remove(&id);
+            return Err(e.into());
+        }
+        self.settle(id, None).await
     }
 
     /// Like [`Spool::enqueue`], writing `other_key` → `other_value` into `other` in the same
     /// atomic write as the message (a record that it was taken, e.g. a
-    /// tombstone): after a crash both are there or neither.
+    /// tombstone): after a crash both are there or neither. If the flush fails,
+    /// the record is removed with the message.
     pub async fn enqueue_recorded(
         &self,
         env: &Envelope,
@@ -217,18 +244,38 @@ impl Spool {
         other_value: &[u8],
     ) -> Result<()> {
         use sled::Transactional;
-        let (e, b) = (key(b'e', env.id), key(b'b', env.id));
+        let id = env.id;
+        let (e, b) = (key(b'e', id), key(b'b', id));
         let record = encode(env)?;
-        (&self.tree, other)
-            .transaction(|(q, o)| {
-                q.insert(&e[..], record.as_slice())?;
-                q.insert(&b[..], message)?;
-                o.insert(other_key, other_value)?;
-                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| anyhow!("queue write failed: {e:?}"))?;
-        self.durable().await?;
-        self.announce(env.id);
+        self.unsettled().insert(id);
+        let written = (&self.tree, other).transaction(|(q, o)| {
+            q.insert(&e[..], record.as_slice())?;
+            q.insert(&b[..], message)?;
+            o.insert(other_key, other_value)?;
+            Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+        });
+        if let Err(e) = written {
+            self.unsettled().remove(&id);
+            return Err(anyhow!("queue write failed: {e:?}"));
+        }
+        self.settle(id, Some((other, other_key))).await
+    }
+
+    /// Waits until the write of `id` is on disk, then makes it visible and wakes
+    /// the manager. If the flush fails, the message (and `record`, written with
+    /// it) is refused: never delivered, and the caller says 451.
+    async fn settle(&self, id: QueueId, record: Option<(&sled::Tree, &[u8])>) -> Result<()> {
+        if let Err(e) = self.durable().await {
+            if let Some((tree, key)) = record {
+                if let Err(e) = tree.remove(key) {
+                    tracing::error!(%id, error = %e, "queue flush failed: its record could not be removed");
+                }
+            }
+            self.refuse(id).await;
+            return Err(e);
+        }
+        self.unsettled().remove(&id);
+        self.announce(id);
         Ok(())
     }
 
@@ -238,6 +285,27 @@ impl Spool {
             .unwrap_or_else(|e| e.into_inner())
             .push(id);
         self.arrived.notify_one();
+    }
+
+    /// A message whose flush failed: removed, and invisible for the life of this
+    /// process unless the removal is known durable (its octets may have reached
+    /// the disk even so: the removal must too, or a restart would deliver it).
+    async fn refuse(&self, id: QueueId) {
+        let mut batch = sled::Batch::default();
+        batch.remove(&key(b'e', id));
+        batch.remove(&key(b'b', id));
+        let removed = match self.tree.apply_batch(batch) {
+            Ok(()) => self.durable().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match removed {
+            Ok(()) => {
+                self.unsettled().remove(&id);
+                tracing::warn!(%id, "queue flush failed: message refused and removed");
+            }
+            Err(e) => tracing::error!(%id, error = %e,
+                "queue flush failed: message refused; its removal is not yet durable (kept invisible)"),
+        }
     }
 
     /// Wakes the queue manager after envelopes changed outside it (`queue retry`,
@@ -268,10 +336,30 @@ impl Spool {
         self.arrived.notified().await
     }
 
-    /// Rewrites a message's envelope (recipient states) and waits until it is on disk.
+    /// Rewrites a message's envelope (recipient states) and waits until it is on
+    /// disk. [`Removed`] if the message left the queue: never re-created.
     pub async fn update(&self, env: &Envelope) -> Result<()> {
-        self.tree.insert(key(b'e', env.id), encode(env)?)?;
+        self.put(env)?;
         self.durable().await
+    }
+
+    /// Rewrites a message's envelope in the store without waiting for the disk
+    /// (follow with [`Spool::durable`]). [`Removed`] if the message left the queue.
+    pub fn put(&self, env: &Envelope) -> Result<()> {
+        if !self.visible(env.id) {
+            return Err(Removed(env.id).into());
+        }
+        let new = encode(env)?;
+        let mut present = false;
+        // Atomic in the store: an envelope removed meanwhile stays removed.
+        self.tree.fetch_and_update(key(b'e', env.id), |old| {
+            present = old.is_some();
+            old.map(|_| new.clone())
+        })?;
+        if !present {
+            return Err(Removed(env.id).into());
+        }
+        Ok(())
     }
 
     /// Removes a message (envelope and octets, atomically) and waits until it is on disk.
@@ -295,6 +383,9 @@ impl Spool {
     }
 
     pub fn envelope(&self, id: QueueId) -> Result<Option<Envelope>> {
+        if !self.visible(id) {
+            return Ok(None);
+        }
         self.tree
             .get(key(b'e', id))?
             .map(|v| decode(&v))
@@ -302,15 +393,23 @@ impl Spool {
     }
 
     pub fn message(&self, id: QueueId) -> Result<Option<Vec<u8>>> {
+        if !self.visible(id) {
+            return Ok(None);
+        }
         Ok(self.tree.get(key(b'b', id))?.map(|v| v.to_vec()))
     }
 
     /// Every envelope, oldest first.
     pub fn envelopes(&self) -> Result<Vec<Envelope>> {
-        self.tree
-            .scan_prefix(b"e\0")
-            .map(|r| decode(&r?.1))
-            .collect()
+        let unsettled = self.unsettled().clone();
+        let mut all = Vec::new();
+        for r in self.tree.scan_prefix(b"e\0") {
+            let env = decode(&r?.1)?;
+            if !unsettled.contains(&env.id) {
+                all.push(env);
+            }
+        }
+        Ok(all)
     }
 
     /// The oldest message in the queue (ids sort by arrival).
@@ -329,26 +428,14 @@ impl Spool {
         self.tree.scan_prefix(b"e\0").next().is_none()
     }
 
+    /// Who is changing which message now (shared by every clone).
+    pub fn claims(&self) -> &Arc<Claims> {
+        &self.claims
+    }
+
     /// The sled handle (shared with the catalog).
     pub fn db(&self) -> &sled::Db {
         &self.db
-    }
-}
-
-/// Flushes on behalf of every waiter that queued up while the previous flush ran.
-/// The flusher thread: takes every waiting request, flushes once, answers them
-/// all; ends when every [`Spool`] is gone.
-fn flusher(db: sled::Db, rx: std::sync::mpsc::Receiver<Waiter>) {
-    while let Ok(first) = rx.recv() {
-        let mut waiters = vec![first];
-        while let Ok(w) = rx.try_recv() {
-            waiters.push(w);
-        }
-        let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
-        tracing::trace!(shared = waiters.len(), "queue flush");
-        for w in waiters {
-            let _ = w.send(result.clone());
-        }
     }
 }
 
@@ -374,7 +461,7 @@ mod tests {
     async fn concurrent_enqueues_are_all_stored_and_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
-        let spool = Spool::open(&db).unwrap();
+        let spool = Spool::open(&db, dir.path()).unwrap();
         let mut tasks = Vec::new();
         for n in 0..50 {
             let spool = spool.clone();
@@ -407,5 +494,23 @@ mod tests {
         }
         let listed = spool.envelopes().unwrap();
         assert!(listed.windows(2).all(|w| w[0].id < w[1].id), "oldest first");
+    }
+
+    #[tokio::test]
+    async fn an_update_never_recreates_a_removed_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let spool = Spool::open(&db, dir.path()).unwrap();
+        let mut env = envelope(1);
+        spool.enqueue(&env, b"body").await.unwrap();
+        env.recipients[0].attempts = 1;
+        spool.update(&env).await.unwrap();
+        spool.remove(env.id).await.unwrap();
+        // A stale writer (a delivery or a command that read it before the removal).
+        let e = spool.update(&env).await.unwrap_err();
+        assert!(e.is::<Removed>(), "{e}");
+        assert_eq!(spool.envelope(env.id).unwrap(), None);
+        assert!(spool.envelopes().unwrap().is_empty());
+        assert_eq!(spool.len(), 0);
     }
 }

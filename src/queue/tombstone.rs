@@ -161,7 +161,7 @@ mod tests {
     async fn a_taken_message_is_found_with_its_copy_until_pruned() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
-        let spool = Spool::open(&db).unwrap();
+        let spool = Spool::open(&db, dir.path()).unwrap();
         let t = Tombstones::open(&db, "tombstones", Duration::from_secs(60)).unwrap();
         let env = envelope(10, 5);
         let d = digest(&env, b"hello");

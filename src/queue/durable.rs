@@ -1,0 +1,174 @@
+//! Group commit: the flusher thread that makes the store's writes durable before
+//! anyone is told they are.
+//!
+//! Each round takes every waiting request, then (1) `sled::Db::flush`, which
+//! writes sled's log but on Linux ends in `sync_file_range` — no disk cache flush,
+//! no metadata — then (2) a real `fdatasync` of the log file (`store/db`), of every
+//! blob file sled wrote since the last round (values over its blob threshold live
+//! in `store/blobs/<lsn>`) and, when there are new blobs, `fsync` of the `blobs`
+//! directory for their entries; and `fsync` of the store directory when its entries
+//! changed (sled renames a new snapshot into place there). Only then are the
+//! waiters answered. At open, `conf` and both directories are synced once.
+//!
+//! Test hook: when the environment variable `CLUSTERMAIL_TEST_FAIL_FLUSH` names a
+//! file and that file exists, each round does its flush and then reports failure
+//! (the worst case: the data may be on disk, the client is told it is not).
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use tokio::sync::oneshot;
+
+pub const FAIL_FLUSH_ENV: &str = "CLUSTERMAIL_TEST_FAIL_FLUSH";
+
+/// One request for durability: answered after the round that covers it.
+pub type Waiter = oneshot::Sender<Result<(), String>>;
+
+/// Syncs the store's files after sled's flush.
+struct Syncer {
+    /// `store/db`, sled's log (opened read-only: fdatasync acts on the inode).
+    log: File,
+    store: PathBuf,
+    /// The store directory's entries at the last sync.
+    entries: Vec<OsString>,
+    blobs: PathBuf,
+    /// Blob files already synced (pruned to those still present).
+    synced: HashSet<OsString>,
+    /// The test hook's trigger file, when armed by the environment.
+    fail_when: Option<PathBuf>,
+}
+
+impl Syncer {
+    fn open(store: &Path) -> std::io::Result<Syncer> {
+        let log = File::open(store.join("db"))?;
+        let blobs = store.join("blobs");
+        File::open(store.join("conf"))?.sync_all()?;
+        if blobs.is_dir() {
+            File::open(&blobs)?.sync_all()?;
+        }
+        let mut s = Syncer {
+            log,
+            store: store.to_path_buf(),
+            entries: Vec::new(),
+            blobs,
+            synced: HashSet::new(),
+            fail_when: std::env::var_os(FAIL_FLUSH_ENV).map(PathBuf::from),
+        };
+        // Entries and blobs from before this open: synced once, like everything new.
+        s.sync_blobs()?;
+        s.sync_store_dir()?;
+        Ok(s)
+    }
+
+    /// fdatasync of the log, new blob files and (if any) the blob directory.
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.log.sync_data()?;
+        self.sync_blobs()?;
+        self.sync_store_dir()?;
+        if let Some(trigger) = &self.fail_when {
+            if trigger.exists() {
+                return Err(std::io::Error::other(format!(
+                    "injected flush failure ({FAIL_FLUSH_ENV}: {} exists)",
+                    trigger.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// fsync of the store directory if its entries changed since the last time.
+    fn sync_store_dir(&mut self) -> std::io::Result<()> {
+        let mut now = std::fs::read_dir(&self.store)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        now.sort();
+        if now != self.entries {
+            File::open(&self.store)?.sync_all()?;
+            self.entries = now;
+        }
+        Ok(())
+    }
+
+    fn sync_blobs(&mut self) -> std::io::Result<()> {
+        let entries = match std::fs::read_dir(&self.blobs) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut present = HashSet::new();
+        let mut new = false;
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !self.synced.contains(&name) {
+                match File::open(entry.path()) {
+                    Ok(f) => f.sync_data()?,
+                    // Collected by sled meanwhile: nothing to make durable.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                new = true;
+            }
+            present.insert(name);
+        }
+        if new {
+            File::open(&self.blobs)?.sync_all()?;
+        }
+        self.synced = present;
+        Ok(())
+    }
+}
+
+/// Starts the flusher thread for the sled store in directory `store`; it ends
+/// when every sender is gone.
+pub fn start(db: sled::Db, store: &Path) -> anyhow::Result<std::sync::mpsc::Sender<Waiter>> {
+    let mut syncer =
+        Syncer::open(store).map_err(|e| anyhow::anyhow!("store {}: {e}", store.display()))?;
+    let (tx, rx) = std::sync::mpsc::channel::<Waiter>();
+    std::thread::Builder::new()
+        .name("queue-flusher".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut waiters = vec![first];
+                while let Ok(w) = rx.try_recv() {
+                    waiters.push(w);
+                }
+                let result = db
+                    .flush()
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| syncer.sync().map_err(|e| e.to_string()));
+                tracing::trace!(shared = waiters.len(), "queue flush");
+                for w in waiters {
+                    let _ = w.send(result.clone());
+                }
+            }
+        })?;
+    Ok(tx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_blob_file_sled_writes_is_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        // 64 KiB segments: values over ~16 KiB are blob files.
+        let db = sled::Config::new()
+            .path(dir.path())
+            .segment_size(64 << 10)
+            .open()
+            .unwrap();
+        db.insert(b"small", vec![1u8; 100]).unwrap();
+        db.insert(b"big1", vec![2u8; 50_000]).unwrap();
+        db.flush().unwrap();
+        let mut syncer = Syncer::open(dir.path()).unwrap();
+        assert_eq!(syncer.synced.len(), 1, "the blob written before the open");
+        db.insert(b"big2", vec![3u8; 50_000]).unwrap();
+        db.flush().unwrap();
+        syncer.sync().unwrap();
+        let on_disk = std::fs::read_dir(dir.path().join("blobs")).unwrap().count();
+        assert_eq!((syncer.synced.len(), on_disk), (2, 2));
+    }
+}
