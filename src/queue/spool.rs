@@ -368,6 +368,8 @@ impl Spool {
         }
     }
 
+    /// How many messages are stored (a message whose flush is in progress may be
+    /// counted: for gauges, not decisions; so may [`Spool::oldest`]).
     pub fn len(&self) -> usize {
         self.tree.scan_prefix(b"e\0").count()
     }
