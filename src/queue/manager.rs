@@ -170,7 +170,7 @@ impl Manager {
             let Some(claim) = self.spool.claims().try_claim(id, Holder::Delivery) else {
                 continue;
             };
-            let Some(env) = self.spool.envelope(id)? else {
+            let Some(env) = self.spool.deliverable(id).await? else {
                 self.schedule().remove(id);
                 continue;
             };
