@@ -4,6 +4,10 @@
 //! Every struct denies unknown keys, so a misspelt setting is an error naming the
 //! key and line instead of a silently ignored line. Durations are written as
 //! `"30s"`, `"5m"`, `"1h"`.
+//!
+//! Secrets are [`Secret`]s: whatever prints them (`config check`, logs, errors,
+//! `Debug`) shows `<redacted>`. Each may be given in the file itself or, so that
+//! the config file can be world-readable, in a file of its own (`*_file`).
 
 use crate::catalog::LocalPartMatch;
 use anyhow::{bail, Context, Result};
@@ -71,8 +75,13 @@ pub struct HaConfig {
     /// service monitoring).
     pub peer_smtp: String,
     /// Shared secret: the HA link (heartbeats, queue push, catalog sync) is
-    /// refused to a peer without it.
-    pub password: String,
+    /// refused to a peer without it. Here or in `password_file`, not both.
+    #[serde(default, skip_serializing_if = "Secret::not_shown")]
+    pub password: Secret,
+    /// A file holding the password (trailing line ends ignored), readable by the
+    /// router's user only; the config file itself then holds no secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
     #[serde(default = "default_heartbeat", with = "humantime_serde")]
     pub heartbeat_interval: Duration,
     /// Missed heartbeats (or failed SMTP checks of the MASTER) before acting.
@@ -84,6 +93,102 @@ pub struct HaConfig {
     /// (stop listening, so that clients move on to the next MX at once).
     #[serde(default)]
     pub inactive_smtp: InactiveSmtp,
+}
+
+/// A secret of the config (a password). `Debug`, `Display` and `Serialize` print
+/// `<redacted>`, and a value of the wrong type is refused without being echoed,
+/// so no output shows it; the code that needs the value reads it through `Deref`
+/// (`&secret` is a `&str`) or [`Secret::expose`].
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret {
+    value: String,
+    /// Read from a `*_file`: `config check` names the file instead.
+    from_file: bool,
+}
+
+impl Secret {
+    pub const REDACTED: &'static str = "<redacted>";
+
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret {
+            value: value.into(),
+            from_file: false,
+        }
+    }
+
+    /// Reads a secret file: its content without trailing line ends. The error
+    /// names `key` and the file, never the content.
+    pub fn read_file(key: &str, path: &Path) -> Result<Secret> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{key}: cannot read {}", path.display()))?;
+        Ok(Secret {
+            value: text.trim_end_matches(['\r', '\n']).to_string(),
+            from_file: true,
+        })
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.value
+    }
+
+    /// Left out of `config check`: unset, or shown as its file.
+    fn not_shown(&self) -> bool {
+        self.value.is_empty() || self.from_file
+    }
+}
+
+impl std::ops::Deref for Secret {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.value
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(Secret::REDACTED)
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(Secret::REDACTED)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(Secret::REDACTED)
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Secret;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
+                Ok(Secret::new(v))
+            }
+            // The default messages quote the value: say only what it is not.
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Secret, E> {
+                Err(E::custom("a secret must be a string (in quotes)"))
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Secret, E> {
+                Err(E::custom("a secret must be a string (in quotes)"))
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Secret, E> {
+                Err(E::custom("a secret must be a string (in quotes)"))
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Secret, E> {
+                Err(E::custom("a secret must be a string (in quotes)"))
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -369,8 +474,25 @@ impl Config {
                 .unwrap_or(1);
             anyhow::anyhow!("{line}: {}", e.message())
         })?;
-        config.check().map_err(|e| anyhow::anyhow!(" {e}"))?;
+        let mut config = config;
+        config
+            .read_secret_files()
+            .and_then(|()| config.check())
+            .map_err(|e| anyhow::anyhow!(" {e:#}"))?;
         Ok(config)
+    }
+
+    /// Reads every secret given as a file (`ha.password_file`).
+    fn read_secret_files(&mut self) -> Result<()> {
+        if let Some(ha) = &mut self.ha {
+            if let Some(file) = &ha.password_file {
+                if !ha.password.is_empty() {
+                    bail!("ha.password and ha.password_file: give one, not both");
+                }
+                ha.password = Secret::read_file("ha.password_file", file)?;
+            }
+        }
+        Ok(())
     }
 
     /// Checks values that TOML types alone cannot.
@@ -399,7 +521,7 @@ impl Config {
                     .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
             }
             if ha.password.len() < 8 {
-                bail!("ha.password: use at least 8 characters");
+                bail!("ha.password (or ha.password_file): use at least 8 characters");
             }
             if ha.heartbeat_interval.is_zero() || ha.heartbeat_lost == 0 {
                 bail!("ha.heartbeat_interval and ha.heartbeat_lost must be above 0");
@@ -519,6 +641,25 @@ mod tests {
             );
         }
         assert_eq!(Config::default().routing.failover, FailoverScope::LastHop);
+    }
+
+    #[test]
+    fn secrets_are_never_printed() {
+        let ha =
+            "[ha]\nmode = \"primary\"\nlisten = \"127.0.0.1:2700\"\npeer = \"127.0.0.1:2701\"\n\
+                  peer_smtp = \"127.0.0.1:25\"\n";
+        let c = Config::parse(&format!("{ha}password = \"hunter2-hunter2\"\n")).unwrap();
+        let pw = &c.ha.as_ref().unwrap().password;
+        assert_eq!(pw.expose(), "hunter2-hunter2");
+        for shown in [format!("{c:?}"), c.to_toml().unwrap(), pw.to_string()] {
+            assert!(!shown.contains("hunter2"), "{shown}");
+        }
+        assert!(c.to_toml().unwrap().contains("password = \"<redacted>\""));
+        // A wrong type is refused without echoing the value.
+        let err = Config::parse(&format!("{ha}password = 12345678901\n")).unwrap_err();
+        assert!(!format!("{err:#}").contains("12345678901"), "{err:#}");
+        let err = Config::parse(ha).unwrap_err();
+        assert!(format!("{err:#}").contains("ha.password"), "{err:#}");
     }
 
     #[test]

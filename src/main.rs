@@ -14,6 +14,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 fn main() -> ExitCode {
+    // Every file this process makes is private to its user, whatever the umask it
+    // was started with: the store (queued mail), the admin socket, exports.
+    // SAFETY: umask(2) cannot fail and touches no memory; no thread runs yet.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     // The router logs what it does; other commands only what goes wrong.
     // (The demo prints its own timeline; its router logs only problems.)

@@ -1,0 +1,213 @@
+//! Hostile input and hostile networks (issue 14), against the real binary on
+//! loopback: secrets never printed, a private store and admin socket whatever the
+//! umask or the caller, recipients matched as delivered, escaped logs, bare line
+//! endings normalized.
+
+mod common;
+use common::{expect, Client, Router, Scratch};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SECRET: &str = "s3cret-Pa55phrase";
+
+fn ha_section(password_line: &str) -> String {
+    format!(
+        "[ha]\nmode = \"primary\"\nlisten = \"127.0.0.1:{}\"\npeer = \"127.0.0.1:{}\"\n\
+         peer_smtp = \"127.0.0.1:{}\"\n{password_line}\n",
+        common::free_port(),
+        common::free_port(),
+        common::free_port()
+    )
+}
+
+#[test]
+fn config_check_redacts_the_ha_password_and_reads_a_password_file() {
+    let s = Scratch::new();
+    s.write(
+        "clustermail.toml",
+        &format!(
+            "router_name = \"mx.test\"\n{}",
+            ha_section(&format!("password = \"{SECRET}\""))
+        ),
+    );
+    let (code, out, err) = s.run(&["config", "check"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(!out.contains(SECRET) && !err.contains(SECRET), "{out}{err}");
+    assert!(out.contains("password = \"<redacted>\""), "{out}");
+
+    // The secret in its own file: the config file itself may be world-readable.
+    let pw = s.write("ha.secret", &format!("{SECRET}\n"));
+    s.write(
+        "clustermail.toml",
+        &format!(
+            "router_name = \"mx.test\"\n{}",
+            ha_section(&format!("password_file = \"{}\"", pw.display()))
+        ),
+    );
+    let (code, out, err) = s.run(&["config", "check"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(!out.contains(SECRET) && !err.contains(SECRET), "{out}{err}");
+    assert!(out.contains("password_file = "), "{out}");
+
+    // Both, or a missing file: errors naming the key, never the secret.
+    s.write(
+        "clustermail.toml",
+        &ha_section(&format!(
+            "password = \"{SECRET}\"\npassword_file = \"{}\"",
+            pw.display()
+        )),
+    );
+    let (code, out, err) = s.run(&["config", "check"]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(err.contains("ha.password_file"), "{err}");
+    assert!(!out.contains(SECRET) && !err.contains(SECRET), "{out}{err}");
+    s.write(
+        "clustermail.toml",
+        &ha_section("password_file = \"/nonexistent/ha.secret\""),
+    );
+    let (code, _, err) = s.run(&["config", "check"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("ha.password_file") && err.contains("/nonexistent"),
+        "{err}"
+    );
+}
+
+/// Permission bits of everything under `dir` that are not 0700 (directories) or
+/// 0600 (files, sockets).
+fn too_open(dir: &Path) -> Vec<String> {
+    let mut bad = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        let want = if meta.is_dir() { 0o700 } else { 0o600 };
+        if mode & !want != 0 {
+            bad.push(format!("{} {mode:o}", p.display()));
+        }
+        if meta.is_dir() {
+            for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+                stack.push(e.path());
+            }
+        }
+    }
+    bad
+}
+
+/// `clustermail serve` under umask 000, in `s`, listening on `port`.
+fn serve_with_umask_000(s: &Scratch, port: u16) -> std::process::Child {
+    s.write(
+        "clustermail.toml",
+        &format!("router_name = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n"),
+    );
+    let log = std::fs::File::create(s.path().join("serve.log")).expect("log");
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("umask 000 && exec {} serve", common::bin()))
+        .current_dir(s.path())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "router did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn send_one(port: u16, rcpt: &str, data: &[u8]) -> common::Reply {
+    let mut c = Client::hello(port);
+    expect(&c.cmd("MAIL FROM:<sender@x.test>"), 250, "2.1.0");
+    expect(&c.cmd(&format!("RCPT TO:<{rcpt}>")), 250, "2.1.5");
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send_raw(data);
+    let r = c.reply();
+    c.cmd("QUIT");
+    r
+}
+
+#[test]
+fn the_store_and_admin_socket_are_private_whatever_the_umask() {
+    let s = Scratch::new();
+    let port = common::free_port();
+    let mut child = serve_with_umask_000(&s, port);
+    let r = send_one(
+        port,
+        "dave@east.example.com",
+        b"Subject: private\r\n\r\nqueued mail is nobody else's business\r\n.\r\n",
+    );
+    expect(&r, 250, "2.0.0");
+    let data = s.path().join("data");
+    let bad = too_open(&data);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        bad.is_empty(),
+        "readable by others under umask 000: {bad:?}"
+    );
+}
+
+const PEER_PROBE: &str = r#"
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect(sys.argv[1])
+s.sendall(json.dumps({"args": ["queue", "list"], "cwd": "/"}).encode() + b"\n")
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+sys.stdout.write(data.decode("utf-8", "replace"))
+"#;
+
+#[test]
+fn the_admin_socket_answers_only_root_and_the_routers_own_user() {
+    let mut r = Router::start("");
+    let sock = r.scratch.path().join("data/admin.sock");
+    // An operator loosened every permission on the way: the peer check still holds.
+    for p in [r.scratch.path(), &r.scratch.path().join("data")] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let probe = |as_nobody: bool| {
+        let mut cmd = if as_nobody {
+            let mut c = Command::new("setpriv");
+            c.args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "/usr/bin/python3",
+            ]);
+            c
+        } else {
+            Command::new("/usr/bin/python3")
+        };
+        let out = cmd
+            .args(["-c", PEER_PROBE])
+            .arg(&sock)
+            .output()
+            .expect("python3");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (own, err) = probe(false);
+    assert!(own.contains("\"code\":0"), "own user refused: {own} {err}");
+    let (other, err) = probe(true);
+    assert!(
+        !other.contains("\"code\":0") && !other.contains("message(s)"),
+        "another user was served: {other} {err}"
+    );
+    r.wait_log("admin connection refused");
+    r.stop();
+}
