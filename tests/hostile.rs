@@ -211,3 +211,49 @@ fn the_admin_socket_answers_only_root_and_the_routers_own_user() {
     r.wait_log("admin connection refused");
     r.stop();
 }
+
+#[test]
+fn recipients_are_matched_as_they_are_delivered_and_delivered_once() {
+    let mut r = Router::start("");
+    let mut c = Client::hello(r.port);
+    expect(&c.cmd("MAIL FROM:<sender@x.test> SMTPUTF8"), 250, "2.1.0");
+    // Unicode whitespace around the address, a C1 control inside it.
+    for bad in [
+        "\u{a0}ALICE@east.example.com\u{3000}",
+        "alice\u{85}@east.example.com",
+        "alice@east.example.com\u{2028}",
+        "ali\u{200b}ce@east.example.com",
+    ] {
+        expect(&c.cmd(&format!("RCPT TO:<{bad}>")), 501, "5.1.3");
+    }
+    // The Kelvin sign folds to "k" in Unicode: not frank's address as written.
+    expect(
+        &c.cmd("RCPT TO:<fran\u{212a}@east.example.com>"),
+        550,
+        "5.1.1",
+    );
+    // One mailbox three times: its address, the same in capitals, an alias.
+    for same in [
+        "alice@east.example.com",
+        "ALICE@east.example.com",
+        "alice.smith@east.example.com",
+    ] {
+        expect(&c.cmd(&format!("RCPT TO:<{same}>")), 250, "2.1.5");
+    }
+    expect(&c.cmd("RCPT TO:<bob@east.example.com>"), 250, "2.1.5");
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send_raw(b"Subject: once\r\n\r\nonce\r\n.\r\n");
+    let queued = c.reply();
+    expect(&queued, 250, "2.0.0");
+    c.cmd("QUIT");
+    r.stop();
+    let id = queued.text().rsplit(' ').next().unwrap_or("").to_string();
+    let show = r.scratch.ok(&["queue", "show", &id]);
+    let rcpts: Vec<&str> = show
+        .lines()
+        .filter(|l| l.starts_with("recipient:"))
+        .collect();
+    assert_eq!(rcpts.len(), 2, "{show}");
+    assert!(rcpts[0].contains("<alice@east.example.com>"), "{show}");
+    assert!(rcpts[1].contains("<bob@east.example.com>"), "{show}");
+}
