@@ -257,3 +257,78 @@ fn recipients_are_matched_as_they_are_delivered_and_delivered_once() {
     assert!(rcpts[0].contains("<alice@east.example.com>"), "{show}");
     assert!(rcpts[1].contains("<bob@east.example.com>"), "{show}");
 }
+
+/// Runs `serve` with this log format; returns the child and its port.
+fn serve_logging(s: &Scratch, format: &str) -> (std::process::Child, u16) {
+    let port = common::free_port();
+    s.write(
+        "clustermail.toml",
+        &format!("router_name = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n"),
+    );
+    let log = std::fs::File::create(s.path().join("serve.log")).expect("log");
+    let child = s
+        .cmd()
+        .env("RUST_LOG", "info")
+        .args(["--log-format", format, "serve"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "router did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, port)
+}
+
+#[test]
+fn peer_strings_are_escaped_in_both_log_formats() {
+    for format in ["pretty", "json"] {
+        let s = Scratch::new();
+        let (mut child, port) = serve_logging(&s, format);
+        let mut c = Client::greeted(port);
+        // ESC sequences (7-bit and the 8-bit CSI), a CR faking a new log line, DEL.
+        let helo = "evil\x1b[2J\u{9b}31m\rINFO-forged-line\x7f";
+        assert_eq!(c.cmd(&format!("EHLO {helo}")).code, 250);
+        expect(&c.cmd("MAIL FROM:<sender@x.test>"), 250, "2.1.0");
+        expect(&c.cmd("RCPT TO:<dave@east.example.com>"), 250, "2.1.5");
+        assert_eq!(c.cmd("DATA").code, 354);
+        c.send_raw(b"Subject: log\r\n\r\nx\r\n.\r\n");
+        expect(&c.reply(), 250, "2.0.0");
+        c.cmd("QUIT");
+        let path = s.path().join("serve.log");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let log = loop {
+            let log = std::fs::read(&path).unwrap_or_default();
+            if String::from_utf8_lossy(&log).contains("message accepted") {
+                break log;
+            }
+            assert!(Instant::now() < deadline, "no accept line logged");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        let text = String::from_utf8(log).expect("the log is UTF-8");
+        let line = text
+            .lines()
+            .find(|l| l.contains("message accepted"))
+            .unwrap_or_default();
+        for (c, name) in [
+            ('\x1b', "ESC"),
+            ('\u{9b}', "CSI"),
+            ('\r', "CR"),
+            ('\x7f', "DEL"),
+        ] {
+            assert!(
+                !text.contains(c),
+                "{format}: raw {name} in the log: {line:?}"
+            );
+        }
+        assert!(line.contains("evil"), "{format}: {line:?}");
+        assert!(
+            !text.lines().any(|l| l.starts_with("INFO-forged")),
+            "{format}"
+        );
+    }
+}
