@@ -322,9 +322,10 @@ pub struct SmtpConfig {
     /// What to do with a message text line over 998 octets: `reject` (550 5.6.0
     /// after the data) or `accept` (kept byte for byte; never truncated).
     pub long_lines: LongLines,
-    /// What to do with a message holding a bare CR or bare LF (RFC 5321 §2.3.8):
-    /// `reject` (550 5.6.0; downstream servers could read them as line ends, the
-    /// SMTP smuggling vector) or `accept` (kept byte for byte).
+    /// What to do with a message holding a bare CR or bare LF (RFC 5321 §2.3.8),
+    /// which downstream servers could read as line ends (the SMTP smuggling vector):
+    /// `normalize` (each stored as CRLF), `reject` (550 5.6.0) or `accept` (kept
+    /// byte for byte).
     pub bare_line_endings: BareLineEndings,
     /// Waiting for the next command (RFC 5321 §4.5.3.2.7: at least 5 minutes).
     #[serde(with = "humantime_serde")]
@@ -379,10 +380,15 @@ impl<'de> Deserialize<'de> for FailoverScope {
     }
 }
 
+/// What the inbound service does with a bare CR or bare LF in message data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BareLineEndings {
+    /// Each is stored (and relayed) as CRLF; only CRLF.CRLF ends the data.
+    Normalize,
+    /// The message is refused with 550 5.6.0.
     Reject,
+    /// Kept byte for byte (relayed as is).
     Accept,
 }
 
@@ -411,7 +417,7 @@ impl Default for SmtpConfig {
             max_connections_per_ip: 100,
             max_errors: 10,
             long_lines: LongLines::Reject,
-            bare_line_endings: BareLineEndings::Reject,
+            bare_line_endings: BareLineEndings::Normalize,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             shutdown_grace: Duration::from_secs(30),

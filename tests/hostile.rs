@@ -4,7 +4,7 @@
 //! endings normalized.
 
 mod common;
-use common::{expect, Client, Router, Scratch};
+use common::{expect, without_received, Client, Router, Scratch};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -330,5 +330,75 @@ fn peer_strings_are_escaped_in_both_log_formats() {
             !text.lines().any(|l| l.starts_with("INFO-forged")),
             "{format}"
         );
+    }
+}
+
+#[test]
+fn bare_line_endings_are_normalized_by_default() {
+    let mut r = Router::start("");
+    // DATA: bare LF lines (one dot-stuffed, one a lone dot that must not end the
+    // data), a bare CR; only CRLF.CRLF ends it.
+    let data: &[u8] =
+        b"Subject: lf\nX-A: 1\n\nline1\n..dotted\n.\nMAIL FROM:<evil@x.test>\rend\r\n.\r\n";
+    let first = send_one(r.port, "alice@east.example.com", data);
+    expect(&first, 250, "2.0.0");
+    // BDAT: no terminator and no dot-stuffing; a CR ends one chunk, its LF starts
+    // the next (one CRLF), a lone LF and a final bare CR.
+    let mut c = Client::hello(r.port);
+    expect(&c.cmd("MAIL FROM:<sender@x.test>"), 250, "2.1.0");
+    expect(&c.cmd("RCPT TO:<bob@east.example.com>"), 250, "2.1.5");
+    c.send_raw(b"BDAT 13\r\nSubject: b\r\n\r");
+    expect(&c.reply(), 250, "2.0.0");
+    c.send_raw(b"BDAT 10 LAST\r\n\n.one\ntwo\r");
+    let second = c.reply();
+    expect(&second, 250, "2.0.0");
+    c.cmd("QUIT");
+    r.stop();
+    let id = |q: &common::Reply| q.text().rsplit(' ').next().unwrap_or("").to_string();
+    assert_eq!(
+        String::from_utf8_lossy(&without_received(&r.queued_raw(&id(&first)))),
+        "Subject: lf\r\nX-A: 1\r\n\r\nline1\r\n.dotted\r\n.\r\nMAIL FROM:<evil@x.test>\r\nend\r\n"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&without_received(&r.queued_raw(&id(&second)))),
+        "Subject: b\r\n\r\n.one\r\ntwo\r\n"
+    );
+    assert_eq!(r.queue_ids().len(), 2, "nothing smuggled in");
+}
+
+#[test]
+fn smuggling_sequences_are_normalized_into_content() {
+    let mut r = Router::start("");
+    let mut c = Client::hello(r.port);
+    let evils = [&b"\n.\n"[..], b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r.\r\n"];
+    for evil in evils {
+        expect(&c.cmd("MAIL FROM:<sender@x.test>"), 250, "2.1.0");
+        expect(&c.cmd("RCPT TO:<alice@east.example.com>"), 250, "2.1.5");
+        assert_eq!(c.cmd("DATA").code, 354);
+        let mut data = b"Subject: smuggle\r\n\r\nhello".to_vec();
+        data.extend_from_slice(evil);
+        data.extend_from_slice(
+            b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<bob@east.example.com>\r\nDATA\r\nsmuggled\r\n.\r\n",
+        );
+        c.send_raw(&data);
+        // Exactly one reply: the smuggled commands were data.
+        expect(&c.reply(), 250, "2.0.0");
+        expect(&c.cmd("NOOP"), 250, "2.0.0");
+    }
+    c.cmd("QUIT");
+    r.stop();
+    let ids = r.queue_ids();
+    assert_eq!(ids.len(), evils.len(), "one message per transaction");
+    for id in ids {
+        let raw = without_received(&r.queued_raw(&id));
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        assert!(text.contains("\r\nMAIL FROM:<evil@x.test>\r\n"), "{text:?}");
+        let bare = (0..raw.len()).any(|i| {
+            (raw[i] == b'\n' && (i == 0 || raw[i - 1] != b'\r'))
+                || (raw[i] == b'\r' && raw.get(i + 1) != Some(&b'\n'))
+        });
+        assert!(!bare, "a bare line end was stored: {text:?}");
+        let show = r.scratch.ok(&["queue", "show", &id]);
+        assert_eq!(show.matches("recipient:").count(), 1, "{show}");
     }
 }

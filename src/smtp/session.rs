@@ -4,7 +4,7 @@
 
 use super::address::Mailbox;
 use super::command::{self, Body, Command};
-use super::data::{check_body, BodyCheck};
+use super::data::{check_body, normalize_line_endings, BodyCheck, DataDecoder};
 use super::reply::{self, Reply};
 use crate::config::{BareLineEndings, LongLines};
 
@@ -354,6 +354,16 @@ impl Session {
         self.tx = None;
     }
 
+    /// The decoder for the data that follows the 354 of [`Action::ReadData`].
+    pub fn data_decoder(&self) -> DataDecoder {
+        match self.settings.bare_line_endings {
+            BareLineEndings::Normalize => DataDecoder::normalizing(self.settings.max_message_size),
+            BareLineEndings::Reject | BareLineEndings::Accept => {
+                DataDecoder::new(self.settings.max_message_size)
+            }
+        }
+    }
+
     /// The DATA octets were read (`over_size`: counted past the limit, not kept).
     /// Returns the message to queue, or the reply refusing it; either way the
     /// transaction is over once the driver has called [`Session::finish`] or got a reply.
@@ -381,7 +391,15 @@ impl Session {
         let Some(mut tx) = self.tx.take() else {
             return Err(reply::bad_sequence("No transaction"));
         };
-        let body = tx.chunks.take().unwrap_or_default();
+        let mut body = tx.chunks.take().unwrap_or_default();
+        if self.settings.bare_line_endings == BareLineEndings::Normalize {
+            // On the whole message: a CR ending one chunk and the LF starting the
+            // next are one CRLF.
+            body = normalize_line_endings(&body);
+            if body.len() as u64 > self.settings.max_message_size {
+                return Err(too_big(self.settings.max_message_size));
+            }
+        }
         self.message(tx, body).map(Some)
     }
 

@@ -206,3 +206,36 @@ fn starttls_resets_the_session() {
     assert!(!r.lines.iter().any(|l| l == "STARTTLS"));
     assert_eq!(say(&mut s, "STARTTLS"), (503, "5.5.1"));
 }
+
+#[test]
+fn normalize_stores_bare_line_endings_as_crlf_in_data_and_bdat() {
+    let mut s = session();
+    s.settings.bare_line_endings = BareLineEndings::Normalize;
+    say(&mut s, "EHLO c");
+    say(&mut s, "MAIL FROM:<>");
+    say(&mut s, "RCPT TO:<alice@ours.test>");
+    assert_eq!(say(&mut s, "DATA").0, 354);
+    let mut body = Vec::new();
+    let mut d = s.data_decoder();
+    let input: &[u8] = b"a\n..b\n.\nc\r\n.\r\n";
+    assert_eq!(
+        d.feed(input, &mut body),
+        super::super::data::Feed::Done(input.len())
+    );
+    let m = s.data_received(body, d.over_size()).unwrap();
+    assert_eq!(m.body, b"a\r\n.b\r\n.\r\nc\r\n");
+    // BDAT: a CR ending one chunk and the LF starting the next are one CRLF.
+    say(&mut s, "MAIL FROM:<>");
+    say(&mut s, "RCPT TO:<alice@ours.test>");
+    say(&mut s, "BDAT 3");
+    assert_eq!(s.bdat_chunk(b"a\nb", false), Ok(None));
+    say(&mut s, "BDAT 4 LAST");
+    let m = s.bdat_chunk(b"\r\n.\r", true).unwrap().unwrap();
+    assert_eq!(m.body, b"a\r\nb\r\n.\r\n");
+    // The limit holds for the normalized message: 600 LFs become 1200 octets.
+    say(&mut s, "MAIL FROM:<>");
+    say(&mut s, "RCPT TO:<alice@ours.test>");
+    say(&mut s, "BDAT 600 LAST");
+    assert_eq!(s.bdat_chunk(&[b'\n'; 600], true).unwrap_err().code, 552);
+    assert!(!s.in_transaction());
+}
