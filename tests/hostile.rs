@@ -402,3 +402,42 @@ fn smuggling_sequences_are_normalized_into_content() {
         assert_eq!(show.matches("recipient:").count(), 1, "{show}");
     }
 }
+
+#[test]
+fn a_normalized_message_is_relayed_as_stored() {
+    let home = common::RecordingSink::start("m1");
+    let s = Scratch::new();
+    let catalog = s.write(
+        "c.toml",
+        &format!(
+            "[[server]]\nname = \"m1\"\ncluster = \"c\"\naddress = \"127.0.0.1:{}\"\n\n\
+             [[mailbox]]\naddress = \"u@c.test\"\nhome = \"m1\"\n",
+            home.port
+        ),
+    );
+    s.ok(&[
+        "catalog",
+        "import",
+        "--replace",
+        &catalog.display().to_string(),
+    ]);
+    let port = common::free_port();
+    let config = format!(
+        "router_name = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n\
+         [routing]\nprobe_interval = \"200ms\"\nrise = 1\n"
+    );
+    let r = Router::start_config(s, &config, port);
+    // A lone dot after a bare LF, then what would be a second message to a
+    // server that took LF as a line end.
+    let data: &[u8] =
+        b"Subject: relay\n\nbefore\n.\nMAIL FROM:<evil@x.test>\n..stuffed\nafter\r\n.\r\n";
+    expect(&send_one(r.port, "u@c.test", data), 250, "2.0.0");
+    let got = home.wait_for(1, 20);
+    assert_eq!(got.len(), 1, "one message, not two");
+    let body = without_received(&got[0].data);
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "Subject: relay\r\n\r\nbefore\r\n.\r\nMAIL FROM:<evil@x.test>\r\n.stuffed\r\nafter\r\n"
+    );
+    assert_eq!(got[0].rcpts, ["u@c.test"]);
+}
