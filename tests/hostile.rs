@@ -174,6 +174,7 @@ fn the_admin_socket_answers_only_root_and_the_routers_own_user() {
     let mut r = Router::start("");
     let sock = r.scratch.path().join("data/admin.sock");
     // An operator loosened every permission on the way: the peer check still holds.
+    // (Acting as another uid, nobody, needs root, as CI runs.)
     for p in [r.scratch.path(), &r.scratch.path().join("data")] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
