@@ -1000,6 +1000,26 @@ mod tests {
     }
 
     #[test]
+    fn a_store_left_open_to_others_is_made_private_at_open() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        drop(open_db(&data, 1 << 20).unwrap());
+        assert_eq!(mode(&data), 0o700, "a new data dir");
+        // As an older version under umask 022 (or 000) left it.
+        let store = data.join("store");
+        for f in [&store, &store.join("conf"), &store.join("db")] {
+            let open = if f.is_dir() { 0o777 } else { 0o666 };
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(open)).unwrap();
+        }
+        drop(open_db(&data, 1 << 20).unwrap());
+        assert_eq!(mode(&store), 0o700);
+        assert_eq!(mode(&store.join("conf")), 0o600);
+        assert_eq!(mode(&store.join("db")), 0o600);
+    }
+
+    #[test]
     fn a_catalog_of_an_older_record_format_is_refused_with_what_to_do() {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let cat = Catalog::open(&db, LocalPartMatch::CaseInsensitive).unwrap();
