@@ -4,9 +4,16 @@
 //! Every struct denies unknown keys, so a misspelt setting is an error naming the
 //! key and line instead of a silently ignored line. Durations are written as
 //! `"30s"`, `"5m"`, `"1h"`.
+//!
+//! Secrets are [`Secret`]s: whatever prints them (`config check`, logs, errors,
+//! `Debug`) shows `<redacted>`. Each may be given in the file itself or, so that
+//! the config file can be world-readable, in a file of its own (`*_file`).
 
 use crate::catalog::LocalPartMatch;
 use anyhow::{bail, Context, Result};
+
+mod secret;
+pub use secret::Secret;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -71,8 +78,13 @@ pub struct HaConfig {
     /// service monitoring).
     pub peer_smtp: String,
     /// Shared secret: the HA link (heartbeats, queue push, catalog sync) is
-    /// refused to a peer without it.
-    pub password: String,
+    /// refused to a peer without it. Here or in `password_file`, not both.
+    #[serde(default, skip_serializing_if = "Secret::not_shown")]
+    pub password: Secret,
+    /// A file holding the password (trailing line ends ignored), readable by the
+    /// router's user only; the config file itself then holds no secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
     #[serde(default = "default_heartbeat", with = "humantime_serde")]
     pub heartbeat_interval: Duration,
     /// Missed heartbeats (or failed SMTP checks of the MASTER) before acting.
@@ -222,9 +234,10 @@ pub struct SmtpConfig {
     /// What to do with a message text line over 998 octets: `reject` (550 5.6.0
     /// after the data) or `accept` (kept byte for byte; never truncated).
     pub long_lines: LongLines,
-    /// What to do with a message holding a bare CR or bare LF (RFC 5321 §2.3.8):
-    /// `reject` (550 5.6.0; downstream servers could read them as line ends, the
-    /// SMTP smuggling vector) or `accept` (kept byte for byte).
+    /// What to do with a message holding a bare CR or bare LF (RFC 5321 §2.3.8),
+    /// which downstream servers could read as line ends (the SMTP smuggling vector):
+    /// `normalize` (each stored as CRLF), `reject` (550 5.6.0) or `accept` (kept
+    /// byte for byte).
     pub bare_line_endings: BareLineEndings,
     /// Waiting for the next command (RFC 5321 §4.5.3.2.7: at least 5 minutes).
     #[serde(with = "humantime_serde")]
@@ -279,10 +292,15 @@ impl<'de> Deserialize<'de> for FailoverScope {
     }
 }
 
+/// What the inbound service does with a bare CR or bare LF in message data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BareLineEndings {
+    /// Each is stored (and relayed) as CRLF; only CRLF.CRLF ends the data.
+    Normalize,
+    /// The message is refused with 550 5.6.0.
     Reject,
+    /// Kept byte for byte (relayed as is).
     Accept,
 }
 
@@ -311,7 +329,7 @@ impl Default for SmtpConfig {
             max_connections_per_ip: 100,
             max_errors: 10,
             long_lines: LongLines::Reject,
-            bare_line_endings: BareLineEndings::Reject,
+            bare_line_endings: BareLineEndings::Normalize,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             shutdown_grace: Duration::from_secs(30),
@@ -374,8 +392,25 @@ impl Config {
                 .unwrap_or(1);
             anyhow::anyhow!("{line}: {}", e.message())
         })?;
-        config.check().map_err(|e| anyhow::anyhow!(" {e}"))?;
+        let mut config = config;
+        config
+            .read_secret_files()
+            .and_then(|()| config.check())
+            .map_err(|e| anyhow::anyhow!(" {e:#}"))?;
         Ok(config)
+    }
+
+    /// Reads every secret given as a file (`ha.password_file`).
+    fn read_secret_files(&mut self) -> Result<()> {
+        if let Some(ha) = &mut self.ha {
+            if let Some(file) = &ha.password_file {
+                if !ha.password.is_empty() {
+                    bail!("ha.password and ha.password_file: give one, not both");
+                }
+                ha.password = Secret::read_file("ha.password_file", file)?;
+            }
+        }
+        Ok(())
     }
 
     /// Checks values that TOML types alone cannot.
@@ -404,7 +439,7 @@ impl Config {
                     .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
             }
             if ha.password.len() < 8 {
-                bail!("ha.password: use at least 8 characters");
+                bail!("ha.password (or ha.password_file): use at least 8 characters");
             }
             if ha.heartbeat_interval.is_zero() || ha.heartbeat_lost == 0 {
                 bail!("ha.heartbeat_interval and ha.heartbeat_lost must be above 0");
@@ -525,6 +560,25 @@ mod tests {
             );
         }
         assert_eq!(Config::default().routing.failover, FailoverScope::LastHop);
+    }
+
+    #[test]
+    fn secrets_are_never_printed() {
+        let ha =
+            "[ha]\nmode = \"primary\"\nlisten = \"127.0.0.1:2700\"\npeer = \"127.0.0.1:2701\"\n\
+                  peer_smtp = \"127.0.0.1:25\"\n";
+        let c = Config::parse(&format!("{ha}password = \"hunter2-hunter2\"\n")).unwrap();
+        let pw = &c.ha.as_ref().unwrap().password;
+        assert_eq!(pw.expose(), "hunter2-hunter2");
+        for shown in [format!("{c:?}"), c.to_toml().unwrap(), pw.to_string()] {
+            assert!(!shown.contains("hunter2"), "{shown}");
+        }
+        assert!(c.to_toml().unwrap().contains("password = \"<redacted>\""));
+        // A wrong type is refused without echoing the value.
+        let err = Config::parse(&format!("{ha}password = 12345678901\n")).unwrap_err();
+        assert!(!format!("{err:#}").contains("12345678901"), "{err:#}");
+        let err = Config::parse(ha).unwrap_err();
+        assert!(format!("{err:#}").contains("ha.password"), "{err:#}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod deliver;
 pub mod demo;
 pub mod ha;
 pub mod health;
+pub mod logging;
 pub mod metrics;
 pub mod queue;
 pub mod route;

@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Parser;
 use clustermail::admin::{socket, Exit};
 use clustermail::catalog::{self, Catalog};
-use clustermail::cli::{self, Cli, Command, ConfigCommand, LogFormat};
+use clustermail::cli::{self, Cli, Command, ConfigCommand};
 use clustermail::config::Config;
 use clustermail::queue::Spool;
 use std::io::Write;
@@ -14,6 +14,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 fn main() -> ExitCode {
+    // Every file this process makes is private to its user, whatever the umask it
+    // was started with: the store (queued mail), the admin socket, exports.
+    // SAFETY: umask(2) cannot fail and touches no memory; no thread runs yet.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     // The router logs what it does; other commands only what goes wrong.
     // (The demo prints its own timeline; its router logs only problems.)
@@ -22,16 +26,7 @@ fn main() -> ExitCode {
         Command::Demo { .. } => "error",
         _ => "warn",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match cli.log_format {
-        LogFormat::Pretty => logs.init(),
-        LogFormat::Json => logs.json().init(),
-    }
+    clustermail::logging::init(cli.log_format, default_level);
     match run(cli) {
         Ok(exit) => ExitCode::from(exit as u8),
         Err(e) => {

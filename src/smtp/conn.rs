@@ -129,15 +129,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
-    /// Reads DATA up to and including CRLF.CRLF into `out`. Returns the decoder
-    /// (size, over-size flag); an early EOF is an error.
+    /// Reads DATA up to and including CRLF.CRLF into `out` through `decoder`
+    /// ([`super::session::Session::data_decoder`]). Returns the decoder (size,
+    /// over-size flag); an early EOF is an error.
     pub async fn read_data(
         &mut self,
-        max: u64,
+        mut decoder: DataDecoder,
         timeout: Duration,
         out: &mut Vec<u8>,
     ) -> io::Result<DataDecoder> {
-        let mut decoder = DataDecoder::new(max);
         loop {
             let pending = &self.buf[self.start..self.end];
             match decoder.feed(pending, out) {

@@ -348,7 +348,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 conn.reply(&r);
                 let mut body = Vec::new();
                 let decoder = match conn
-                    .read_data(cfg.max_message_size, cfg.data_timeout, &mut body)
+                    .read_data(session.data_decoder(), cfg.data_timeout, &mut body)
                     .await
                 {
                     Ok(d) => d,
