@@ -186,11 +186,13 @@ impl Spool {
     }
 
     /// Stores a message and waits until it is on disk. Only then may the caller
-    /// say 250.
-    pub async fn enqueue(&self, env: &Envelope, message: &[u8]) -> Result<()> {
+    /// say 250. An owned buffer (`Vec<u8>`) is freed as soon as sled has its copy,
+    /// before the wait for the disk.
+    pub async fn enqueue(&self, env: &Envelope, message: impl AsRef<[u8]>) -> Result<()> {
         let mut batch = sled::Batch::default();
         batch.insert(&key(b'e', env.id), encode(env)?);
-        batch.insert(&key(b'b', env.id), message);
+        batch.insert(&key(b'b', env.id), message.as_ref());
+        drop(message);
         // In memory until the flush: cheaper here than a hop to a blocking thread
         // (measured: fewer thread switches per message).
         self.tree.apply_batch(batch)?;

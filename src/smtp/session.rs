@@ -356,6 +356,12 @@ impl Session {
         self.tx = None;
     }
 
+    /// The driver refused the transaction's data (the memory budget for message
+    /// data was spent): the transaction is over, the session goes on.
+    pub fn abort_transaction(&mut self) {
+        self.tx = None;
+    }
+
     /// The DATA octets were read (`over_size`: counted past the limit, not kept).
     /// Returns the message to queue, or the reply refusing it; either way the
     /// transaction is over once the driver has called [`Session::finish`] or got a reply.
@@ -378,12 +384,18 @@ impl Session {
 
     /// A BDAT chunk was read. Not last: `Ok(None)` and the reply to send is
     /// [`Session::chunk_reply`]. Last: the message to queue, or a refusal.
-    pub fn bdat_chunk(&mut self, chunk: &[u8], last: bool) -> Result<Option<Message>, Reply> {
+    /// The first chunk becomes the message buffer (no copy); later ones are appended.
+    pub fn bdat_chunk(&mut self, chunk: Vec<u8>, last: bool) -> Result<Option<Message>, Reply> {
         let Some(tx) = self.tx.as_mut() else {
             return Err(reply::bad_sequence("No transaction"));
         };
         let buf = tx.chunks.get_or_insert_with(Vec::new);
-        buf.extend_from_slice(chunk);
+        if buf.is_empty() {
+            *buf = chunk;
+        } else {
+            buf.reserve_exact(chunk.len());
+            buf.extend_from_slice(&chunk);
+        }
         if !last {
             return Ok(None);
         }
@@ -591,10 +603,13 @@ mod tests {
         say(&mut s, "MAIL FROM:<a@x.test>");
         say(&mut s, "RCPT TO:<alice@ours.test>");
         assert_eq!(say(&mut s, "BDAT 5"), (0, "bdat"));
-        assert_eq!(s.bdat_chunk(b"Subje", false), Ok(None));
+        assert_eq!(s.bdat_chunk(b"Subje".to_vec(), false), Ok(None));
         assert_eq!(say(&mut s, "DATA"), (503, "5.5.1"));
         assert_eq!(say(&mut s, "BDAT 9 LAST"), (0, "bdat"));
-        let m = s.bdat_chunk(b"ct: x\r\n\r\n", true).unwrap().unwrap();
+        let m = s
+            .bdat_chunk(b"ct: x\r\n\r\n".to_vec(), true)
+            .unwrap()
+            .unwrap();
         assert_eq!(m.body, b"Subject: x\r\n\r\n");
         say(&mut s, "MAIL FROM:<a@x.test>");
         say(&mut s, "RCPT TO:<alice@ours.test>");
