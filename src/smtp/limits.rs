@@ -1,6 +1,7 @@
 //! Resource limits of the SMTP service, shared by every session: the memory
-//! budget for message data (`smtp.max_data_in_flight`) and the process's
-//! open-files limit (one descriptor per connection).
+//! budget for message data (`smtp.max_data_in_flight`), and the process's
+//! open-files limit (one descriptor per connection) and allocator setting for
+//! big blocks.
 //!
 //! A session reserves the octets of a message before it holds them, as they arrive
 //! (DATA) or as each chunk is announced (BDAT), and gives them back on every path
@@ -163,6 +164,18 @@ pub fn raise_open_files_limit() -> io::Result<u64> {
         }
     }
     Ok(lim.rlim_cur)
+}
+
+/// Has big blocks (message bodies, the store's copy of each) mapped on their own,
+/// so that they go back to the system when freed. Otherwise glibc raises its mmap
+/// threshold to the largest block freed (up to 32 MiB): the next bodies come from
+/// the heap, whose freed memory the process keeps (peak RSS, tests/limits.rs).
+pub fn return_big_blocks() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a parameter of the allocator.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
 }
 
 #[cfg(test)]

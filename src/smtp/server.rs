@@ -83,8 +83,10 @@ impl Service {
 }
 
 /// Binds every configured address (before anything else starts, so a port in use
-/// is reported at once), after raising the open-files limit for the connections.
+/// is reported at once), after raising the open-files limit for the connections
+/// and having big blocks returned to the system when freed.
 pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>> {
+    limits::return_big_blocks();
     match limits::raise_open_files_limit() {
         Ok(n) => tracing::debug!(open_files = n, "open-files limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
