@@ -147,7 +147,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         loop {
             let pending = &self.buf[self.start..self.end];
             if let Some(held) = budget.as_mut().filter(|_| !decoder.over_size()) {
-                // The decoder writes at most twice what it reads (line-ending repair).
+                // Room for twice what it reads: a decoder repairing bare LFs
+                // (LF to CRLF) writes up to that.
                 let need = out.len() + 2 * pending.len();
                 if !held.ensure(need as u64) {
                     *budget = None;
