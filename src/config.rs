@@ -248,10 +248,88 @@ pub struct SmtpConfig {
     /// On shutdown, how long transactions in progress may take to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Message data held in memory by all sessions together (`"256MiB"`): past it,
+    /// new data gets 452 4.3.1 instead of growing the router out of memory.
+    pub max_data_in_flight: ByteSize,
+    /// A whole transaction (MAIL to the end of its data), however busy the client
+    /// keeps each read: past it, 421 4.4.2 and the connection closes.
+    #[serde(with = "humantime_serde")]
+    pub transaction_timeout: Duration,
     /// PEM certificate chain for STARTTLS; STARTTLS is offered only when set.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for STARTTLS.
     pub tls_key: Option<PathBuf>,
+}
+
+/// A number of octets, written as an integer or with a unit: `"256MiB"`, `"64 KiB"`,
+/// `"1GiB"` (binary), `"100MB"` (decimal), `"4096B"`; the prefix in any case, the
+/// final `B` in capitals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+const BYTE_UNITS: [(&str, u64); 7] = [
+    ("GiB", 1 << 30),
+    ("MiB", 1 << 20),
+    ("KiB", 1 << 10),
+    ("GB", 1_000_000_000),
+    ("MB", 1_000_000),
+    ("KB", 1_000),
+    ("B", 1),
+];
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(text: &str) -> Result<ByteSize, String> {
+        let t = text.trim();
+        let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let bad = || format!("{text:?} is not a size: write e.g. \"256MiB\", \"64KiB\", \"1GiB\"");
+        let n: u64 = t[..digits].parse().map_err(|_| bad())?;
+        let unit = t[digits..].trim();
+        let mult = if unit.is_empty() {
+            1
+        } else {
+            BYTE_UNITS
+                .iter()
+                // Any case but the final B: "Mb" would be megabits.
+                .find(|(u, _)| unit.ends_with('B') && u.eq_ignore_ascii_case(unit))
+                .map(|&(_, m)| m)
+                .ok_or_else(bad)?
+        };
+        n.checked_mul(mult).map(ByteSize).ok_or_else(bad)
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    /// In the largest binary unit that divides it exactly.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (unit, mult) in BYTE_UNITS.iter().filter(|(u, _)| u.ends_with("iB")) {
+            if self.0 >= *mult && self.0.is_multiple_of(*mult) {
+                return write!(f, "{}{unit}", self.0 / mult);
+            }
+        }
+        write!(f, "{}B", self.0)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Octets(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Octets(n) => Ok(ByteSize(n)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -333,6 +411,8 @@ impl Default for SmtpConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             shutdown_grace: Duration::from_secs(30),
+            max_data_in_flight: ByteSize(256 << 20),
+            transaction_timeout: Duration::from_secs(600),
             tls_cert: None,
             tls_key: None,
         }
@@ -463,6 +543,15 @@ impl Config {
                 bail!("smtp.{name} must be above 0");
             }
         }
+        if s.max_data_in_flight.0 < 1 << 20 {
+            bail!(
+                "smtp.max_data_in_flight must be at least 1MiB, not {}",
+                s.max_data_in_flight
+            );
+        }
+        if s.transaction_timeout.is_zero() {
+            bail!("smtp.transaction_timeout must be above 0");
+        }
         if s.tls_cert.is_some() != s.tls_key.is_some() {
             bail!("smtp.tls_cert and smtp.tls_key go together: set both or neither");
         }
@@ -543,6 +632,28 @@ mod tests {
     }
 
     #[test]
+    fn sizes_take_units_and_round_trip() {
+        for (text, want) in [
+            ("\"256MiB\"", 256 << 20),
+            ("\"65536 KiB\"", 64 << 20),
+            ("\"1gIB\"", 1 << 30),
+            ("\"100MB\"", 100_000_000),
+            ("\"2097152B\"", 2 << 20),
+            ("3145728", 3 << 20),
+        ] {
+            let c = Config::parse(&format!("[smtp]\nmax_data_in_flight = {text}\n")).unwrap();
+            assert_eq!(c.smtp.max_data_in_flight, ByteSize(want), "{text}");
+            assert_eq!(Config::parse(&c.to_toml().unwrap()).unwrap(), c, "{text}");
+        }
+        assert_eq!(ByteSize(256 << 20).to_string(), "256MiB");
+        assert_eq!(ByteSize(1_500_000).to_string(), "1500000B");
+        assert_eq!(
+            Config::default().smtp.transaction_timeout,
+            Duration::from_secs(600)
+        );
+    }
+
+    #[test]
     fn failover_scope_takes_names_and_booleans() {
         for (text, want) in [
             ("true", FailoverScope::LastHop),
@@ -587,6 +698,13 @@ mod tests {
             ("[smtp]\nlisten = [\"nowhere\"]\n", "smtp.listen"),
             ("[smtp]\ntls_cert = \"c.pem\"\n", "tls_key"),
             ("[smtp]\nmax_recipients = 0\n", "max_recipients"),
+            ("[smtp]\nmax_data_in_flight = \"lots\"\n", "lots"),
+            ("[smtp]\nmax_data_in_flight = \"256Mb\"\n", "256Mb"),
+            ("[smtp]\nmax_data_in_flight = \"1KiB\"\n", "at least 1MiB"),
+            (
+                "[smtp]\ntransaction_timeout = \"0s\"\n",
+                "transaction_timeout",
+            ),
             ("local_part_match = \"sometimes\"\n", "sometimes"),
             ("[routing]\nfailover = \"some-hops\"\n", "some-hops"),
         ] {

@@ -37,6 +37,25 @@ impl Counter {
     }
 }
 
+/// A value that goes up and down.
+#[derive(Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    pub const fn new() -> Gauge {
+        Gauge(AtomicU64::new(0))
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn sub(&self, n: u64) {
+        self.0.fetch_sub(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// Every counter of the router.
 pub struct Metrics {
     /// Messages queued (250 after DATA or BDAT LAST).
@@ -54,6 +73,10 @@ pub struct Metrics {
     pub decided_hold: Counter,
     /// HA link authentications that failed (either side): an alarm.
     pub ha_auth_failures: Counter,
+    /// Octets of message data SMTP sessions hold now (`smtp::limits`).
+    pub smtp_data_in_flight: Gauge,
+    /// DATA or BDAT refused with 452 4.3.1: the data budget was spent.
+    pub smtp_data_refused: Counter,
     /// SMTP replies sent to clients, by code.
     /// Index: the reply code (SMTP codes are 200-599); counted without a lock, as
     /// every reply of every session passes here.
@@ -81,6 +104,8 @@ impl Metrics {
             decided_next_hop: Counter::new(),
             decided_hold: Counter::new(),
             ha_auth_failures: Counter::new(),
+            smtp_data_in_flight: Gauge::new(),
+            smtp_data_refused: Counter::new(),
             smtp_replies: [const { Counter::new() }; 600],
         }
     }
@@ -148,6 +173,11 @@ pub fn render(m: &Metrics, sources: &Sources) -> String {
             "HA link authentications that failed (wrong ha.password on one unit?): an alarm.",
             &m.ha_auth_failures,
         ),
+        (
+            "clustermail_smtp_data_refused_total",
+            "DATA or BDAT refused with 452 4.3.1: smtp.max_data_in_flight was spent.",
+            &m.smtp_data_refused,
+        ),
     ] {
         family(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {}", c.get());
@@ -177,6 +207,15 @@ pub fn render(m: &Metrics, sources: &Sources) -> String {
     for (code, n) in m.smtp_replies() {
         let _ = writeln!(out, "{name}{{code=\"{code}\"}} {n}");
     }
+
+    let name = "clustermail_smtp_data_in_flight_bytes";
+    family(
+        &mut out,
+        name,
+        "gauge",
+        "Octets of message data held by SMTP sessions (budget: smtp.max_data_in_flight).",
+    );
+    let _ = writeln!(out, "{name} {}", m.smtp_data_in_flight.get());
 
     let (messages, oldest) = match sources.spool.oldest() {
         Ok(oldest) => (sources.spool.len(), oldest),

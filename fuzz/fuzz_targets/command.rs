@@ -55,7 +55,7 @@ fuzz_target!(|data: &[u8]| {
                 last,
             } => {
                 let chunk = vec![b'x'; size.min(2000) as usize];
-                match s.bdat_chunk(&chunk, last) {
+                match s.bdat_chunk(chunk, last) {
                     Ok(Some(m)) => {
                         assert!(m
                             .recipients

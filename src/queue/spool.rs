@@ -215,12 +215,14 @@ impl Spool {
 
     /// Stores a message and waits until it is on disk. Only then may the caller
     /// say 250. On error the message is not queued (and never delivered): the
-    /// caller says 451.
-    pub async fn enqueue(&self, env: &Envelope, message: &[u8]) -> Result<()> {
+    /// caller says 451. An owned buffer (`Vec<u8>`) is freed as soon as sled has
+    /// its copy, before the wait for the disk.
+    pub async fn enqueue(&self, env: &Envelope, message: impl AsRef<[u8]>) -> Result<()> {
         let id = env.id;
         let mut batch = sled::Batch::default();
         batch.insert(&key(b'e', id), encode(env)?);
-        batch.insert(&key(b'b', id), message);
+        batch.insert(&key(b'b', id), message.as_ref());
+        drop(message);
         self.unsettled().insert(id);
         // In memory until the flush: cheaper here than a hop to a blocking thread
         // (measured: fewer thread switches per message).

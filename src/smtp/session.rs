@@ -364,6 +364,12 @@ impl Session {
         }
     }
 
+    /// The driver refused the transaction's data (the memory budget for message
+    /// data was spent): the transaction is over, the session goes on.
+    pub fn abort_transaction(&mut self) {
+        self.tx = None;
+    }
+
     /// The DATA octets were read (`over_size`: counted past the limit, not kept).
     /// Returns the message to queue, or the reply refusing it; either way the
     /// transaction is over once the driver has called [`Session::finish`] or got a reply.
@@ -379,12 +385,18 @@ impl Session {
 
     /// A BDAT chunk was read. Not last: `Ok(None)` and the reply to send is
     /// [`Session::chunk_reply`]. Last: the message to queue, or a refusal.
-    pub fn bdat_chunk(&mut self, chunk: &[u8], last: bool) -> Result<Option<Message>, Reply> {
+    /// The first chunk becomes the message buffer (no copy); later ones are appended.
+    pub fn bdat_chunk(&mut self, chunk: Vec<u8>, last: bool) -> Result<Option<Message>, Reply> {
         let Some(tx) = self.tx.as_mut() else {
             return Err(reply::bad_sequence("No transaction"));
         };
         let buf = tx.chunks.get_or_insert_with(Vec::new);
-        buf.extend_from_slice(chunk);
+        if buf.is_empty() {
+            *buf = chunk;
+        } else {
+            buf.reserve_exact(chunk.len());
+            buf.extend_from_slice(&chunk);
+        }
         if !last {
             return Ok(None);
         }

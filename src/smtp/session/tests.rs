@@ -153,10 +153,13 @@ fn bdat_chunks_and_limits() {
     say(&mut s, "MAIL FROM:<a@x.test>");
     say(&mut s, "RCPT TO:<alice@ours.test>");
     assert_eq!(say(&mut s, "BDAT 5"), (0, "bdat"));
-    assert_eq!(s.bdat_chunk(b"Subje", false), Ok(None));
+    assert_eq!(s.bdat_chunk(b"Subje".to_vec(), false), Ok(None));
     assert_eq!(say(&mut s, "DATA"), (503, "5.5.1"));
     assert_eq!(say(&mut s, "BDAT 9 LAST"), (0, "bdat"));
-    let m = s.bdat_chunk(b"ct: x\r\n\r\n", true).unwrap().unwrap();
+    let m = s
+        .bdat_chunk(b"ct: x\r\n\r\n".to_vec(), true)
+        .unwrap()
+        .unwrap();
     assert_eq!(m.body, b"Subject: x\r\n\r\n");
     say(&mut s, "MAIL FROM:<a@x.test>");
     say(&mut s, "RCPT TO:<alice@ours.test>");
@@ -228,14 +231,14 @@ fn normalize_stores_bare_line_endings_as_crlf_in_data_and_bdat() {
     say(&mut s, "MAIL FROM:<>");
     say(&mut s, "RCPT TO:<alice@ours.test>");
     say(&mut s, "BDAT 3");
-    assert_eq!(s.bdat_chunk(b"a\nb", false), Ok(None));
+    assert_eq!(s.bdat_chunk(b"a\nb".to_vec(), false), Ok(None));
     say(&mut s, "BDAT 4 LAST");
-    let m = s.bdat_chunk(b"\r\n.\r", true).unwrap().unwrap();
+    let m = s.bdat_chunk(b"\r\n.\r".to_vec(), true).unwrap().unwrap();
     assert_eq!(m.body, b"a\r\nb\r\n.\r\n");
     // The limit holds for the normalized message: 600 LFs become 1200 octets.
     say(&mut s, "MAIL FROM:<>");
     say(&mut s, "RCPT TO:<alice@ours.test>");
     say(&mut s, "BDAT 600 LAST");
-    assert_eq!(s.bdat_chunk(&[b'\n'; 600], true).unwrap_err().code, 552);
+    assert_eq!(s.bdat_chunk(vec![b'\n'; 600], true).unwrap_err().code, 552);
     assert!(!s.in_transaction());
 }
