@@ -18,3 +18,4 @@ pub mod queue;
 pub mod route;
 pub mod router;
 pub mod smtp;
+pub mod web;

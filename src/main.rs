@@ -71,10 +71,20 @@ fn run(cli: Cli) -> Result<Exit> {
                 Ok(Exit::Invalid)
             }
         },
-        command => {
+        mut command => {
             let (config, _) = Config::load(cli.config.as_deref())?;
             // The router holds the store: ask it over its admin socket.
-            let args: Vec<String> = std::env::args().skip(1).collect();
+            let mut args: Vec<String> = std::env::args().skip(1).collect();
+            if let Command::Web {
+                command: cli::WebCommand::SetPassword { password, .. },
+            } = &mut command
+            {
+                if password.is_none() {
+                    let new = read_password()?;
+                    args.push(format!("--password={new}"));
+                    *password = Some(new);
+                }
+            }
             if let Some(reply) = socket::request(&config.data_dir, &args)? {
                 out.write_all(&reply.stdout)?;
                 err.write_all(&reply.stderr)?;
@@ -103,4 +113,11 @@ fn run(cli: Cli) -> Result<Exit> {
             })
         }
     }
+}
+
+/// The first line of stdin, without its line end.
+fn read_password() -> Result<String> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
 }

@@ -1,0 +1,361 @@
+//! The web console over real HTTP: login, sessions, CSRF, the wrong-password
+//! limit, security headers, escaping, API tokens from the CLI, and a queue
+//! action through the API.
+
+mod common;
+
+use common::{Router, Scratch};
+use std::time::{Duration, Instant};
+
+/// A router with its console on a free port; its mail to `u@c.test` is held
+/// (its home server refuses connections).
+pub struct Console {
+    pub router: Router,
+    pub web: u16,
+}
+
+impl Console {
+    pub fn start() -> Console {
+        let s = Scratch::new();
+        let dead = common::free_port();
+        let f = s.write(
+            "c.toml",
+            &format!(
+                "[[server]]\nname = \"m1\"\ncluster = \"c\"\naddress = \"127.0.0.1:{dead}\"\n\n\
+                 [[mailbox]]\naddress = \"u@c.test\"\nhome = \"m1\"\n"
+            ),
+        );
+        s.ok(&["catalog", "import", "--replace", &f.display().to_string()]);
+        let (port, web) = (common::free_port(), common::free_port());
+        let config = format!(
+            "router_name = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             [routing]\nprobe_interval = \"200ms\"\nprobe_timeout = \"500ms\"\nretry_initial = \"1h\"\n\
+             [web]\nlisten = \"127.0.0.1:{web}\"\n"
+        );
+        let router = Router::start_config(s, &config, port);
+        router.wait_log("web console listening");
+        Console { router, web }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.web)
+    }
+
+    pub fn initial_password(&self) -> String {
+        let p = self.router.scratch.path().join("data/web-initial-password");
+        std::fs::read_to_string(p)
+            .expect("initial password file")
+            .trim()
+            .to_string()
+    }
+
+    /// Queues a message for u@c.test and returns its id once it is held.
+    pub fn held_message(&self) -> String {
+        let mut c = common::Client::hello(self.router.port);
+        c.cmd("MAIL FROM:<sender@x.test>");
+        common::expect(&c.cmd("RCPT TO:<u@c.test>"), 250, "2.1.5");
+        c.cmd("DATA");
+        c.send_raw(b"Subject: held\r\n\r\nbody\r\n.\r\n");
+        common::expect(&c.reply(), 250, "2.0.0");
+        c.cmd("QUIT");
+        self.router.wait_log("decision=hold");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = self.router.scratch.ok(&["queue", "list"]);
+            if out.contains("<u@c.test>: held") {
+                return out.lines().nth(1).expect("a message line")[..16].to_string();
+            }
+            assert!(Instant::now() < deadline, "never held:\n{out}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// An HTTP answer.
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One request, redirects not followed; `headers` as (name, value).
+pub fn http(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -> Answer {
+    let agent = ureq::AgentBuilder::new()
+        .redirects(0)
+        .timeout(Duration::from_secs(30))
+        .build();
+    let mut req = agent.request(method, url);
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    let res = match body {
+        Some(b) => req.send_string(b),
+        None => req.call(),
+    };
+    let res = match res {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {url}: {e}"),
+    };
+    let headers = res
+        .headers_names()
+        .into_iter()
+        .flat_map(|n| {
+            res.all(&n)
+                .into_iter()
+                .map(|v| (n.clone(), v.to_string()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    Answer {
+        status: res.status(),
+        headers,
+        body: res.into_string().unwrap_or_default(),
+    }
+}
+
+const FORM: (&str, &str) = ("Content-Type", "application/x-www-form-urlencoded");
+
+/// Logs in; returns the cookie header value.
+pub fn login(c: &Console, password: &str) -> String {
+    let a = http(
+        "POST",
+        &c.url("/login"),
+        &[FORM],
+        Some(&format!("user=admin&password={password}")),
+    );
+    assert_eq!(a.status, 303, "login: {}", a.body);
+    let cookie = a
+        .header("set-cookie")
+        .expect("a session cookie")
+        .to_string();
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(cookie.contains(attr), "{attr} in {cookie}");
+    }
+    assert!(!cookie.contains("Secure"), "no TLS here: {cookie}");
+    cookie.split(';').next().expect("name=value").to_string()
+}
+
+/// The CSRF token of a logged-in page.
+fn csrf(page: &str) -> String {
+    let at = page.find("name=\"csrf\" value=\"").expect("a csrf field") + 19;
+    page[at..at + 64].to_string()
+}
+
+#[test]
+fn sessions_csrf_headers_and_escaping() {
+    let c = Console::start();
+    // No session: pages send to /login, the API answers 401.
+    let a = http("GET", &c.url("/"), &[], None);
+    assert_eq!(a.status, 303);
+    assert_eq!(a.header("location"), Some("/login"));
+    let a = http(
+        "GET",
+        &c.url("/queue"),
+        &[("Cookie", "cm_session=forged")],
+        None,
+    );
+    assert_eq!(a.header("location"), Some("/login"));
+    assert_eq!(
+        http("GET", &c.url("/api/v1/servers"), &[], None).status,
+        401
+    );
+    assert_eq!(http("GET", &c.url("/healthz"), &[], None).status, 200);
+    let a = http("GET", &c.url("/login"), &[], None);
+    assert_eq!(a.status, 200);
+
+    let cookie = login(&c, &c.initial_password());
+    let auth = [("Cookie", cookie.as_str())];
+    let a = http("GET", &c.url("/"), &auth, None);
+    assert_eq!(a.status, 200);
+    assert!(a.body.contains("m1"), "the dashboard lists the servers");
+    let csp = a.header("content-security-policy").expect("CSP");
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
+        "{csp}"
+    );
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    assert_eq!(a.header("x-frame-options"), Some("DENY"));
+    assert!(a.header("cache-control").unwrap_or("").contains("no-store"));
+    assert!(!a.body.contains("<script>"), "no inline script");
+
+    // Attacker-controlled text is escaped.
+    let a = http(
+        "GET",
+        &c.url("/route?address=%3Cscript%3Ealert(1)%3C/script%3E@c.test"),
+        &auth,
+        None,
+    );
+    assert_eq!(a.status, 200);
+    assert!(!a.body.contains("<script>alert(1)"), "{}", a.body);
+    assert!(
+        a.body
+            .contains("&lt;script&gt;alert(1)&lt;/script&gt;@c.test"),
+        "{}",
+        a.body
+    );
+
+    // State changes need the session's CSRF token.
+    let id = c.held_message();
+    let page = http("GET", &c.url(&format!("/queue/{id}")), &auth, None);
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("u@c.test") && page.body.contains("held"));
+    let token = csrf(&page.body);
+    let retry = c.url(&format!("/queue/{id}/retry"));
+    let a = http("POST", &retry, &[auth[0], FORM], Some(""));
+    assert_eq!(a.status, 403, "no token");
+    let a = http("POST", &retry, &[auth[0], FORM], Some("csrf=0000"));
+    assert_eq!(a.status, 403, "wrong token");
+    let a = http("POST", &retry, &[auth[0]], None);
+    assert_eq!(a.status, 403, "no body");
+    let a = http(
+        "POST",
+        &retry,
+        &[auth[0], FORM],
+        Some(&format!("csrf={token}")),
+    );
+    assert_eq!(a.status, 303, "{}", a.body);
+    let a = http("GET", &c.url(&format!("/queue/{id}")), &auth, None);
+    assert!(
+        a.body.contains("1 message(s) due for delivery now"),
+        "{}",
+        a.body
+    );
+
+    // Logging out ends the session on the server.
+    let a = http(
+        "POST",
+        &c.url("/logout"),
+        &[auth[0], FORM],
+        Some(&format!("csrf={token}")),
+    );
+    assert_eq!(a.status, 303);
+    assert_eq!(http("GET", &c.url("/"), &auth, None).status, 303);
+}
+
+#[test]
+fn wrong_passwords_are_limited_per_address() {
+    let c = Console::start();
+    let password = c.initial_password();
+    let try_login = |p: &str| {
+        http(
+            "POST",
+            &c.url("/login"),
+            &[FORM],
+            Some(&format!("user=admin&password={p}")),
+        )
+    };
+    for n in 1..5 {
+        let a = try_login("wrong-password");
+        assert_eq!(a.status, 401, "failure {n}");
+        assert!(a.body.contains("Wrong user or password"));
+    }
+    let a = try_login("wrong-password");
+    assert_eq!(a.status, 429, "fifth failure");
+    assert!(a.header("retry-after").is_some());
+    // Even the right password waits now.
+    assert_eq!(try_login(&password).status, 429);
+    assert!(c
+        .router
+        .log()
+        .contains("web console: wrong user or password"));
+    assert!(
+        !c.router.log().contains(&password),
+        "the password is never logged"
+    );
+}
+
+#[test]
+fn api_tokens_and_passwords_from_the_cli() {
+    let c = Console::start();
+    let s = &c.router.scratch;
+    let token = s
+        .ok(&["web", "create-token", "--name", "ci"])
+        .trim()
+        .to_string();
+    assert!(token.starts_with("cmt_"), "{token}");
+    let bearer = format!("Bearer {token}");
+    let auth = [("Authorization", bearer.as_str())];
+    let a = http("GET", &c.url("/api/v1/servers"), &auth, None);
+    assert_eq!(a.status, 200, "{}", a.body);
+    let servers: serde_json::Value = serde_json::from_str(&a.body).expect("json");
+    assert_eq!(servers[0]["name"], "m1");
+
+    let id = c.held_message();
+    let a = http("GET", &c.url("/api/v1/queue?state=held"), &auth, None);
+    let page: serde_json::Value = serde_json::from_str(&a.body).expect("json");
+    assert_eq!(page["messages"][0]["id"], id.as_str(), "{}", a.body);
+    assert_eq!(page["messages"][0]["recipients"][0]["state"], "held");
+    let a = http("GET", &c.url(&format!("/api/v1/queue/{id}")), &auth, None);
+    assert!(a.body.contains("recipient: <u@c.test>"), "{}", a.body);
+    let a = http(
+        "POST",
+        &c.url(&format!("/api/v1/queue/{id}/retry")),
+        &auth,
+        None,
+    );
+    assert_eq!(a.status, 200, "a token needs no CSRF token: {}", a.body);
+    assert!(
+        a.body.contains("1 message(s) due for delivery now"),
+        "{}",
+        a.body
+    );
+    let a = http(
+        "POST",
+        &c.url(&format!("/api/v1/queue/{id}/release")),
+        &auth,
+        None,
+    );
+    assert_eq!(a.status, 400, "nothing undeliverable: {}", a.body);
+    let a = http("GET", &c.url("/api/v1/route?address=u@c.test"), &auth, None);
+    assert!(a.body.contains("hold"), "{}", a.body);
+
+    // A session's API POST needs its CSRF token too.
+    let cookie = login(&c, &c.initial_password());
+    let a = http(
+        "POST",
+        &c.url(&format!("/api/v1/queue/{id}/retry")),
+        &[("Cookie", cookie.as_str())],
+        None,
+    );
+    assert_eq!(a.status, 403);
+
+    assert!(s.ok(&["web", "revoke-token", "ci"]).contains("revoked"));
+    assert_eq!(
+        http("GET", &c.url("/api/v1/servers"), &auth, None).status,
+        401
+    );
+
+    // A new password, read from stdin, through the admin socket.
+    let mut child = s
+        .cmd()
+        .args(["web", "set-password"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("set-password");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"a new long password\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success());
+    let a = http(
+        "POST",
+        &c.url("/login"),
+        &[FORM],
+        Some("user=admin&password=a+new+long+password"),
+    );
+    assert_eq!(a.status, 303, "the new password works");
+}
