@@ -9,10 +9,12 @@
 mod common;
 mod console;
 
+use common::{free_port, RecordingSink, Router, Scratch};
 use console::Console;
 use fantoccini::{Client, ClientBuilder, Locator};
 use std::path::PathBuf;
 use std::time::Duration;
+use std::time::Instant;
 
 fn need(program: &str, package: &str) -> PathBuf {
     let found = std::env::var_os("PATH").and_then(|paths| {
@@ -123,7 +125,8 @@ async fn log_in_see_servers_find_and_retry_a_held_message() {
     let c = Console::start();
     let driver = Driver::start();
     let b = browser(&driver).await;
-    let result = async {
+    let session = b.clone();
+    let result = tokio::spawn(async move {
         b.goto(&c.url("/")).await.expect("goto");
         assert!(b.current_url().await.expect("url").path() == "/login");
         shot(&b, "01-login").await;
@@ -194,8 +197,159 @@ async fn log_in_see_servers_find_and_retry_a_held_message() {
         b.goto(&c.url("/")).await.expect("dashboard");
         tokio::time::sleep(Duration::from_secs(6)).await;
         shot(&b, "11-dashboard-refreshed").await;
-    }
+    })
     .await;
-    b.close().await.expect("close the browser");
-    result
+    finish(session, result).await;
+}
+
+/// Closes the browser, then fails as the test body did, if it did.
+async fn finish(b: Client, result: Result<(), tokio::task::JoinError>) {
+    let _ = b.close().await;
+    if let Err(e) = result {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// Unit `i` (0 primary, 1 secondary) of a pair on `smtp` / `ha` ports; only
+/// the primary has a console, on `web`.
+fn ha_config(i: usize, smtp: [u16; 2], ha: [u16; 2], web: u16) -> String {
+    let (role, other) = if i == 0 {
+        ("primary", 1)
+    } else {
+        ("secondary", 0)
+    };
+    let web = if i == 0 {
+        format!("127.0.0.1:{web}")
+    } else {
+        String::new()
+    };
+    format!(
+        "router_name = \"unit{i}.test\"\n[smtp]\nlisten = [\"127.0.0.1:{}\"]\n\
+         [routing]\nprobe_interval = \"200ms\"\nprobe_timeout = \"500ms\"\nrise = 1\n\
+         retry_initial = \"300ms\"\nretry_max = \"600ms\"\ndelivery_timeout = \"2s\"\n\
+         [ha]\nmode = \"{role}\"\nlisten = \"127.0.0.1:{}\"\npeer = \"127.0.0.1:{}\"\n\
+         peer_smtp = \"127.0.0.1:{}\"\npassword = \"pair-secret\"\nheartbeat_interval = \"200ms\"\n\
+         heartbeat_lost = 3\non_failure = \"slave\"\n[web]\nlisten = \"{web}\"\n",
+        smtp[i], ha[i], ha[other], smtp[other]
+    )
+}
+
+/// Polls `ha status` until it contains `text`.
+fn wait_status(r: &Router, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, out, _) = r.scratch.run(&["ha", "status"]);
+        if out.contains(text) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never {text:?}:\n{out}\n{}",
+            r.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_the_ha_page_restores_the_primary_to_master() {
+    let (smtp, ha, web) = (
+        [free_port(), free_port()],
+        [free_port(), free_port()],
+        free_port(),
+    );
+    let (a, b, home) = tokio::task::block_in_place(|| {
+        let mut home = RecordingSink::start("m1");
+        home.down();
+        let s = Scratch::new();
+        let f = s.write(
+            "c.toml",
+            &format!(
+                "[[server]]\nname = \"m1\"\ncluster = \"c\"\naddress = \"127.0.0.1:{}\"\n\n\
+                 [[mailbox]]\naddress = \"u@c.test\"\nhome = \"m1\"\n",
+                home.port
+            ),
+        );
+        s.ok(&["catalog", "import", "--replace", &f.display().to_string()]);
+        let mut a = Router::start_config(s, &ha_config(0, smtp, ha, web), smtp[0]);
+        let b = Router::start_config(Scratch::new(), &ha_config(1, smtp, ha, web), smtp[1]);
+        wait_status(&a, "effective:     MASTER");
+        wait_status(&b, "effective:     SLAVE");
+        // Catalog sync: the secondary holds the primary's catalog.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let home_addr = format!("127.0.0.1:{}", home.port);
+        while !b
+            .scratch
+            .ok(&["catalog", "list", "servers"])
+            .contains(&home_addr)
+        {
+            assert!(Instant::now() < deadline, "catalog never synced");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Mail held on the primary, the primary dies, the secondary takes over.
+        let mut c = common::Client::hello(smtp[0]);
+        c.cmd("MAIL FROM:<sender@x.test>");
+        common::expect(&c.cmd("RCPT TO:<u@c.test>"), 250, "2.1.5");
+        c.cmd("DATA");
+        c.send_raw(b"Subject: held\r\n\r\n.\r\n");
+        common::expect(&c.reply(), 250, "2.0.0");
+        a.wait_log("decision=hold");
+        a.kill9();
+        wait_status(&b, "effective:     MASTER");
+        home.up();
+        // Back, the old primary is SLAVE and pushes its queue to the MASTER.
+        a.restart();
+        wait_status(&a, "effective:     SLAVE");
+        wait_status(&a, "queue push:    1 pushed, 0 left");
+        (a, b, home)
+    });
+    let c = Console { router: a, web };
+    let driver = Driver::start();
+    let br = browser(&driver).await;
+    let session = br.clone();
+    let result = tokio::spawn(async move {
+        br.goto(&c.url("/login")).await.expect("login page");
+        br.find(Locator::Id("password"))
+            .await
+            .expect("field")
+            .send_keys(&c.initial_password())
+            .await
+            .expect("type");
+        br.find(Locator::Id("login"))
+            .await
+            .expect("button")
+            .click()
+            .await
+            .expect("log in");
+        wait_text(&br, "HA mode").await;
+        br.goto(&c.url("/ha")).await.expect("ha");
+        let src = wait_text(&br, "queue push:    1 pushed, 0 left").await;
+        assert!(src.contains("effective:     SLAVE"), "{src}");
+        shot(&br, "20-ha-after-failover").await;
+        br.find(Locator::Id("action-restore"))
+            .await
+            .expect("restore")
+            .click()
+            .await
+            .expect("click");
+        wait_text(&br, "Restore this unit").await;
+        br.find(Locator::Id("confirm"))
+            .await
+            .expect("confirm")
+            .click()
+            .await
+            .expect("confirm");
+        let src = wait_text(&br, "configured mode restored: MASTER").await;
+        assert!(src.contains("effective:     MASTER"), "{src}");
+        shot(&br, "21-ha-restored").await;
+        c
+    })
+    .await;
+    let _ = session.close().await;
+    let c = result.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    // The secondary sees the MASTER's higher epoch and yields.
+    tokio::task::block_in_place(|| {
+        wait_status(&b, "effective:     SLAVE");
+        drop((c, b, home));
+    });
 }

@@ -216,3 +216,110 @@ fn api_tokens_and_passwords_from_the_cli() {
     );
     assert_eq!(a.status, 303, "the new password works");
 }
+
+/// `text` as HTML shows it (maud escapes these).
+fn escaped(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A multipart/form-data body with one file and the import mode.
+fn multipart(name: &str, content: &str, mode: &str) -> (String, String) {
+    let boundary = "----clustermail-test-boundary";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
+         Content-Type: text/csv\r\n\r\n{content}\r\n--{boundary}\r\n\
+         Content-Disposition: form-data; name=\"mode\"\r\n\r\n{mode}\r\n--{boundary}--\r\n"
+    );
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[test]
+fn catalog_upload_is_checked_first_then_applied() {
+    let c = Console::start();
+    let s = &c.router.scratch;
+    let cookie = login(&c, &c.initial_password());
+    let page = http("GET", &c.url("/catalog"), &[("Cookie", &cookie)], None);
+    let token = csrf(&page.body);
+    let import = c.url(&format!("/catalog/import?csrf={token}"));
+
+    // Every line error, as the CLI prints it for the same file.
+    let fixture = common::repo("fixtures/catalog/bad-address.csv");
+    let bad = std::fs::read_to_string(&fixture).expect("fixture");
+    let (code, _, cli) = s.run(&[
+        "catalog",
+        "import",
+        "--dry-run",
+        &fixture.display().to_string(),
+    ]);
+    assert_eq!(code, 2);
+    let (kind, body) = multipart("bad-address.csv", &bad, "merge");
+    let a = http(
+        "POST",
+        &import,
+        &[("Cookie", &cookie), ("Content-Type", &kind)],
+        Some(&body),
+    );
+    assert_eq!(a.status, 422, "{}", a.body);
+    let cli = cli.replace(&fixture.display().to_string(), "bad-address.csv");
+    assert!(cli.lines().count() >= 5, "{cli}");
+    for line in cli.lines() {
+        assert!(
+            a.body.contains(&escaped(line)),
+            "{line:?} not in:\n{}",
+            a.body
+        );
+    }
+    assert!(!a.body.contains("id=\"apply\""), "nothing to apply");
+    let (kind, body) = multipart("bad-address.csv", &bad, "merge");
+    let a = http(
+        "POST",
+        &c.url("/catalog/import"),
+        &[("Cookie", &cookie), ("Content-Type", &kind)],
+        Some(&body),
+    );
+    assert_eq!(a.status, 403, "an upload without the CSRF token");
+
+    // A good file: counted by the dry run, applied only on confirmation.
+    let good = "address,home,replicas,aliases\nv@c.test,m1,,\n";
+    let (kind, body) = multipart("more.csv", good, "merge");
+    let a = http(
+        "POST",
+        &import,
+        &[("Cookie", &cookie), ("Content-Type", &kind)],
+        Some(&body),
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(a.body.contains("dry run"), "{}", a.body);
+    let (code, _, _) = s.run(&["catalog", "show", "v@c.test"]);
+    assert_eq!(code, 2, "a dry run changes nothing");
+    let at = a
+        .body
+        .find("name=\"upload\" value=\"")
+        .expect("an apply form")
+        + 21;
+    let upload = &a.body[at..at + 24];
+    let a = http(
+        "POST",
+        &c.url("/catalog/apply"),
+        &[("Cookie", &cookie), FORM],
+        Some(&format!("csrf={token}&upload={upload}&mode=merge")),
+    );
+    assert_eq!(a.status, 303, "{}", a.body);
+    assert!(s
+        .ok(&["catalog", "show", "v@c.test"])
+        .contains("home:     m1"));
+    let a = http(
+        "GET",
+        &c.url("/catalog/export?format=csv"),
+        &[("Cookie", &cookie)],
+        None,
+    );
+    assert!(a.body.contains("v@c.test,m1"), "{}", a.body);
+    assert!(a
+        .header("content-disposition")
+        .unwrap_or("")
+        .contains("catalog.csv"));
+}
