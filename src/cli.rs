@@ -53,6 +53,10 @@ pub enum Command {
         /// an earlier demo). Default: DATA_DIR/demo.
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
+        /// After the timeline, keep the cluster running with its web console
+        /// and print the console's URL and password (Ctrl-C stops it).
+        #[arg(long)]
+        web: bool,
     },
     /// Check a config file and print the effective config.
     Config {

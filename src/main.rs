@@ -51,11 +51,11 @@ fn run(cli: Cli) -> Result<Exit> {
             runtime.block_on(clustermail::router::serve(config, source))?;
             Ok(Exit::Ok)
         }
-        Command::Demo { dir } => {
+        Command::Demo { dir, web } => {
             let (config, _) = Config::load(cli.config.as_deref())?;
             let dir = dir.unwrap_or_else(|| config.data_dir.join("demo"));
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(clustermail::demo::run(&dir, &mut out))?;
+            runtime.block_on(clustermail::demo::run(&dir, &mut out, web))?;
             Ok(Exit::Ok)
         }
         Command::Config {

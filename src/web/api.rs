@@ -53,7 +53,7 @@ fn outcome(o: Outcome) -> Response {
 
 async fn stats(State(state): State<AppState>) -> Response {
     match dashboard_data(&state) {
-        Ok(d) => Json(d).into_response(),
+        Ok(d) => Json(&*d).into_response(),
         Err(e) => failed(e),
     }
 }
@@ -82,7 +82,7 @@ async fn set_state(
 }
 
 async fn queue(State(state): State<AppState>, Query(filter): Query<QueueFilter>) -> Response {
-    match actions::queue_page(&state.ctx, &filter) {
+    match tokio::task::block_in_place(|| actions::queue_page(&state.ctx, &filter)) {
         Ok(p) => Json(p).into_response(),
         Err(e) => failed(e),
     }

@@ -43,6 +43,8 @@ pub struct Shared {
     pub tls: bool,
     pub stats: Arc<stats::Stats>,
     pub data_dir: PathBuf,
+    /// The last reading of the dashboard, and when it was taken.
+    pub dashboard: std::sync::Mutex<Option<(std::time::Instant, Arc<views::Dashboard>)>>,
 }
 
 pub type AppState = Arc<Shared>;
@@ -106,6 +108,7 @@ pub async fn start(
         tls: tls.is_some(),
         stats,
         data_dir,
+        dashboard: Default::default(),
     });
     tokio::spawn(serve_http(listener, tls, app(shared), stopped));
     Ok(())

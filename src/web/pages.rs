@@ -14,6 +14,7 @@ use axum::{Extension, Form, Router};
 use maud::Markup;
 use serde::Deserialize;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 const STYLE: &str = include_str!("static/style.css");
 const SCRIPT: &str = include_str!("static/app.js");
@@ -169,15 +170,33 @@ fn failure(e: anyhow::Error) -> Response {
         .into_response()
 }
 
-pub fn dashboard_data(state: &AppState) -> anyhow::Result<Dashboard> {
+/// How long one reading of the dashboard serves every browser polling it (a
+/// reading scans the whole queue).
+const DASHBOARD_FRESH: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The dashboard's data, read at most every [`DASHBOARD_FRESH`].
+pub fn dashboard_data(state: &AppState) -> anyhow::Result<Arc<Dashboard>> {
+    // Blocking: the queue scan, and waiting for another request's scan.
+    tokio::task::block_in_place(|| read_dashboard(state))
+}
+
+fn read_dashboard(state: &AppState) -> anyhow::Result<Arc<Dashboard>> {
+    let mut cached = state.dashboard.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, d)) = cached.as_ref() {
+        if at.elapsed() < DASHBOARD_FRESH {
+            return Ok(d.clone());
+        }
+    }
     let ctx = &state.ctx;
-    Ok(Dashboard {
+    let d = Arc::new(Dashboard {
         router_name: state.router_name.clone(),
         ha_mode: actions::ha_mode(ctx),
         queue: actions::queue_summary(ctx)?,
         servers: actions::servers(ctx)?,
         minutes: state.stats.minutes(),
-    })
+    });
+    *cached = Some((std::time::Instant::now(), d.clone()));
+    Ok(d)
 }
 
 async fn dashboard(State(state): State<AppState>, Extension(a): Extension<Auth>) -> Response {
@@ -232,7 +251,7 @@ async fn queue(
     Extension(a): Extension<Auth>,
     Query(filter): Query<QueueFilter>,
 ) -> Response {
-    match actions::queue_page(&state.ctx, &filter) {
+    match tokio::task::block_in_place(|| actions::queue_page(&state.ctx, &filter)) {
         Ok(p) => render(&state, &a, "Queue", "/queue", views::queue(&p, &filter)),
         Err(e) => failure(e),
     }
