@@ -85,34 +85,61 @@ fn run(cli: Cli) -> Result<Exit> {
                     *password = Some(new);
                 }
             }
-            if let Some(reply) = socket::request(&config.data_dir, &args)? {
-                out.write_all(&reply.stdout)?;
-                err.write_all(&reply.stderr)?;
-                return Ok(if reply.code == 0 {
-                    Exit::Ok
-                } else if reply.code == 2 {
-                    Exit::Invalid
-                } else {
-                    Exit::Failed
-                });
+            // The generated first password is void once admin's is set.
+            let initial = match &command {
+                Command::Web {
+                    command: cli::WebCommand::SetPassword { user, .. },
+                } if user == clustermail::web::auth::ADMIN => Some(
+                    config
+                        .data_dir
+                        .join(clustermail::web::auth::INITIAL_PASSWORD_FILE),
+                ),
+                _ => None,
+            };
+            let exit = store_command(&config, command, &args, &mut out, &mut err)?;
+            if let (Exit::Ok, Some(file)) = (exit, initial) {
+                let _ = std::fs::remove_file(file);
             }
-            let db = catalog::open_db(&config.data_dir, config.store_cache_mb << 20)?;
-            let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(async {
-                let ctx = cli::Context {
-                    catalog: Arc::new(Catalog::open(&db, config.local_part_match)?),
-                    spool: Spool::open(&db)?,
-                    tracker: clustermail::health::monitor::shared(&config.routing),
-                    routing: config.routing.clone(),
-                    live: false,
-                    ha: None,
-                };
-                let exit = cli::execute(&ctx, command, &mut out, &mut err).await;
-                ctx.spool.durable().await?;
-                exit
-            })
+            Ok(exit)
         }
     }
+}
+
+/// A store command: through the running router's admin socket, else against
+/// the store opened here.
+fn store_command(
+    config: &Config,
+    command: Command,
+    args: &[String],
+    out: &mut std::io::Stdout,
+    err: &mut std::io::Stderr,
+) -> Result<Exit> {
+    if let Some(reply) = socket::request(&config.data_dir, args)? {
+        out.write_all(&reply.stdout)?;
+        err.write_all(&reply.stderr)?;
+        return Ok(if reply.code == 0 {
+            Exit::Ok
+        } else if reply.code == 2 {
+            Exit::Invalid
+        } else {
+            Exit::Failed
+        });
+    }
+    let db = catalog::open_db(&config.data_dir, config.store_cache_mb << 20)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let ctx = cli::Context {
+            catalog: Arc::new(Catalog::open(&db, config.local_part_match)?),
+            spool: Spool::open(&db)?,
+            tracker: clustermail::health::monitor::shared(&config.routing),
+            routing: config.routing.clone(),
+            live: false,
+            ha: None,
+        };
+        let exit = cli::execute(&ctx, command, out, err).await;
+        ctx.spool.durable().await?;
+        exit
+    })
 }
 
 /// The first line of stdin, without its line end.

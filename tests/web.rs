@@ -145,6 +145,29 @@ fn api_tokens_and_passwords_from_the_cli() {
     assert_eq!(a.status, 200, "{}", a.body);
     let servers: serde_json::Value = serde_json::from_str(&a.body).expect("json");
     assert_eq!(servers[0]["name"], "m1");
+    let a = http(
+        "POST",
+        &c.url("/api/v1/servers/m1/state?state=restricted"),
+        &auth,
+        None,
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(s.ok(&["catalog", "list", "servers"]).contains("restricted"));
+    let a = http(
+        "GET",
+        &c.url("/api/v1/catalog/mailbox/U@c.test"),
+        &auth,
+        None,
+    );
+    let mailbox: serde_json::Value = serde_json::from_str(&a.body).expect("json");
+    assert_eq!(mailbox["home"]["name"], "m1", "{}", a.body);
+    let a = http(
+        "GET",
+        &c.url("/api/v1/catalog/mailbox/nobody@c.test"),
+        &auth,
+        None,
+    );
+    assert_eq!(a.status, 404);
 
     let id = c.held_message();
     let a = http("GET", &c.url("/api/v1/queue?state=held"), &auth, None);
@@ -208,6 +231,10 @@ fn api_tokens_and_passwords_from_the_cli() {
         .expect("write");
     let out = child.wait_with_output().expect("wait");
     assert!(out.status.success());
+    assert!(
+        !s.path().join("data/web-initial-password").exists(),
+        "the generated password's file goes with it"
+    );
     let a = http(
         "POST",
         &c.url("/login"),

@@ -23,6 +23,10 @@ pub const MAX_FAILURES: u32 = 5;
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
 
 const TREE: &str = "web";
+/// An argon2 hash (default parameters) of a password nobody knows, checked for
+/// unknown users.
+const UNKNOWN_USER_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$4Xv0m1rR0ZgH3bGZ0uJp0mSgk3fGq6lJq0pP9B7xk6Q";
 const USER: &str = "user:";
 const TOKEN: &str = "token:";
 
@@ -100,19 +104,23 @@ impl Store {
     }
 
     /// Whether `password` is `user`'s (slow on purpose: call off the async threads).
+    /// An unknown user costs the same hash, so timing does not tell users apart.
     pub fn verify_password(&self, user: &str, password: &str) -> bool {
-        let Ok(Some(stored)) = self.tree.get(format!("{USER}{user}")) else {
+        let stored = self
+            .tree
+            .get(format!("{USER}{user}"))
+            .ok()
+            .flatten()
+            .and_then(|v| String::from_utf8(v.to_vec()).ok());
+        let known = stored.is_some();
+        let text = stored.unwrap_or_else(|| UNKNOWN_USER_HASH.to_string());
+        let Ok(hash) = PasswordHash::new(&text) else {
             return false;
         };
-        let Ok(text) = std::str::from_utf8(&stored) else {
-            return false;
-        };
-        let Ok(hash) = PasswordHash::new(text) else {
-            return false;
-        };
-        Argon2::default()
+        let matches = Argon2::default()
             .verify_password(password.as_bytes(), &hash)
-            .is_ok()
+            .is_ok();
+        known && matches
     }
 
     /// A new API token named `name` (replacing one of that name); the clear token
@@ -308,6 +316,8 @@ mod tests {
         );
         assert!(store.verify_password(ADMIN, password));
         assert!(!store.verify_password(ADMIN, "wrong password"));
+        assert!(PasswordHash::new(UNKNOWN_USER_HASH).is_ok());
+        assert!(!store.verify_password("nobody", password));
         assert!(store.ensure_initial(dir.path()).unwrap().is_none());
         let stored = store.tree.get("user:admin").unwrap().unwrap();
         assert!(!String::from_utf8_lossy(&stored).contains(password));

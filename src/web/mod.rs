@@ -88,6 +88,8 @@ pub async fn start(
         }
     };
     let store = auth::Store::open(ctx.spool.db())?;
+    // Catalog uploads waiting for "apply" belonged to sessions that are gone.
+    let _ = std::fs::remove_dir_all(data_dir.join("web-uploads"));
     let initial = {
         let (store, dir) = (store.clone(), data_dir.clone());
         tokio::task::spawn_blocking(move || store.ensure_initial(&dir)).await??
