@@ -5,6 +5,7 @@
 mod common;
 mod console;
 
+use common::{Router, Scratch};
 use console::{csrf, http, login, Console, FORM};
 
 #[test]
@@ -349,4 +350,68 @@ fn catalog_upload_is_checked_first_then_applied() {
         .header("content-disposition")
         .unwrap_or("")
         .contains("catalog.csv"));
+}
+
+#[test]
+fn under_tls_the_console_speaks_https_and_its_cookie_is_secure() {
+    let s = Scratch::new();
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let cert = s.write("cert.pem", &key.cert.pem());
+    let pkey = s.write("key.pem", &key.signing_key.serialize_pem());
+    let (port, web) = (common::free_port(), common::free_port());
+    let config = format!(
+        "router_name = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n\
+         [web]\nlisten = \"127.0.0.1:{web}\"\ntls_cert = {:?}\ntls_key = {:?}\n",
+        cert.display().to_string(),
+        pkey.display().to_string()
+    );
+    let r = Router::start_config(s, &config, port);
+    r.wait_log(&format!("url=https://127.0.0.1:{web}/"));
+    let password = std::fs::read_to_string(r.scratch.path().join("data/web-initial-password"))
+        .expect("password file");
+    // Python's client, trusting the fresh certificate.
+    let script = r#"
+import http.client, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+ctx.check_hostname = False
+c = http.client.HTTPSConnection('127.0.0.1', int(sys.argv[1]), context=ctx, timeout=20)
+c.request('POST', '/login', body='user=admin&password=' + sys.argv[3],
+          headers={'Content-Type': 'application/x-www-form-urlencoded'})
+r = c.getresponse()
+print(r.status, r.getheader('Set-Cookie'))
+"#;
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            script,
+            &web.to_string(),
+            &cert.display().to_string(),
+            password.trim(),
+        ])
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.starts_with("303 cm_session="), "{text}");
+    assert!(text.contains("; Secure"), "{text}");
+    // Plain HTTP on the TLS port gets no page.
+    use std::io::{Read, Write};
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", web)).expect("connect");
+    plain
+        .set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .ok();
+    plain
+        .write_all(b"GET /login HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let mut got = Vec::new();
+    let _ = plain.read_to_end(&mut got);
+    assert!(
+        !got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
 }
