@@ -148,6 +148,8 @@ async fn log_in_see_servers_find_and_retry_a_held_message() {
         shot(&b, "02-dashboard").await;
 
         let id = tokio::task::block_in_place(|| c.held_message());
+        // The open dashboard refreshes itself (the script polls /live).
+        wait_text(&b, "id=\"queued\">1<").await;
         b.goto(&c.url("/queue?state=held")).await.expect("queue");
         wait_text(&b, &id).await;
         shot(&b, "03-queue").await;
@@ -193,10 +195,9 @@ async fn log_in_see_servers_find_and_retry_a_held_message() {
         b.goto(&c.url("/ha")).await.expect("ha");
         wait_text(&b, "not one of an HA pair").await;
         shot(&b, "10-ha").await;
-        // The dashboard refreshes itself (the script polls /live).
         b.goto(&c.url("/")).await.expect("dashboard");
-        tokio::time::sleep(Duration::from_secs(6)).await;
-        shot(&b, "11-dashboard-refreshed").await;
+        wait_text(&b, "Last hour").await;
+        shot(&b, "11-dashboard-later").await;
     })
     .await;
     finish(session, result).await;

@@ -120,7 +120,7 @@ pub async fn start(
 pub fn app(state: AppState) -> axum::Router {
     let guarded = pages::routes()
         .merge(api::routes())
-        .layer(middleware::from_fn_with_state(state.clone(), csrf_guard))
+        .layer(middleware::from_fn(csrf_guard))
         .layer(middleware::from_fn_with_state(state.clone(), require_auth));
     axum::Router::new()
         .merge(pages::public())
@@ -215,11 +215,7 @@ async fn require_auth(
 /// State-changing requests from a browser session must carry its CSRF token
 /// (form field `csrf`, header `X-CSRF-Token`, or `?csrf=` on an upload form);
 /// bearer-token requests need none (a browser never sends one by itself).
-async fn csrf_guard(
-    axum::extract::State(_state): axum::extract::State<AppState>,
-    req: Request,
-    next: Next,
-) -> Response {
+async fn csrf_guard(req: Request, next: Next) -> Response {
     if req.method() == Method::GET || req.method() == Method::HEAD {
         return next.run(req).await;
     }
