@@ -98,7 +98,8 @@ impl Stats {
 pub async fn run(stats: std::sync::Arc<Stats>, spool: Spool, mut stopped: watch::Receiver<bool>) {
     loop {
         let minute = crate::queue::manager::now_ms() / 60_000;
-        let queue = spool.len() as u64;
+        // Counting a long queue walks the store: not on an async thread.
+        let queue = tokio::task::block_in_place(|| spool.len()) as u64;
         stats.sample(&METRICS, minute, queue);
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
