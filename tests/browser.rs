@@ -192,6 +192,37 @@ async fn log_in_see_servers_find_and_retry_a_held_message() {
             .expect("catalog");
         wait_text(&b, "home:").await;
         shot(&b, "09-catalog").await;
+        let file = c
+            .router
+            .scratch
+            .write("more.csv", "address,home,replicas,aliases\nv@c.test,m1,,\n");
+        b.find(Locator::Id("upload"))
+            .await
+            .expect("file input")
+            .send_keys(&file.display().to_string())
+            .await
+            .expect("choose the file");
+        b.find(Locator::Id("check"))
+            .await
+            .expect("check")
+            .click()
+            .await
+            .expect("dry run");
+        wait_text(&b, "dry run").await;
+        shot(&b, "09b-catalog-dry-run").await;
+        b.find(Locator::Id("apply"))
+            .await
+            .expect("apply")
+            .click()
+            .await
+            .expect("apply");
+        let src = wait_text(&b, "class=\"flash ok\"").await;
+        assert!(src.contains("mailboxes: 1 added"), "{src}");
+        assert!(
+            !src.contains("would be; dry run"),
+            "applied, not a dry run again"
+        );
+        shot(&b, "09c-catalog-applied").await;
         b.goto(&c.url("/ha")).await.expect("ha");
         wait_text(&b, "not one of an HA pair").await;
         shot(&b, "10-ha").await;

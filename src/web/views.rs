@@ -323,9 +323,9 @@ pub fn catalog(search: Markup, csrf: &str, result: Option<Markup>) -> Markup {
         (search)
         h2 { "Import" }
         form method="post" action={ "/catalog/import?csrf=" (csrf) } enctype="multipart/form-data" {
-            label { "File (.toml, .json, .csv)" input type="file" name="file" accept=".toml,.json,.csv" required; }
+            label { "File (.toml, .json, .csv)" input id="upload" type="file" name="file" accept=".toml,.json,.csv" required; }
             label { "Mode" select name="mode" { option value="merge" { "merge" } option value="replace" { "replace" } } }
-            button type="submit" { "Check (dry run)" }
+            button id="check" type="submit" { "Check (dry run)" }
         }
         @if let Some(r) = result { (r) }
         h2 { "Export" }
