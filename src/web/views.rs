@@ -139,14 +139,15 @@ pub fn dashboard(d: &Dashboard) -> Markup {
 /// A bar chart of the last hour, as inline SVG (one bar a minute).
 pub fn chart(title: &str, values: impl Iterator<Item = u64>) -> Markup {
     let values: Vec<u64> = values.collect();
-    let max = values.iter().copied().max().unwrap_or(0).max(1);
+    let top = values.iter().copied().max().unwrap_or(0);
+    let max = top.max(1);
     let (w, h) = (240u64, 60u64);
     let slot = w / super::stats::MINUTES as u64;
     let offset = super::stats::MINUTES.saturating_sub(values.len()) as u64;
     let last = values.last().copied().unwrap_or(0);
     html! {
         figure.chart {
-            figcaption { (title) " " span.now { (last) } " max " (max) }
+            figcaption { (title) " " span.now { (last) } " (max " (top) ")" }
             svg viewBox={ "0 0 " (w) " " (h) } width=(w) height=(h) role="img" aria-label=(title) {
                 line x1="0" y1=(h) x2=(w) y2=(h) class="axis" {}
                 @for (i, v) in values.iter().enumerate() {
