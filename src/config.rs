@@ -40,6 +40,33 @@ pub struct Config {
     pub routing: RoutingConfig,
     /// Active-passive pair of routers; absent: this router runs alone.
     pub ha: Option<HaConfig>,
+    pub web: WebConfig,
+}
+
+/// `[web]`: the web console (dashboard, queue, servers, HA) and its JSON API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    /// `IP:port` of the console; `""` turns it off.
+    pub listen: String,
+    /// PEM certificate chain: the console speaks HTTPS when set (with `tls_key`).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// How long a console login lasts (server-side expiry).
+    #[serde(with = "humantime_serde")]
+    pub session_lifetime: Duration,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            listen: "127.0.0.1:8025".into(),
+            tls_cert: None,
+            tls_key: None,
+            session_lifetime: Duration::from_secs(8 * 3600),
+        }
+    }
 }
 
 /// This unit's configured role in the HA pair.
@@ -393,6 +420,7 @@ impl Default for Config {
             smtp: SmtpConfig::default(),
             routing: RoutingConfig::default(),
             ha: None,
+            web: WebConfig::default(),
         }
     }
 }
@@ -529,6 +557,21 @@ impl Config {
             m.parse::<SocketAddr>().map_err(|_| {
                 anyhow::anyhow!("metrics_listen: {m:?} is not an IP:port (e.g. 127.0.0.1:9125)")
             })?;
+        }
+        let w = &self.web;
+        if !w.listen.is_empty() {
+            w.listen.parse::<SocketAddr>().map_err(|_| {
+                anyhow::anyhow!(
+                    "web.listen: {:?} is not an IP:port (\"\" turns the console off)",
+                    w.listen
+                )
+            })?;
+        }
+        if w.tls_cert.is_some() != w.tls_key.is_some() {
+            bail!("web.tls_cert and web.tls_key go together: set both or neither");
+        }
+        if w.session_lifetime.is_zero() {
+            bail!("web.session_lifetime must be above 0");
         }
         if s.max_message_size == 0 {
             bail!("smtp.max_message_size must be above 0");
@@ -707,6 +750,8 @@ mod tests {
             ),
             ("local_part_match = \"sometimes\"\n", "sometimes"),
             ("[routing]\nfailover = \"some-hops\"\n", "some-hops"),
+            ("[web]\nlisten = \"console\"\n", "web.listen"),
+            ("[web]\ntls_key = \"k.pem\"\n", "web.tls_cert"),
         ] {
             let msg = Config::parse(text).unwrap_err().to_string();
             assert!(msg.contains(needle), "{text}: {msg}");

@@ -429,6 +429,14 @@ impl Spool {
         Ok(all)
     }
 
+    /// Every envelope, oldest first, decoded one at a time as the caller goes
+    /// (a page of a long queue decodes only what it shows).
+    pub fn scan(&self) -> impl Iterator<Item = Result<Envelope>> + '_ {
+        self.tree
+            .scan_prefix(b"e\0")
+            .map(|r| r.map_err(anyhow::Error::from).and_then(|(_, v)| decode(&v)))
+    }
+
     /// The oldest message in the queue (ids sort by arrival).
     pub fn oldest(&self) -> Result<Option<QueueId>> {
         match self.tree.scan_prefix(b"e\0").next() {
