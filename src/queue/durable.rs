@@ -1,7 +1,11 @@
 //! Group commit: the flusher thread that makes the store's writes durable before
 //! anyone is told they are.
 //!
-//! Each round takes every waiting request, then (1) `sled::Db::flush`, which
+//! Each round takes every waiting request, then (0) for requests carrying body
+//! files (large messages, see `bodies`): `fdatasync` of each file and one `fsync`
+//! of `store/bodies` for their entries, and only then the request's store write
+//! (the record pointing to the file: never on disk before the file is);
+//! (1) `sled::Db::flush`, which
 //! writes sled's log but on Linux ends in `sync_file_range` — no disk cache flush,
 //! no metadata — then (2) a real `fdatasync` of the log file (`store/db`), of every
 //! blob file sled wrote since the last round (values over its blob threshold live
@@ -22,8 +26,32 @@ use tokio::sync::oneshot;
 
 pub const FAIL_FLUSH_ENV: &str = "CLUSTERMAIL_TEST_FAIL_FLUSH";
 
-/// One request for durability: answered after the round that covers it.
+/// Answered after the round that covers a request.
 pub type Waiter = oneshot::Sender<Result<(), String>>;
+
+/// A store write made by the flusher once a request's body files are durable.
+pub type Apply = Box<dyn FnOnce() -> Result<(), String> + Send>;
+
+/// One request for durability: everything written so far, and `files` then `then`.
+pub struct Request {
+    /// Body files to fdatasync (their directory fsync'd) before `then`.
+    pub files: Vec<File>,
+    /// Run after `files` are durable, before the round's flush (skipped if
+    /// syncing them failed: the request fails).
+    pub then: Option<Apply>,
+    pub done: Waiter,
+}
+
+impl Request {
+    /// Waits for everything written so far.
+    pub fn wait(done: Waiter) -> Request {
+        Request {
+            files: Vec::new(),
+            then: None,
+            done,
+        }
+    }
+}
 
 /// Syncs the store's files after sled's flush.
 struct Syncer {
@@ -33,6 +61,8 @@ struct Syncer {
     /// The store directory's entries at the last sync.
     entries: Vec<OsString>,
     blobs: PathBuf,
+    /// `store/bodies` (see `bodies`), fsync'd in rounds that sync body files.
+    bodies: PathBuf,
     /// Blob files already synced (pruned to those still present).
     synced: HashSet<OsString>,
     /// The test hook's trigger file, when armed by the environment.
@@ -52,6 +82,7 @@ impl Syncer {
             store: store.to_path_buf(),
             entries: Vec::new(),
             blobs,
+            bodies: super::bodies::dir_of(store),
             synced: HashSet::new(),
             fail_when: std::env::var_os(FAIL_FLUSH_ENV).map(PathBuf::from),
         };
@@ -75,6 +106,35 @@ impl Syncer {
             }
         }
         Ok(())
+    }
+
+    /// Step (0) of a round: each request's body files, then (once, if there were
+    /// any) their directory; a request whose files are durable gets its write
+    /// made. Returns each request's outcome so far.
+    fn sync_bodies(&mut self, requests: &mut [Request]) -> Vec<Result<(), String>> {
+        let mut outcomes: Vec<Result<(), String>> = requests
+            .iter()
+            .map(|r| r.files.iter().try_for_each(File::sync_data))
+            .map(|r| r.map_err(|e| format!("body file sync: {e}")))
+            .collect();
+        if requests.iter().any(|r| !r.files.is_empty()) {
+            if let Err(e) = File::open(&self.bodies).and_then(|d| d.sync_all()) {
+                for (r, o) in requests.iter().zip(outcomes.iter_mut()) {
+                    if !r.files.is_empty() && o.is_ok() {
+                        *o = Err(format!("{}: {e}", self.bodies.display()));
+                    }
+                }
+            }
+        }
+        for (r, o) in requests.iter_mut().zip(outcomes.iter_mut()) {
+            if let Some(then) = r.then.take() {
+                if o.is_ok() {
+                    *o = then();
+                }
+            }
+            r.files.clear();
+        }
+        outcomes
     }
 
     /// fsync of the store directory if its entries changed since the last time.
@@ -122,25 +182,26 @@ impl Syncer {
 
 /// Starts the flusher thread for the sled store in directory `store`; it ends
 /// when every sender is gone.
-pub fn start(db: sled::Db, store: &Path) -> anyhow::Result<std::sync::mpsc::Sender<Waiter>> {
+pub fn start(db: sled::Db, store: &Path) -> anyhow::Result<std::sync::mpsc::Sender<Request>> {
     let mut syncer =
         Syncer::open(store).map_err(|e| anyhow::anyhow!("store {}: {e}", store.display()))?;
-    let (tx, rx) = std::sync::mpsc::channel::<Waiter>();
+    let (tx, rx) = std::sync::mpsc::channel::<Request>();
     std::thread::Builder::new()
         .name("queue-flusher".into())
         .spawn(move || {
             while let Ok(first) = rx.recv() {
-                let mut waiters = vec![first];
-                while let Ok(w) = rx.try_recv() {
-                    waiters.push(w);
+                let mut requests = vec![first];
+                while let Ok(r) = rx.try_recv() {
+                    requests.push(r);
                 }
+                let outcomes = syncer.sync_bodies(&mut requests);
                 let result = db
                     .flush()
                     .map_err(|e| e.to_string())
                     .and_then(|_| syncer.sync().map_err(|e| e.to_string()));
-                tracing::trace!(shared = waiters.len(), "queue flush");
-                for w in waiters {
-                    let _ = w.send(result.clone());
+                tracing::trace!(shared = requests.len(), "queue flush");
+                for (r, o) in requests.into_iter().zip(outcomes) {
+                    let _ = r.done.send(o.and(result.clone()));
                 }
             }
         })?;

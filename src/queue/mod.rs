@@ -6,10 +6,12 @@
 //! actions on the queue; `id` makes queue ids;
 //! `tombstone` recognises a message handed over twice (id and digest).
 
+pub mod bodies;
 pub mod claim;
 pub mod control;
 pub mod dsn;
 pub mod durable;
+pub mod envelope;
 pub mod id;
 pub mod manager;
 pub mod schedule;

@@ -1,10 +1,13 @@
 //! The spool: messages in sled, written atomically and made durable before the
 //! SMTP 250.
 //!
-//! Layout (tree `queue`): `e\0<id>` → envelope, `b\0<id>` → the message octets as
-//! queued (our Received header first). Both keys of a message go in one
+//! Layout (tree `queue`): `e\0<id>` → envelope, and either `b\0<id>` → the message
+//! octets as queued (our Received header first), or, for a body over
+//! [`bodies::INLINE_MAX`], `f\0<id>` → its length, the octets being in the file
+//! `store/bodies/<id>` (see `bodies`). Both keys of a message go in one
 //! `apply_batch`, which sled recovers all or nothing: a crash never leaves half a
-//! message. Records start with a format version byte.
+//! message; a body file is durable before its keys are written, and unlinked only
+//! after they are durably removed. Records start with a format version byte.
 //!
 //! Durability: [`Spool::enqueue`] returns only after the message is on disk (group
 //! commit with a real fdatasync: see `durable`). A message is in the queue — seen
@@ -15,120 +18,17 @@
 //! and [`Spool::update`] never re-creates a removed message: a stale writer gets
 //! [`Removed`] instead of making an envelope without octets.
 
+use super::bodies::{self, Bodies};
 use super::claim::Claims;
-use super::durable::{self, Waiter};
+use super::durable::{self, Request};
+pub use super::envelope::{Envelope, Recipient, RecipientState};
 use super::QueueId;
 use anyhow::{anyhow, bail, Result};
-use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 const FORMAT: u8 = 4;
-
-/// Where a recipient stands.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum RecipientState {
-    /// Not yet routed: the first attempt may fail over.
-    Pending,
-    /// Kept in the queue: retried on the home server only (see `route`).
-    Held,
-    /// A server took it (2xx after DATA).
-    Delivered {
-        server: String,
-        reply: String,
-        at: u64,
-    },
-    /// Permanently refused, or expired.
-    Failed { reply: String, at: u64 },
-    /// Permanently refused or expired, kept for an administrator instead of bounced
-    /// (`routing.hold_undeliverable`): `queue release`, `queue bounce` or `queue delete`.
-    Undeliverable { reply: String, at: u64 },
-}
-
-impl RecipientState {
-    /// Delivered or failed: nothing more to do for this recipient.
-    /// No more automatic attempts: delivered, failed, or undeliverable (waiting for
-    /// an administrator).
-    pub fn is_final(&self) -> bool {
-        matches!(
-            self,
-            RecipientState::Delivered { .. }
-                | RecipientState::Failed { .. }
-                | RecipientState::Undeliverable { .. }
-        )
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Recipient {
-    /// The forward-path as the client gave it (source route dropped).
-    pub address: String,
-    /// The catalog mailbox it belongs to (primary address); empty for an address
-    /// outside the catalog (a bounce to an outside sender).
-    pub mailbox: String,
-    pub state: RecipientState,
-    /// Delivery attempts so far.
-    pub attempts: u32,
-    /// Milliseconds since the epoch of the next attempt (0: now).
-    pub next_attempt: u64,
-    /// The last routing decision and why, and the last error, for `queue show`.
-    pub last_route: Option<String>,
-    pub last_error: Option<String>,
-    /// Failed and its bounce queued (or none owed: null sender).
-    pub reported: bool,
-    /// When it expires, in milliseconds since the epoch; 0: the message's arrival
-    /// plus `max_queue_lifetime` (a released recipient gets a new lifetime).
-    pub expires_at: u64,
-}
-
-impl Recipient {
-    pub fn new(address: String, mailbox: String) -> Recipient {
-        Recipient {
-            address,
-            mailbox,
-            state: RecipientState::Pending,
-            attempts: 0,
-            next_attempt: 0,
-            last_route: None,
-            last_error: None,
-            reported: false,
-            expires_at: 0,
-        }
-    }
-
-    /// Failed and no bounce queued yet.
-    pub fn needs_bounce(&self) -> bool {
-        matches!(self.state, RecipientState::Failed { .. }) && !self.reported
-    }
-
-    /// Nothing more to do: delivered, or failed and reported.
-    pub fn is_done(&self) -> bool {
-        match self.state {
-            RecipientState::Delivered { .. } => true,
-            RecipientState::Failed { .. } => self.reported,
-            _ => false,
-        }
-    }
-}
-
-/// Everything about a queued message except its octets.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Envelope {
-    pub id: QueueId,
-    /// Reverse-path; None for the null sender `<>`.
-    pub sender: Option<String>,
-    pub recipients: Vec<Recipient>,
-    pub client_ip: IpAddr,
-    pub helo: String,
-    /// Milliseconds since the epoch.
-    pub received_at: u64,
-    /// Octets of the queued message (Received header included).
-    pub size: u64,
-    pub smtputf8: bool,
-    pub eight_bit: bool,
-}
 
 fn key(kind: u8, id: QueueId) -> [u8; 10] {
     let mut k = [0u8; 10];
@@ -167,7 +67,9 @@ pub struct Removed(pub QueueId);
 pub struct Spool {
     db: sled::Db,
     tree: sled::Tree,
-    flush: std::sync::mpsc::Sender<Waiter>,
+    flush: std::sync::mpsc::Sender<Request>,
+    /// Bodies over [`bodies::INLINE_MAX`], in files.
+    bodies: Bodies,
     /// Wakes the queue manager when a message arrives.
     arrived: std::sync::Arc<tokio::sync::Notify>,
     /// Messages queued since the manager last looked (it schedules them at once).
@@ -193,10 +95,21 @@ impl Spool {
                 QueueId::observe(QueueId::from_bytes(b));
             }
         }
+        let bodies =
+            Bodies::open(store).map_err(|e| anyhow!("{}: {e}", bodies::dir_of(store).display()))?;
+        let orphans =
+            bodies.remove_orphans(|id| tree.contains_key(key(b'f', id)).unwrap_or(true))?;
+        if orphans > 0 {
+            tracing::warn!(
+                orphans,
+                "queue: removed body files no message points to (left by a crash)"
+            );
+        }
         Ok(Spool {
             db: db.clone(),
             tree,
             flush: durable::start(db.clone(), store)?,
+            bodies,
             arrived: std::sync::Arc::new(tokio::sync::Notify::new()),
             arrivals: Default::default(),
             rescan: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
@@ -219,18 +132,68 @@ impl Spool {
     /// its copy, before the wait for the disk.
     pub async fn enqueue(&self, env: &Envelope, message: impl AsRef<[u8]>) -> Result<()> {
         let id = env.id;
-        let mut batch = sled::Batch::default();
-        batch.insert(&key(b'e', id), encode(env)?);
-        batch.insert(&key(b'b', id), message.as_ref());
-        drop(message);
+        let record = encode(env)?;
         self.unsettled().insert(id);
-        // In memory until the flush: cheaper here than a hop to a blocking thread
-        // (measured: fewer thread switches per message).
-        if let Err(e) = self.tree.apply_batch(batch) {
-            self.unsettled().remove(&id);
-            return Err(e.into());
+        let body = self.stage_body(id, message.as_ref());
+        drop(message);
+        let (file, body_key, body_value) = body?;
+        let tree = self.tree.clone();
+        let write = move || {
+            let mut batch = sled::Batch::default();
+            batch.insert(&key(b'e', id), record);
+            batch.insert(&body_key, body_value);
+            tree.apply_batch(batch).map_err(|e| e.to_string())
+        };
+        self.commit(id, file, Box::new(write), None).await
+    }
+
+    /// Where the body of `id` goes: a small one in sled (`b` → octets, no file);
+    /// a large one written to its file (to be synced) and `f` → its length. On
+    /// error `id` is no longer unsettled (nothing was stored).
+    fn stage_body(
+        &self,
+        id: QueueId,
+        octets: &[u8],
+    ) -> Result<(Option<std::fs::File>, [u8; 10], Vec<u8>)> {
+        if octets.len() <= bodies::INLINE_MAX {
+            return Ok((None, key(b'b', id), octets.to_vec()));
         }
-        self.settle(id, None).await
+        // In the page cache until the flush: like sled's in-memory write, cheaper
+        // here than a hop to a blocking thread.
+        match self.bodies.write(id, octets) {
+            Ok(file) => Ok((
+                Some(file),
+                key(b'f', id),
+                (octets.len() as u64).to_be_bytes().to_vec(),
+            )),
+            Err(e) => {
+                self.unsettled().remove(&id);
+                Err(anyhow!("queue body file for {id}: {e}"))
+            }
+        }
+    }
+
+    /// Makes the store write of a new message: a small one at once, then waits for
+    /// the disk; one with a body `file` in the flusher once the file is durable.
+    /// Then settles it (see [`Spool::settle`]).
+    async fn commit(
+        &self,
+        id: QueueId,
+        file: Option<std::fs::File>,
+        write: durable::Apply,
+        record: Option<(&sled::Tree, &[u8])>,
+    ) -> Result<()> {
+        let flushed = match file {
+            None => match write() {
+                Ok(()) => self.durable().await,
+                Err(e) => {
+                    self.unsettled().remove(&id);
+                    return Err(anyhow!("queue write failed: {e}"));
+                }
+            },
+            Some(file) => self.durable_after(file, write).await,
+        };
+        self.settle(id, flushed, record).await
     }
 
     /// Like [`Spool::enqueue`], writing `other_key` → `other_value` into `other` in the same
@@ -247,27 +210,35 @@ impl Spool {
     ) -> Result<()> {
         use sled::Transactional;
         let id = env.id;
-        let (e, b) = (key(b'e', id), key(b'b', id));
         let record = encode(env)?;
         self.unsettled().insert(id);
-        let written = (&self.tree, other).transaction(|(q, o)| {
-            q.insert(&e[..], record.as_slice())?;
-            q.insert(&b[..], message)?;
-            o.insert(other_key, other_value)?;
-            Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
-        });
-        if let Err(e) = written {
-            self.unsettled().remove(&id);
-            return Err(anyhow!("queue write failed: {e:?}"));
-        }
-        self.settle(id, Some((other, other_key))).await
+        let (file, b, body) = self.stage_body(id, message)?;
+        let (tree, o_tree) = (self.tree.clone(), other.clone());
+        let (o_key, o_value) = (other_key.to_vec(), other_value.to_vec());
+        let write = move || {
+            (&tree, &o_tree)
+                .transaction(|(q, o)| {
+                    q.insert(&key(b'e', id)[..], record.as_slice())?;
+                    q.insert(&b[..], body.as_slice())?;
+                    o.insert(o_key.as_slice(), o_value.as_slice())?;
+                    Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+                })
+                .map_err(|e| format!("{e:?}"))
+        };
+        self.commit(id, file, Box::new(write), Some((other, other_key)))
+            .await
     }
 
-    /// Waits until the write of `id` is on disk, then makes it visible and wakes
-    /// the manager. If the flush fails, the message (and `record`, written with
-    /// it) is refused: never delivered, and the caller says 451.
-    async fn settle(&self, id: QueueId, record: Option<(&sled::Tree, &[u8])>) -> Result<()> {
-        if let Err(e) = self.durable().await {
+    /// After the flush of the write of `id`: makes it visible and wakes the
+    /// manager. If the flush failed, the message (and `record`, written with it)
+    /// is refused: never delivered, and the caller says 451.
+    async fn settle(
+        &self,
+        id: QueueId,
+        flushed: Result<()>,
+        record: Option<(&sled::Tree, &[u8])>,
+    ) -> Result<()> {
+        if let Err(e) = flushed {
             if let Some((tree, key)) = record {
                 if let Err(e) = tree.remove(key) {
                     tracing::error!(%id, error = %e, "queue flush failed: its record could not be removed");
@@ -293,15 +264,13 @@ impl Spool {
     /// process unless the removal is known durable (its octets may have reached
     /// the disk even so: the removal must too, or a restart would deliver it).
     async fn refuse(&self, id: QueueId) {
-        let mut batch = sled::Batch::default();
-        batch.remove(&key(b'e', id));
-        batch.remove(&key(b'b', id));
-        let removed = match self.tree.apply_batch(batch) {
+        let removed = match self.tree.apply_batch(removal(id)) {
             Ok(()) => self.durable().await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         match removed {
             Ok(()) => {
+                self.unlink(id);
                 self.unsettled().remove(&id);
                 tracing::warn!(%id, "queue flush failed: message refused and removed");
             }
@@ -364,20 +333,42 @@ impl Spool {
         Ok(())
     }
 
-    /// Removes a message (envelope and octets, atomically) and waits until it is on disk.
+    /// Removes a message (envelope and octets, atomically) and waits until it is
+    /// on disk; then unlinks its body file, if any.
     pub async fn remove(&self, id: QueueId) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        batch.remove(&key(b'e', id));
-        batch.remove(&key(b'b', id));
-        self.tree.apply_batch(batch)?;
-        self.durable().await
+        self.tree.apply_batch(removal(id))?;
+        self.durable().await?;
+        self.unlink(id);
+        Ok(())
+    }
+
+    /// Unlinks the body file of a message whose removal is durable (a failure
+    /// leaves an orphan, removed at the next start).
+    fn unlink(&self, id: QueueId) {
+        if let Err(e) = self.bodies.remove(id) {
+            tracing::warn!(%id, error = %e, "queue: body file not removed (removed at the next start)");
+        }
     }
 
     /// Waits for everything written so far to be on disk (shared flush).
     pub async fn durable(&self) -> Result<()> {
+        self.request(Request::wait).await
+    }
+
+    /// Has the flusher sync the body `file`, then make `write`, then flush.
+    async fn durable_after(&self, file: std::fs::File, write: durable::Apply) -> Result<()> {
+        self.request(|done| Request {
+            files: vec![file],
+            then: Some(write),
+            done,
+        })
+        .await
+    }
+
+    async fn request(&self, make: impl FnOnce(durable::Waiter) -> Request) -> Result<()> {
         let (tx, rx) = oneshot::channel();
         self.flush
-            .send(tx)
+            .send(make(tx))
             .map_err(|_| anyhow!("the queue flusher has stopped"))?;
         rx.await
             .map_err(|_| anyhow!("the queue flusher has stopped"))?
@@ -404,16 +395,51 @@ impl Spool {
         if self.tree.contains_key(key(b'b', id))? {
             return Ok(Some(env));
         }
-        tracing::warn!(%id, "queue: removed an envelope without message octets (left by an older version)");
+        match self.body_len(id)? {
+            Some(len) if self.bodies.is_whole(id, len) => return Ok(Some(env)),
+            Some(len) => tracing::error!(%id, len, file = %self.bodies_file(id),
+                "queue: removed a message whose body file is missing or damaged (never acknowledged, or a damaged store)"),
+            None => tracing::warn!(%id,
+                "queue: removed an envelope without message octets (left by an older version)"),
+        }
         self.remove(id).await?;
         Ok(None)
     }
 
+    /// The length of the body of `id` if it is in a file.
+    fn body_len(&self, id: QueueId) -> Result<Option<u64>> {
+        let Some(v) = self.tree.get(key(b'f', id))? else {
+            return Ok(None);
+        };
+        let len =
+            <[u8; 8]>::try_from(&v[..]).map_err(|_| anyhow!("{id}: damaged body length record"))?;
+        Ok(Some(u64::from_be_bytes(len)))
+    }
+
+    fn bodies_file(&self, id: QueueId) -> String {
+        format!("bodies/{id}")
+    }
+
+    /// The octets of `id` as queued, from sled or from its body file (None, and
+    /// an error logged, if that file is missing or not whole).
     pub fn message(&self, id: QueueId) -> Result<Option<Vec<u8>>> {
         if !self.visible(id) {
             return Ok(None);
         }
-        Ok(self.tree.get(key(b'b', id))?.map(|v| v.to_vec()))
+        if let Some(v) = self.tree.get(key(b'b', id))? {
+            return Ok(Some(v.to_vec()));
+        }
+        let Some(len) = self.body_len(id)? else {
+            return Ok(None);
+        };
+        match self.bodies.read(id)? {
+            Some(v) if v.len() as u64 == len => Ok(Some(v)),
+            _ => {
+                tracing::error!(%id, len, file = %self.bodies_file(id),
+                    "queue: the message's body file is missing or damaged");
+                Ok(None)
+            }
+        }
     }
 
     /// Every envelope, oldest first.
@@ -464,6 +490,15 @@ impl Spool {
     pub fn db(&self) -> &sled::Db {
         &self.db
     }
+}
+
+/// The removal of every key of a message.
+fn removal(id: QueueId) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    for kind in [b'e', b'b', b'f'] {
+        batch.remove(&key(kind, id));
+    }
+    batch
 }
 
 #[cfg(test)]
