@@ -97,6 +97,14 @@ fn a_large_message_accepted_then_killed_is_delivered_once_and_leaves_no_file() {
     let files = body_files(r.scratch.path());
     assert_eq!(files.len(), 1, "the body is in a file: {files:?}");
     assert_eq!(r.queue_ids(), files, "the file is named by the queue id");
+    // Readers get the octets as before (`queue show --raw`).
+    let expected = big_message("big-one");
+    let raw = r.queued_raw(&files[0]);
+    assert!(
+        raw.ends_with(&expected[..expected.len() - 3]),
+        "queue show --raw: {} octets",
+        raw.len()
+    );
     // An orphan, as a crash during an earlier accept leaves (no envelope).
     std::fs::write(
         bodies_dir(r.scratch.path()).join("0000000000000001"),
@@ -108,7 +116,6 @@ fn a_large_message_accepted_then_killed_is_delivered_once_and_leaves_no_file() {
     r.restart();
     let got = m1.wait_for(1, 30);
     assert_eq!(got.len(), 1);
-    let expected = big_message("big-one");
     assert!(
         got[0].data.ends_with(&expected[..expected.len() - 3]),
         "the octets as sent ({} octets delivered)",
