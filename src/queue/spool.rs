@@ -154,9 +154,9 @@ impl Spool {
         &self,
         id: QueueId,
         octets: &[u8],
-    ) -> Result<(Option<std::fs::File>, [u8; 10], Vec<u8>)> {
+    ) -> Result<(Option<std::fs::File>, [u8; 10], sled::IVec)> {
         if octets.len() <= bodies::INLINE_MAX {
-            return Ok((None, key(b'b', id), octets.to_vec()));
+            return Ok((None, key(b'b', id), sled::IVec::from(octets)));
         }
         // In the page cache until the flush: like sled's in-memory write, cheaper
         // here than a hop to a blocking thread.
@@ -164,7 +164,7 @@ impl Spool {
             Ok(file) => Ok((
                 Some(file),
                 key(b'f', id),
-                (octets.len() as u64).to_be_bytes().to_vec(),
+                sled::IVec::from(&(octets.len() as u64).to_be_bytes()[..]),
             )),
             Err(e) => {
                 self.unsettled().remove(&id);
@@ -219,7 +219,7 @@ impl Spool {
             (&tree, &o_tree)
                 .transaction(|(q, o)| {
                     q.insert(&key(b'e', id)[..], record.as_slice())?;
-                    q.insert(&b[..], body.as_slice())?;
+                    q.insert(&b[..], body.clone())?;
                     o.insert(o_key.as_slice(), o_value.as_slice())?;
                     Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
                 })
