@@ -228,4 +228,21 @@ mod tests {
             Some(vec![2u8; INLINE_MAX + 1])
         );
     }
+
+    #[tokio::test]
+    async fn a_large_body_written_with_a_record_is_in_a_file_with_the_record() {
+        let store = tempfile::tempdir().unwrap();
+        let db = sled::open(store.path()).unwrap();
+        let spool = crate::queue::Spool::open(&db, store.path()).unwrap();
+        let other = db.open_tree("other").unwrap();
+        let env = envelope(INLINE_MAX + 10);
+        let octets = vec![7u8; INLINE_MAX + 10];
+        spool
+            .enqueue_recorded(&env, &octets, &other, b"k", b"v")
+            .await
+            .unwrap();
+        assert!(dir_of(store.path()).join(env.id.to_string()).exists());
+        assert_eq!(other.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
+        assert_eq!(spool.message(env.id).unwrap(), Some(octets));
+    }
 }
