@@ -110,6 +110,7 @@ impl Ha {
                 .map(|e| format!(" (last sync error: {e})"))
                 .unwrap_or_default()
         )?;
+        self.write_shadow(out)?;
         writeln!(out, "local queue:   {} message(s)", self.spool.len())
     }
 

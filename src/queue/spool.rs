@@ -162,6 +162,15 @@ fn decode(bytes: &[u8]) -> Result<Envelope> {
 #[error("{0}: no longer in the queue")]
 pub struct Removed(pub QueueId);
 
+/// A message entered or left the queue (for the HA shadow copies, `ha::shadow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Queued without a shadow of its own (a bounce, a pushed message).
+    Queued(QueueId),
+    /// Gone: delivered, bounced, deleted, pushed away or refused.
+    Removed(QueueId),
+}
+
 /// The queue's store. Clone it freely: clones share the store and the flusher.
 #[derive(Clone)]
 pub struct Spool {
@@ -180,6 +189,8 @@ pub struct Spool {
     unsettled: Arc<Mutex<HashSet<QueueId>>>,
     /// Who is changing which message now.
     claims: Arc<Claims>,
+    /// Told of each [`Change`], once someone watches ([`Spool::watch_changes`]).
+    changes: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Change>>>,
 }
 
 impl Spool {
@@ -202,7 +213,20 @@ impl Spool {
             rescan: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
             unsettled: Default::default(),
             claims: Default::default(),
+            changes: Default::default(),
         })
+    }
+
+    /// Every later [`Change`], in order; only the first caller gets them.
+    pub fn watch_changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Change>> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.changes.set(tx).ok().map(|()| rx)
+    }
+
+    fn tell(&self, c: Change) {
+        if let Some(tx) = self.changes.get() {
+            let _ = tx.send(c);
+        }
     }
 
     fn unsettled(&self) -> std::sync::MutexGuard<'_, HashSet<QueueId>> {
@@ -228,7 +252,32 @@ impl Spool {
             self.unsettled().remove(&id);
             return Err(e.into());
         }
-        self.settle(id, None).await
+        let flushed = self.durable().await;
+        self.settle(id, flushed, None).await?;
+        self.tell(Change::Queued(id));
+        Ok(())
+    }
+
+    /// Like [`Spool::enqueue`], but the message becomes part of the queue only if
+    /// `confirm` (run while the local flush runs: the HA shadow copy) succeeds
+    /// too; otherwise it is refused like a failed flush (never delivered).
+    pub async fn enqueue_confirmed(
+        &self,
+        env: &Envelope,
+        message: &[u8],
+        confirm: impl std::future::Future<Output = Result<()>>,
+    ) -> Result<()> {
+        let id = env.id;
+        let mut batch = sled::Batch::default();
+        batch.insert(&key(b'e', id), encode(env)?);
+        batch.insert(&key(b'b', id), message);
+        self.unsettled().insert(id);
+        if let Err(e) = self.tree.apply_batch(batch) {
+            self.unsettled().remove(&id);
+            return Err(e.into());
+        }
+        let (flushed, confirmed) = tokio::join!(self.durable(), confirm);
+        self.settle(id, flushed.and(confirmed), None).await
     }
 
     /// Like [`Spool::enqueue`], writing `other_key` → `other_value` into `other` in the same
@@ -258,14 +307,22 @@ impl Spool {
             self.unsettled().remove(&id);
             return Err(anyhow!("queue write failed: {e:?}"));
         }
-        self.settle(id, Some((other, other_key))).await
+        let flushed = self.durable().await;
+        self.settle(id, flushed, Some((other, other_key))).await?;
+        self.tell(Change::Queued(id));
+        Ok(())
     }
 
     /// Waits until the write of `id` is on disk, then makes it visible and wakes
     /// the manager. If the flush fails, the message (and `record`, written with
     /// it) is refused: never delivered, and the caller says 451.
-    async fn settle(&self, id: QueueId, record: Option<(&sled::Tree, &[u8])>) -> Result<()> {
-        if let Err(e) = self.durable().await {
+    async fn settle(
+        &self,
+        id: QueueId,
+        flushed: Result<()>,
+        record: Option<(&sled::Tree, &[u8])>,
+    ) -> Result<()> {
+        if let Err(e) = flushed {
             if let Some((tree, key)) = record {
                 if let Err(e) = tree.remove(key) {
                     tracing::error!(%id, error = %e, "queue flush failed: its record could not be removed");
@@ -294,6 +351,7 @@ impl Spool {
         let mut batch = sled::Batch::default();
         batch.remove(&key(b'e', id));
         batch.remove(&key(b'b', id));
+        self.tell(Change::Removed(id));
         let removed = match self.tree.apply_batch(batch) {
             Ok(()) => self.durable().await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
@@ -368,6 +426,7 @@ impl Spool {
         batch.remove(&key(b'e', id));
         batch.remove(&key(b'b', id));
         self.tree.apply_batch(batch)?;
+        self.tell(Change::Removed(id));
         self.durable().await
     }
 
@@ -397,6 +456,18 @@ impl Spool {
             return Ok(None);
         }
         Ok(self.tree.get(key(b'b', id))?.map(|v| v.to_vec()))
+    }
+
+    /// The id of every message written to the queue, settled or not (the HA
+    /// shadow's reconciliation: a message being accepted is included).
+    pub fn ids(&self) -> Result<Vec<QueueId>> {
+        let mut ids = Vec::new();
+        for k in self.tree.scan_prefix(b"e\0").keys() {
+            if let Ok(b) = <[u8; 8]>::try_from(&k?[2..]) {
+                ids.push(QueueId::from_bytes(b));
+            }
+        }
+        Ok(ids)
     }
 
     /// Every envelope, oldest first.
