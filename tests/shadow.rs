@@ -13,8 +13,18 @@ use std::time::{Duration, Instant};
 
 /// A pair with `ha.shadow = shadow`, releases every `release_ms`.
 fn shadow_pair(p: &Ports, home: u16, shadow: &str, release_ms: u64) -> (Router, Router) {
+    shadow_pair_on_failure(p, home, shadow, release_ms, "slave")
+}
+
+fn shadow_pair_on_failure(
+    p: &Ports,
+    home: u16,
+    shadow: &str,
+    release_ms: u64,
+    on_failure: &str,
+) -> (Router, Router) {
     let configs = [0, 1].map(|i| {
-        config(p, i, "slave", "pair-secret")
+        config(p, i, on_failure, "pair-secret")
             + &format!("shadow = \"{shadow}\"\nshadow_release_interval = \"{release_ms}ms\"\n")
     });
     pair_with(p, home, configs)
@@ -192,6 +202,34 @@ fn the_old_primary_returning_with_its_queue_delivers_each_promoted_message_once(
         "{}",
         status(&b)
     );
+}
+
+#[test]
+fn an_old_primary_restoring_itself_does_not_deliver_what_the_secondary_promoted() {
+    let n = 5;
+    let p = ports();
+    let mut home = RecordingSink::start("m1");
+    home.down();
+    let (mut a, b) = shadow_pair_on_failure(&p, home.port, "preferred", 1000, "restore");
+    for i in 0..n {
+        send(p.smtp[0], &format!("held-{i}"));
+    }
+    a.kill9();
+    wait_mode(&b, "MASTER", 20);
+    wait_until(20, "shadows promoted", || promoted(&b) == n);
+    home.up();
+    assert_eq!(home.wait_for(n, 60).len(), n);
+    // Back with its queue intact, FAILED, then MASTER again (on_failure = restore).
+    a.restart();
+    wait_mode(&a, "MASTER", 30);
+    wait_mode(&b, "SLAVE", 30);
+    send(p.smtp[0], "after");
+    assert_eq!(home.wait_for(n + 1, 30).len(), n + 1);
+    std::thread::sleep(Duration::from_secs(2));
+    let mut want: Vec<String> = (0..n).map(|i| format!("held-{i}")).collect();
+    want.push("after".into());
+    want.sort();
+    assert_eq!(subjects(&home), want, "each delivered once\n{}", a.log());
 }
 
 /// One transaction up to DATA's 354 while the pair is healthy.

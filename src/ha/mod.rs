@@ -351,9 +351,14 @@ impl Ha {
                 }
             }
         }
+        // With shadows, a FAILED unit's mail may be promoted on the peer: pushed
+        // (the same-message rule drops those), never delivered from here.
+        let shadowed = self.config.shadow != crate::config::ShadowMode::Off;
+        let failed = self.mode() == Mode::Failed;
         let change = self.unit().tick(&Tick {
             peer: beat.map(|b| b.view()),
             peer_smtp: Some(smtp),
+            push_first: shadowed && failed && !self.spool.is_empty(),
         });
         let to_master = change
             .as_ref()
@@ -363,7 +368,12 @@ impl Ha {
             self.shadows_on_master(beat.is_some_and(|b| b.mode == Mode::Master))
                 .await;
         }
-        if let (Some(b), Mode::Slave, Some(l)) = (beat, self.mode(), link.as_mut()) {
+        let pushing = match self.mode() {
+            Mode::Slave => true,
+            Mode::Failed => shadowed,
+            _ => false,
+        };
+        if let (Some(b), true, Some(l)) = (beat, pushing, link.as_mut()) {
             if b.mode == Mode::Master {
                 if let Err(e) = self.push(l).await {
                     tracing::warn!(error = %e, "HA queue push to the MASTER failed");
