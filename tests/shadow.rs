@@ -70,12 +70,22 @@ fn a_primary_whose_disk_is_lost_loses_no_acknowledged_mail() {
         "{}",
         status(&b)
     );
+    let killed = Instant::now();
     a.kill9();
     std::fs::remove_dir_all(a.scratch.path().join("data")).expect("delete the data dir");
     wait_mode(&b, "MASTER", 20);
-    wait_until(20, "shadows promoted", || promoted(&b) == n);
+    wait_until(20 + n as u64 / 10, "shadows promoted", || promoted(&b) == n);
+    let promoted_after = killed.elapsed();
     home.up();
-    let got = home.wait_for(n, 60);
+    let got = home.wait_for(n, 60 + n as u64 / 10);
+    eprintln!(
+        "disk loss: acknowledged {n}, promoted {} ({} ms after kill -9), delivered {} distinct of {} ({} missing)",
+        promoted(&b),
+        promoted_after.as_millis(),
+        subjects(&home).iter().collect::<std::collections::HashSet<_>>().len(),
+        got.len(),
+        n.saturating_sub(got.len())
+    );
     let mut want: Vec<String> = (0..n).map(|i| format!("held-{i}")).collect();
     want.sort();
     std::thread::sleep(Duration::from_millis(500));
