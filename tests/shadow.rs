@@ -242,6 +242,60 @@ fn an_old_primary_restoring_itself_does_not_deliver_what_the_secondary_promoted(
     assert_eq!(subjects(&home), want, "each delivered once\n{}", a.log());
 }
 
+#[test]
+fn a_bounce_made_by_the_lost_primary_is_not_lost() {
+    let p = ports();
+    let m1 = RecordingSink::start("m1");
+    let mut m2 = RecordingSink::start("m2");
+    m2.down();
+    let (mut a, b) = shadow_pair(&p, m1.port, "preferred", 300);
+    // The sender's mailbox is homed on m2 (down): its bounce is held.
+    let f = a.scratch.write(
+        "c2.toml",
+        &format!(
+            "[[server]]\nname = \"m1\"\ncluster = \"c\"\naddress = \"127.0.0.1:{}\"\n\n\
+             [[server]]\nname = \"m2\"\ncluster = \"c\"\naddress = \"127.0.0.1:{}\"\n\n\
+             [[mailbox]]\naddress = \"u@c.test\"\nhome = \"m1\"\n\n\
+             [[mailbox]]\naddress = \"s@c.test\"\nhome = \"m2\"\n",
+            m1.port, m2.port
+        ),
+    );
+    a.scratch
+        .ok(&["catalog", "import", "--replace", &f.display().to_string()]);
+    wait_catalog(&b, m2.port);
+    m1.refuse.lock().expect("lock").push("u@c.test".into());
+    let mut c = Client::hello(p.smtp[0]);
+    expect(&c.cmd("MAIL FROM:<s@c.test>"), 250, "2.1.0");
+    expect(&c.cmd("RCPT TO:<u@c.test>"), 250, "2.1.5");
+    c.cmd("DATA");
+    c.send_raw(b"Subject: refused\r\n\r\n.\r\n");
+    expect(&c.reply(), 250, "2.0.0");
+    // The original is released, the bounce the MASTER made is shadowed.
+    wait_until(30, "the bounce queued, the original gone", || {
+        a.queue_ids().len() == 1
+    });
+    std::thread::sleep(Duration::from_millis(1500)); // releases: every 300 ms
+    assert_eq!(shadow_count(&b, "held for the peer"), 1, "{}", status(&b));
+    a.kill9();
+    std::fs::remove_dir_all(a.scratch.path().join("data")).expect("delete the data dir");
+    wait_mode(&b, "MASTER", 20);
+    wait_until(20, "the bounce promoted", || promoted(&b) == 1);
+    let line = b
+        .log()
+        .lines()
+        .find(|l| l.contains("shadow copy promoted"))
+        .map(str::to_string);
+    assert!(
+        line.as_deref().is_some_and(|l| l.contains("from=\"<>\"")),
+        "{line:?}"
+    );
+    m2.up();
+    let got = m2.wait_for(1, 60);
+    assert_eq!(got.len(), 1, "{}", b.log());
+    assert_eq!(got[0].from, "", "a bounce: null sender");
+    assert!(String::from_utf8_lossy(&got[0].data).contains("report-type=delivery-status"));
+}
+
 /// One transaction up to DATA's 354 while the pair is healthy.
 fn open_transaction(port: u16) -> Client {
     let mut c = Client::hello(port);
