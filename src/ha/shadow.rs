@@ -49,10 +49,46 @@ pub enum Op {
     /// Keep this copy of a queued message.
     Put {
         envelope: Envelope,
+        #[serde(with = "octets")]
         message: Vec<u8>,
     },
     /// The message left the MASTER's queue: drop its shadow.
     Drop(QueueId),
+}
+
+/// A message's octets as one byte string on the wire (serde's default for a
+/// `Vec<u8>` is a sequence, encoded and decoded one octet at a time).
+mod octets {
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Octets;
+        impl<'de> Visitor<'de> for Octets {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("octets")
+            }
+            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+                while let Some(b) = seq.next_element()? {
+                    v.push(b);
+                }
+                Ok(v)
+            }
+        }
+        d.deserialize_byte_buf(Octets)
+    }
 }
 
 /// Most messages of one round trip waited for by sessions; of background ones.
@@ -456,5 +492,45 @@ pub(super) async fn run(ha: Arc<Ha>, mut shutdown: watch::Receiver<bool>) {
 fn answer(waiting: Vec<Request>, r: Result<(), String>) {
     for w in waiting {
         let _ = w.done.send(r.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::Recipient;
+
+    #[test]
+    fn a_put_crosses_the_wire_whole_and_its_octets_as_one_string() {
+        let envelope = Envelope {
+            id: QueueId(7 << 20),
+            sender: None,
+            recipients: vec![Recipient::new("u@c.test".into(), "u@c.test".into())],
+            client_ip: "127.0.0.1".parse().unwrap(),
+            helo: "h".into(),
+            received_at: 1,
+            size: 3,
+            smtputf8: false,
+            eight_bit: true,
+        };
+        let message: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+        let ops = vec![
+            Op::Put {
+                envelope: envelope.clone(),
+                message: message.clone(),
+            },
+            Op::Drop(QueueId(9)),
+        ];
+        let cfg = bincode::config::standard();
+        let wire = bincode::serde::encode_to_vec(Msg::Shadow(ops), cfg).unwrap();
+        assert!(wire.len() < message.len() + 200, "{} octets", wire.len());
+        let (back, _): (Msg, usize) = bincode::serde::decode_from_slice(&wire, cfg).unwrap();
+        let Msg::Shadow(back) = back else {
+            panic!("{back:?}")
+        };
+        assert!(
+            matches!(&back[0], Op::Put { envelope: e, message: m } if *e == envelope && *m == message)
+        );
+        assert!(matches!(back[1], Op::Drop(QueueId(9))));
     }
 }
