@@ -38,7 +38,7 @@ PIDS=()
 cleanup() {
     for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
     [ -f "$TMP/pf/etc/main.cf" ] && postfix -c "$TMP/pf/etc" stop >/dev/null 2>&1 || true
-    rm -rf "$TMP"
+    [ -n "${KEEP_TMP:-}" ] || rm -rf "$TMP"
 }
 trap cleanup EXIT
 
