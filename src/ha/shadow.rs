@@ -238,7 +238,9 @@ pub fn render_metrics(out: &mut String) {
 impl Service {
     /// Queues an accepted message durably and, in an HA pair with `ha.shadow`
     /// on, with the SLAVE's shadow copy; Ok only then may the session say 250.
-    pub async fn accept_durable(&self, env: &Envelope, message: &[u8]) -> Result<()> {
+    /// Like [`Spool::enqueue`], an owned buffer is freed once the store has it
+    /// (the shadow's copy lives until the SLAVE has confirmed it).
+    pub async fn accept_durable(&self, env: &Envelope, message: Vec<u8>) -> Result<()> {
         match self.ha.get() {
             Some(ha) if ha.shadow.mode != ShadowMode::Off => {
                 ha.accept_shadowed(&self.spool, env, message).await
@@ -297,10 +299,11 @@ impl Ha {
     }
 
     /// The accept hook's work: local flush and shadow copy at once.
-    async fn accept_shadowed(&self, spool: &Spool, env: &Envelope, message: &[u8]) -> Result<()> {
+    async fn accept_shadowed(&self, spool: &Spool, env: &Envelope, message: Vec<u8>) -> Result<()> {
+        let copy = self.peer_is_slave().map(|()| message.clone());
         let confirm = async {
-            let r = match self.peer_is_slave() {
-                Ok(()) => self.shadow.put(env.clone(), message.to_vec()).await,
+            let r = match copy {
+                Ok(copy) => self.shadow.put(env.clone(), copy).await,
                 Err(why) => Err(why),
             };
             let Err(why) = r else { return Ok(()) };
