@@ -135,28 +135,37 @@ impl Shadow {
         self.view.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records (and logs, when it changes) whether the unit is degraded.
-    pub(super) fn set_degraded(&self, why: Option<&str>) {
+    /// Records whether the unit is degraded (the latest reason; since the first);
+    /// the log line, and the event for `ha status`, when that changes.
+    fn set_degraded(&self, why: Option<&str>) -> Option<String> {
         let mut v = self.view();
-        let was = v.degraded.as_ref().map(|(w, _)| w.clone());
-        match why {
-            Some(w) if was.as_deref() != Some(w) => {
+        let event = match (why, &mut v.degraded) {
+            (Some(w), Some((reason, _))) => {
+                if reason != w {
+                    *reason = w.to_string();
+                }
+                None
+            }
+            (Some(w), None) => {
                 v.degraded = Some((w.to_string(), SystemTime::now()));
                 let action = match self.mode {
                     ShadowMode::Required => "new mail is refused (451 4.3.0)",
                     _ => "mail is accepted without a shadow copy",
                 };
                 tracing::warn!(why = %w, "HA shadow: DEGRADED: {action}");
+                Some(format!("shadow copies: DEGRADED ({w}): {action}"))
             }
-            None if was.is_some() => {
+            (None, Some(_)) => {
                 v.degraded = None;
                 tracing::info!("HA shadow: the SLAVE keeps shadow copies again");
+                Some("shadow copies: the SLAVE keeps them again".to_string())
             }
-            _ => {}
-        }
+            (None, None) => None,
+        };
         METRICS
             .degraded
             .store(u64::from(v.degraded.is_some()), Ordering::Relaxed);
+        event
     }
 
     /// Sends one message's shadow through the task and waits for the SLAVE.
@@ -279,6 +288,13 @@ impl Pending {
 }
 
 impl Ha {
+    /// Degraded or not (see [`Shadow::set_degraded`]), with its event.
+    fn shadow_degraded(&self, why: Option<&str>) {
+        if let Some(e) = self.shadow.set_degraded(why) {
+            self.status().event(e);
+        }
+    }
+
     /// The peer is SLAVE by its last heartbeat, heard recently.
     pub(super) fn peer_is_slave(&self) -> Result<(), String> {
         let s = self.status();
@@ -307,7 +323,7 @@ impl Ha {
                 Err(why) => Err(why),
             };
             let Err(why) = r else { return Ok(()) };
-            self.shadow.set_degraded(Some(&why));
+            self.shadow_degraded(Some(&why));
             if self.shadow.mode == ShadowMode::Required {
                 METRICS.refused.inc();
                 return Err(anyhow::anyhow!("no shadow copy on the SLAVE: {why}"));
@@ -361,7 +377,7 @@ impl Ha {
             ops.extend(pending.releases.drain(..).map(Op::Drop));
         }
         if ops.is_empty() {
-            self.shadow.set_degraded(None);
+            self.shadow_degraded(None);
             return Ok(());
         }
         let puts = ops.iter().filter(|o| matches!(o, Op::Put { .. })).count();
@@ -376,7 +392,7 @@ impl Ha {
                 v.peer_held = held;
                 v.peer_oldest = oldest;
                 drop(v);
-                self.shadow.set_degraded(None);
+                self.shadow_degraded(None);
                 Ok(())
             }
             Ok(Msg::Refused(why)) => Err(format!("the SLAVE refused: {why}")),
@@ -473,7 +489,7 @@ pub(super) async fn run(ha: Arc<Ha>, mut shutdown: watch::Receiver<bool>) {
             // Nothing to shadow; a new MASTER reconciles on its first connection.
             link = None;
             pending.clear();
-            ha.shadow.set_degraded(None);
+            ha.shadow_degraded(None);
             answer(waiting, Err("this unit is not MASTER".into()));
             continue;
         }
@@ -484,7 +500,7 @@ pub(super) async fn run(ha: Arc<Ha>, mut shutdown: watch::Receiver<bool>) {
         if let Err(why) = &r {
             link = None;
             pending.clear();
-            ha.shadow.set_degraded(Some(why));
+            ha.shadow_degraded(Some(why));
         }
         for d in dones {
             let _ = d.send(r.clone());

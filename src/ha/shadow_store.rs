@@ -161,6 +161,9 @@ impl Ha {
             let _ = self.shadows.tree.clear();
             let _ = self.spool.durable().await;
             self.shadows.publish();
+            self.status().event(format!(
+                "MASTER while the peer is a live MASTER: {held} shadow copies dropped"
+            ));
             tracing::info!(
                 dropped = held,
                 "HA shadow: MASTER while the peer is a live MASTER: its shadows dropped (it holds those messages and pushes them when it steps down)"
@@ -168,10 +171,15 @@ impl Ha {
             return;
         }
         match self.promote().await {
-            Ok(n) => tracing::warn!(
-                promoted = n,
-                "HA shadow: the MASTER was lost: its shadow copies promoted into the queue"
-            ),
+            Ok(n) => {
+                self.status().event(format!(
+                    "the MASTER was lost: {n} shadow copies promoted into the queue"
+                ));
+                tracing::warn!(
+                    promoted = n,
+                    "HA shadow: the MASTER was lost: its shadow copies promoted into the queue"
+                )
+            }
             Err(e) => {
                 tracing::error!(error = %e, "HA shadow: promoting shadow copies failed (kept; retried at the next change to MASTER)")
             }
