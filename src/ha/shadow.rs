@@ -94,6 +94,18 @@ mod octets {
 /// Most messages of one round trip waited for by sessions; of background ones.
 const MAX_BATCH: usize = 512;
 const MAX_BACKFILL: usize = 32;
+/// Octets of messages in one round trip, at most (one bigger message goes alone):
+/// well under the link's frame limit.
+const MAX_BATCH_OCTETS: usize = 32 << 20;
+
+impl Op {
+    fn octets(&self) -> usize {
+        match self {
+            Op::Put { message, .. } => message.len(),
+            Op::Drop(_) => 0,
+        }
+    }
+}
 
 /// A session waiting for its message's shadow.
 struct Request {
@@ -363,13 +375,15 @@ impl Ha {
             *link = Some(l);
         }
         let mut ops = puts;
-        while ops.len() < MAX_BATCH + MAX_BACKFILL {
+        let mut octets: usize = ops.iter().map(Op::octets).sum();
+        while ops.len() < MAX_BATCH + MAX_BACKFILL && octets < MAX_BATCH_OCTETS {
             let Some(id) = pending.backfill.pop_front() else {
                 break;
             };
             if let (Ok(Some(envelope)), Ok(Some(message))) =
                 (self.spool.envelope(id), self.spool.message(id))
             {
+                octets += message.len();
                 ops.push(Op::Put { envelope, message });
             }
         }
@@ -461,23 +475,33 @@ pub(super) async fn run(ha: Arc<Ha>, mut shutdown: watch::Receiver<bool>) {
     let mut pending = Pending::default();
     let mut tick = tokio::time::interval(ha.config.shadow_release_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A request that did not fit in the last batch: first in the next.
+    let mut carried: Option<Request> = None;
     loop {
         let mut waiting = Vec::new();
         let mut release_due = false;
-        tokio::select! {
-            r = inbox.recv() => match r {
-                Some(r) => waiting.push(r),
-                None => return,
-            },
-            Some(c) = changes.recv() => pending.note(c),
-            _ = tick.tick() => release_due = true,
-            _ = shutdown.changed() => if *shutdown.borrow() { return },
-        }
-        while waiting.len() < MAX_BATCH {
-            match inbox.try_recv() {
-                Ok(r) => waiting.push(r),
-                Err(_) => break,
+        if let Some(r) = carried.take() {
+            waiting.push(r);
+        } else {
+            tokio::select! {
+                r = inbox.recv() => match r {
+                    Some(r) => waiting.push(r),
+                    None => return,
+                },
+                Some(c) = changes.recv() => pending.note(c),
+                _ = tick.tick() => release_due = true,
+                _ = shutdown.changed() => if *shutdown.borrow() { return },
             }
+        }
+        let mut octets: usize = waiting.iter().map(|r| r.op.octets()).sum();
+        while waiting.len() < MAX_BATCH {
+            let Ok(r) = inbox.try_recv() else { break };
+            octets += r.op.octets();
+            if octets > MAX_BATCH_OCTETS && !waiting.is_empty() {
+                carried = Some(r);
+                break;
+            }
+            waiting.push(r);
         }
         while let Ok(c) = changes.try_recv() {
             pending.note(c);
