@@ -4,10 +4,12 @@
 # 6 kills), the home server stopping and returning under load (3,000 messages), and
 # 1,000 idle + 50 slowloris connections beside a normal client, and an HA split brain
 # (both units MASTER, 200 same-size messages from one sender into each in lockstep,
-# then reunion: 400 distinct messages delivered once each), and post-DATA faults (200
+# then reunion: 400 distinct messages delivered once each), post-DATA faults (200
 # messages to a home that drops 40 connections right after storing and answers 20
 # final "." after delivery_timeout: nothing lost, nothing at the replica, exactly 40
-# second copies, the retries of the lost replies). Prints the counts
+# second copies, the retries of the lost replies), and the HA disk loss (shadow
+# copies: 100 messages held on the MASTER, kill -9 and its data directory deleted,
+# the SLAVE promotes its shadows: all 100 delivered). Prints the counts
 # (acknowledged, delivered, duplicates, missing) and timings.
 #
 # Then inbound resource limits (tests/limits.rs) at full size, at the default limits
@@ -37,6 +39,8 @@ CLUSTERMAIL_SCALE=$SCALE cargo test --release --test no_loss --test faults -- --
     grep -E "acknowledged|idle and|^test |test result"
 CLUSTERMAIL_SCALE=$SCALE cargo test --release --test ha_split split_brain -- --nocapture --test-threads 1 2>&1 |
     grep -E "split brain:|^test |test result"
+CLUSTERMAIL_SCALE=$SCALE cargo test --release --test shadow disk_is_lost -- --nocapture --test-threads 1 2>&1 |
+    grep -E "disk loss:|^test |test result"
 CLUSTERMAIL_SCALE=$SCALE cargo test --release --test outbound post_data_faults -- --nocapture 2>&1 |
     grep -E "post-DATA faults:|^test |test result"
 # 200 idle x 5 = 1,000; 20 tricklers x 5 = 100; 20 big messages from scale 5 on.

@@ -9,12 +9,18 @@
 # of their reaped children, from /proc/PID/stat before and after), peak RSS of the
 # relay, and the ratios 2/1 and 2/3.
 #
-# usage: bench/relay.sh [MESSAGES] [SESSIONS...]     (default: 20000 20 100)
+# Pair mode (--pair): an HA pair of clustermail units on this machine instead, the
+# load into the MASTER, with ha.shadow = "off" and then "preferred" (the 250 waits
+# for the SLAVE's durable shadow copy): the cost of shadow copies, in the same run.
+#
+# usage: bench/relay.sh [--pair] [MESSAGES] [SESSIONS...]     (default: 20000 20 100)
 #        CLUSTERMAIL_BIN=path/to/clustermail bench/relay.sh ...   (another build, e.g.
 #        an older commit's, instead of building this tree's release binary)
 # needs: postfix (smtp-source, smtp-sink, postfix), python3; run as root (Postfix).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PAIR=0
+if [ "${1:-}" = "--pair" ]; then PAIR=1; shift; fi
 MESSAGES=${1:-20000}
 shift || true
 SESSIONS=${*:-20 100}
@@ -32,7 +38,7 @@ PIDS=()
 cleanup() {
     for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
     [ -f "$TMP/pf/etc/main.cf" ] && postfix -c "$TMP/pf/etc" stop >/dev/null 2>&1 || true
-    rm -rf "$TMP"
+    [ -n "${KEEP_TMP:-}" ] || rm -rf "$TMP"
 }
 trap cleanup EXIT
 
@@ -99,8 +105,65 @@ run() {
     rss=$(($(cat "$TMP/rss") / 1024))
     printf "  %-30s %9.0f %8.2f %8s %8s %10.0f %8s\n" "$name" "$rate" "$secs" "$p50" "$p99" "$cpu" "$rss"
     eval "RATE_$6=$rate"
+    eval "P50_$6=$p50"
 }
 
+# unit_up DIR SMTP METRICS HA PEER_HA PEER_SMTP SINK ROLE SHADOW: one unit of a pair.
+unit_up() {
+    local dir=$1 smtp=$2 metrics=$3 ha=$4 peer_ha=$5 peer_smtp=$6 sink=$7 role=$8 shadow=$9
+    router_config "$dir" "$smtp" "$metrics" "$sink" "[ha]" "mode = \"$role\"" \
+        "listen = \"127.0.0.1:$ha\"" "peer = \"127.0.0.1:$peer_ha\"" \
+        "peer_smtp = \"127.0.0.1:$peer_smtp\"" "password = \"bench-pair-secret\"" \
+        "heartbeat_interval = \"200ms\"" "shadow = \"$shadow\""
+    RUST_LOG=warn $BIN --config "$dir/clustermail.toml" serve 2>"$dir/serve.log" &
+    UNIT=$!
+    PIDS+=("$UNIT")
+}
+
+# wait_mode DIR MODE: until the unit's `ha status` says it (at most 20 s).
+wait_mode() {
+    for _ in $(seq 400); do
+        "$BIN" --config "$1/clustermail.toml" ha status 2>/dev/null | grep -q "effective:     $2 " && return 0
+        sleep 0.05
+    done
+    echo "unit $1 never $2" >&2
+    return 1
+}
+
+# pair_row SESSIONS SHADOW: the pair up, loaded through its MASTER, torn down.
+pair_row() {
+    local s=$1 shadow=$2
+    SP=$(free_port); start_sink "$SP"
+    local p1 p2 m1 m2 h1 h2
+    p1=$(free_port); p2=$(free_port); m1=$(free_port); m2=$(free_port); h1=$(free_port); h2=$(free_port)
+    local d1="$TMP/pair-$s-$shadow-a" d2="$TMP/pair-$s-$shadow-b"
+    unit_up "$d1" "$p1" "$m1" "$h1" "$h2" "$p2" "$SP" primary "$shadow"; local a=$UNIT
+    unit_up "$d2" "$p2" "$m2" "$h2" "$h1" "$p1" "$SP" secondary "$shadow"; local b=$UNIT
+    wait_mode "$d1" MASTER; wait_mode "$d2" SLAVE
+    wait_port "$m1"
+    TOTAL=$((MESSAGES + PROBES))
+    run "pair, shadow = $shadow" "$p1" "$s" "echo $a $b" \
+        "[ \"\$(metric $m1 clustermail_recipients_delivered_total)\" -ge $TOTAL ]" "shadow_$shadow"
+    printf "    (shadow copies %s in %s round trips; accepted without: %s)\n" \
+        "$(metric "$m1" clustermail_shadow_copies_total)" "$(metric "$m1" clustermail_shadow_round_trips_total)" \
+        "$(metric "$m1" clustermail_shadow_unshadowed_total)"
+    kill "$a" "$b"; wait "$a" "$b" 2>/dev/null || true
+    kill "$SINK"; wait "$SINK" 2>/dev/null || true
+}
+
+if [ "$PAIR" = 1 ]; then
+    printf "clustermail HA pair bench: %s messages of %s octets (+%s latency probes), %s\n" "$MESSAGES" "$SIZE" "$PROBES" "$(date -u +%FT%TZ)"
+    printf "machine: %s cores, %s (both units and the load on it)\n" "$(nproc)" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+    for S in $SESSIONS; do
+        printf "\nsessions = %s\n  %-30s %9s %8s %8s %8s %10s %8s\n" "$S" path "msg/s" "e2e s" "p50 ms" "p99 ms" "CPU us/msg" "RSS MB"
+        pair_row "$S" off
+        pair_row "$S" preferred
+        printf "  shadow cost: throughput %.1f %%, accept p50 %+.2f ms\n" \
+            "$(echo "(1 - $RATE_shadow_preferred / $RATE_shadow_off) * 100" | bc -l)" \
+            "$(echo "$P50_shadow_preferred - $P50_shadow_off" | bc -l)"
+    done
+    exit 0
+fi
 
 printf "clustermail relay bench: %s messages of %s octets (+%s latency probes), %s\n" "$MESSAGES" "$SIZE" "$PROBES" "$(date -u +%FT%TZ)"
 printf "machine: %s cores, %s\n" "$(nproc)" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"

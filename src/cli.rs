@@ -395,10 +395,11 @@ pub async fn execute(
                     Ok(Exit::Ok)
                 }
                 HaCommand::SetMode { mode } => {
-                    writeln!(out, "{}", ha.set_mode(matches!(mode, HaSetMode::Master)))?;
+                    let said = ha.set_mode(matches!(mode, HaSetMode::Master)).await;
+                    writeln!(out, "{said}")?;
                     Ok(Exit::Ok)
                 }
-                HaCommand::Restore => match ha.restore() {
+                HaCommand::Restore => match ha.restore().await {
                     Ok(msg) => {
                         writeln!(out, "{msg}")?;
                         Ok(Exit::Ok)

@@ -123,6 +123,32 @@ pub struct HaConfig {
     /// (stop listening, so that clients move on to the next MX at once).
     #[serde(default)]
     pub inactive_smtp: InactiveSmtp,
+    /// Shadow redundancy (`ha::shadow`): the 250 after DATA waits for the SLAVE's
+    /// durable copy (`preferred`: unless it cannot be had; `required`: or 451).
+    #[serde(default)]
+    pub shadow: ShadowMode,
+    /// How often, at least, the MASTER tells the SLAVE which shadows to drop
+    /// (messages delivered, bounced or deleted): the duplicate window of a takeover.
+    #[serde(default = "default_release_interval", with = "humantime_serde")]
+    pub shadow_release_interval: Duration,
+}
+
+/// `ha.shadow`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShadowMode {
+    /// No shadow copies: mail acknowledged by a MASTER whose disk is lost is lost.
+    Off,
+    /// A shadow copy before the 250 whenever the peer is SLAVE and answers;
+    /// otherwise accepted without one (the unit is degraded).
+    #[default]
+    Preferred,
+    /// No 250 without a shadow copy: 451 4.3.0 instead.
+    Required,
+}
+
+fn default_release_interval() -> Duration {
+    Duration::from_secs(1)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -548,6 +574,9 @@ impl Config {
             }
             if ha.password.len() < 8 {
                 bail!("ha.password (or ha.password_file): use at least 8 characters");
+            }
+            if ha.shadow_release_interval.is_zero() {
+                bail!("ha.shadow_release_interval must be above 0");
             }
             if ha.heartbeat_interval.is_zero() || ha.heartbeat_lost == 0 {
                 bail!("ha.heartbeat_interval and ha.heartbeat_lost must be above 0");

@@ -181,6 +181,7 @@ pub fn render(m: &Metrics, sources: &Sources) -> String {
         family(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {}", c.get());
     }
+    crate::ha::shadow::render_metrics(&mut out);
     let name = "clustermail_routing_decisions_total";
     family(
         &mut out,

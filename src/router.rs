@@ -83,6 +83,9 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
             .as_ref()
             .is_some_and(|h| h.inactive_smtp == crate::config::InactiveSmtp::Closed),
     )?;
+    if let Some(ha) = &ha {
+        let _ = service.ha.set(ha.clone());
+    }
     let tracker = health::monitor::shared(&config.routing);
     let monitor = tokio::spawn(health::monitor::run(
         catalog.clone(),

@@ -12,7 +12,7 @@ fn takeover_then_the_old_primary_pushes_its_queue_and_restore_returns_the_roles(
     let p = ports();
     let mut home = RecordingSink::start("m1");
     home.down();
-    let (mut a, b) = pair(&p, home.port, "slave");
+    let (mut a, b) = pair_unshadowed(&p, home.port, "slave");
     assert_eq!(greeting(p.smtp[1]), 421, "the SLAVE does not take mail");
     // Mail held on the primary (its home is down), then the primary dies.
     send(p.smtp[0], "held-1");
@@ -98,7 +98,7 @@ fn failed_over(on_failure: &str) -> (Router, Router, RecordingSink, Ports) {
     let p = ports();
     let mut home = RecordingSink::start("m1");
     home.down();
-    let (mut a, b) = pair(&p, home.port, on_failure);
+    let (mut a, b) = pair_unshadowed(&p, home.port, on_failure);
     send(p.smtp[0], "held");
     std::thread::sleep(Duration::from_millis(300));
     a.kill9();

@@ -50,6 +50,16 @@ pub enum Msg {
         version: super::sync::CatalogVersion,
         toml: String,
     },
+    /// MASTER to SLAVE, first on each shadow connection: every message the
+    /// MASTER holds; the SLAVE drops its other shadows and answers `ShadowMissing`.
+    ShadowSync(Vec<crate::queue::QueueId>),
+    /// The messages of a `ShadowSync` the SLAVE has no shadow of.
+    ShadowMissing(Vec<crate::queue::QueueId>),
+    /// Shadow copies to keep and to drop, in order; answered `Shadowed` once durable.
+    Shadow(Vec<super::shadow::Op>),
+    /// The SLAVE's shadows are on disk: how many it holds, and the arrival time
+    /// (ms since the epoch) of the oldest (0: none).
+    Shadowed { held: u64, oldest: u64 },
 }
 
 /// An authenticated connection.

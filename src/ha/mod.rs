@@ -16,10 +16,16 @@
 //! recipients pass the relay policy). A SLAVE delivers nothing, so no message is
 //! delivered by both units. Catalogs carry versions comparable across the units
 //! ([`sync`]).
+//!
+//! Shadow redundancy ([`shadow`], [`shadow_store`]): with `ha.shadow` on, the
+//! MASTER says 250 only once the SLAVE also holds a durable shadow copy; a SLAVE
+//! that takes over from a lost MASTER promotes its shadows into its queue.
 
 mod handshake;
 pub mod link;
 pub mod push;
+pub mod shadow;
+mod shadow_store;
 pub mod state;
 mod status;
 pub mod sync;
@@ -111,6 +117,10 @@ pub struct Ha {
     pruned: Mutex<Option<Instant>>,
     /// Held while a copy of the peer's catalog is imported (see [`sync`]).
     catalog_lock: Mutex<()>,
+    /// As MASTER: the shadow copies made on the SLAVE ([`shadow`]).
+    pub shadow: shadow::Shadow,
+    /// As SLAVE: the MASTER's shadow copies held here ([`shadow_store`]).
+    shadows: shadow_store::Store,
 }
 
 const EPOCH: &[u8] = b"ha.epoch";
@@ -143,6 +153,8 @@ impl Ha {
             tombstones: Tombstones::open(db, "ha.pushed", tombstone::KEEP)?,
             pruned: Mutex::new(None),
             catalog_lock: Mutex::new(()),
+            shadow: shadow::Shadow::new(config.shadow),
+            shadows: shadow_store::Store::open(db)?,
             config,
         })
     }
@@ -221,21 +233,30 @@ impl Ha {
     }
 
     /// `ha set-mode master|slave`.
-    pub fn set_mode(&self, master: bool) -> String {
+    pub async fn set_mode(&self, master: bool) -> String {
         let peer = self.peer_view();
         let c = self.unit().set_mode(master, peer.as_ref());
+        let to_master = c.as_ref().is_some_and(|c| c.to == Mode::Master);
         self.changed(c);
+        if to_master {
+            // Not a lost MASTER: the peer still holds its messages.
+            self.shadows_on_master(true).await;
+        }
         format!("effective mode: {}", self.mode())
     }
 
     /// `ha restore`: back to the configured mode, unless a queue push is unfinished.
-    pub fn restore(&self) -> Result<String, String> {
+    pub async fn restore(&self) -> Result<String, String> {
         // Mail still here on a unit that is not MASTER is mail not yet pushed.
         let unfinished = self.mode() != Mode::Master && !self.spool.is_empty();
         let peer = self.peer_view();
         let c = self.unit().restore(unfinished, peer.as_ref())?;
         let changed = c.is_some();
+        let to_master = c.as_ref().is_some_and(|c| c.to == Mode::Master);
         self.changed(c);
+        if to_master {
+            self.shadows_on_master(true).await;
+        }
         Ok(if changed {
             format!("configured mode restored: {}", self.mode())
         } else {
@@ -256,6 +277,8 @@ impl Ha {
                 }
                 self.answer_push(envelope, message).await
             }
+            Msg::ShadowSync(held) => self.answer_shadow_sync(held).await,
+            Msg::Shadow(ops) => self.answer_shadow(ops).await,
             // Any mode: a unit about to become MASTER takes a newer catalog first.
             Msg::CatalogPull => match tokio::task::block_in_place(|| self.export_catalog()) {
                 Ok((version, toml)) => Msg::Catalog { version, toml },
@@ -334,12 +357,29 @@ impl Ha {
                 }
             }
         }
+        // With shadows, a FAILED unit's mail may be promoted on the peer: pushed
+        // (the same-message rule drops those), never delivered from here.
+        let shadowed = self.config.shadow != crate::config::ShadowMode::Off;
+        let failed = self.mode() == Mode::Failed;
         let change = self.unit().tick(&Tick {
             peer: beat.map(|b| b.view()),
             peer_smtp: Some(smtp),
+            push_first: shadowed && failed && !self.spool.is_empty(),
         });
+        let to_master = change
+            .as_ref()
+            .is_some_and(|c| c.to == Mode::Master && c.from != Mode::Master);
         self.changed(change);
-        if let (Some(b), Mode::Slave, Some(l)) = (beat, self.mode(), link.as_mut()) {
+        if to_master {
+            self.shadows_on_master(beat.is_some_and(|b| b.mode == Mode::Master))
+                .await;
+        }
+        let pushing = match self.mode() {
+            Mode::Slave => true,
+            Mode::Failed => shadowed,
+            _ => false,
+        };
+        if let (Some(b), true, Some(l)) = (beat, pushing, link.as_mut()) {
             if b.mode == Mode::Master {
                 if let Err(e) = self.push(l).await {
                     tracing::warn!(error = %e, "HA queue push to the MASTER failed");
@@ -423,6 +463,9 @@ pub async fn run(ha: Arc<Ha>, listener: TcpListener, mut shutdown: watch::Receiv
             }
         })
     };
+    if ha.shadow.mode != crate::config::ShadowMode::Off {
+        tokio::spawn(shadow::run(ha.clone(), shutdown.clone()));
+    }
     let mut link = None;
     let mut tick = tokio::time::interval(ha.config.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -90,6 +90,9 @@ pub struct Tick {
     pub peer: Option<PeerView>,
     /// Remote service monitoring: what the peer's SMTP said (None: not checked).
     pub peer_smtp: Option<PeerSmtp>,
+    /// This FAILED unit holds mail that the peer may have promoted from shadow
+    /// copies (`ha::shadow_store`): it pushes it before it restores its mode.
+    pub push_first: bool,
 }
 
 /// A unit of the pair.
@@ -293,7 +296,8 @@ impl Unit {
                     "the peer answers again: SLAVE, pushing the queue",
                 ),
                 (OnFailure::Restore, Some(p))
-                    if p.sees_our_smtp == Some(true) || !self.smtp_when_inactive =>
+                    if !t.push_first
+                        && (p.sees_our_smtp == Some(true) || !self.smtp_when_inactive) =>
                 {
                     self.configured(
                         Some(p),
@@ -382,6 +386,7 @@ mod tests {
                 sees_our_smtp: Some(true),
             }),
             peer_smtp: Some(greeting(mode)),
+            push_first: false,
         }
     }
 
@@ -397,6 +402,7 @@ mod tests {
     const SILENT: Tick = Tick {
         peer: None,
         peer_smtp: Some(PeerSmtp::Down),
+        push_first: false,
     };
 
     /// No HA link (a failed authentication, a cut), the peer's SMTP as in `mode`.
@@ -404,6 +410,7 @@ mod tests {
         Tick {
             peer: None,
             peer_smtp: Some(greeting(mode)),
+            push_first: false,
         }
     }
 
@@ -503,6 +510,12 @@ mod tests {
             p.sees_our_smtp = Some(false);
         }
         assert_eq!(u.tick(&t), None);
+        // ...and it holds no mail the peer may have promoted from shadows.
+        let unpushed = Tick {
+            push_first: true,
+            ..peer(Secondary, Master, 2)
+        };
+        assert_eq!(u.tick(&unpushed), None);
         assert_eq!(
             u.tick(&peer(Secondary, Master, 2)).map(|c| c.to),
             Some(Master)

@@ -126,6 +126,7 @@ impl Ha {
                 .map(|e| format!(" (last sync error: {e})"))
                 .unwrap_or_default()
         )?;
+        self.write_shadow(out)?;
         writeln!(out, "local queue:   {} message(s)", self.spool.len())?;
         if !s.events.is_empty() {
             writeln!(out, "recent events (oldest first):")?;

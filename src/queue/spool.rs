@@ -62,6 +62,15 @@ fn decode(bytes: &[u8]) -> Result<Envelope> {
 #[error("{0}: no longer in the queue")]
 pub struct Removed(pub QueueId);
 
+/// A message entered or left the queue (for the HA shadow copies, `ha::shadow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Queued without a shadow of its own (a bounce, a pushed message).
+    Queued(QueueId),
+    /// Gone: delivered, bounced, deleted, pushed away or refused.
+    Removed(QueueId),
+}
+
 /// The queue's store. Clone it freely: clones share the store and the flusher.
 #[derive(Clone)]
 pub struct Spool {
@@ -82,6 +91,8 @@ pub struct Spool {
     unsettled: Arc<Mutex<HashSet<QueueId>>>,
     /// Who is changing which message now.
     claims: Arc<Claims>,
+    /// Told of each [`Change`], once someone watches ([`Spool::watch_changes`]).
+    changes: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Change>>>,
 }
 
 impl Spool {
@@ -115,7 +126,20 @@ impl Spool {
             rescan: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
             unsettled: Default::default(),
             claims: Default::default(),
+            changes: Default::default(),
         })
+    }
+
+    /// Every later [`Change`], in order; only the first caller gets them.
+    pub fn watch_changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Change>> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.changes.set(tx).ok().map(|()| rx)
+    }
+
+    fn tell(&self, c: Change) {
+        if let Some(tx) = self.changes.get() {
+            let _ = tx.send(c);
+        }
     }
 
     fn unsettled(&self) -> std::sync::MutexGuard<'_, HashSet<QueueId>> {
@@ -131,6 +155,18 @@ impl Spool {
     /// caller says 451. An owned buffer (`Vec<u8>`) is freed as soon as sled has
     /// its copy, before the wait for the disk.
     pub async fn enqueue(&self, env: &Envelope, message: impl AsRef<[u8]>) -> Result<()> {
+        self.enqueue_confirmed(env, message, async { Ok(()) }).await
+    }
+
+    /// Like [`Spool::enqueue`], but the message becomes part of the queue only if
+    /// `confirm` (run while the local flush runs: the HA shadow copy) succeeds
+    /// too; otherwise it is refused like a failed flush (never delivered).
+    pub async fn enqueue_confirmed(
+        &self,
+        env: &Envelope,
+        message: impl AsRef<[u8]>,
+        confirm: impl std::future::Future<Output = Result<()>>,
+    ) -> Result<()> {
         let id = env.id;
         let record = encode(env)?;
         self.unsettled().insert(id);
@@ -144,7 +180,7 @@ impl Spool {
             batch.insert(&body_key, body_value);
             tree.apply_batch(batch).map_err(|e| e.to_string())
         };
-        self.commit(id, file, Box::new(write), None).await
+        self.commit(id, file, Box::new(write), None, confirm).await
     }
 
     /// Where the body of `id` goes: a small one in sled (`b` → octets, no file);
@@ -176,24 +212,29 @@ impl Spool {
     /// Makes the store write of a new message: a small one at once, then waits for
     /// the disk; one with a body `file` in the flusher once the file is durable.
     /// Then settles it (see [`Spool::settle`]).
+    /// `confirm` runs while the local flush runs (the HA shadow copy): the
+    /// message joins the queue only if both succeed, else it is refused.
     async fn commit(
         &self,
         id: QueueId,
         file: Option<std::fs::File>,
         write: durable::Apply,
         record: Option<(&sled::Tree, &[u8])>,
+        confirm: impl std::future::Future<Output = Result<()>>,
     ) -> Result<()> {
-        let flushed = match file {
-            None => match write() {
-                Ok(()) => self.durable().await,
-                Err(e) => {
-                    self.unsettled().remove(&id);
-                    return Err(anyhow!("queue write failed: {e}"));
-                }
-            },
-            Some(file) => self.durable_after(file, write).await,
+        let flush = async {
+            match file {
+                None => match write() {
+                    Ok(()) => self.durable().await,
+                    Err(e) => Err(anyhow!("queue write failed: {e}")),
+                },
+                Some(file) => self.durable_after(file, write).await,
+            }
         };
-        self.settle(id, flushed, record).await
+        let (flushed, confirmed) = tokio::join!(flush, confirm);
+        self.settle(id, flushed.and(confirmed), record).await?;
+        self.tell(Change::Queued(id));
+        Ok(())
     }
 
     /// Like [`Spool::enqueue`], writing `other_key` → `other_value` into `other` in the same
@@ -225,8 +266,10 @@ impl Spool {
                 })
                 .map_err(|e| format!("{e:?}"))
         };
-        self.commit(id, file, Box::new(write), Some((other, other_key)))
-            .await
+        self.commit(id, file, Box::new(write), Some((other, other_key)), async {
+            Ok(())
+        })
+        .await
     }
 
     /// After the flush of the write of `id`: makes it visible and wakes the
@@ -264,6 +307,7 @@ impl Spool {
     /// process unless the removal is known durable (its octets may have reached
     /// the disk even so: the removal must too, or a restart would deliver it).
     async fn refuse(&self, id: QueueId) {
+        self.tell(Change::Removed(id));
         let removed = match self.tree.apply_batch(removal(id)) {
             Ok(()) => self.durable().await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
@@ -337,6 +381,7 @@ impl Spool {
     /// on disk; then unlinks its body file, if any.
     pub async fn remove(&self, id: QueueId) -> Result<()> {
         self.tree.apply_batch(removal(id))?;
+        self.tell(Change::Removed(id));
         self.durable().await?;
         self.unlink(id);
         Ok(())
@@ -440,6 +485,18 @@ impl Spool {
                 Ok(None)
             }
         }
+    }
+
+    /// The id of every message written to the queue, settled or not (the HA
+    /// shadow's reconciliation: a message being accepted is included).
+    pub fn ids(&self) -> Result<Vec<QueueId>> {
+        let mut ids = Vec::new();
+        for k in self.tree.scan_prefix(b"e\0").keys() {
+            if let Ok(b) = <[u8; 8]>::try_from(&k?[2..]) {
+                ids.push(QueueId::from_bytes(b));
+            }
+        }
+        Ok(ids)
     }
 
     /// Every envelope, oldest first.

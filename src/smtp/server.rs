@@ -38,6 +38,8 @@ pub struct Service {
     /// sessions get 421 4.3.2, or with `close_when_inactive` nobody listens.
     pub gate: crate::ha::Gate,
     pub close_when_inactive: bool,
+    /// The HA unit, when in a pair (shadow copies: [`crate::ha::shadow`]).
+    pub ha: std::sync::OnceLock<Arc<crate::ha::Ha>>,
     connections: Arc<Semaphore>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     /// Message data held by all sessions (`smtp.max_data_in_flight`).
@@ -75,6 +77,7 @@ impl Service {
             tls,
             gate,
             close_when_inactive,
+            ha: Default::default(),
             connections: Arc::new(Semaphore::new(config.max_connections)),
             per_ip: Mutex::new(HashMap::new()),
             budget: Budget::new(config.max_data_in_flight.0),
@@ -349,6 +352,13 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(Line::Command(l)) if !service.gate.is_active() && is_mail(&l) => {
                 Action::Close(reply::inactive(name))
             }
+            Ok(Line::Command(l)) if is_mail(&l) && service.shadow_refuses() => {
+                Action::Reply(Reply::new(
+                    451,
+                    "4.3.0",
+                    "No shadow copy can be made now, try again later",
+                ))
+            }
             Ok(Line::Command(l)) => session.command(&l, service.policy.as_ref()),
             Err(e) => return ended(conn, name, peer, &tx, e).await,
         };
@@ -574,7 +584,7 @@ async fn accept(service: &Service, m: Message, peer: SocketAddr) -> Reply {
     let rcpts: Vec<&str> = env.recipients.iter().map(|r| r.address.as_str()).collect();
     let rcpts = rcpts.join(",");
     let from = env.sender.as_deref().unwrap_or("<>");
-    match service.spool.enqueue(&env, message).await {
+    match service.accept_durable(&env, message).await {
         Ok(()) => {
             crate::metrics::METRICS.messages_accepted.inc();
             let r = Reply::new(250, "2.0.0", format!("Ok: queued as {id_text}"));

@@ -165,6 +165,13 @@ pub fn pair(p: &Ports, home: u16, on_failure: &str) -> (Router, Router) {
     pair_with(p, home, configs)
 }
 
+/// A pair without shadow copies (`ha.shadow = "off"`): a lost MASTER's mail
+/// waits for its return and queue push (tests/shadow.rs has the shadowed pair).
+pub fn pair_unshadowed(p: &Ports, home: u16, on_failure: &str) -> (Router, Router) {
+    let configs = [0, 1].map(|i| config(p, i, on_failure, "pair-secret") + "shadow = \"off\"\n");
+    pair_with(p, home, configs)
+}
+
 /// A TCP proxy on a loopback port to `target`, which the test can cut (every
 /// connection dropped, new ones closed at once) and restore.
 pub struct Proxy {

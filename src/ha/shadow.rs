@@ -1,0 +1,579 @@
+//! Shadow redundancy, the MASTER's side (`ha.shadow`): no 250 after DATA until
+//! the message is durable here **and** the SLAVE has a durable shadow copy, so a
+//! MASTER that loses its disk loses no acknowledged mail.
+//!
+//! Owns the accept hook ([`Service::accept_durable`]), the batching task
+//! ([`run`]) that keeps one dedicated shadow connection to the SLAVE, the
+//! degraded state, and the `clustermail_shadow_*` metrics. The SLAVE's side (the
+//! shadow tree, promotion at a takeover) is [`super::shadow_store`].
+//!
+//! Batching: each accepting session hands its message to the task and waits on a
+//! oneshot while the local group commit runs ([`Spool::enqueue_confirmed`]). The
+//! task sends every message waiting at that moment in one [`Msg::Shadow`]; the
+//! SLAVE writes them and makes them durable with one group commit before
+//! answering. Releases (messages that left the queue: delivered, bounced,
+//! deleted, pushed, refused) ride on those batches and go at least every
+//! `ha.shadow_release_interval`. Bounces and pushed messages this unit queues get
+//! a shadow too, sent in the background (nobody waits for them).
+//!
+//! Reconciliation: each new shadow connection starts with the list of every
+//! message this unit holds ([`Msg::ShadowSync`]); the SLAVE drops its other
+//! shadows (releases lost in a restart or an outage) and names the ones it lacks,
+//! which are sent in the background (mail accepted while degraded).
+//!
+//! `preferred`: a peer that is unreachable or not SLAVE, or a failed round trip,
+//! makes the unit *degraded* (log, `ha status`, metrics) and mail is accepted
+//! without a shadow. `required`: such mail is refused (451 4.3.0) and never
+//! delivered, and new transactions are refused at MAIL while degraded.
+
+use super::link::{Link, Msg};
+use super::state::Mode;
+use super::Ha;
+use crate::config::ShadowMode;
+use crate::metrics::Counter;
+use crate::queue::spool::Change;
+use crate::queue::{Envelope, QueueId, Spool};
+use crate::smtp::server::Service;
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// One change to the SLAVE's shadows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Op {
+    /// Keep this copy of a queued message.
+    Put {
+        envelope: Envelope,
+        #[serde(with = "octets")]
+        message: Vec<u8>,
+    },
+    /// The message left the MASTER's queue: drop its shadow.
+    Drop(QueueId),
+}
+
+/// A message's octets as one byte string on the wire (serde's default for a
+/// `Vec<u8>` is a sequence, encoded and decoded one octet at a time).
+mod octets {
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Octets;
+        impl<'de> Visitor<'de> for Octets {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("octets")
+            }
+            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+                while let Some(b) = seq.next_element()? {
+                    v.push(b);
+                }
+                Ok(v)
+            }
+        }
+        d.deserialize_byte_buf(Octets)
+    }
+}
+
+/// Most messages of one round trip waited for by sessions; of background ones.
+const MAX_BATCH: usize = 512;
+const MAX_BACKFILL: usize = 32;
+/// Octets of messages in one round trip, at most (one bigger message goes alone):
+/// well under the link's frame limit.
+const MAX_BATCH_OCTETS: usize = 32 << 20;
+
+impl Op {
+    fn octets(&self) -> usize {
+        match self {
+            Op::Put { message, .. } => message.len(),
+            Op::Drop(_) => 0,
+        }
+    }
+}
+
+/// A session waiting for its message's shadow.
+struct Request {
+    op: Op,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// What `ha status` and the metrics show of the shadows.
+#[derive(Debug, Clone, Default)]
+pub(super) struct View {
+    /// Why mail is accepted (or refused) without a shadow, and since when.
+    pub degraded: Option<(String, SystemTime)>,
+    /// As MASTER: the peer's shadows after the last round trip, and the arrival
+    /// time (ms) of the oldest unreleased one (0: none).
+    pub peer_held: u64,
+    pub peer_oldest: u64,
+}
+
+/// The MASTER's shadow state, owned by [`Ha`].
+pub struct Shadow {
+    pub mode: ShadowMode,
+    requests: mpsc::Sender<Request>,
+    inbox: Mutex<Option<mpsc::Receiver<Request>>>,
+    view: Mutex<View>,
+}
+
+impl Shadow {
+    pub(super) fn new(mode: ShadowMode) -> Shadow {
+        let (requests, inbox) = mpsc::channel(4 * MAX_BATCH);
+        Shadow {
+            mode,
+            requests,
+            inbox: Mutex::new(Some(inbox)),
+            view: Mutex::new(View::default()),
+        }
+    }
+
+    pub(super) fn view(&self) -> std::sync::MutexGuard<'_, View> {
+        self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records whether the unit is degraded (the latest reason; since the first);
+    /// the log line, and the event for `ha status`, when that changes.
+    fn set_degraded(&self, why: Option<&str>) -> Option<String> {
+        let mut v = self.view();
+        let event = match (why, &mut v.degraded) {
+            (Some(w), Some((reason, _))) => {
+                if reason != w {
+                    *reason = w.to_string();
+                }
+                None
+            }
+            (Some(w), None) => {
+                v.degraded = Some((w.to_string(), SystemTime::now()));
+                let action = match self.mode {
+                    ShadowMode::Required => "new mail is refused (451 4.3.0)",
+                    _ => "mail is accepted without a shadow copy",
+                };
+                tracing::warn!(why = %w, "HA shadow: DEGRADED: {action}");
+                Some(format!("shadow copies: DEGRADED ({w}): {action}"))
+            }
+            (None, Some(_)) => {
+                v.degraded = None;
+                tracing::info!("HA shadow: the SLAVE keeps shadow copies again");
+                Some("shadow copies: the SLAVE keeps them again".to_string())
+            }
+            (None, None) => None,
+        };
+        METRICS
+            .degraded
+            .store(u64::from(v.degraded.is_some()), Ordering::Relaxed);
+        event
+    }
+
+    /// Sends one message's shadow through the task and waits for the SLAVE.
+    async fn put(&self, envelope: Envelope, message: Vec<u8>) -> Result<(), String> {
+        let (done, answer) = oneshot::channel();
+        let op = Op::Put { envelope, message };
+        self.requests
+            .send(Request { op, done })
+            .await
+            .map_err(|_| "the shadow task has stopped".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the shadow task has stopped".to_string())?
+    }
+}
+
+/// `clustermail_shadow_*`.
+pub struct ShadowMetrics {
+    pub promoted: Counter,
+    pub unshadowed: Counter,
+    pub refused: Counter,
+    pub shadowed: Counter,
+    pub round_trips: Counter,
+    pub degraded: AtomicU64,
+    pub held: AtomicU64,
+    pub oldest: AtomicU64,
+}
+
+pub static METRICS: ShadowMetrics = ShadowMetrics {
+    promoted: Counter::new(),
+    unshadowed: Counter::new(),
+    refused: Counter::new(),
+    shadowed: Counter::new(),
+    round_trips: Counter::new(),
+    degraded: AtomicU64::new(0),
+    held: AtomicU64::new(0),
+    oldest: AtomicU64::new(0),
+};
+
+/// The shadow families of the Prometheus text.
+pub fn render_metrics(out: &mut String) {
+    let m = &METRICS;
+    for (name, help, c) in [
+        ("clustermail_shadow_promoted_total", "Shadow copies promoted into the queue at a takeover (each may duplicate a delivery of the lost MASTER's last release interval).", &m.promoted),
+        ("clustermail_shadow_unshadowed_total", "Messages accepted without a shadow copy (degraded, ha.shadow = preferred).", &m.unshadowed),
+        ("clustermail_shadow_refused_total", "Messages refused 451 for want of a shadow copy (ha.shadow = required).", &m.refused),
+        ("clustermail_shadow_copies_total", "Shadow copies the SLAVE confirmed durable.", &m.shadowed),
+        ("clustermail_shadow_round_trips_total", "Shadow batches sent to the SLAVE.", &m.round_trips),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.get());
+    }
+    let oldest = m.oldest.load(Ordering::Relaxed);
+    let age = if oldest == 0 {
+        0.0
+    } else {
+        crate::queue::manager::now_ms().saturating_sub(oldest) as f64 / 1000.0
+    };
+    for (name, help, v) in [
+        (
+            "clustermail_shadow_degraded",
+            "1 while this MASTER cannot have shadow copies made.",
+            m.degraded.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "clustermail_shadow_held",
+            "Shadow copies held (as MASTER: by the peer at the last round trip; as SLAVE: here).",
+            m.held.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "clustermail_shadow_oldest_age_seconds",
+            "Age of the oldest unreleased shadow copy.",
+            age,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    }
+}
+
+impl Service {
+    /// Queues an accepted message durably and, in an HA pair with `ha.shadow`
+    /// on, with the SLAVE's shadow copy; Ok only then may the session say 250.
+    /// Like [`Spool::enqueue`], an owned buffer is freed once the store has it
+    /// (the shadow's copy lives until the SLAVE has confirmed it).
+    pub async fn accept_durable(&self, env: &Envelope, message: Vec<u8>) -> Result<()> {
+        match self.ha.get() {
+            Some(ha) if ha.shadow.mode != ShadowMode::Off => {
+                ha.accept_shadowed(&self.spool, env, message).await
+            }
+            _ => self.spool.enqueue(env, message).await,
+        }
+    }
+
+    /// `required` and degraded: a new transaction is refused at MAIL (451 4.3.0).
+    pub fn shadow_refuses(&self) -> bool {
+        self.ha.get().is_some_and(|ha| {
+            ha.shadow.mode == ShadowMode::Required
+                && (ha.peer_is_slave().is_err() || ha.shadow.view().degraded.is_some())
+        })
+    }
+}
+
+/// Messages that left the queue and messages to shadow in the background.
+#[derive(Default)]
+struct Pending {
+    releases: Vec<QueueId>,
+    backfill: VecDeque<QueueId>,
+}
+
+impl Pending {
+    fn note(&mut self, c: Change) {
+        match c {
+            Change::Queued(id) => self.backfill.push_back(id),
+            Change::Removed(id) => self.releases.push(id),
+        }
+    }
+    fn clear(&mut self) {
+        self.releases.clear();
+        self.backfill.clear();
+    }
+}
+
+impl Ha {
+    /// Degraded or not (see [`Shadow::set_degraded`]), with its event.
+    fn shadow_degraded(&self, why: Option<&str>) {
+        if let Some(e) = self.shadow.set_degraded(why) {
+            self.status().event(e);
+        }
+    }
+
+    /// The peer is SLAVE by its last heartbeat, heard recently.
+    pub(super) fn peer_is_slave(&self) -> Result<(), String> {
+        let s = self.status();
+        let fresh = self.config.heartbeat_interval * (self.config.heartbeat_lost + 1);
+        match (&s.peer, &s.peer_error) {
+            (_, Some(e)) => Err(format!("the peer is unreachable: {e}")),
+            (None, None) => Err("the peer is not heard yet".into()),
+            (Some((b, at)), None) => {
+                if at.elapsed().unwrap_or_default() > fresh {
+                    Err("no recent heartbeat from the peer".into())
+                } else if b.mode != Mode::Slave {
+                    Err(format!("the peer is {}, not SLAVE", b.mode))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// The accept hook's work: local flush and shadow copy at once.
+    async fn accept_shadowed(&self, spool: &Spool, env: &Envelope, message: Vec<u8>) -> Result<()> {
+        let copy = self.peer_is_slave().map(|()| message.clone());
+        let confirm = async {
+            let r = match copy {
+                Ok(copy) => self.shadow.put(env.clone(), copy).await,
+                Err(why) => Err(why),
+            };
+            let Err(why) = r else { return Ok(()) };
+            self.shadow_degraded(Some(&why));
+            if self.shadow.mode == ShadowMode::Required {
+                METRICS.refused.inc();
+                return Err(anyhow::anyhow!("no shadow copy on the SLAVE: {why}"));
+            }
+            METRICS.unshadowed.inc();
+            tracing::info!(id = %env.id, why = %why, "HA shadow: message accepted without a shadow copy (degraded)");
+            Ok(())
+        };
+        spool.enqueue_confirmed(env, message, confirm).await
+    }
+
+    /// One round trip of the shadow connection. Err: the link is unusable (the
+    /// caller drops it and answers the waiting sessions with the reason).
+    async fn shadow_round(
+        &self,
+        link: &mut Option<Link>,
+        pending: &mut Pending,
+        puts: Vec<Op>,
+        release_due: bool,
+    ) -> Result<(), String> {
+        self.peer_is_slave()?;
+        let timeout = self.config.heartbeat_interval * self.config.heartbeat_lost.max(1);
+        if link.is_none() {
+            let mut l = Link::connect(&self.config.peer, &self.config.password, timeout)
+                .await
+                .map_err(|e| format!("shadow connection: {e:#}"))?;
+            let ids = self.spool.ids().map_err(|e| e.to_string())?;
+            match l.call(&Msg::ShadowSync(ids), timeout).await {
+                Ok(Msg::ShadowMissing(missing)) => {
+                    pending.clear();
+                    pending.backfill.extend(missing);
+                }
+                Ok(Msg::Refused(why)) => return Err(format!("the SLAVE refused: {why}")),
+                Ok(other) => return Err(format!("unexpected answer {other:?}")),
+                Err(e) => return Err(format!("shadow sync: {e:#}")),
+            }
+            *link = Some(l);
+        }
+        let mut ops = puts;
+        let mut octets: usize = ops.iter().map(Op::octets).sum();
+        while ops.len() < MAX_BATCH + MAX_BACKFILL && octets < MAX_BATCH_OCTETS {
+            let Some(id) = pending.backfill.pop_front() else {
+                break;
+            };
+            if let (Ok(Some(envelope)), Ok(Some(message))) =
+                (self.spool.envelope(id), self.spool.message(id))
+            {
+                octets += message.len();
+                ops.push(Op::Put { envelope, message });
+            }
+        }
+        if release_due || !ops.is_empty() {
+            ops.extend(pending.releases.drain(..).map(Op::Drop));
+        }
+        if ops.is_empty() {
+            self.shadow_degraded(None);
+            return Ok(());
+        }
+        let puts = ops.iter().filter(|o| matches!(o, Op::Put { .. })).count();
+        let l = link.as_mut().ok_or("no shadow connection")?;
+        match l.call(&Msg::Shadow(ops), timeout).await {
+            Ok(Msg::Shadowed { held, oldest }) => {
+                METRICS.round_trips.inc();
+                METRICS.shadowed.add(puts as u64);
+                METRICS.held.store(held, Ordering::Relaxed);
+                METRICS.oldest.store(oldest, Ordering::Relaxed);
+                let mut v = self.shadow.view();
+                v.peer_held = held;
+                v.peer_oldest = oldest;
+                drop(v);
+                self.shadow_degraded(None);
+                Ok(())
+            }
+            Ok(Msg::Refused(why)) => Err(format!("the SLAVE refused: {why}")),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(format!("shadow copy: {e:#}")),
+        }
+    }
+
+    /// `ha status`'s shadow lines.
+    pub(super) fn write_shadow(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let mode = match self.shadow.mode {
+            ShadowMode::Off => "off",
+            ShadowMode::Preferred => "preferred",
+            ShadowMode::Required => "required",
+        };
+        let v = self.shadow.view().clone();
+        let age = |ms: u64| {
+            let now = crate::queue::manager::now_ms();
+            format!("{:.1}s", now.saturating_sub(ms) as f64 / 1000.0)
+        };
+        let state = match &v.degraded {
+            Some((why, since)) => format!(
+                "DEGRADED since {}s: {why}",
+                since.elapsed().map(|d| d.as_secs()).unwrap_or(0)
+            ),
+            None => "ok".into(),
+        };
+        writeln!(
+            out,
+            "shadow:        {mode}, {state}; {} held by the peer, oldest unreleased {}",
+            v.peer_held,
+            if v.peer_oldest == 0 {
+                "-".into()
+            } else {
+                age(v.peer_oldest)
+            }
+        )?;
+        let (held, oldest) = self.shadows.stats();
+        writeln!(
+            out,
+            "shadows here:  {held} held for the peer{}",
+            oldest
+                .map(|o| format!(", oldest {}", age(o)))
+                .unwrap_or_default()
+        )
+    }
+}
+
+/// The shadow task: batches the sessions' shadows, the background ones and the
+/// releases over one connection to the SLAVE, until shutdown.
+pub(super) async fn run(ha: Arc<Ha>, mut shutdown: watch::Receiver<bool>) {
+    let inbox = ha
+        .shadow
+        .inbox
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    let Some(mut inbox) = inbox else {
+        return;
+    };
+    let Some(mut changes) = ha.spool.watch_changes() else {
+        tracing::error!("HA shadow: the queue's changes are already watched: no shadows");
+        return;
+    };
+    let mut link = None;
+    let mut pending = Pending::default();
+    let mut tick = tokio::time::interval(ha.config.shadow_release_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A request that did not fit in the last batch: first in the next.
+    let mut carried: Option<Request> = None;
+    loop {
+        let mut waiting = Vec::new();
+        let mut release_due = false;
+        if let Some(r) = carried.take() {
+            waiting.push(r);
+        } else {
+            tokio::select! {
+                r = inbox.recv() => match r {
+                    Some(r) => waiting.push(r),
+                    None => return,
+                },
+                Some(c) = changes.recv() => pending.note(c),
+                _ = tick.tick() => release_due = true,
+                _ = shutdown.changed() => if *shutdown.borrow() { return },
+            }
+        }
+        let mut octets: usize = waiting.iter().map(|r| r.op.octets()).sum();
+        while waiting.len() < MAX_BATCH {
+            let Ok(r) = inbox.try_recv() else { break };
+            octets += r.op.octets();
+            if octets > MAX_BATCH_OCTETS && !waiting.is_empty() {
+                carried = Some(r);
+                break;
+            }
+            waiting.push(r);
+        }
+        while let Ok(c) = changes.try_recv() {
+            pending.note(c);
+        }
+        if waiting.is_empty() && !release_due && pending.backfill.is_empty() {
+            continue;
+        }
+        if ha.mode() != Mode::Master {
+            // Nothing to shadow; a new MASTER reconciles on its first connection.
+            link = None;
+            pending.clear();
+            ha.shadow_degraded(None);
+            answer(waiting, Err("this unit is not MASTER".into()));
+            continue;
+        }
+        let (puts, dones): (Vec<Op>, Vec<_>) = waiting.into_iter().map(|r| (r.op, r.done)).unzip();
+        let r = ha
+            .shadow_round(&mut link, &mut pending, puts, release_due)
+            .await;
+        if let Err(why) = &r {
+            link = None;
+            pending.clear();
+            ha.shadow_degraded(Some(why));
+        }
+        for d in dones {
+            let _ = d.send(r.clone());
+        }
+    }
+}
+
+fn answer(waiting: Vec<Request>, r: Result<(), String>) {
+    for w in waiting {
+        let _ = w.done.send(r.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::Recipient;
+
+    #[test]
+    fn a_put_crosses_the_wire_whole_and_its_octets_as_one_string() {
+        let envelope = Envelope {
+            id: QueueId(7 << 20),
+            sender: None,
+            recipients: vec![Recipient::new("u@c.test".into(), "u@c.test".into())],
+            client_ip: "127.0.0.1".parse().unwrap(),
+            helo: "h".into(),
+            received_at: 1,
+            size: 3,
+            smtputf8: false,
+            eight_bit: true,
+        };
+        let message: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+        let ops = vec![
+            Op::Put {
+                envelope: envelope.clone(),
+                message: message.clone(),
+            },
+            Op::Drop(QueueId(9)),
+        ];
+        let cfg = bincode::config::standard();
+        let wire = bincode::serde::encode_to_vec(Msg::Shadow(ops), cfg).unwrap();
+        assert!(wire.len() < message.len() + 200, "{} octets", wire.len());
+        let (back, _): (Msg, usize) = bincode::serde::decode_from_slice(&wire, cfg).unwrap();
+        let Msg::Shadow(back) = back else {
+            panic!("{back:?}")
+        };
+        assert!(
+            matches!(&back[0], Op::Put { envelope: e, message: m } if *e == envelope && *m == message)
+        );
+        assert!(matches!(back[1], Op::Drop(QueueId(9))));
+    }
+}

@@ -1,0 +1,267 @@
+//! Shadow redundancy, the SLAVE's side: the shadow copies of the MASTER's
+//! messages, in their own sled tree (`ha.shadow`: never the queue, so a SLAVE
+//! never delivers them), made durable with the spool's group commit before the
+//! MASTER is answered. They survive a restart.
+//!
+//! At a transition to MASTER ([`Ha::shadows_on_master`]): when the MASTER is lost
+//! (no answer, or the peer is up but not MASTER), every shadow is promoted into
+//! the queue under its own id, with a tombstone (the push's "same message" rule,
+//! [`crate::queue::tombstone`]) in the same atomic write, so the old MASTER's later
+//! push of the same message is recognised and not stored twice. A shadow of a
+//! message the old MASTER delivered within its last release interval is delivered
+//! again: counted (`clustermail_shadow_promoted_total`) and logged per message.
+//! When the unit becomes MASTER while the peer is a live MASTER (`ha set-mode`,
+//! `ha restore`, a takeover from a MASTER whose SMTP failed), the shadows are
+//! dropped instead: that MASTER still holds those messages and pushes them when
+//! it steps down.
+
+use super::link::Msg;
+use super::shadow::{Op, METRICS};
+use super::state::Mode;
+use super::Ha;
+use crate::queue::tombstone::{self, Tombstones};
+use crate::queue::{Envelope, QueueId, RecipientState};
+use anyhow::{bail, Result};
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+
+const FORMAT: u8 = 1;
+
+/// The shadow tree: `id (8, BE: arrival order)` → format ‖ bincode (envelope, octets).
+#[derive(Clone)]
+pub struct Store {
+    tree: sled::Tree,
+}
+
+fn encode(env: &Envelope, message: &[u8]) -> Result<Vec<u8>> {
+    let mut v = vec![FORMAT];
+    v.extend(bincode::serde::encode_to_vec(
+        (env, message),
+        bincode::config::standard(),
+    )?);
+    Ok(v)
+}
+
+fn decode(bytes: &[u8]) -> Result<(Envelope, Vec<u8>)> {
+    match bytes.split_first() {
+        Some((&FORMAT, rest)) => {
+            Ok(bincode::serde::decode_from_slice(rest, bincode::config::standard())?.0)
+        }
+        Some((v, _)) => bail!("shadow record format {v} is not known to this version"),
+        None => bail!("empty shadow record"),
+    }
+}
+
+impl Store {
+    pub fn open(db: &sled::Db) -> Result<Store> {
+        Ok(Store {
+            tree: db.open_tree("ha.shadow")?,
+        })
+    }
+
+    /// How many shadows, and the arrival time (ms) of the oldest.
+    pub fn stats(&self) -> (u64, Option<u64>) {
+        let oldest = self
+            .tree
+            .first()
+            .ok()
+            .flatten()
+            .and_then(|(k, _)| <[u8; 8]>::try_from(&k[..]).ok())
+            .map(|b| QueueId::from_bytes(b).millis());
+        (self.tree.len() as u64, oldest)
+    }
+
+    fn apply(&self, ops: &[Op]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for op in ops {
+            match op {
+                Op::Put { envelope, message } => {
+                    batch.insert(&envelope.id.to_bytes(), encode(envelope, message)?)
+                }
+                Op::Drop(id) => batch.remove(&id.to_bytes()),
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Keeps only the shadows of `held`; returns those of `held` it lacks.
+    fn sync(&self, held: &[QueueId]) -> Result<Vec<QueueId>> {
+        let keep: HashSet<[u8; 8]> = held.iter().map(|i| i.to_bytes()).collect();
+        let mut batch = sled::Batch::default();
+        let mut have = HashSet::new();
+        for k in self.tree.iter().keys() {
+            let k = k?;
+            match <[u8; 8]>::try_from(&k[..]) {
+                Ok(b) if keep.contains(&b) => {
+                    have.insert(b);
+                }
+                _ => batch.remove(k),
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(held
+            .iter()
+            .filter(|i| !have.contains(&i.to_bytes()))
+            .copied()
+            .collect())
+    }
+
+    fn publish(&self) -> (u64, u64) {
+        let (held, oldest) = self.stats();
+        let oldest = oldest.unwrap_or(0);
+        METRICS.held.store(held, Ordering::Relaxed);
+        METRICS.oldest.store(oldest, Ordering::Relaxed);
+        (held, oldest)
+    }
+}
+
+impl Ha {
+    /// As SLAVE: a shadow connection's first request.
+    pub(super) async fn answer_shadow_sync(&self, held: Vec<QueueId>) -> Msg {
+        if self.mode() != Mode::Slave {
+            return Msg::Refused(format!("this unit is {}, not SLAVE", self.mode()));
+        }
+        let missing = match self.shadows.sync(&held) {
+            Ok(m) => m,
+            Err(e) => return Msg::Refused(format!("shadow store: {e:#}")),
+        };
+        if let Err(e) = self.spool.durable().await {
+            return Msg::Refused(format!("shadow store: {e:#}"));
+        }
+        self.shadows.publish();
+        Msg::ShadowMissing(missing)
+    }
+
+    /// As SLAVE: keeps and drops shadows; answers once they are on disk.
+    pub(super) async fn answer_shadow(&self, ops: Vec<Op>) -> Msg {
+        if self.mode() != Mode::Slave {
+            return Msg::Refused(format!("this unit is {}, not SLAVE", self.mode()));
+        }
+        if let Err(e) = self.shadows.apply(&ops) {
+            return Msg::Refused(format!("shadow store: {e:#}"));
+        }
+        // The spool's group commit: one fdatasync for every write of the store.
+        if let Err(e) = self.spool.durable().await {
+            return Msg::Refused(format!("shadow store: {e:#}"));
+        }
+        let (held, oldest) = self.shadows.publish();
+        Msg::Shadowed { held, oldest }
+    }
+
+    /// This unit has just become MASTER: promotes its shadows if the peer was
+    /// lost or is not MASTER (`peer_is_master`: heard as MASTER at this very
+    /// tick), drops them otherwise (see the module doc).
+    pub(super) async fn shadows_on_master(&self, peer_is_master: bool) {
+        let (held, _) = self.shadows.stats();
+        if held == 0 {
+            return;
+        }
+        if peer_is_master {
+            let _ = self.shadows.tree.clear();
+            let _ = self.spool.durable().await;
+            self.shadows.publish();
+            self.status().event(format!(
+                "MASTER while the peer is a live MASTER: {held} shadow copies dropped"
+            ));
+            tracing::info!(
+                dropped = held,
+                "HA shadow: MASTER while the peer is a live MASTER: its shadows dropped (it holds those messages and pushes them when it steps down)"
+            );
+            return;
+        }
+        match self.promote().await {
+            Ok(n) => {
+                self.status().event(format!(
+                    "the MASTER was lost: {n} shadow copies promoted into the queue"
+                ));
+                tracing::warn!(
+                    promoted = n,
+                    "HA shadow: the MASTER was lost: its shadow copies promoted into the queue"
+                )
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "HA shadow: promoting shadow copies failed (kept; retried at the next change to MASTER)")
+            }
+        }
+        self.shadows.publish();
+    }
+
+    /// Every shadow into the queue (with its tombstone), then out of the shadows.
+    async fn promote(&self) -> Result<u64> {
+        let now = crate::queue::manager::now_ms();
+        let mut promoted = 0;
+        for r in self.shadows.tree.iter() {
+            let (k, v) = r?;
+            let (mut env, message) = match decode(&v) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "HA shadow: unreadable shadow copy kept");
+                    continue;
+                }
+            };
+            let id = env.id;
+            let digest = tombstone::digest(&env, &message);
+            let taken =
+                self.tombstones.find(id, &digest)?.is_some() || self.spool.envelope(id)?.is_some();
+            if !taken {
+                for r in &mut env.recipients {
+                    if matches!(r.state, RecipientState::Pending | RecipientState::Held) {
+                        r.next_attempt = now;
+                    }
+                }
+                let e = Tombstones::entry(id, &digest, id, now);
+                self.spool
+                    .enqueue_recorded(&env, &message, self.tombstones.tree(), &e.key, &e.value)
+                    .await?;
+                METRICS.promoted.inc();
+                promoted += 1;
+                let from = env.sender.as_deref().unwrap_or("<>");
+                tracing::warn!(%id, from, rcpts = env.recipients.len(), "HA shadow: shadow copy promoted into the queue (a duplicate if the lost MASTER delivered it within its last release interval)");
+            }
+            self.shadows.tree.remove(k)?;
+        }
+        self.spool.durable().await?;
+        Ok(promoted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::Recipient;
+
+    fn env(id: u64) -> Envelope {
+        Envelope {
+            id: QueueId(id << 20),
+            sender: Some("s@x.test".into()),
+            recipients: vec![Recipient::new("u@c.test".into(), "u@c.test".into())],
+            client_ip: "127.0.0.1".parse().unwrap(),
+            helo: "h".into(),
+            received_at: 0,
+            size: 5,
+            smtputf8: false,
+            eight_bit: false,
+        }
+    }
+
+    #[test]
+    fn shadows_are_kept_dropped_and_reconciled() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let s = Store::open(&db).unwrap();
+        let put = |n| Op::Put {
+            envelope: env(n),
+            message: format!("m{n}").into_bytes(),
+        };
+        s.apply(&[put(1), put(2), put(3), Op::Drop(env(2).id)])
+            .unwrap();
+        assert_eq!(s.stats(), (2, Some(1)));
+        let (e, m) = decode(&s.tree.get(env(3).id.to_bytes()).unwrap().unwrap()).unwrap();
+        assert_eq!((e, m), (env(3), b"m3".to_vec()));
+        // The MASTER holds 3 and 4: 1 was released while the link was down.
+        let missing = s.sync(&[env(3).id, env(4).id]).unwrap();
+        assert_eq!(missing, [env(4).id]);
+        assert_eq!(s.stats(), (1, Some(3)));
+    }
+}
