@@ -1,8 +1,10 @@
-//! `clustermail servers` and `clustermail route explain ADDRESS`: the router's view
-//! of server availability and what it would do with mail now, and why.
+//! `clustermail servers [pause|resume NAME]` and `clustermail route explain
+//! ADDRESS`: the router's view of server availability, the administrator's pause
+//! of a server, and what the router would do with mail now, and why.
 
 use super::Exit;
 use crate::cli::Context;
+use crate::queue::control::Control;
 use crate::route::{self, Attempt};
 use anyhow::Result;
 use std::collections::HashMap;
@@ -56,7 +58,7 @@ pub fn servers(ctx: &Context, out: &mut dyn Write) -> Result<Exit> {
             probed,
             rtt,
             queued.get(&s.name.to_lowercase()).copied().unwrap_or(0),
-            tracker.problem(&s).unwrap_or_default()
+            problem(&tracker, &s, ctx.spool.pauses().is_paused(&s.name))
         )?;
     }
     if !ctx.live {
@@ -64,6 +66,60 @@ pub fn servers(ctx: &Context, out: &mut dyn Write) -> Result<Exit> {
             out,
             "(router not running: availability from a probe made just now)"
         )?;
+    }
+    Ok(Exit::Ok)
+}
+
+/// The PROBLEM column: the administrator's pause first, then the tracker's view.
+fn problem(tracker: &crate::health::Tracker, s: &crate::catalog::Server, paused: bool) -> String {
+    let seen = tracker.problem(s).unwrap_or_default();
+    match (paused, seen.is_empty()) {
+        (false, _) => seen,
+        (true, true) => "paused by an administrator".into(),
+        (true, false) => format!("paused by an administrator; {seen}"),
+    }
+}
+
+/// `servers pause NAME`: no deliveries to a catalog server; its mail waits.
+pub async fn pause(
+    ctx: &Context,
+    control: &Control,
+    name: &str,
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+) -> Result<Exit> {
+    let Some(server) = ctx.catalog.server(name) else {
+        writeln!(err, "{name}: no such server in the catalog")?;
+        return Ok(Exit::Invalid);
+    };
+    match control.pause(&server.name).await {
+        Ok(_) => writeln!(out, "{}: paused", server.name)?,
+        Err(e) => return Err(anyhow::anyhow!("{e}")),
+    }
+    Ok(Exit::Ok)
+}
+
+/// `servers resume NAME`: deliveries again; its paused mail is due now. A name
+/// no longer in the catalog may be resumed (its pause lifted).
+pub async fn resume(
+    ctx: &Context,
+    control: &Control,
+    name: &str,
+    wait: std::time::Duration,
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+) -> Result<Exit> {
+    let name = ctx
+        .catalog
+        .server(name)
+        .map_or(name.to_string(), |s| s.name.clone());
+    match control.resume(&name, wait).await {
+        Ok(true) => writeln!(out, "{name}: in service (resumed)")?,
+        Ok(false) => {
+            writeln!(err, "{name}: not paused")?;
+            return Ok(Exit::Invalid);
+        }
+        Err(e) => return Err(anyhow::anyhow!("{e}")),
     }
     Ok(Exit::Ok)
 }

@@ -216,21 +216,24 @@ impl Manager {
             return Err(anyhow!("{id}: envelope without message octets"));
         };
         let now = now_ms();
-        let lifetime = self.config.max_queue_lifetime.as_millis() as u64;
+        let lifetime = self.config.max_queue_lifetime;
+        let received = env.received_at;
         let due: Vec<usize> = (0..env.recipients.len())
             .filter(|&i| {
                 !env.recipients[i].state.is_final() && env.recipients[i].next_attempt <= now
             })
             .collect();
-        let (expired, due): (Vec<usize>, Vec<usize>) = due.into_iter().partition(|&i| {
-            let r = &env.recipients[i];
-            let deadline = if r.expires_at > 0 {
-                r.expires_at
-            } else {
-                env.received_at + lifetime
-            };
-            now > deadline
-        });
+        let (expired, due): (Vec<usize>, Vec<usize>) = due
+            .into_iter()
+            .partition(|&i| now > env.recipients[i].deadline(received, lifetime));
+        // Held by an administrator: never attempted; next looked at when it expires.
+        let (on_hold, due): (Vec<usize>, Vec<usize>) = due
+            .into_iter()
+            .partition(|&i| env.recipients[i].state == RecipientState::OnHold);
+        for i in on_hold {
+            let r = &mut env.recipients[i];
+            r.next_attempt = r.deadline(received, lifetime) + 1;
+        }
         for i in expired {
             let r = &mut env.recipients[i];
             let why = format!(

@@ -45,6 +45,12 @@ pub enum RecipientState {
     /// Permanently refused or expired, kept for an administrator instead of bounced
     /// (`routing.hold_undeliverable`): `queue release`, `queue bounce` or `queue delete`.
     Undeliverable { reply: String, at: u64 },
+    /// Its server is paused by an administrator (`servers pause`): waits, no
+    /// attempt and no failover, until `servers resume`; still expires.
+    Paused,
+    /// Held by an administrator (`queue hold`): never attempted until `queue
+    /// unhold`; still expires. (Not `Held`, the routing state.)
+    OnHold,
 }
 
 impl RecipientState {
@@ -95,6 +101,27 @@ impl Recipient {
             last_error: None,
             reported: false,
             expires_at: 0,
+        }
+    }
+
+    /// Open again after a pause or an administrator's hold, due now: held
+    /// (retrying its home only) if it was tried before, else pending.
+    pub fn reopen(&mut self) {
+        self.state = if self.attempts > 0 {
+            RecipientState::Held
+        } else {
+            RecipientState::Pending
+        };
+        self.next_attempt = 0;
+    }
+
+    /// When it expires (ms since the epoch): its own lifetime if released, else
+    /// the message's arrival plus `lifetime`.
+    pub fn deadline(&self, received_at: u64, lifetime: std::time::Duration) -> u64 {
+        if self.expires_at > 0 {
+            self.expires_at
+        } else {
+            received_at + lifetime.as_millis() as u64
         }
     }
 
@@ -180,6 +207,8 @@ pub struct Spool {
     unsettled: Arc<Mutex<HashSet<QueueId>>>,
     /// Who is changing which message now.
     claims: Arc<Claims>,
+    /// Servers paused by an administrator.
+    pauses: super::pause::Pauses,
 }
 
 impl Spool {
@@ -202,6 +231,7 @@ impl Spool {
             rescan: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
             unsettled: Default::default(),
             claims: Default::default(),
+            pauses: super::pause::Pauses::open(db)?,
         })
     }
 
@@ -412,6 +442,30 @@ impl Spool {
         Ok(all)
     }
 
+    /// The envelopes after `after` (all: None), oldest first, read one at a time
+    /// as the caller goes (a page of `queue list` reads no more than it shows).
+    pub fn scan(&self, after: Option<QueueId>) -> impl Iterator<Item = Result<Envelope>> + '_ {
+        let start = match after {
+            Some(id) => {
+                let mut k = key(b'e', id).to_vec();
+                k.push(0); // just past `id`
+                k
+            }
+            None => b"e\0".to_vec(),
+        };
+        let unsettled = self.unsettled().clone();
+        self.tree
+            .range(start..)
+            .take_while(|r| r.as_ref().map_or(true, |(k, _)| k.starts_with(b"e\0")))
+            .filter_map(move |r| match r {
+                Err(e) => Some(Err(e.into())),
+                Ok((_, v)) => match decode(&v) {
+                    Ok(env) if unsettled.contains(&env.id) => None,
+                    other => Some(other),
+                },
+            })
+    }
+
     /// The oldest message in the queue (ids sort by arrival).
     pub fn oldest(&self) -> Result<Option<QueueId>> {
         match self.tree.scan_prefix(b"e\0").next() {
@@ -431,6 +485,11 @@ impl Spool {
     /// Who is changing which message now (shared by every clone).
     pub fn claims(&self) -> &Arc<Claims> {
         &self.claims
+    }
+
+    /// The servers paused by an administrator (shared by every clone).
+    pub fn pauses(&self) -> &super::pause::Pauses {
+        &self.pauses
     }
 
     /// The sled handle (shared with the catalog).

@@ -183,7 +183,7 @@ impl Manager {
         open: &[usize],
         skip: &mut BTreeMap<usize, Vec<String>>,
     ) -> Result<Round> {
-        let id = env.id;
+        let (id, env_received) = (env.id, env.received_at);
         let policy = self.config.policy();
         let mut round = Round::default();
         for &i in open {
@@ -195,7 +195,8 @@ impl Manager {
                 ));
                 continue;
             };
-            let attempt = if r.state == RecipientState::Held {
+            // Tried before (held, or paused or on hold after a hold): a retry.
+            let attempt = if r.attempts > 0 {
                 Attempt::Retry
             } else {
                 Attempt::First
@@ -210,6 +211,17 @@ impl Manager {
                 .map(|c| c.routers)
                 .unwrap_or_default();
             let route = route::decide(&entry, &avail, &policy, attempt, skipped, &routers);
+            if let Some(server) = self.paused_server(&entry, &route.decision) {
+                let lifetime = self.config.max_queue_lifetime;
+                r.state = RecipientState::Paused;
+                // Next looked at when it expires, or when the server is resumed.
+                r.next_attempt = r.deadline(env_received, lifetime) + 1;
+                r.last_route = Some(format!(
+                    "wait: server {server} is paused by an administrator (no failover)"
+                ));
+                tracing::info!(%id, rcpt = %r.address, %server, "paused: waits for its server");
+                continue;
+            }
             let m = &crate::metrics::METRICS;
             let kind = match &route.decision {
                 Decision::Home(_) => {
@@ -250,6 +262,20 @@ impl Manager {
             }
         }
         Ok(round)
+    }
+
+    /// The paused server that `decision` for `entry` would use: its home when
+    /// paused (no failover: the administrator chose to wait), else the server
+    /// decided on. None: deliver as decided.
+    fn paused_server(&self, entry: &crate::catalog::Lookup, decision: &Decision) -> Option<String> {
+        let pauses = self.spool.pauses();
+        if pauses.is_paused(&entry.home.name) {
+            return Some(entry.home.name.clone());
+        }
+        match decision {
+            Decision::Home(s) | Decision::Replica(s) if pauses.is_paused(s) => Some(s.clone()),
+            _ => None,
+        }
     }
 
     /// Delivers recipients outside the catalog (bounces to outside senders) through

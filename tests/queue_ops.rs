@@ -1,0 +1,151 @@
+//! Day-two queue operations end to end on loopback: servers pause/resume (mail
+//! waits, no failover, survives a restart), queue hold/unhold by an
+//! administrator, and the queue views (summary, filtered and paged list).
+
+mod common;
+use common::{expect, Client, RecordingSink, Router, Scratch};
+use std::time::{Duration, Instant};
+
+fn cluster(scratch: &Scratch, m1: u16, m2: u16) {
+    let toml = format!(
+        "[[server]]\nname = \"m1\"\ncluster = \"c\"\naddress = \"127.0.0.1:{m1}\"\n\n\
+         [[server]]\nname = \"m2\"\ncluster = \"c\"\naddress = \"127.0.0.1:{m2}\"\n\n\
+         [[mailbox]]\naddress = \"u@c.test\"\nhome = \"m1\"\nreplicas = [\"m2\"]\n\n\
+         [[mailbox]]\naddress = \"v@c.test\"\nhome = \"m2\"\nreplicas = [\"m1\"]\n"
+    );
+    let f = scratch.write("cluster.toml", &toml);
+    scratch.ok(&["catalog", "import", "--replace", &f.display().to_string()]);
+}
+
+fn router(scratch: Scratch, retry_initial: &str) -> Router {
+    let port = common::free_port();
+    let config = format!(
+        "router_name = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n[routing]\nprobe_interval = \"200ms\"\n\
+         probe_timeout = \"500ms\"\nrise = 1\nretry_initial = \"{retry_initial}\"\nretry_max = \"1h\"\ndelivery_timeout = \"2s\"\n"
+    );
+    Router::start_config(scratch, &config, port)
+}
+
+fn send(r: &Router, from: &str, to: &str) -> String {
+    let mut c = Client::hello(r.port);
+    c.cmd(&format!("MAIL FROM:<{from}>"));
+    expect(&c.cmd(&format!("RCPT TO:<{to}>")), 250, "2.1.5");
+    c.cmd("DATA");
+    c.send_raw(b"Subject: ops\r\n\r\n.\r\n");
+    let reply = c.reply();
+    expect(&reply, 250, "2.0.0");
+    reply.text().rsplit(' ').next().unwrap_or("").to_string()
+}
+
+/// Runs `queue ARGS` until its output contains `needle` (up to 30 s); returns it.
+fn wait_output(r: &Router, args: &[&str], needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = r.scratch.ok(args);
+        if out.contains(needle) {
+            return out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{args:?} never showed {needle:?}:\n{out}\nlog:\n{}",
+            r.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_paused_server_gets_no_mail_and_none_fails_over_until_resumed_even_across_a_restart() {
+    let m1 = RecordingSink::start("m1");
+    let m2 = RecordingSink::start("m2");
+    let s = Scratch::new();
+    cluster(&s, m1.port, m2.port);
+    let mut r = router(s, "1m");
+    assert_eq!(r.scratch.ok(&["servers", "pause", "m1"]), "m1: paused\n");
+    let (code, _, err) = r.scratch.run(&["servers", "pause", "nosuch"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("nosuch: no such server"), "{err}");
+    let id = send(&r, "a@x.test", "u@c.test");
+    let list = wait_output(&r, &["queue", "list", "--state", "paused"], &id);
+    assert!(list.contains("<u@c.test>: paused"), "{list}");
+    let show = r.scratch.ok(&["queue", "show", &id]);
+    assert!(
+        show.contains("server m1 is paused by an administrator"),
+        "{show}"
+    );
+    // Mail for the other server flows meanwhile.
+    send(&r, "a@x.test", "v@c.test");
+    assert_eq!(m2.wait_for(1, 30).len(), 1, "log:\n{}", r.log());
+    let servers = r.scratch.ok(&["servers"]);
+    assert!(
+        servers
+            .lines()
+            .any(|l| l.starts_with("m1 ") && l.contains("paused")),
+        "{servers}"
+    );
+    // The pause survives a restart; the mail still waits.
+    r.stop();
+    r.restart();
+    let list = wait_output(&r, &["queue", "list", "--state", "paused"], &id);
+    assert!(list.contains("1 message(s)"), "{list}");
+    assert!(m1.messages().is_empty(), "paused: nothing to m1");
+    assert_eq!(m2.messages().len(), 1, "paused: no failover to m2");
+    assert_eq!(
+        r.scratch.ok(&["servers", "resume", "m1"]),
+        "m1: in service (resumed)\n"
+    );
+    assert_eq!(m1.wait_for(1, 30).len(), 1, "log:\n{}", r.log());
+    assert_eq!(m2.messages().len(), 1);
+}
+
+#[test]
+fn a_message_on_hold_is_never_attempted_until_released() {
+    let mut m1 = RecordingSink::start("m1");
+    let mut m2 = RecordingSink::start("m2");
+    m1.down();
+    m2.down();
+    let s = Scratch::new();
+    cluster(&s, m1.port, m2.port);
+    let r = router(s, "1h");
+    let id = send(&r, "a@x.test", "u@c.test");
+    wait_output(&r, &["queue", "list", "--state", "held"], &id);
+    assert_eq!(
+        r.scratch.ok(&["queue", "hold", &id]),
+        format!("{id}: on hold (held by an administrator)\n")
+    );
+    let (code, _, err) = r.scratch.run(&["queue", "hold", "0000000000000001"]);
+    assert_eq!(code, 2, "{err}");
+    m1.up();
+    // A retry does not bring a message on hold out.
+    r.scratch.ok(&["queue", "retry", &id]);
+    let list = wait_output(&r, &["queue", "list", "--state", "on-hold"], &id);
+    assert!(list.contains("<u@c.test>: on hold"), "{list}");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(m1.messages().is_empty(), "log:\n{}", r.log());
+    assert_eq!(
+        r.scratch.ok(&["queue", "unhold", &id]),
+        format!("{id}: released from hold, due now\n")
+    );
+    assert_eq!(m1.wait_for(1, 30).len(), 1, "log:\n{}", r.log());
+}
+
+#[test]
+fn a_message_on_hold_still_expires() {
+    let mut m1 = RecordingSink::start("m1");
+    let mut m2 = RecordingSink::start("m2");
+    m1.down();
+    m2.down();
+    let s = Scratch::new();
+    cluster(&s, m1.port, m2.port);
+    let port = common::free_port();
+    let config = format!(
+        "router_name = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n[routing]\nprobe_interval = \"200ms\"\n\
+         rise = 1\nretry_initial = \"1h\"\nmax_queue_lifetime = \"4s\"\ndelivery_timeout = \"2s\"\n"
+    );
+    let r = Router::start_config(s, &config, port);
+    // The null sender: no bounce, the message leaves the queue when it expires.
+    let id = send(&r, "", "u@c.test");
+    r.scratch.ok(&["queue", "hold", &id]);
+    wait_output(&r, &["queue", "list"], "0 message(s)");
+    assert!(r.log().contains("expired"), "log:\n{}", r.log());
+}
