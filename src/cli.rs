@@ -284,11 +284,15 @@ pub enum CatalogCommand {
     },
     /// Show the mailbox owning ADDRESS: home, replicas, clusters, admin states.
     Show { address: String },
-    /// Set a server's admin state: in-service, out-of-service or restricted.
+    /// Set a server's admin state: in-service, out-of-service or restricted; or
+    /// with --mailbox the state of that mailbox's copy on SERVER: in-service,
+    /// out-of-service or pending-delete (a replica only).
     SetState {
+        /// Only this mailbox's copy on SERVER (its home or a replica).
+        #[arg(long, value_name = "ADDRESS")]
+        mailbox: Option<String>,
         server: String,
-        #[arg(value_parser = parse_state)]
-        state: AdminState,
+        state: String,
     },
 }
 
@@ -381,9 +385,24 @@ pub async fn execute(
                     server,
                 } => admin::catalog::list(cat, what, cluster.as_deref(), server.as_deref(), out),
                 CatalogCommand::Show { address } => admin::catalog::show(cat, &address, out, err),
-                CatalogCommand::SetState { server, state } => {
-                    admin::catalog::set_state(cat, &server, state, out)
-                }
+                CatalogCommand::SetState {
+                    mailbox: Some(address),
+                    server,
+                    state,
+                } => tokio::task::block_in_place(|| {
+                    admin::catalog::set_mailbox_state(cat, &address, &server, &state, out, err)
+                }),
+                CatalogCommand::SetState {
+                    mailbox: None,
+                    server,
+                    state,
+                } => match parse_state(&state) {
+                    Ok(state) => admin::catalog::set_state(cat, &server, state, out),
+                    Err(e) => {
+                        writeln!(err, "{e}")?;
+                        Ok(Exit::Invalid)
+                    }
+                },
             }
         }
         Command::Queue { command } => match command {

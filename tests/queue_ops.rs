@@ -149,3 +149,76 @@ fn a_message_on_hold_still_expires() {
     wait_output(&r, &["queue", "list"], "0 message(s)");
     assert!(r.log().contains("expired"), "log:\n{}", r.log());
 }
+
+#[test]
+fn queue_views_count_by_server_state_and_age_and_list_filters_page_by_page() {
+    let m1 = RecordingSink::start("m1");
+    let m2 = RecordingSink::start("m2");
+    let s = Scratch::new();
+    cluster(&s, m1.port, m2.port);
+    let r = router(s, "1m");
+    r.scratch.ok(&["servers", "pause", "m1"]);
+    let ids: Vec<String> = ["a@x.test", "a@x.test", "a@x.test", "b@x.test"]
+        .iter()
+        .map(|from| send(&r, from, "u@c.test"))
+        .collect();
+    wait_output(&r, &["queue", "list", "--state", "paused"], "4 message(s)");
+    r.scratch.ok(&["queue", "hold", &ids[1]]);
+    let summary = r.scratch.ok(&["queue", "summary"]);
+    let row = |server: &str, state: &str| {
+        summary
+            .lines()
+            .find(|l| l.split_whitespace().take(2).eq([server, state]))
+            .map(|l| l.split_whitespace().skip(2).collect::<Vec<_>>())
+    };
+    // TOTAL, <5m, <1h, <4h, <1d, older
+    assert_eq!(
+        row("m1", "paused"),
+        Some(vec!["3", "3", "0", "0", "0", "0"]),
+        "{summary}"
+    );
+    assert_eq!(
+        row("m1", "on-hold"),
+        Some(vec!["1", "1", "0", "0", "0", "0"]),
+        "{summary}"
+    );
+    assert!(summary.contains("4 message(s)"), "{summary}");
+    let list = |args: &[&str]| {
+        let mut all = vec!["queue", "list"];
+        all.extend_from_slice(args);
+        r.scratch.ok(&all)
+    };
+    let held = list(&["--state", "on-hold"]);
+    assert!(
+        held.contains(&ids[1]) && held.contains("1 message(s)"),
+        "{held}"
+    );
+    let from_b = list(&["--from", "B@x.test"]);
+    assert!(
+        from_b.contains(&ids[3]) && from_b.contains("1 message(s)"),
+        "{from_b}"
+    );
+    assert!(list(&["--server", "m2"]).contains("0 message(s)"));
+    assert!(list(&["--server", "M1", "--to", "u@c.test"]).contains("4 message(s)"));
+    assert!(list(&["--older-than", "1h"]).contains("0 message(s)"));
+    let first = list(&["--limit", "2"]);
+    assert!(
+        first.contains(&ids[0]) && first.contains(&ids[1]),
+        "{first}"
+    );
+    assert!(
+        first.contains(&format!("2 message(s)\nmore: --after {}\n", ids[1])),
+        "{first}"
+    );
+    let second = list(&["--limit", "2", "--after", &ids[1]]);
+    assert!(
+        second.contains(&ids[2]) && second.contains(&ids[3]),
+        "{second}"
+    );
+    assert!(
+        !second.contains(&ids[0]) && !second.contains("more:"),
+        "{second}"
+    );
+    let (code, _, err) = r.scratch.run(&["queue", "list", "--state", "held-by-me"]);
+    assert_eq!(code, 2, "{err}");
+}

@@ -36,9 +36,9 @@ const RULE_KEY: &[u8] = b"~rule";
 const SERIAL: &[u8] = b"catalog.serial";
 /// The record layout of this catalog tree; bumped whenever a stored record gains or
 /// loses a field (bincode records carry no field names). 2: `Mailbox.failover` and
-/// `Server.availability_threshold`.
+/// `Server.availability_threshold`; 3: `Mailbox.home_state` and `replica_states`.
 const FORMAT_KEY: &[u8] = b"~format";
-const FORMAT: &[u8] = b"2";
+const FORMAT: &[u8] = b"3";
 /// Changes beyond this many keys go through a shadow tree instead of one batch.
 const BATCH_LIMIT: usize = 50_000;
 
@@ -901,6 +901,8 @@ mod tests {
                         replicas: r.iter().map(|s| s.to_string()).collect(),
                         aliases: al.iter().map(|s| s.to_string()).collect(),
                         failover: None,
+                        home_state: Default::default(),
+                        replica_states: vec![],
                     },
                     origin,
                 })
@@ -998,6 +1000,8 @@ mod tests {
                         replicas: vec!["b".into()],
                         aliases: vec![al.clone()],
                         failover: None,
+                        home_state: Default::default(),
+                        replica_states: vec![],
                     },
                     origin: inp.servers[0].origin,
                 });
@@ -1013,6 +1017,8 @@ mod tests {
                         replicas: vec!["a".into()],
                         aliases: vec![],
                         failover: None,
+                        home_state: Default::default(),
+                        replica_states: vec![],
                     },
                     origin: Origin {
                         file: 0,
