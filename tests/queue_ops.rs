@@ -222,3 +222,54 @@ fn queue_views_count_by_server_state_and_age_and_list_filters_page_by_page() {
     let (code, _, err) = r.scratch.run(&["queue", "list", "--state", "held-by-me"]);
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn a_recipient_still_not_delivered_after_delay_warning_gets_one_delay_report() {
+    let mut m1 = RecordingSink::start("m1");
+    let m3 = RecordingSink::start("m3");
+    m1.down();
+    let s = Scratch::new();
+    let toml = format!(
+        "[[server]]\nname = \"m1\"\ncluster = \"c\"\naddress = \"127.0.0.1:{}\"\n\n\
+         [[server]]\nname = \"m3\"\ncluster = \"c\"\naddress = \"127.0.0.1:{}\"\n\n\
+         [[mailbox]]\naddress = \"u@c.test\"\nhome = \"m1\"\n\n\
+         [[mailbox]]\naddress = \"s@c.test\"\nhome = \"m3\"\n",
+        m1.port, m3.port
+    );
+    let f = s.write("cluster.toml", &toml);
+    s.ok(&["catalog", "import", "--replace", &f.display().to_string()]);
+    let port = common::free_port();
+    let config = format!(
+        "router_name = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n[routing]\nprobe_interval = \"200ms\"\n\
+         rise = 1\nretry_initial = \"1h\"\ndelivery_timeout = \"2s\"\ndelay_warning = \"2s\"\n"
+    );
+    let r = Router::start_config(s, &config, port);
+    let id = send(&r, "s@c.test", "u@c.test");
+    send(&r, "", "u@c.test"); // never a report to <>
+    let got = m3.wait_for(1, 30);
+    assert_eq!(got.len(), 1, "log:\n{}", r.log());
+    assert_eq!(got[0].from, "");
+    assert_eq!(got[0].rcpts, vec!["s@c.test".to_string()]);
+    let text = String::from_utf8_lossy(&got[0].data).into_owned();
+    assert!(
+        text.contains("Subject: Delayed Mail (still being retried)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Final-Recipient: rfc822; u@c.test\r\nAction: delayed\r\nStatus: 4."),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("X-Clustermail-Queue-ID: {id}")),
+        "{text}"
+    );
+    // Once per recipient: later passes (a retry now) send no second report.
+    r.scratch.ok(&["queue", "retry", "--all"]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(m3.messages().len(), 1, "log:\n{}", r.log());
+    let list = r.scratch.ok(&["queue", "list", "--state", "held"]);
+    assert!(
+        list.contains(&id) && list.contains("2 message(s)"),
+        "{list}"
+    );
+}

@@ -87,6 +87,10 @@ pub struct Recipient {
     /// When it expires, in milliseconds since the epoch; 0: the message's arrival
     /// plus `max_queue_lifetime` (a released recipient gets a new lifetime).
     pub expires_at: u64,
+    /// Its delay report (`routing.delay_warning`) is queued, or none is owed.
+    /// Stored after the envelope record (see [`encode`]), not inside it.
+    #[serde(skip)]
+    pub delay_reported: bool,
 }
 
 impl Recipient {
@@ -101,6 +105,7 @@ impl Recipient {
             last_error: None,
             reported: false,
             expires_at: 0,
+            delay_reported: false,
         }
     }
 
@@ -164,19 +169,39 @@ fn key(kind: u8, id: QueueId) -> [u8; 10] {
     k
 }
 
+/// Per-recipient state kept after the envelope in its record: an older version
+/// reads the envelope and ignores it, and a record without it (written before)
+/// reads as all false. (Fields added this way need no format change.)
+#[derive(Serialize, Deserialize, Default)]
+struct Tail {
+    delay_reported: Vec<bool>,
+}
+
 fn encode(env: &Envelope) -> Result<Vec<u8>> {
     let mut v = vec![FORMAT];
-    v.extend(bincode::serde::encode_to_vec(
-        env,
-        bincode::config::standard(),
-    )?);
+    let config = bincode::config::standard();
+    v.extend(bincode::serde::encode_to_vec(env, config)?);
+    let tail = Tail {
+        delay_reported: env.recipients.iter().map(|r| r.delay_reported).collect(),
+    };
+    v.extend(bincode::serde::encode_to_vec(&tail, config)?);
     Ok(v)
 }
 
 fn decode(bytes: &[u8]) -> Result<Envelope> {
+    let config = bincode::config::standard();
     match bytes.split_first() {
         Some((&FORMAT, rest)) => {
-            Ok(bincode::serde::decode_from_slice(rest, bincode::config::standard())?.0)
+            let (mut env, read): (Envelope, usize) =
+                bincode::serde::decode_from_slice(rest, config)?;
+            let rest = &rest[read.min(rest.len())..];
+            if !rest.is_empty() {
+                let tail: Tail = bincode::serde::decode_from_slice(rest, config)?.0;
+                for (r, d) in env.recipients.iter_mut().zip(tail.delay_reported) {
+                    r.delay_reported = d;
+                }
+            }
+            Ok(env)
         }
         Some((v, _)) => bail!("queue record format {v} is not known to this version"),
         None => bail!("empty queue record"),
@@ -553,6 +578,22 @@ mod tests {
         }
         let listed = spool.envelopes().unwrap();
         assert!(listed.windows(2).all(|w| w[0].id < w[1].id), "oldest first");
+    }
+
+    #[test]
+    fn the_tail_round_trips_and_a_record_without_it_reads_as_before() {
+        let mut env = envelope(1);
+        env.recipients
+            .push(Recipient::new("s@y.test".into(), String::new()));
+        env.recipients[1].delay_reported = true;
+        assert_eq!(decode(&encode(&env).unwrap()).unwrap(), env);
+        assert!(decode(&encode(&env).unwrap()).unwrap().recipients[1].delay_reported);
+        // As written before the tail existed.
+        let mut old = vec![FORMAT];
+        old.extend(bincode::serde::encode_to_vec(&env, bincode::config::standard()).unwrap());
+        let read = decode(&old).unwrap();
+        assert!(read.recipients.iter().all(|r| !r.delay_reported));
+        assert_eq!(read.recipients[0], env.recipients[0]);
     }
 
     #[tokio::test]
