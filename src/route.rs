@@ -16,6 +16,7 @@ use crate::catalog::{AdminState, Lookup, ReplicaState, Server};
 mod copies;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// What the health monitor knows of a server (admin states come from the catalog).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -433,6 +434,35 @@ fn passed_verdict(
         "passed over: busy"
     } else {
         "passed over: down"
+    }
+}
+
+/// The fallback relay (`routing.fallback_relay`, Postfix's
+/// `smtp_fallback_relay`): a decision to hold mail that arrived at least `after`
+/// ago becomes a transfer to `relay` instead of waiting until expiry — unless the
+/// relay already failed this attempt (`skip`). Other decisions stand.
+pub fn fallback(
+    route: Route,
+    age: Duration,
+    relay: Option<&str>,
+    after: Duration,
+    skip: &[String],
+) -> Route {
+    let Some(relay) = relay else {
+        return route;
+    };
+    if route.decision != Decision::Hold || age < after || skip.iter().any(|k| k == relay) {
+        return route;
+    }
+    Route {
+        decision: Decision::NextHop(relay.to_string()),
+        reason: format!(
+            "fallback relay {relay}: held for {} (over routing.fallback_after {}); {}",
+            humantime::format_duration(Duration::from_secs(age.as_secs())),
+            humantime::format_duration(after),
+            route.reason
+        ),
+        ..route
     }
 }
 

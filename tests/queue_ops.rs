@@ -273,3 +273,43 @@ fn a_recipient_still_not_delivered_after_delay_warning_gets_one_delay_report() {
         "{list}"
     );
 }
+
+#[test]
+fn held_mail_older_than_fallback_after_goes_to_the_fallback_relay() {
+    let mut m1 = RecordingSink::start("m1");
+    let mut m2 = RecordingSink::start("m2");
+    let fb = RecordingSink::start("fb");
+    m1.down();
+    m2.down();
+    let s = Scratch::new();
+    cluster(&s, m1.port, m2.port);
+    let port = common::free_port();
+    let config = format!(
+        "router_name = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n[routing]\nprobe_interval = \"200ms\"\n\
+         rise = 1\nretry_initial = \"1s\"\nretry_max = \"2s\"\ndelivery_timeout = \"2s\"\n\
+         fallback_relay = \"127.0.0.1:{}\"\nfallback_after = \"3s\"\n",
+        fb.port
+    );
+    let r = Router::start_config(s, &config, port);
+    let explain = r.scratch.ok(&["route", "explain", "u@c.test"]);
+    assert!(
+        explain.contains(&format!(
+            "fallback: mail held longer than 3s goes to fallback relay 127.0.0.1:{}",
+            fb.port
+        )),
+        "{explain}"
+    );
+    let id = send(&r, "a@x.test", "u@c.test");
+    // Held first (younger than fallback_after), then to the fallback relay.
+    let got = fb.wait_for(1, 30);
+    assert_eq!(got.len(), 1, "log:\n{}", r.log());
+    assert_eq!(got[0].rcpts, vec!["u@c.test".to_string()]);
+    r.wait_log("decision=fallback");
+    let log = r.log();
+    let held = log.find("decision=hold").expect("held first");
+    assert!(held < log.find("decision=fallback").unwrap_or(0), "{log}");
+    assert!(log.contains(&format!("id={id}")), "{log}");
+    assert!(r.log().contains("fallback relay 127.0.0.1:"), "{}", r.log());
+    wait_output(&r, &["queue", "list"], "0 message(s)");
+    assert!(m1.messages().is_empty() && m2.messages().is_empty());
+}

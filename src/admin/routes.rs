@@ -160,5 +160,12 @@ pub fn explain(
     if retry.decision != first.decision {
         writeln!(out, "held mail: {}", retry.reason)?;
     }
+    if let Some(relay) = &ctx.routing.fallback_relay {
+        writeln!(
+            out,
+            "fallback: mail held longer than {} goes to fallback relay {relay} (routing.fallback_relay)",
+            humantime::format_duration(ctx.routing.fallback_after)
+        )?;
+    }
     Ok(Exit::Ok)
 }

@@ -505,3 +505,34 @@ fn a_mailbox_may_override_the_failover_setting() {
     let why = decide(&entry(Some(false)), &avail, &on, Attempt::First, &[], &[]).why();
     assert!(why.contains("not tried: failover is off"), "{why}");
 }
+
+#[test]
+fn held_mail_older_than_fallback_after_goes_to_the_fallback_relay() {
+    let e = entry(In, &[("r1", In)]);
+    let down = |_: &Server| Down;
+    let held = decide(&e, &down, &Policy::default(), Attempt::First, &[], &[]);
+    assert_eq!(held.decision, Decision::Hold);
+    let day = Duration::from_secs(86_400);
+    let relay = Some("fb.test:25");
+    let f = |age, relay, skip: &[String]| fallback(held.clone(), age, relay, day, skip).decision;
+    assert_eq!(f(day, relay, &[]), Decision::NextHop("fb.test:25".into()));
+    assert_eq!(f(day / 2, relay, &[]), Decision::Hold, "too young");
+    assert_eq!(f(day, None, &[]), Decision::Hold, "no fallback relay");
+    assert_eq!(
+        f(day, relay, &["fb.test:25".to_string()]),
+        Decision::Hold,
+        "the relay failed this attempt"
+    );
+    let r = fallback(held.clone(), day, relay, day, &[]);
+    assert!(
+        r.reason.starts_with("fallback relay fb.test:25: held for 1day (over routing.fallback_after 1day); hold and retry home h"),
+        "{}",
+        r.reason
+    );
+    let up = |_: &Server| Up;
+    let home = decide(&e, &up, &Policy::default(), Attempt::First, &[], &[]);
+    assert_eq!(
+        fallback(home, day, relay, day, &[]).decision,
+        Decision::Home("h".into())
+    );
+}

@@ -105,7 +105,9 @@ impl Manager {
                     .deliverer
                     .send(&self.transaction(env, &address, &recipients, message))
                     .await;
-                self.feed_health(&server, &sent);
+                if self.config.fallback_relay.as_deref() != Some(server.as_str()) {
+                    self.feed_health(&server, &sent);
+                }
                 for (&i, outcome) in idxs.iter().zip(sent.outcomes) {
                     let (kind, reason) = round.decided.get(&i).cloned().unwrap_or_default();
                     log_attempt(
@@ -222,8 +224,18 @@ impl Manager {
                 tracing::info!(%id, rcpt = %r.address, %server, "paused: waits for its server");
                 continue;
             }
+            let age = std::time::Duration::from_millis(now_ms().saturating_sub(env_received));
+            let relay = self.config.fallback_relay.as_deref();
+            let after = self.config.fallback_after;
+            let route = route::fallback(route, age, relay, after, skipped);
+            let fell_back =
+                matches!(&route.decision, Decision::NextHop(r) if Some(r.as_str()) == relay);
             let m = &crate::metrics::METRICS;
             let kind = match &route.decision {
+                Decision::NextHop(_) if fell_back => {
+                    tracing::info!(%id, rcpt = %r.address, decision = %"fallback", why = %route.reason, "to the fallback relay");
+                    "fallback"
+                }
                 Decision::Home(_) => {
                     m.decided_home.inc();
                     "home"
