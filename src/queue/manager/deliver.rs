@@ -214,47 +214,13 @@ impl Manager {
                 .unwrap_or_default();
             let route = route::decide(&entry, &avail, &policy, attempt, skipped, &routers);
             if let Some(server) = self.paused_server(&entry, &route.decision) {
-                let lifetime = self.config.max_queue_lifetime;
-                r.state = RecipientState::Paused;
-                // Next looked at when it expires, or when the server is resumed.
-                r.next_attempt = r.deadline(env_received, lifetime) + 1;
-                r.last_route = Some(format!(
-                    "wait: server {server} is paused by an administrator (no failover)"
-                ));
-                tracing::info!(%id, rcpt = %r.address, %server, "paused: waits for its server");
+                self.pause(r, &server, id, env_received);
                 continue;
             }
             let age = std::time::Duration::from_millis(now_ms().saturating_sub(env_received));
             let relay = self.config.fallback_relay.as_deref();
-            let after = self.config.fallback_after;
-            let route = route::fallback(route, age, relay, after, skipped);
-            let fell_back =
-                matches!(&route.decision, Decision::NextHop(r) if Some(r.as_str()) == relay);
-            let m = &crate::metrics::METRICS;
-            let kind = match &route.decision {
-                Decision::NextHop(_) if fell_back => {
-                    tracing::info!(%id, rcpt = %r.address, decision = %"fallback", why = %route.reason, "to the fallback relay");
-                    "fallback"
-                }
-                Decision::Home(_) => {
-                    m.decided_home.inc();
-                    "home"
-                }
-                Decision::Replica(_) => {
-                    m.decided_replica.inc();
-                    "replica"
-                }
-                Decision::NextHop(_) => {
-                    m.decided_next_hop.inc();
-                    "next-hop"
-                }
-                Decision::Hold => {
-                    m.decided_hold.inc();
-                    m.recipients_held.inc();
-                    tracing::info!(%id, rcpt = %r.address, decision = %"hold", why = %route.reason, "held");
-                    "hold"
-                }
-            };
+            let route = route::fallback(route, age, relay, self.config.fallback_after, skipped);
+            let kind = count_decision(id, &r.address, &route, relay);
             round.decided.insert(i, (kind, route.reason.clone()));
             r.last_route = Some(route.why());
             match route.decision {
@@ -274,6 +240,17 @@ impl Manager {
             }
         }
         Ok(round)
+    }
+
+    /// Keeps `r` waiting for its paused `server`: looked at again when it
+    /// expires, or when the server is resumed.
+    fn pause(&self, r: &mut Recipient, server: &str, id: QueueId, received_at: u64) {
+        r.state = RecipientState::Paused;
+        r.next_attempt = r.deadline(received_at, self.config.max_queue_lifetime) + 1;
+        r.last_route = Some(format!(
+            "wait: server {server} is paused by an administrator (no failover)"
+        ));
+        tracing::info!(%id, rcpt = %r.address, %server, "paused: waits for its server");
     }
 
     /// The paused server that `decision` for `entry` would use: its home when
@@ -350,6 +327,41 @@ impl Manager {
             self.spool.update(env).await?;
         }
         Ok(())
+    }
+}
+
+/// The kind of a decision for the log and the metrics (counted here); a
+/// transfer to the fallback `relay` is `fallback`.
+fn count_decision(
+    id: QueueId,
+    rcpt: &str,
+    route: &route::Route,
+    relay: Option<&str>,
+) -> &'static str {
+    let m = &crate::metrics::METRICS;
+    match &route.decision {
+        Decision::NextHop(r) if Some(r.as_str()) == relay => {
+            tracing::info!(%id, %rcpt, decision = %"fallback", why = %route.reason, "to the fallback relay");
+            "fallback"
+        }
+        Decision::Home(_) => {
+            m.decided_home.inc();
+            "home"
+        }
+        Decision::Replica(_) => {
+            m.decided_replica.inc();
+            "replica"
+        }
+        Decision::NextHop(_) => {
+            m.decided_next_hop.inc();
+            "next-hop"
+        }
+        Decision::Hold => {
+            m.decided_hold.inc();
+            m.recipients_held.inc();
+            tracing::info!(%id, %rcpt, decision = %"hold", why = %route.reason, "held");
+            "hold"
+        }
     }
 }
 
