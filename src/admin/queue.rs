@@ -244,7 +244,9 @@ pub fn show(
             state_line(&r.state)
         )?;
         writeln!(out, "  attempts: {}", r.attempts)?;
-        if r.next_attempt > 0 && !r.state.is_final() {
+        // Paused and on-hold recipients make no attempt until an administrator acts.
+        let waits = matches!(r.state, RecipientState::Pending | RecipientState::Held);
+        if r.next_attempt > 0 && waits {
             writeln!(out, "  next attempt: in {}", until(r.next_attempt))?;
         }
         if let Some(e) = &r.last_error {
