@@ -117,6 +117,17 @@ pub struct Lookup {
     pub replicas: Vec<Arc<Server>>,
 }
 
+/// A catalog written by an older version (its record format differs): refused by
+/// [`Catalog::open`], replaced by `catalog import --replace`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the catalog in this data directory was written by an older clustermail \
+     (record format {0}, this version reads {fmt}); import your catalog files \
+     again with `clustermail catalog import --replace FILE...`",
+    fmt = String::from_utf8_lossy(FORMAT)
+)]
+pub struct StaleFormat(pub String);
+
 /// The replica catalog. Cheap to share: lookups take a read lock only.
 pub struct Catalog {
     meta: sled::Tree,
@@ -157,14 +168,12 @@ impl Catalog {
             _ if empty => {
                 tree.insert(FORMAT_KEY, FORMAT)?;
             }
-            stored => bail!(
-                "the catalog in this data directory was written by an older clustermail \
-                 (record format {}, this version reads {}); import your catalog files \
-                 again with `clustermail catalog import --replace FILE...`",
-                stored.map_or("1".to_string(), |f| String::from_utf8_lossy(&f)
-                    .into_owned()),
-                String::from_utf8_lossy(FORMAT)
-            ),
+            stored => {
+                return Err(StaleFormat(stored.map_or("1".to_string(), |f| {
+                    String::from_utf8_lossy(&f).into_owned()
+                }))
+                .into())
+            }
         }
         match tree.get(RULE_KEY)? {
             Some(stored) if stored.as_ref() != rule_tag(rule) => {
@@ -191,6 +200,44 @@ impl Catalog {
             rule,
             live: RwLock::new(Live { tree, servers }),
         })
+    }
+
+    /// Like [`Catalog::open`], for `catalog import --replace`: a catalog of an
+    /// older record format ([`StaleFormat`]) is set aside instead of refused — the
+    /// import builds the new catalog beside it and drops it only when it switches
+    /// to the new one (an import that fails leaves it as it was).
+    pub fn open_for_replace(db: &sled::Db, rule: LocalPartMatch) -> Result<Catalog> {
+        match Catalog::open(db, rule) {
+            Err(e) if e.is::<StaleFormat>() => {
+                let meta = db.open_tree("meta")?;
+                let current = meta
+                    .get(CURRENT)?
+                    .map(|n| String::from_utf8_lossy(&n).into_owned())
+                    .unwrap_or_default();
+                let gen: u64 = current
+                    .strip_prefix(TREE_PREFIX)
+                    .and_then(|g| g.parse().ok())
+                    .unwrap_or(1);
+                // An empty catalog of this format, never made current: dropped as a
+                // leftover at the next open unless the import switches past it.
+                let name = format!("{TREE_PREFIX}{}", gen + 1);
+                db.drop_tree(name.as_bytes())?;
+                let tree = db.open_tree(name.as_bytes())?;
+                tree.insert(FORMAT_KEY, FORMAT)?;
+                tree.insert(RULE_KEY, rule_tag(rule))?;
+                tracing::warn!(stale = %e, "replacing a catalog of an older record format");
+                Ok(Catalog {
+                    meta,
+                    db: db.clone(),
+                    rule,
+                    live: RwLock::new(Live {
+                        tree,
+                        servers: Default::default(),
+                    }),
+                })
+            }
+            other => other,
+        }
     }
 
     pub fn rule(&self) -> LocalPartMatch {
@@ -977,6 +1024,23 @@ mod tests {
             e.contains("record format 1") && e.contains("import --replace"),
             "{e}"
         );
+        // `import --replace` builds a new catalog; a failed one changes nothing.
+        let cat = Catalog::open_for_replace(&db, LocalPartMatch::CaseInsensitive).unwrap();
+        let bad = input(&[("a", "c")], &[("x@d.test", "nosuch", &[], &[])]);
+        assert!(cat.import(bad, Mode::Replace, false, &hidden).is_err());
+        drop(cat);
+        assert!(
+            Catalog::open(&db, LocalPartMatch::CaseInsensitive).is_err(),
+            "still stale"
+        );
+        let cat = Catalog::open_for_replace(&db, LocalPartMatch::CaseInsensitive).unwrap();
+        let two = input(&[("a", "c")], &[("y@d.test", "a", &[], &[])]);
+        let report = cat.import(two, Mode::Replace, false, &hidden).unwrap();
+        assert_eq!(report.mailboxes.added, 1, "{report:?}");
+        drop(cat);
+        let cat = Catalog::open(&db, LocalPartMatch::CaseInsensitive).unwrap();
+        assert!(cat.lookup("y@d.test").unwrap().is_some());
+        assert!(cat.lookup("x@d.test").unwrap().is_none());
     }
 
     #[test]
