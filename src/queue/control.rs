@@ -291,17 +291,18 @@ impl Control {
         tracing::info!(%server, "deliveries resumed by an administrator");
         let deadline = tokio::time::Instant::now() + wait;
         let claims = self.spool.claims().clone();
-        let ids: Vec<QueueId> = self
-            .spool
-            .envelopes()?
-            .iter()
-            .filter(|e| {
-                e.recipients
-                    .iter()
-                    .any(|r| r.state == RecipientState::Paused)
-            })
-            .map(|e| e.id)
-            .collect();
+        // Read one envelope at a time: only the ids of paused messages are kept.
+        let mut ids = Vec::new();
+        for env in self.spool.scan(None) {
+            let env = env?;
+            if env
+                .recipients
+                .iter()
+                .any(|r| r.state == RecipientState::Paused)
+            {
+                ids.push(env.id);
+            }
+        }
         for id in ids {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             // Not claimed in time: its delivery routes it and finds the server resumed.
