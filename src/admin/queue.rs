@@ -129,7 +129,7 @@ pub fn list_page(
     let now = crate::queue::manager::now_ms();
     let mut server_of = destination(catalog);
     let (mut shown, mut last, mut more) = (0usize, None, false);
-    for env in spool.scan(page.after) {
+    for env in spool.scan_after(page.after) {
         let e = env?;
         if !page.filter.matches(&e, now, &mut server_of) {
             continue;
@@ -185,7 +185,7 @@ pub fn summary(spool: &Spool, catalog: Option<&Catalog>, out: &mut dyn Write) ->
     let now = crate::queue::manager::now_ms();
     let mut server_of = destination(catalog);
     let mut sum = Summary::default();
-    for env in spool.scan(None) {
+    for env in spool.scan_after(None) {
         sum.add(&env?, now, &mut server_of);
     }
     let mut header = format!("{:16} {:14} {:>7}", "SERVER", "STATE", "TOTAL");

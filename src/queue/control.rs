@@ -293,7 +293,7 @@ impl Control {
         let claims = self.spool.claims().clone();
         // Read one envelope at a time: only the ids of paused messages are kept.
         let mut ids = Vec::new();
-        for env in self.spool.scan(None) {
+        for env in self.spool.scan_after(None) {
             let env = env?;
             if env
                 .recipients

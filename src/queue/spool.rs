@@ -469,7 +469,10 @@ impl Spool {
 
     /// The envelopes after `after` (all: None), oldest first, read one at a time
     /// as the caller goes (a page of `queue list` reads no more than it shows).
-    pub fn scan(&self, after: Option<QueueId>) -> impl Iterator<Item = Result<Envelope>> + '_ {
+    pub fn scan_after(
+        &self,
+        after: Option<QueueId>,
+    ) -> impl Iterator<Item = Result<Envelope>> + '_ {
         let start = match after {
             Some(id) => {
                 let mut k = key(b'e', id).to_vec();

@@ -1,7 +1,7 @@
 //! Queue views (Domino's `show queues`, Postfix's `qshape`): which queued
 //! messages a `queue list` filter selects, and the `queue summary` counts of open
 //! recipients by destination server, state and age. Pure: the caller streams the
-//! envelopes (see `Spool::scan`) and says where each recipient is bound.
+//! envelopes (see `Spool::scan_after`) and says where each recipient is bound.
 
 use super::{Envelope, Recipient, RecipientState};
 use std::collections::BTreeMap;
