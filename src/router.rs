@@ -1,6 +1,6 @@
 //! `clustermail serve`: opens the store, the catalog and the queue, starts the SMTP
-//! service, the health monitor and the queue manager, and stops them gracefully on
-//! SIGINT or SIGTERM.
+//! service, the health monitor, the queue manager and the web console, and stops
+//! them gracefully on SIGINT or SIGTERM.
 
 use crate::admin::socket;
 use crate::catalog::{self, files, Catalog, Mode};
@@ -116,6 +116,21 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
         live: true,
         ha,
     });
+    let stats = Arc::new(crate::web::stats::Stats::new());
+    tokio::spawn(crate::web::stats::run(
+        stats.clone(),
+        spool.clone(),
+        stopped.clone(),
+    ));
+    crate::web::start(
+        &config.web,
+        admin.clone(),
+        &config.router_name,
+        config.data_dir.clone(),
+        stats,
+        stopped.clone(),
+    )
+    .await?;
     let data_dir = config.data_dir.clone();
     let admin_stop = stopped.clone();
     let admin_socket = tokio::spawn(async move {

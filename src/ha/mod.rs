@@ -195,7 +195,10 @@ impl Ha {
         let mode = self.mode();
         self.gate.set(mode == Mode::Master);
         if let Some(c) = change {
-            self.status().since = Some(SystemTime::now());
+            let mut s = self.status();
+            s.since = Some(SystemTime::now());
+            s.event(format!("{} -> {} (epoch {epoch}): {}", c.from, c.to, c.why));
+            drop(s);
             tracing::warn!(from = %c.from, to = %c.to, epoch, why = %c.why, "HA mode changed");
         }
     }
@@ -208,6 +211,9 @@ impl Ha {
         s.auth_failures += 1;
         let new = s.auth_alarm.as_ref().map(|(old, _)| old.as_str()) != Some(e);
         s.auth_alarm = Some((e.to_string(), SystemTime::now()));
+        if new {
+            s.event(format!("ALARM: HA authentication failed ({side}): {e}"));
+        }
         drop(s);
         if new {
             tracing::error!(peer = %self.config.peer, side, error = %e, "HA ALARM: authentication with the peer failed; check ha.password on both units (this unit will not take over because of it)");
