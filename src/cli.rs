@@ -74,8 +74,12 @@ pub enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
-    /// Each catalog server: admin state, availability and its index, last probe, RTT, queued count.
-    Servers,
+    /// Each catalog server: admin state, availability and its index, last probe,
+    /// RTT, queued count; or pause / resume deliveries to one.
+    Servers {
+        #[command(subcommand)]
+        command: Option<ServersCommand>,
+    },
     /// Explain routing decisions.
     Route {
         #[command(subcommand)]
@@ -133,6 +137,19 @@ pub enum HaSetMode {
 }
 
 #[derive(Subcommand)]
+pub enum ServersCommand {
+    /// No deliveries to NAME (maintenance): its mail waits in the queue as
+    /// `paused`, without failover; survives restarts.
+    Pause { name: String },
+    /// Deliveries to NAME again: its paused mail is due now.
+    Resume {
+        name: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum RouteCommand {
     /// What would happen now to mail for ADDRESS, and why.
     Explain { address: String },
@@ -140,8 +157,24 @@ pub enum RouteCommand {
 
 #[derive(Subcommand)]
 pub enum QueueCommand {
-    /// List queued messages, oldest first.
-    List,
+    /// List queued messages, oldest first, a page at a time, optionally filtered.
+    List(ListArgs),
+    /// Open recipients by destination server and state, by age of their message
+    /// (<5m, <1h, <4h, <1d, older).
+    Summary,
+    /// Hold a message for an administrator: never attempted until `unhold`; it
+    /// still expires.
+    Hold {
+        id: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Release a message from an administrator's hold: due now.
+    Unhold {
+        id: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
     /// Show one message's envelope and per-recipient route trace, or with --raw
     /// its octets as queued.
     Show {
@@ -176,6 +209,48 @@ pub enum QueueCommand {
         #[command(flatten)]
         wait: Wait,
     },
+}
+
+/// `queue list`'s filters and page.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ListArgs {
+    /// Only messages with a recipient bound for this server (its home).
+    #[arg(long, value_name = "NAME")]
+    pub server: Option<String>,
+    /// Only messages with a recipient in this state.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::queue::view::STATES))]
+    pub state: Option<String>,
+    /// Only messages from this sender (`<>`: the null sender).
+    #[arg(long, value_name = "ADDR")]
+    pub from: Option<String>,
+    /// Only messages with this recipient.
+    #[arg(long, value_name = "ADDR")]
+    pub to: Option<String>,
+    /// Only messages that arrived at least this long ago (e.g. "4h").
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub older_than: Option<std::time::Duration>,
+    /// At most N messages (0: all).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub limit: usize,
+    /// Start after this queue id (the last one of the previous page).
+    #[arg(long, value_name = "ID")]
+    pub after: Option<crate::queue::QueueId>,
+}
+
+impl ListArgs {
+    pub fn page(&self) -> admin::queue::Page {
+        admin::queue::Page {
+            filter: crate::queue::view::Filter {
+                server: self.server.clone(),
+                state: self.state.clone(),
+                from: self.from.clone(),
+                to: self.to.clone(),
+                older_than_ms: self.older_than.map(|d| d.as_millis() as u64),
+            },
+            after: self.after,
+            limit: self.limit,
+        }
+    }
 }
 
 /// How long a queue command waits for a delivery of its message in progress.
@@ -238,11 +313,15 @@ pub enum CatalogCommand {
     },
     /// Show the mailbox owning ADDRESS: home, replicas, clusters, admin states.
     Show { address: String },
-    /// Set a server's admin state: in-service, out-of-service or restricted.
+    /// Set a server's admin state: in-service, out-of-service or restricted; or
+    /// with --mailbox the state of that mailbox's copy on SERVER: in-service,
+    /// out-of-service or pending-delete (a replica only).
     SetState {
+        /// Only this mailbox's copy on SERVER (its home or a replica).
+        #[arg(long, value_name = "ADDRESS")]
+        mailbox: Option<String>,
         server: String,
-        #[arg(value_parser = parse_state)]
-        state: AdminState,
+        state: String,
     },
 }
 
@@ -258,7 +337,7 @@ impl Command {
             self,
             Command::Catalog { .. }
                 | Command::Queue { .. }
-                | Command::Servers
+                | Command::Servers { .. }
                 | Command::Route { .. }
                 | Command::Ha { .. }
                 | Command::Web { .. }
@@ -336,13 +415,39 @@ pub async fn execute(
                     server,
                 } => admin::catalog::list(cat, what, cluster.as_deref(), server.as_deref(), out),
                 CatalogCommand::Show { address } => admin::catalog::show(cat, &address, out, err),
-                CatalogCommand::SetState { server, state } => {
-                    admin::catalog::set_state(cat, &server, state, out)
-                }
+                CatalogCommand::SetState {
+                    mailbox: Some(address),
+                    server,
+                    state,
+                } => tokio::task::block_in_place(|| {
+                    admin::catalog::set_mailbox_state(cat, &address, &server, &state, out, err)
+                }),
+                CatalogCommand::SetState {
+                    mailbox: None,
+                    server,
+                    state,
+                } => match parse_state(&state) {
+                    Ok(state) => admin::catalog::set_state(cat, &server, state, out),
+                    Err(e) => {
+                        writeln!(err, "{e}")?;
+                        Ok(Exit::Invalid)
+                    }
+                },
             }
         }
         Command::Queue { command } => match command {
-            QueueCommand::List => admin::queue::list(&ctx.spool, out),
+            QueueCommand::List(args) => {
+                admin::queue::list_page(&ctx.spool, Some(&ctx.catalog), &args.page(), out)
+            }
+            QueueCommand::Summary => admin::queue::summary(&ctx.spool, Some(&ctx.catalog), out),
+            QueueCommand::Hold { id, wait } => {
+                let control = Control::new(ctx.spool.clone());
+                admin::queue::hold(&control, &id, wait.duration, out, err).await
+            }
+            QueueCommand::Unhold { id, wait } => {
+                let control = Control::new(ctx.spool.clone());
+                admin::queue::unhold(&control, &id, wait.duration, out, err).await
+            }
             QueueCommand::Show { id, raw } => admin::queue::show(&ctx.spool, &id, raw, out, err),
             QueueCommand::Retry { id, all, wait } => {
                 let control = Control::new(ctx.spool.clone());
@@ -362,7 +467,20 @@ pub async fn execute(
                 admin::queue::bounce(&control, &id, wait.duration, out, err).await
             }
         },
-        Command::Servers => {
+        Command::Servers {
+            command: Some(command),
+        } => {
+            let control = Control::new(ctx.spool.clone());
+            match command {
+                ServersCommand::Pause { name } => {
+                    admin::routes::pause(ctx, &control, &name, out, err).await
+                }
+                ServersCommand::Resume { name, wait } => {
+                    admin::routes::resume(ctx, &control, &name, wait.duration, out, err).await
+                }
+            }
+        }
+        Command::Servers { command: None } => {
             if !ctx.live {
                 crate::health::monitor::probe_all(&ctx.catalog, &ctx.tracker, &ctx.routing).await;
             }

@@ -227,6 +227,15 @@ pub struct RoutingConfig {
     /// The catalog server this router runs beside (Domino: the local server): when
     /// a home is unusable, a replica on it is chosen before any other.
     pub local_server: Option<String>,
+    /// A recipient still not delivered this long after arrival gets one delay
+    /// report (DSN `Action: delayed`) sent to the sender; 0: never.
+    #[serde(with = "humantime_serde")]
+    pub delay_warning: Duration,
+    /// Where held mail older than `fallback_after` goes instead of waiting until
+    /// it expires, `host:port` (Postfix's `smtp_fallback_relay`); unset: none.
+    pub fallback_relay: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub fallback_after: Duration,
 }
 
 impl RoutingConfig {
@@ -264,6 +273,9 @@ impl Default for RoutingConfig {
             local_cluster: None,
             local_server: None,
             hold_undeliverable: false,
+            delay_warning: Duration::from_secs(4 * 3600),
+            fallback_relay: None,
+            fallback_after: Duration::from_secs(86_400),
         }
     }
 }
@@ -648,9 +660,14 @@ impl Config {
                 bail!("routing.{name} must be above 0");
             }
         }
-        if let Some(h) = &r.relay_host {
-            crate::catalog::model::check_server_address(h)
-                .map_err(|e| anyhow::anyhow!("routing.relay_host: {e}"))?;
+        for (name, host) in [
+            ("relay_host", &r.relay_host),
+            ("fallback_relay", &r.fallback_relay),
+        ] {
+            if let Some(h) = host {
+                crate::catalog::model::check_server_address(h)
+                    .map_err(|e| anyhow::anyhow!("routing.{name}: {e}"))?;
+            }
         }
         if r.retry_max < r.retry_initial {
             bail!("routing.retry_max is shorter than routing.retry_initial");

@@ -121,10 +121,25 @@ fn store_command(
         });
     }
     let db = catalog::open_db(&config.data_dir, config.store_cache_mb << 20)?;
+    // A replacing import may replace a catalog of an older record format.
+    let replacing = matches!(
+        &command,
+        Command::Catalog {
+            command: cli::CatalogCommand::Import {
+                replace: true,
+                dry_run: false,
+                ..
+            }
+        }
+    );
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let ctx = cli::Context {
-            catalog: Arc::new(Catalog::open(&db, config.local_part_match)?),
+            catalog: Arc::new(if replacing {
+                Catalog::open_for_replace(&db, config.local_part_match)?
+            } else {
+                Catalog::open(&db, config.local_part_match)?
+            }),
             spool: Spool::open(&db, &catalog::store_path(&config.data_dir))?,
             tracker: clustermail::health::monitor::shared(&config.routing),
             routing: config.routing.clone(),

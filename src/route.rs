@@ -11,9 +11,12 @@
 //! considered, with the reason it was or was not taken, so that it can be shown
 //! (`route explain`, `queue show`).
 
-use crate::catalog::{AdminState, Lookup, Server};
+use crate::catalog::{AdminState, Lookup, ReplicaState, Server};
+
+mod copies;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// What the health monitor knows of a server (admin states come from the catalog).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -79,6 +82,8 @@ pub enum Decision {
 pub struct Considered {
     pub server: String,
     pub admin: AdminState,
+    /// The state of this mailbox's copy on the server.
+    pub copy: ReplicaState,
     pub availability: Availability,
     /// Why it was taken or passed over.
     pub verdict: &'static str,
@@ -127,6 +132,9 @@ pub enum Attempt {
 /// next-hop router addresses) that already failed this attempt (a 4xx or network
 /// error from a replica moves on to the next one without waiting for the monitor).
 /// `routers` are the next-hop routers the catalog names for the home's cluster.
+///
+/// A copy of the mailbox that is not in service (`copies`) counts as a server
+/// out of service for this mailbox only.
 pub fn decide(
     entry: &Lookup,
     availability: &dyn Fn(&Server) -> Availability,
@@ -135,64 +143,74 @@ pub fn decide(
     skip: &[String],
     routers: &[String],
 ) -> Route {
-    let skipped = |s: &Server| skip.iter().any(|k| k.eq_ignore_ascii_case(&s.name));
-    // 4. Another cluster's mailbox: transfer to that cluster's router, which routes again.
-    let foreign = policy
-        .local_cluster
-        .as_deref()
-        .is_some_and(|local| !local.eq_ignore_ascii_case(&entry.home.cluster));
-    if foreign && !routers.is_empty() {
-        let home = Considered {
-            server: entry.home.name.clone(),
-            admin: entry.home.state,
-            availability: availability(&entry.home),
-            verdict: "not tried: in another cluster",
-        };
-        // Without all-hops failover only the first router is used (and retried later).
-        let candidates = if policy.all_hops {
-            routers
-        } else {
-            &routers[..1]
-        };
-        let next = candidates.iter().find(|r| !skip.iter().any(|k| k == *r));
-        return match next {
-            Some(r) => Route {
-                decision: Decision::NextHop(r.clone()),
-                reason: format!(
-                    "transfer to {r}, a router of cluster {} (next hop)",
-                    entry.home.cluster
-                ),
-                home,
-                replicas: considered_unused(entry, availability, skipped),
-            },
-            None => Route {
-                decision: Decision::Hold,
-                reason: format!(
-                    "hold and retry later: no router of cluster {} answered",
-                    entry.home.cluster
-                ),
-                home,
-                replicas: considered_unused(entry, availability, skipped),
-            },
-        };
+    let effective = copies::effective(entry);
+    let mut route = decide_servers(&effective, availability, policy, attempt, skip, routers);
+    copies::explain(&mut route, entry);
+    route
+}
+
+/// The servers a decision looks at, and how.
+struct Ctx<'a> {
+    entry: &'a Lookup,
+    availability: &'a dyn Fn(&Server) -> Availability,
+    policy: &'a Policy,
+    attempt: Attempt,
+    skip: &'a [String],
+}
+
+impl Ctx<'_> {
+    fn skipped(&self, s: &Server) -> bool {
+        self.skip.iter().any(|k| k.eq_ignore_ascii_case(&s.name))
     }
-    let home_avail = if skipped(&entry.home) {
-        Availability::Down
-    } else {
-        availability(&entry.home)
+
+    /// The monitor's view, or down when the server failed this attempt.
+    fn avail(&self, s: &Server) -> Availability {
+        if self.skipped(s) {
+            Availability::Down
+        } else {
+            (self.availability)(s)
+        }
+    }
+
+    fn unused(&self) -> Vec<Considered> {
+        considered_unused(self.entry, self.availability, |s| self.skipped(s))
+    }
+}
+
+/// `decide` on the servers' admin states alone.
+fn decide_servers(
+    entry: &Lookup,
+    availability: &dyn Fn(&Server) -> Availability,
+    policy: &Policy,
+    attempt: Attempt,
+    skip: &[String],
+    routers: &[String],
+) -> Route {
+    let cx = Ctx {
+        entry,
+        availability,
+        policy,
+        attempt,
+        skip,
     };
+    // 4. Another cluster's mailbox: transfer to that cluster's router, which routes again.
+    if let Some(route) = next_hop(&cx, routers) {
+        return route;
+    }
+    let home_avail = cx.avail(&entry.home);
     // A held recipient's scheduled retry *is* an attempt on the home server: it is
     // made whatever the monitor last saw (a server coming back may not have passed
     // `rise` probes yet), unless the home is out of service or already failed now.
     let retry_home = attempt == Attempt::Retry
         && !policy.retry_failover
-        && !skipped(&entry.home)
+        && !cx.skipped(&entry.home)
         && entry.home.state != AdminState::OutOfService;
     let home_usable = retry_home
         || (home_avail == Availability::Up && entry.home.state != AdminState::OutOfService);
     let mut home = Considered {
         server: entry.home.name.clone(),
         admin: entry.home.state,
+        copy: ReplicaState::InService,
         availability: home_avail,
         verdict: "",
     };
@@ -213,7 +231,7 @@ pub fn decide(
                 format!("deliver home to {}", entry.home.name)
             },
             home,
-            replicas: considered_unused(entry, availability, skipped),
+            replicas: cx.unused(),
         };
     }
     home.verdict = match (entry.home.state, home_avail) {
@@ -221,25 +239,69 @@ pub fn decide(
         (_, Availability::Busy) => "passed over: busy",
         _ => "passed over: down",
     };
+    fail_over(&cx, home)
+}
+
+/// Mail for another cluster: to that cluster's router (the first one, or with
+/// all-hops the first that has not failed); None for a local mailbox.
+fn next_hop(cx: &Ctx, routers: &[String]) -> Option<Route> {
+    let (entry, policy) = (cx.entry, cx.policy);
+    let foreign = policy
+        .local_cluster
+        .as_deref()
+        .is_some_and(|local| !local.eq_ignore_ascii_case(&entry.home.cluster));
+    if !foreign || routers.is_empty() {
+        return None;
+    }
+    let home = Considered {
+        server: entry.home.name.clone(),
+        admin: entry.home.state,
+        copy: ReplicaState::InService,
+        availability: (cx.availability)(&entry.home),
+        verdict: "not tried: in another cluster",
+    };
+    // Without all-hops failover only the first router is used (and retried later).
+    let candidates = if policy.all_hops {
+        routers
+    } else {
+        &routers[..1]
+    };
+    let next = candidates.iter().find(|r| !cx.skip.iter().any(|k| k == *r));
+    Some(match next {
+        Some(r) => Route {
+            decision: Decision::NextHop(r.clone()),
+            reason: format!(
+                "transfer to {r}, a router of cluster {} (next hop)",
+                entry.home.cluster
+            ),
+            home,
+            replicas: cx.unused(),
+        },
+        None => Route {
+            decision: Decision::Hold,
+            reason: format!(
+                "hold and retry later: no router of cluster {} answered",
+                entry.home.cluster
+            ),
+            home,
+            replicas: cx.unused(),
+        },
+    })
+}
+
+/// The home is not usable: a replica, the busy home, or hold.
+fn fail_over(cx: &Ctx, mut home: Considered) -> Route {
+    let (entry, policy) = (cx.entry, cx.policy);
+    let home_avail = home.availability;
     let failover = entry.mailbox.failover.unwrap_or(policy.failover);
-    let may_fail_over = failover && (attempt == Attempt::First || policy.retry_failover);
+    let may_fail_over = failover && (cx.attempt == Attempt::First || policy.retry_failover);
     // Replicas in the order they are tried: this router's own mailbox server first
     // (Domino: a local replica), then the mailbox's preference order.
     let mut order: Vec<(usize, &Arc<Server>, Availability)> = entry
         .replicas
         .iter()
         .enumerate()
-        .map(|(i, r)| {
-            (
-                i,
-                r,
-                if skipped(r) {
-                    Availability::Down
-                } else {
-                    availability(r)
-                },
-            )
-        })
+        .map(|(i, r)| (i, r, cx.avail(r)))
         .collect();
     if let Some(local) = &policy.local_server {
         order.sort_by_key(|(i, r, _)| (!r.name.eq_ignore_ascii_case(local), *i));
@@ -247,7 +309,7 @@ pub fn decide(
     let target = |r: &Server, avail: Availability| {
         may_fail_over
             && r.state == AdminState::InService
-            && !skipped(r)
+            && !cx.skipped(r)
             && avail != Availability::Down
     };
     // An up replica if there is one; else a busy server still takes the mail when it
@@ -259,7 +321,7 @@ pub fn decide(
     let busy_home = up_replica.is_none()
         && home_avail == Availability::Busy
         && entry.home.state != AdminState::OutOfService
-        && !skipped(&entry.home);
+        && !cx.skipped(&entry.home);
     let busy_replica = if up_replica.is_none() && !busy_home {
         order
             .iter()
@@ -269,51 +331,23 @@ pub fn decide(
         None
     };
     let chosen = up_replica.or(busy_replica);
-    let local = |r: &Server| {
-        policy
-            .local_server
-            .as_deref()
-            .is_some_and(|l| l.eq_ignore_ascii_case(&r.name))
-    };
     // Replicas tried after the chosen one were not needed; those before were passed over.
     let chosen_at = chosen.and_then(|c| order.iter().position(|(i, _, _)| *i == c));
     let mut replicas: Vec<Considered> = order
         .iter()
         .enumerate()
-        .map(|(at, (i, r, avail))| {
-            let verdict = if Some(*i) == chosen {
-                if *avail == Availability::Busy {
-                    "taken: busy, but the only server reachable"
-                } else if local(r) {
-                    "taken: the replica on this router's own server comes first"
-                } else {
-                    "taken: first available replica in preference order"
-                }
+        .map(|(at, (i, r, avail))| Considered {
+            server: r.name.clone(),
+            admin: r.state,
+            copy: ReplicaState::InService,
+            availability: *avail,
+            verdict: if Some(*i) == chosen {
+                taken_verdict(r, *avail, policy)
             } else if chosen_at.is_some_and(|c| at > c) {
                 "not needed"
-            } else if !may_fail_over {
-                if failover {
-                    "not tried: a held message retries the home server only"
-                } else {
-                    "not tried: failover is off"
-                }
-            } else if r.state == AdminState::OutOfService {
-                "passed over: out of service"
-            } else if r.state == AdminState::Restricted {
-                "passed over: restricted (never a failover target)"
-            } else if skipped(r) {
-                "passed over: failed this attempt"
-            } else if *avail == Availability::Busy {
-                "passed over: busy"
             } else {
-                "passed over: down"
-            };
-            Considered {
-                server: r.name.clone(),
-                admin: r.state,
-                availability: *avail,
-                verdict,
-            }
+                passed_verdict(cx, r, *avail, may_fail_over, failover)
+            },
         })
         .collect();
     // Shown in preference order, whatever the order tried.
@@ -330,36 +364,105 @@ pub fn decide(
             replicas,
         };
     }
-    match chosen.map(|i| entry.replicas[i].name.clone()) {
-        Some(name) => Route {
+    let Some(name) = chosen.map(|i| entry.replicas[i].name.clone()) else {
+        let why = if entry.replicas.is_empty() {
+            "no replica"
+        } else if !may_fail_over {
+            "no failover for this attempt"
+        } else {
+            "no replica available"
+        };
+        return Route {
             reason: format!(
-                "fail over to replica {name}: home {} is {}",
+                "hold and retry home {} without failover: home is {}, {why}",
                 entry.home.name,
                 short(&home)
             ),
-            decision: Decision::Replica(name),
+            decision: Decision::Hold,
             home,
             replicas,
-        },
-        None => {
-            let why = if entry.replicas.is_empty() {
-                "no replica".to_string()
-            } else if !may_fail_over {
-                "no failover for this attempt".to_string()
-            } else {
-                "no replica available".to_string()
-            };
-            Route {
-                reason: format!(
-                    "hold and retry home {} without failover: home is {}, {why}",
-                    entry.home.name,
-                    short(&home)
-                ),
-                decision: Decision::Hold,
-                home,
-                replicas,
-            }
+        };
+    };
+    Route {
+        reason: format!(
+            "fail over to replica {name}: home {} is {}",
+            entry.home.name,
+            short(&home)
+        ),
+        decision: Decision::Replica(name),
+        home,
+        replicas,
+    }
+}
+
+/// Why the chosen replica was taken.
+fn taken_verdict(r: &Server, avail: Availability, policy: &Policy) -> &'static str {
+    let local = policy
+        .local_server
+        .as_deref()
+        .is_some_and(|l| l.eq_ignore_ascii_case(&r.name));
+    if avail == Availability::Busy {
+        "taken: busy, but the only server reachable"
+    } else if local {
+        "taken: the replica on this router's own server comes first"
+    } else {
+        "taken: first available replica in preference order"
+    }
+}
+
+/// Why a replica before the chosen one (or any, when none was) was passed over.
+fn passed_verdict(
+    cx: &Ctx,
+    r: &Server,
+    avail: Availability,
+    may_fail_over: bool,
+    failover: bool,
+) -> &'static str {
+    if !may_fail_over {
+        if failover {
+            "not tried: a held message retries the home server only"
+        } else {
+            "not tried: failover is off"
         }
+    } else if r.state == AdminState::OutOfService {
+        "passed over: out of service"
+    } else if r.state == AdminState::Restricted {
+        "passed over: restricted (never a failover target)"
+    } else if cx.skipped(r) {
+        "passed over: failed this attempt"
+    } else if avail == Availability::Busy {
+        "passed over: busy"
+    } else {
+        "passed over: down"
+    }
+}
+
+/// The fallback relay (`routing.fallback_relay`, Postfix's
+/// `smtp_fallback_relay`): a decision to hold mail that arrived at least `after`
+/// ago becomes a transfer to `relay` instead of waiting until expiry — unless the
+/// relay already failed this attempt (`skip`). Other decisions stand.
+pub fn fallback(
+    route: Route,
+    age: Duration,
+    relay: Option<&str>,
+    after: Duration,
+    skip: &[String],
+) -> Route {
+    let Some(relay) = relay else {
+        return route;
+    };
+    if route.decision != Decision::Hold || age < after || skip.iter().any(|k| k == relay) {
+        return route;
+    }
+    Route {
+        decision: Decision::NextHop(relay.to_string()),
+        reason: format!(
+            "fallback relay {relay}: held for {} (over routing.fallback_after {}); {}",
+            humantime::format_duration(Duration::from_secs(age.as_secs())),
+            humantime::format_duration(after),
+            route.reason
+        ),
+        ..route
     }
 }
 
@@ -382,6 +485,7 @@ fn considered_unused(
         .map(|r| Considered {
             server: r.name.clone(),
             admin: r.state,
+            copy: ReplicaState::InService,
             availability: if skipped(r) {
                 Availability::Down
             } else {
@@ -393,519 +497,4 @@ fn considered_unused(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::catalog::Mailbox;
-    use std::collections::HashMap;
-    use std::sync::Arc;
-
-    fn server(name: &str, state: AdminState) -> Arc<Server> {
-        Arc::new(Server {
-            name: name.into(),
-            cluster: "c".into(),
-            address: "127.0.0.1:25".into(),
-            state,
-            availability_threshold: None,
-        })
-    }
-
-    fn entry(home: AdminState, replicas: &[(&str, AdminState)]) -> Lookup {
-        Lookup {
-            mailbox: Mailbox {
-                address: "u@d.test".into(),
-                home: "h".into(),
-                replicas: replicas.iter().map(|(n, _)| n.to_string()).collect(),
-                aliases: vec![],
-                failover: None,
-            },
-            home: server("h", home),
-            replicas: replicas.iter().map(|(n, s)| server(n, *s)).collect(),
-        }
-    }
-
-    use AdminState::{InService as In, OutOfService as Oos, Restricted as Res};
-    use Availability::{Busy, Down, Up};
-
-    /// (home admin, home avail, replicas (name, admin, avail), policy, attempt, skip) → decision
-    #[test]
-    fn decision_table() {
-        let on = Policy::default();
-        let local_r2 = Policy {
-            local_server: Some("R2".into()),
-            ..Policy::default()
-        };
-        let off = Policy {
-            failover: false,
-            ..Policy::default()
-        };
-        let retry_fo = Policy {
-            retry_failover: true,
-            ..Policy::default()
-        };
-        type Row<'a> = (
-            AdminState,
-            Availability,
-            &'a [(&'a str, AdminState, Availability)],
-            &'a Policy,
-            Attempt,
-            &'a [&'a str],
-            Decision,
-        );
-        let home = || Decision::Home("h".into());
-        let rep = |n: &str| Decision::Replica(n.into());
-        let table: Vec<Row> = vec![
-            // 1. home up and in service: home, whatever the replicas.
-            (In, Up, &[("r1", In, Up)], &on, Attempt::First, &[], home()),
-            (In, Up, &[], &on, Attempt::First, &[], home()),
-            (Res, Up, &[("r1", In, Up)], &on, Attempt::First, &[], home()),
-            (In, Up, &[("r1", In, Up)], &on, Attempt::Retry, &[], home()),
-            // 2. home not usable: first available in-service replica, in order.
-            (
-                In,
-                Down,
-                &[("r1", In, Up), ("r2", In, Up)],
-                &on,
-                Attempt::First,
-                &[],
-                rep("r1"),
-            ),
-            (
-                In,
-                Down,
-                &[("r1", In, Down), ("r2", In, Up)],
-                &on,
-                Attempt::First,
-                &[],
-                rep("r2"),
-            ),
-            (
-                In,
-                Busy,
-                &[("r1", In, Up)],
-                &on,
-                Attempt::First,
-                &[],
-                rep("r1"),
-            ),
-            (
-                Oos,
-                Up,
-                &[("r1", In, Up)],
-                &on,
-                Attempt::First,
-                &[],
-                rep("r1"),
-            ),
-            (
-                In,
-                Down,
-                &[("r1", Res, Up), ("r2", In, Up)],
-                &on,
-                Attempt::First,
-                &[],
-                rep("r2"),
-            ),
-            (
-                In,
-                Down,
-                &[("r1", In, Busy), ("r2", In, Up)],
-                &on,
-                Attempt::First,
-                &[],
-                rep("r2"),
-            ),
-            (
-                In,
-                Down,
-                &[("r1", Oos, Up), ("r2", In, Up)],
-                &on,
-                Attempt::First,
-                &[],
-                rep("r2"),
-            ),
-            // a replica that just failed this attempt is skipped; so is a failed home.
-            (
-                In,
-                Down,
-                &[("r1", In, Up), ("r2", In, Up)],
-                &on,
-                Attempt::First,
-                &["r1"],
-                rep("r2"),
-            ),
-            (
-                In,
-                Up,
-                &[("r1", In, Up)],
-                &on,
-                Attempt::First,
-                &["h"],
-                rep("r1"),
-            ),
-            // 3. no replica, none available, or failover off: hold.
-            (In, Down, &[], &on, Attempt::First, &[], Decision::Hold),
-            (
-                In,
-                Down,
-                &[("r1", In, Down), ("r2", Res, Up)],
-                &on,
-                Attempt::First,
-                &[],
-                Decision::Hold,
-            ),
-            // a busy replica still takes the mail when it is the only one reachable...
-            (
-                In,
-                Down,
-                &[("r1", In, Busy)],
-                &on,
-                Attempt::First,
-                &[],
-                rep("r1"),
-            ),
-            // ...and a busy home with no replica available gets it too (not held)...
-            (In, Busy, &[], &on, Attempt::First, &[], home()),
-            (
-                In,
-                Busy,
-                &[("r1", In, Down)],
-                &on,
-                Attempt::First,
-                &[],
-                home(),
-            ),
-            (
-                In,
-                Busy,
-                &[("r1", In, Busy)],
-                &on,
-                Attempt::First,
-                &[],
-                home(),
-            ),
-            (
-                In,
-                Busy,
-                &[("r1", In, Up)],
-                &off,
-                Attempt::First,
-                &[],
-                home(),
-            ),
-            // ...but an up replica is preferred to a busy home.
-            (
-                In,
-                Busy,
-                &[("r1", In, Busy), ("r2", In, Up)],
-                &on,
-                Attempt::First,
-                &[],
-                rep("r2"),
-            ),
-            // Only down, out-of-service and (as targets) restricted make a server unusable.
-            (
-                In,
-                Down,
-                &[("r1", Res, Busy)],
-                &on,
-                Attempt::First,
-                &[],
-                Decision::Hold,
-            ),
-            // The replica on this router's own server comes first.
-            (
-                In,
-                Down,
-                &[("r1", In, Up), ("r2", In, Up)],
-                &local_r2,
-                Attempt::First,
-                &[],
-                rep("r2"),
-            ),
-            (
-                In,
-                Down,
-                &[("r1", In, Up), ("r2", In, Down)],
-                &local_r2,
-                Attempt::First,
-                &[],
-                rep("r1"),
-            ),
-            (
-                In,
-                Down,
-                &[("r1", In, Up), ("r2", Res, Up)],
-                &local_r2,
-                Attempt::First,
-                &[],
-                rep("r1"),
-            ),
-            (
-                In,
-                Down,
-                &[("r1", In, Up)],
-                &off,
-                Attempt::First,
-                &[],
-                Decision::Hold,
-            ),
-            (
-                In,
-                Down,
-                &[("r1", In, Up)],
-                &on,
-                Attempt::First,
-                &["r1"],
-                Decision::Hold,
-            ),
-            // a held message retries the home only: the retry is an attempt on the home,
-            // whatever the monitor last saw, and a replica coming back does not take it...
-            (
-                In,
-                Down,
-                &[("r1", In, Up)],
-                &on,
-                Attempt::Retry,
-                &[],
-                home(),
-            ),
-            (
-                In,
-                Busy,
-                &[("r1", In, Up)],
-                &on,
-                Attempt::Retry,
-                &[],
-                home(),
-            ),
-            // ...when that attempt fails, or the home is out of service, it stays held...
-            (
-                In,
-                Down,
-                &[("r1", In, Up)],
-                &on,
-                Attempt::Retry,
-                &["h"],
-                Decision::Hold,
-            ),
-            (
-                Oos,
-                Up,
-                &[("r1", In, Up)],
-                &on,
-                Attempt::Retry,
-                &[],
-                Decision::Hold,
-            ),
-            // ...unless retry_failover says so.
-            (
-                In,
-                Down,
-                &[("r1", In, Up)],
-                &retry_fo,
-                Attempt::Retry,
-                &[],
-                rep("r1"),
-            ),
-        ];
-        for (i, (home_admin, home_avail, reps, policy, attempt, skip, want)) in
-            table.into_iter().enumerate()
-        {
-            let e = entry(
-                home_admin,
-                &reps.iter().map(|(n, s, _)| (*n, *s)).collect::<Vec<_>>(),
-            );
-            let mut avail: HashMap<&str, Availability> =
-                reps.iter().map(|(n, _, a)| (*n, *a)).collect();
-            avail.insert("h", home_avail);
-            let skip: Vec<String> = skip.iter().map(|s| s.to_string()).collect();
-            let route = decide(&e, &|s| avail[s.name.as_str()], policy, attempt, &skip, &[]);
-            assert_eq!(route.decision, want, "row {i}: {}", route.why());
-            assert_eq!(
-                route.replicas.len(),
-                reps.len(),
-                "row {i}: every replica is accounted for"
-            );
-        }
-    }
-
-    #[test]
-    fn the_reason_names_every_server_and_its_verdict() {
-        let e = entry(In, &[("r1", Res), ("r2", In), ("r3", In)]);
-        let avail = |s: &Server| if s.name == "r2" { Up } else { Down };
-        let route = decide(&e, &avail, &Policy::default(), Attempt::First, &[], &[]);
-        assert_eq!(route.decision, Decision::Replica("r2".into()));
-        let why = route.why();
-        assert!(
-            why.starts_with("fail over to replica r2: home h is down\n"),
-            "{why}"
-        );
-        assert!(
-            why.contains("restricted (never a failover target)"),
-            "{why}"
-        );
-        assert!(why.contains("taken: first available replica"), "{why}");
-        assert!(why.contains("r3") && why.contains("not needed"), "{why}");
-        let retry = decide(&e, &avail, &Policy::default(), Attempt::Retry, &[], &[]);
-        assert_eq!(retry.decision, Decision::Home("h".into()));
-        assert!(
-            retry
-                .reason
-                .starts_with("retry home h (held mail, without failover)"),
-            "{}",
-            retry.reason
-        );
-        let held = decide(
-            &e,
-            &avail,
-            &Policy::default(),
-            Attempt::Retry,
-            &["h".to_string()],
-            &[],
-        );
-        assert!(
-            held.why()
-                .contains("a held message retries the home server only"),
-            "{}",
-            held.why()
-        );
-        assert!(
-            held.reason
-                .starts_with("hold and retry home h without failover"),
-            "{}",
-            held.reason
-        );
-    }
-}
-
-#[cfg(test)]
-mod next_hop_tests {
-    use super::*;
-    use crate::catalog::Mailbox;
-    use std::sync::Arc;
-
-    #[test]
-    fn mail_for_another_cluster_goes_to_its_router() {
-        let home = Arc::new(Server {
-            name: "w1".into(),
-            cluster: "west".into(),
-            address: "127.0.0.1:25".into(),
-            state: AdminState::InService,
-            availability_threshold: None,
-        });
-        let e = Lookup {
-            mailbox: Mailbox {
-                address: "u@w.test".into(),
-                home: "w1".into(),
-                replicas: vec![],
-                aliases: vec![],
-                failover: None,
-            },
-            home,
-            replicas: vec![],
-        };
-        let up = |_: &Server| Availability::Up;
-        let routers = ["10.0.0.1:25".to_string(), "10.0.0.2:25".to_string()];
-        let east = Policy {
-            local_cluster: Some("east".into()),
-            all_hops: true,
-            ..Policy::default()
-        };
-        let r = decide(&e, &up, &east, Attempt::First, &[], &routers);
-        assert_eq!(r.decision, Decision::NextHop("10.0.0.1:25".into()));
-        let r = decide(
-            &e,
-            &up,
-            &east,
-            Attempt::First,
-            &["10.0.0.1:25".into()],
-            &routers,
-        );
-        assert_eq!(r.decision, Decision::NextHop("10.0.0.2:25".into()));
-        let r = decide(&e, &up, &east, Attempt::First, &routers, &routers);
-        assert_eq!(r.decision, Decision::Hold);
-        // last-hop: a failed next-hop router is not replaced by another one.
-        let last_hop = Policy {
-            all_hops: false,
-            ..east.clone()
-        };
-        let first_failed = ["10.0.0.1:25".to_string()];
-        let r = decide(&e, &up, &last_hop, Attempt::First, &first_failed, &routers);
-        assert_eq!(r.decision, Decision::Hold);
-        // Local cluster, no local_cluster set, or no routers named: the normal rules.
-        let west = Policy {
-            local_cluster: Some("WEST".into()),
-            ..Policy::default()
-        };
-        assert_eq!(
-            decide(&e, &up, &west, Attempt::First, &[], &routers).decision,
-            Decision::Home("w1".into())
-        );
-        assert_eq!(
-            decide(&e, &up, &Policy::default(), Attempt::First, &[], &routers).decision,
-            Decision::Home("w1".into())
-        );
-        assert_eq!(
-            decide(&e, &up, &east, Attempt::First, &[], &[]).decision,
-            Decision::Home("w1".into())
-        );
-    }
-}
-
-#[cfg(test)]
-mod override_tests {
-    use super::*;
-    use crate::catalog::Mailbox;
-    use std::sync::Arc;
-
-    #[test]
-    fn a_mailbox_may_override_the_failover_setting() {
-        let server = |name: &str| {
-            Arc::new(Server {
-                name: name.into(),
-                cluster: "c".into(),
-                address: "127.0.0.1:25".into(),
-                state: AdminState::InService,
-                availability_threshold: None,
-            })
-        };
-        let entry = |failover| Lookup {
-            mailbox: Mailbox {
-                address: "u@d.test".into(),
-                home: "h".into(),
-                replicas: vec!["r".into()],
-                aliases: vec![],
-                failover,
-            },
-            home: server("h"),
-            replicas: vec![server("r")],
-        };
-        let avail = |s: &Server| {
-            if s.name == "h" {
-                Availability::Down
-            } else {
-                Availability::Up
-            }
-        };
-        let on = Policy::default();
-        let off = Policy {
-            failover: false,
-            ..Policy::default()
-        };
-        let d = |f, p: &Policy| decide(&entry(f), &avail, p, Attempt::First, &[], &[]).decision;
-        assert_eq!(d(None, &on), Decision::Replica("r".into()));
-        assert_eq!(
-            d(Some(false), &on),
-            Decision::Hold,
-            "this mailbox never fails over"
-        );
-        assert_eq!(d(None, &off), Decision::Hold);
-        assert_eq!(
-            d(Some(true), &off),
-            Decision::Replica("r".into()),
-            "this one does"
-        );
-        let why = decide(&entry(Some(false)), &avail, &on, Attempt::First, &[], &[]).why();
-        assert!(why.contains("not tried: failover is off"), "{why}");
-    }
-}
+mod tests;

@@ -2,7 +2,7 @@
 
 use super::Exit;
 use crate::catalog::{
-    self, files, AdminState, Catalog, Format, ImportError, Mailbox, Mode, Server,
+    self, files, AdminState, Catalog, Format, ImportError, Mailbox, Mode, ReplicaState, Server,
 };
 use anyhow::Result;
 use std::io::{IsTerminal, Write};
@@ -229,7 +229,11 @@ pub fn show(
         writeln!(out, "aliases:  {}", l.mailbox.aliases.join(", "))?;
     }
     writeln!(out, "cluster:  {}", l.home.cluster)?;
-    writeln!(out, "home:     {}", server_line(&l.home))?;
+    let copy = |s: &Server| match l.mailbox.state_on(&s.name) {
+        ReplicaState::InService => String::new(),
+        st => format!("; this mailbox's copy: {st}"),
+    };
+    writeln!(out, "home:     {}{}", server_line(&l.home), copy(&l.home))?;
     if l.replicas.is_empty() {
         writeln!(
             out,
@@ -237,7 +241,7 @@ pub fn show(
         )?;
     }
     for (i, r) in l.replicas.iter().enumerate() {
-        writeln!(out, "replica {}: {}", i + 1, server_line(r))?;
+        writeln!(out, "replica {}: {}{}", i + 1, server_line(r), copy(r))?;
     }
     Ok(Exit::Ok)
 }
@@ -259,4 +263,69 @@ pub fn set_state(
     let s = cat.set_state(server, state)?;
     writeln!(out, "{}: {}", s.name, s.state)?;
     Ok(Exit::Ok)
+}
+
+/// `catalog set-state --mailbox ADDRESS SERVER STATE`: the state of one copy of
+/// one mailbox (its home or a replica), written as a one-mailbox merge import
+/// (validated, aliases kept in step).
+pub fn set_mailbox_state(
+    cat: &Catalog,
+    address: &str,
+    server: &str,
+    state: &str,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<Exit> {
+    let state: ReplicaState = match state.parse() {
+        Ok(s) => s,
+        Err(e) => {
+            writeln!(err, "{e}")?;
+            return Ok(Exit::Invalid);
+        }
+    };
+    let Some(l) = cat.lookup(address)? else {
+        writeln!(
+            err,
+            "{address}: no mailbox or alias with this address in the catalog"
+        )?;
+        return Ok(Exit::Invalid);
+    };
+    let mut mailbox = l.mailbox;
+    if let Err(e) = mailbox.set_state_on(server, state) {
+        writeln!(err, "{e}")?;
+        return Ok(Exit::Invalid);
+    }
+    let address = mailbox.address.clone();
+    let name = std::iter::once(&mailbox.home)
+        .chain(mailbox.replicas.iter())
+        .find(|s| s.eq_ignore_ascii_case(server.trim()))
+        .cloned()
+        .unwrap_or_else(|| server.to_string());
+    let input = catalog::Input {
+        files: vec![PathBuf::from("set-state")],
+        mailboxes: vec![files::Row {
+            item: mailbox,
+            origin: files::Origin {
+                file: 0,
+                place: files::Place::Item {
+                    kind: files::ItemKind::Mailbox,
+                    index: 0,
+                },
+            },
+        }],
+        ..Default::default()
+    };
+    match cat.import(input, Mode::Merge, false, &indicatif::ProgressBar::hidden()) {
+        Ok(_) => {
+            writeln!(out, "{address} on {name}: {state}")?;
+            Ok(Exit::Ok)
+        }
+        Err(ImportError::Invalid(problems)) => {
+            for line in &problems {
+                writeln!(err, "{line}")?;
+            }
+            Ok(Exit::Invalid)
+        }
+        Err(ImportError::Store(e)) => Err(e),
+    }
 }

@@ -1,11 +1,14 @@
-//! `clustermail queue list|show|retry|delete|release|bounce`: the queue, through
+//! `clustermail queue list|summary|show|retry|delete|release|bounce|hold|unhold`: the queue, through
 //! the router's admin socket when it runs, else as stored. The actions are
 //! `queue::control`'s; this module only parses ids and prints their results.
 
 use super::Exit;
+use crate::catalog::Catalog;
 use crate::queue::control::{Control, Refused};
-use crate::queue::{QueueId, RecipientState, Spool};
+use crate::queue::view::{Filter, Summary, BUCKETS};
+use crate::queue::{QueueId, Recipient, RecipientState, Spool};
 use anyhow::Result;
+use std::collections::HashMap;
 use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -52,6 +55,8 @@ fn short_state(s: &RecipientState) -> String {
         RecipientState::Delivered { server, .. } => format!("delivered to {server}"),
         RecipientState::Failed { .. } => "failed".into(),
         RecipientState::Undeliverable { .. } => "undeliverable".into(),
+        RecipientState::Paused => "paused".into(),
+        RecipientState::OnHold => "on hold".into(),
     }
 }
 
@@ -66,44 +71,144 @@ fn state_line(s: &RecipientState) -> String {
         RecipientState::Undeliverable { reply, .. } => {
             format!("undeliverable, held for an administrator: {reply}")
         }
+        RecipientState::Paused => "paused (its server is paused by an administrator)".into(),
+        RecipientState::OnHold => "on hold (held by an administrator: `queue unhold`)".into(),
     }
 }
 
+/// One page of `queue list`: the filter, and where the page starts and ends.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub filter: Filter,
+    /// Start after this id (the last of the previous page).
+    pub after: Option<QueueId>,
+    /// At most this many messages; 0: no limit.
+    pub limit: usize,
+}
+
+/// Each recipient's destination server for the views: its catalog home (cached
+/// per mailbox), `(outside)` for an address outside the catalog.
+fn destination(catalog: Option<&Catalog>) -> impl FnMut(&Recipient) -> String + '_ {
+    let mut homes: HashMap<String, String> = HashMap::new();
+    move |r: &Recipient| {
+        if let RecipientState::Delivered { server, .. } = &r.state {
+            return server.clone();
+        }
+        if r.mailbox.is_empty() {
+            return "(outside)".into();
+        }
+        if let Some(home) = homes.get(&r.mailbox) {
+            return home.clone();
+        }
+        let home = catalog
+            .and_then(|c| c.lookup(&r.mailbox).ok().flatten())
+            .map_or_else(|| "(not in catalog)".to_string(), |l| l.home.name.clone());
+        homes.insert(r.mailbox.clone(), home.clone());
+        home
+    }
+}
+
+/// `queue list`, every message, oldest first.
 pub fn list(spool: &Spool, out: &mut dyn Write) -> Result<Exit> {
-    let envs = spool.envelopes()?;
+    list_page(spool, None, &Page::default(), out)
+}
+
+/// `queue list` with filters, one page, oldest first: reads envelopes one at a
+/// time and stops at the end of the page.
+pub fn list_page(
+    spool: &Spool,
+    catalog: Option<&Catalog>,
+    page: &Page,
+    out: &mut dyn Write,
+) -> Result<Exit> {
     writeln!(
         out,
         "{:16}  {:>10}  {:>8}  {:30}  RECIPIENTS",
         "ID", "AGE", "SIZE", "SENDER"
     )?;
-    for e in &envs {
-        let rcpts: Vec<&str> = e.recipients.iter().map(|r| r.address.as_str()).collect();
-        writeln!(
-            out,
-            "{}  {:>10}  {:>8}  {:30}  {}",
-            e.id,
-            age(e.received_at),
-            e.size,
-            format!("<{}>", e.sender.as_deref().unwrap_or("")),
-            rcpts.join(", ")
-        )?;
-        // One line per recipient: its state, next attempt and last error.
-        for r in &e.recipients {
-            let mut line = format!("    <{}>: {}", r.address, short_state(&r.state));
-            if !r.state.is_final() {
-                if r.next_attempt > 0 {
-                    line.push_str(&format!(", next attempt in {}", until(r.next_attempt)));
-                } else {
-                    line.push_str(", due now");
-                }
-            }
-            if let Some(err) = &r.last_error {
-                line.push_str(&format!(", last error: {err}"));
-            }
-            writeln!(out, "{line}")?;
+    let now = crate::queue::manager::now_ms();
+    let mut server_of = destination(catalog);
+    let (mut shown, mut last, mut more) = (0usize, None, false);
+    for env in spool.scan_after(page.after) {
+        let e = env?;
+        if !page.filter.matches(&e, now, &mut server_of) {
+            continue;
         }
+        if page.limit > 0 && shown == page.limit {
+            more = true;
+            break;
+        }
+        write_entry(&e, out)?;
+        shown += 1;
+        last = Some(e.id);
     }
-    writeln!(out, "{} message(s)", envs.len())?;
+    writeln!(out, "{shown} message(s)")?;
+    if let (true, Some(last)) = (more, last) {
+        writeln!(out, "more: --after {last}")?;
+    }
+    Ok(Exit::Ok)
+}
+
+/// One message of `queue list`, with a line per recipient.
+fn write_entry(e: &crate::queue::Envelope, out: &mut dyn Write) -> Result<()> {
+    let rcpts: Vec<&str> = e.recipients.iter().map(|r| r.address.as_str()).collect();
+    writeln!(
+        out,
+        "{}  {:>10}  {:>8}  {:30}  {}",
+        e.id,
+        age(e.received_at),
+        e.size,
+        format!("<{}>", e.sender.as_deref().unwrap_or("")),
+        rcpts.join(", ")
+    )?;
+    // One line per recipient: its state, next attempt and last error.
+    for r in &e.recipients {
+        let mut line = format!("    <{}>: {}", r.address, short_state(&r.state));
+        let waits = matches!(r.state, RecipientState::Pending | RecipientState::Held);
+        if waits {
+            if r.next_attempt > 0 {
+                line.push_str(&format!(", next attempt in {}", until(r.next_attempt)));
+            } else {
+                line.push_str(", due now");
+            }
+        }
+        if let Some(err) = &r.last_error {
+            line.push_str(&format!(", last error: {err}"));
+        }
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
+}
+
+/// `queue summary`: open recipients by destination server and state, by age.
+pub fn summary(spool: &Spool, catalog: Option<&Catalog>, out: &mut dyn Write) -> Result<Exit> {
+    let now = crate::queue::manager::now_ms();
+    let mut server_of = destination(catalog);
+    let mut sum = Summary::default();
+    for env in spool.scan_after(None) {
+        sum.add(&env?, now, &mut server_of);
+    }
+    let mut header = format!("{:16} {:14} {:>7}", "SERVER", "STATE", "TOTAL");
+    for (_, name) in BUCKETS {
+        header.push_str(&format!(" {name:>7}"));
+    }
+    writeln!(out, "{header} {:>7}", "older")?;
+    let row = |name: &str, state: &str, counts: &[usize]| {
+        let mut line = format!("{name:16} {state:14} {:>7}", counts.iter().sum::<usize>());
+        for n in counts {
+            line.push_str(&format!(" {n:>7}"));
+        }
+        line
+    };
+    for ((server, state), counts) in &sum.rows {
+        writeln!(out, "{}", row(server, state, counts))?;
+    }
+    writeln!(out, "{}", row("TOTAL", "", &sum.totals()))?;
+    writeln!(
+        out,
+        "{} message(s); counts are recipients, by the age of their message",
+        sum.messages
+    )?;
     Ok(Exit::Ok)
 }
 
@@ -139,7 +244,9 @@ pub fn show(
             state_line(&r.state)
         )?;
         writeln!(out, "  attempts: {}", r.attempts)?;
-        if r.next_attempt > 0 && !r.state.is_final() {
+        // Paused and on-hold recipients make no attempt until an administrator acts.
+        let waits = matches!(r.state, RecipientState::Pending | RecipientState::Held);
+        if r.next_attempt > 0 && waits {
             writeln!(out, "  next attempt: in {}", until(r.next_attempt))?;
         }
         if let Some(e) = &r.last_error {
@@ -170,9 +277,10 @@ fn refused(r: Refused, err: &mut dyn Write) -> Result<Exit> {
     let exit = match r {
         Refused::Store(e) => return Err(e),
         Refused::InDelivery(..) => Exit::Failed,
-        Refused::NoSuchMessage(_) | Refused::LeftQueue(_) | Refused::NothingUndeliverable(..) => {
-            Exit::Invalid
-        }
+        Refused::NoSuchMessage(_)
+        | Refused::LeftQueue(_)
+        | Refused::NothingUndeliverable(..)
+        | Refused::NothingOpen(..) => Exit::Invalid,
     };
     writeln!(err, "{r}")?;
     Ok(exit)
@@ -279,6 +387,47 @@ pub async fn bounce(
     match control.bounce(id, wait).await {
         Ok(n) => {
             writeln!(out, "{id}: {n} recipient(s) will bounce")?;
+            Ok(Exit::Ok)
+        }
+        Err(r) => refused(r, err),
+    }
+}
+
+/// `queue hold ID`: the message is never attempted until `queue unhold`; it
+/// still expires.
+pub async fn hold(
+    control: &Control,
+    id: &str,
+    wait: Duration,
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+) -> Result<Exit> {
+    let Some(id) = parse_id(id, err)? else {
+        return Ok(Exit::Invalid);
+    };
+    match control.hold(id, wait).await {
+        Ok(_) => {
+            writeln!(out, "{id}: on hold (held by an administrator)")?;
+            Ok(Exit::Ok)
+        }
+        Err(r) => refused(r, err),
+    }
+}
+
+/// `queue unhold ID`: released from the administrator's hold, due now.
+pub async fn unhold(
+    control: &Control,
+    id: &str,
+    wait: Duration,
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+) -> Result<Exit> {
+    let Some(id) = parse_id(id, err)? else {
+        return Ok(Exit::Invalid);
+    };
+    match control.unhold(id, wait).await {
+        Ok(_) => {
+            writeln!(out, "{id}: released from hold, due now")?;
             Ok(Exit::Ok)
         }
         Err(r) => refused(r, err),

@@ -1,8 +1,10 @@
-//! `clustermail servers` and `clustermail route explain ADDRESS`: the router's view
-//! of server availability and what it would do with mail now, and why.
+//! `clustermail servers [pause|resume NAME]` and `clustermail route explain
+//! ADDRESS`: the router's view of server availability, the administrator's pause
+//! of a server, and what the router would do with mail now, and why.
 
 use super::Exit;
 use crate::cli::Context;
+use crate::queue::control::Control;
 use crate::route::{self, Attempt};
 use anyhow::Result;
 use std::collections::HashMap;
@@ -35,6 +37,8 @@ pub struct ServerRow {
     pub rtt_ms: Option<u64>,
     /// Open recipients homed on it.
     pub queued: usize,
+    /// Paused by an administrator (`servers pause`): no deliveries to it.
+    pub paused: bool,
     pub problem: Option<String>,
 }
 
@@ -61,7 +65,8 @@ pub fn server_rows(ctx: &Context) -> Result<Vec<ServerRow>> {
                     .map(|d| d.as_secs()),
                 rtt_ms: h.last_rtt.map(|d| d.as_millis() as u64),
                 queued: queued.get(&s.name.to_lowercase()).copied().unwrap_or(0),
-                problem: tracker.problem(&s),
+                paused: ctx.spool.pauses().is_paused(&s.name),
+                problem: problem(&tracker, &s, ctx.spool.pauses().is_paused(&s.name)),
                 admin_state: s.state.as_str().to_string(),
                 name: s.name,
                 cluster: s.cluster,
@@ -108,6 +113,64 @@ pub fn servers(ctx: &Context, out: &mut dyn Write) -> Result<Exit> {
     Ok(Exit::Ok)
 }
 
+/// The PROBLEM column: the administrator's pause first, then the tracker's view.
+fn problem(
+    tracker: &crate::health::Tracker,
+    s: &crate::catalog::Server,
+    paused: bool,
+) -> Option<String> {
+    let seen = tracker.problem(s);
+    match (paused, seen) {
+        (false, seen) => seen,
+        (true, None) => Some("paused by an administrator".into()),
+        (true, Some(seen)) => Some(format!("paused by an administrator; {seen}")),
+    }
+}
+
+/// `servers pause NAME`: no deliveries to a catalog server; its mail waits.
+pub async fn pause(
+    ctx: &Context,
+    control: &Control,
+    name: &str,
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+) -> Result<Exit> {
+    let Some(server) = ctx.catalog.server(name) else {
+        writeln!(err, "{name}: no such server in the catalog")?;
+        return Ok(Exit::Invalid);
+    };
+    match control.pause(&server.name).await {
+        Ok(_) => writeln!(out, "{}: paused", server.name)?,
+        Err(e) => return Err(anyhow::anyhow!("{e}")),
+    }
+    Ok(Exit::Ok)
+}
+
+/// `servers resume NAME`: deliveries again; its paused mail is due now. A name
+/// no longer in the catalog may be resumed (its pause lifted).
+pub async fn resume(
+    ctx: &Context,
+    control: &Control,
+    name: &str,
+    wait: std::time::Duration,
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+) -> Result<Exit> {
+    let name = ctx
+        .catalog
+        .server(name)
+        .map_or(name.to_string(), |s| s.name.clone());
+    match control.resume(&name, wait).await {
+        Ok(true) => writeln!(out, "{name}: in service (resumed)")?,
+        Ok(false) => {
+            writeln!(err, "{name}: not paused")?;
+            return Ok(Exit::Invalid);
+        }
+        Err(e) => return Err(anyhow::anyhow!("{e}")),
+    }
+    Ok(Exit::Ok)
+}
+
 pub fn explain(
     ctx: &Context,
     address: &str,
@@ -143,6 +206,13 @@ pub fn explain(
     let retry = route::decide(&entry, &avail, &policy, Attempt::Retry, &[], &routers);
     if retry.decision != first.decision {
         writeln!(out, "held mail: {}", retry.reason)?;
+    }
+    if let Some(relay) = &ctx.routing.fallback_relay {
+        writeln!(
+            out,
+            "fallback: mail held longer than {} goes to fallback relay {relay} (routing.fallback_relay)",
+            humantime::format_duration(ctx.routing.fallback_after)
+        )?;
     }
     Ok(Exit::Ok)
 }

@@ -2,13 +2,21 @@
 //! `mailbox` lists, `.csv` holds mailboxes (`address,home,replicas,aliases`, lists
 //! separated by `;`).
 //!
+//! A mailbox's per-copy states are written where the copy is named: in TOML/JSON
+//! `home_state = "out-of-service"` and `replicas = ["mail-2", { server = "mail-3",
+//! state = "pending-delete" }]`; in CSV a `=state` suffix (`mail-1=out-of-service`,
+//! `mail-2;mail-3=pending-delete`). In-service copies are written plainly.
+//!
 //! Reading never stops at the first bad row: every row is parsed on its own and
 //! every problem is kept with its origin (`FILE:LINE` for CSV, `FILE: mailbox[i]`
 //! for TOML and JSON), so an administrator fixes a file in one pass.
 
 use super::model::{Cluster, Mailbox, Server};
+use item::{named_state, with_state, MailboxItem};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+
+mod item;
 use std::path::{Path, PathBuf};
 
 /// Where a row came from: an index into the list of files read, and a place in it.
@@ -256,9 +264,9 @@ fn read_document(
                     }),
                     Err(e) => input.problem(file, place, e),
                 },
-                ItemKind::Mailbox => match parse_item::<Mailbox>(item) {
+                ItemKind::Mailbox => match parse_item::<MailboxItem>(item) {
                     Ok(m) => input.mailboxes.push(Row {
-                        item: tidy_mailbox(m),
+                        item: tidy_mailbox(m.into()),
                         origin,
                     }),
                     Err(e) => input.problem(file, place, e),
@@ -269,7 +277,16 @@ fn read_document(
 }
 
 fn parse_item<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, String> {
-    serde_json::from_value(value).map_err(|e| e.to_string())
+    serde_json::from_value(value).map_err(|e| {
+        let e = e.to_string();
+        if e.contains("untagged enum ReplicaItem") {
+            "replicas: each is a server name or { server = NAME, state = STATE } \
+             (in-service, out-of-service or pending-delete)"
+                .to_string()
+        } else {
+            e
+        }
+    })
 }
 
 fn tidy_server(mut s: Server) -> Server {
@@ -391,12 +408,30 @@ fn read_csv(input: &mut Input, file: u32, text: &str) {
                 continue;
             }
         };
+        let copies = std::iter::once(get(Some(home_col)).to_string())
+            .chain(list(column[2]))
+            .map(|c| named_state(&c))
+            .collect::<Result<Vec<_>, String>>();
+        let copies = match copies {
+            Ok(c) => c,
+            Err(e) => {
+                input.problem(file, Place::Line(line), e);
+                continue;
+            }
+        };
+        let ((home, home_state), replicas) = (copies[0].clone(), &copies[1..]);
         let mailbox = Mailbox {
             address: get(Some(addr_col)).to_string(),
-            home: get(Some(home_col)).to_string(),
-            replicas: list(column[2]),
+            home,
+            replicas: replicas.iter().map(|(n, _)| n.clone()).collect(),
             aliases: list(column[3]),
             failover,
+            home_state,
+            replica_states: replicas
+                .iter()
+                .filter(|(_, st)| !st.is_in_service())
+                .cloned()
+                .collect(),
         };
         if mailbox.address.is_empty() {
             input.problem(file, Place::Line(line), "address is empty");
@@ -423,7 +458,7 @@ struct Document<'a> {
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     server: &'a [Server],
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    mailbox: &'a [Mailbox],
+    mailbox: Vec<MailboxItem>,
 }
 
 /// Writes clusters, servers and mailboxes in the given format. CSV holds mailboxes only.
@@ -437,7 +472,7 @@ pub fn write(
     let doc = Document {
         cluster: clusters,
         server: servers,
-        mailbox: mailboxes,
+        mailbox: mailboxes.iter().map(MailboxItem::from).collect(),
     };
     match format {
         Format::Toml => out.write_all(toml::to_string(&doc)?.as_bytes())?,
@@ -456,10 +491,15 @@ pub fn write(
             w.write_record(&CSV_COLUMNS[..width])?;
             for m in mailboxes {
                 let failover = m.failover.map(|f| f.to_string()).unwrap_or_default();
+                let replicas: Vec<String> = m
+                    .replicas
+                    .iter()
+                    .map(|r| with_state(r, m.state_on(r)))
+                    .collect();
                 let row = [
                     m.address.as_str(),
-                    m.home.as_str(),
-                    &m.replicas.join(";"),
+                    &with_state(&m.home, m.home_state),
+                    &replicas.join(";"),
                     &m.aliases.join(";"),
                     &failover,
                 ];

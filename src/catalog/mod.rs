@@ -11,5 +11,5 @@ pub mod store;
 pub mod validate;
 
 pub use files::{read_files, Format, Input, Problem};
-pub use model::{AdminState, Cluster, LocalPartMatch, Mailbox, Server};
+pub use model::{AdminState, Cluster, LocalPartMatch, Mailbox, ReplicaState, Server};
 pub use store::{open_db, store_path, Catalog, Counts, ImportError, ImportReport, Lookup, Mode};

@@ -57,6 +57,63 @@ impl FromStr for AdminState {
     }
 }
 
+/// The state of one copy of a mailbox on one server — its home copy or a replica
+/// — set by an administrator (Domino marks a single mail database out of service
+/// or pending delete in the cluster database directory; only that mailbox fails
+/// over).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReplicaState {
+    /// Takes this mailbox's mail as the server's admin state allows.
+    #[default]
+    InService,
+    /// Takes none of this mailbox's mail: a home copy out of service fails over
+    /// as if the home were down (held mail waits).
+    OutOfService,
+    /// A replica about to be deleted: takes no new mail (never a home state).
+    PendingDelete,
+}
+
+impl ReplicaState {
+    pub const ALL: [ReplicaState; 3] = [
+        ReplicaState::InService,
+        ReplicaState::OutOfService,
+        ReplicaState::PendingDelete,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaState::InService => "in-service",
+            ReplicaState::OutOfService => "out-of-service",
+            ReplicaState::PendingDelete => "pending-delete",
+        }
+    }
+
+    pub fn is_in_service(&self) -> bool {
+        *self == ReplicaState::InService
+    }
+}
+
+impl fmt::Display for ReplicaState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ReplicaState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ReplicaState::ALL
+            .into_iter()
+            .find(|st| st.as_str().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| {
+                format!(
+                    "unknown replica state {s:?} (expected in-service, out-of-service or pending-delete)"
+                )
+            })
+    }
+}
+
 /// A mailbox server of a cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -101,9 +158,69 @@ pub struct Mailbox {
     /// (No `skip_serializing_if`: the store's bincode needs every field.)
     #[serde(default)]
     pub failover: Option<bool>,
+    /// The state of the home copy.
+    #[serde(default)]
+    pub home_state: ReplicaState,
+    /// The replicas not in service, by server name as in `replicas` (files write
+    /// them inside `replicas`: see `files`).
+    #[serde(default)]
+    pub replica_states: Vec<(String, ReplicaState)>,
 }
 
 impl Mailbox {
+    /// The state of this mailbox's copy on `server` (home or replica; in service
+    /// when not named).
+    pub fn state_on(&self, server: &str) -> ReplicaState {
+        if server_key(server) == server_key(&self.home) {
+            return self.home_state;
+        }
+        self.replica_states
+            .iter()
+            .find(|(s, _)| server_key(s) == server_key(server))
+            .map_or(ReplicaState::InService, |(_, st)| *st)
+    }
+
+    /// Sets the state of the copy on `server`; refused when `server` holds no
+    /// copy, or for pending-delete on the home.
+    pub fn set_state_on(&mut self, server: &str, state: ReplicaState) -> Result<(), String> {
+        let key = server_key(server);
+        if key == server_key(&self.home) {
+            if state == ReplicaState::PendingDelete {
+                return Err(format!(
+                    "{}: the home copy cannot be pending-delete (make another server the home first)",
+                    self.address
+                ));
+            }
+            self.home_state = state;
+            return Ok(());
+        }
+        let Some(name) = self.replicas.iter().find(|r| server_key(r) == key).cloned() else {
+            return Err(format!(
+                "{}: no copy on server {server:?} (home {}, replicas {})",
+                self.address,
+                self.home,
+                if self.replicas.is_empty() {
+                    "none".into()
+                } else {
+                    self.replicas.join(", ")
+                }
+            ));
+        };
+        self.replica_states.retain(|(s, _)| server_key(s) != key);
+        if !state.is_in_service() {
+            self.replica_states.push((name, state));
+        }
+        let at = |s: &str| {
+            self.replicas
+                .iter()
+                .position(|r| server_key(r) == server_key(s))
+        };
+        let mut states = std::mem::take(&mut self.replica_states);
+        states.sort_by_key(|(s, _)| at(s));
+        self.replica_states = states;
+        Ok(())
+    }
+
     /// The primary address followed by every alias.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.address.as_str()).chain(self.aliases.iter().map(String::as_str))

@@ -36,9 +36,9 @@ const RULE_KEY: &[u8] = b"~rule";
 const SERIAL: &[u8] = b"catalog.serial";
 /// The record layout of this catalog tree; bumped whenever a stored record gains or
 /// loses a field (bincode records carry no field names). 2: `Mailbox.failover` and
-/// `Server.availability_threshold`.
+/// `Server.availability_threshold`; 3: `Mailbox.home_state` and `replica_states`.
 const FORMAT_KEY: &[u8] = b"~format";
-const FORMAT: &[u8] = b"2";
+const FORMAT: &[u8] = b"3";
 /// Changes beyond this many keys go through a shadow tree instead of one batch.
 const BATCH_LIMIT: usize = 50_000;
 
@@ -117,6 +117,17 @@ pub struct Lookup {
     pub replicas: Vec<Arc<Server>>,
 }
 
+/// A catalog written by an older version (its record format differs): refused by
+/// [`Catalog::open`], replaced by `catalog import --replace`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the catalog in this data directory was written by an older clustermail \
+     (record format {0}, this version reads {fmt}); import your catalog files \
+     again with `clustermail catalog import --replace FILE...`",
+    fmt = String::from_utf8_lossy(FORMAT)
+)]
+pub struct StaleFormat(pub String);
+
 /// The replica catalog. Cheap to share: lookups take a read lock only.
 pub struct Catalog {
     meta: sled::Tree,
@@ -157,14 +168,12 @@ impl Catalog {
             _ if empty => {
                 tree.insert(FORMAT_KEY, FORMAT)?;
             }
-            stored => bail!(
-                "the catalog in this data directory was written by an older clustermail \
-                 (record format {}, this version reads {}); import your catalog files \
-                 again with `clustermail catalog import --replace FILE...`",
-                stored.map_or("1".to_string(), |f| String::from_utf8_lossy(&f)
-                    .into_owned()),
-                String::from_utf8_lossy(FORMAT)
-            ),
+            stored => {
+                return Err(StaleFormat(stored.map_or("1".to_string(), |f| {
+                    String::from_utf8_lossy(&f).into_owned()
+                }))
+                .into())
+            }
         }
         match tree.get(RULE_KEY)? {
             Some(stored) if stored.as_ref() != rule_tag(rule) => {
@@ -191,6 +200,44 @@ impl Catalog {
             rule,
             live: RwLock::new(Live { tree, servers }),
         })
+    }
+
+    /// Like [`Catalog::open`], for `catalog import --replace`: a catalog of an
+    /// older record format ([`StaleFormat`]) is set aside instead of refused — the
+    /// import builds the new catalog beside it and drops it only when it switches
+    /// to the new one (an import that fails leaves it as it was).
+    pub fn open_for_replace(db: &sled::Db, rule: LocalPartMatch) -> Result<Catalog> {
+        match Catalog::open(db, rule) {
+            Err(e) if e.is::<StaleFormat>() => {
+                let meta = db.open_tree("meta")?;
+                let current = meta
+                    .get(CURRENT)?
+                    .map(|n| String::from_utf8_lossy(&n).into_owned())
+                    .unwrap_or_default();
+                let gen: u64 = current
+                    .strip_prefix(TREE_PREFIX)
+                    .and_then(|g| g.parse().ok())
+                    .unwrap_or(1);
+                // An empty catalog of this format, never made current: dropped as a
+                // leftover at the next open unless the import switches past it.
+                let name = format!("{TREE_PREFIX}{}", gen + 1);
+                db.drop_tree(name.as_bytes())?;
+                let tree = db.open_tree(name.as_bytes())?;
+                tree.insert(FORMAT_KEY, FORMAT)?;
+                tree.insert(RULE_KEY, rule_tag(rule))?;
+                tracing::warn!(stale = %e, "replacing a catalog of an older record format");
+                Ok(Catalog {
+                    meta,
+                    db: db.clone(),
+                    rule,
+                    live: RwLock::new(Live {
+                        tree,
+                        servers: Default::default(),
+                    }),
+                })
+            }
+            other => other,
+        }
     }
 
     pub fn rule(&self) -> LocalPartMatch {
@@ -950,6 +997,8 @@ mod tests {
                         replicas: r.iter().map(|s| s.to_string()).collect(),
                         aliases: al.iter().map(|s| s.to_string()).collect(),
                         failover: None,
+                        home_state: Default::default(),
+                        replica_states: vec![],
                     },
                     origin,
                 })
@@ -1044,6 +1093,23 @@ mod tests {
             e.contains("record format 1") && e.contains("import --replace"),
             "{e}"
         );
+        // `import --replace` builds a new catalog; a failed one changes nothing.
+        let cat = Catalog::open_for_replace(&db, LocalPartMatch::CaseInsensitive).unwrap();
+        let bad = input(&[("a", "c")], &[("x@d.test", "nosuch", &[], &[])]);
+        assert!(cat.import(bad, Mode::Replace, false, &hidden).is_err());
+        drop(cat);
+        assert!(
+            Catalog::open(&db, LocalPartMatch::CaseInsensitive).is_err(),
+            "still stale"
+        );
+        let cat = Catalog::open_for_replace(&db, LocalPartMatch::CaseInsensitive).unwrap();
+        let two = input(&[("a", "c")], &[("y@d.test", "a", &[], &[])]);
+        let report = cat.import(two, Mode::Replace, false, &hidden).unwrap();
+        assert_eq!(report.mailboxes.added, 1, "{report:?}");
+        drop(cat);
+        let cat = Catalog::open(&db, LocalPartMatch::CaseInsensitive).unwrap();
+        assert!(cat.lookup("y@d.test").unwrap().is_some());
+        assert!(cat.lookup("x@d.test").unwrap().is_none());
     }
 
     #[test]
@@ -1067,6 +1133,8 @@ mod tests {
                         replicas: vec!["b".into()],
                         aliases: vec![al.clone()],
                         failover: None,
+                        home_state: Default::default(),
+                        replica_states: vec![],
                     },
                     origin: inp.servers[0].origin,
                 });
@@ -1082,6 +1150,8 @@ mod tests {
                         replicas: vec!["a".into()],
                         aliases: vec![],
                         failover: None,
+                        home_state: Default::default(),
+                        replica_states: vec![],
                     },
                     origin: Origin {
                         file: 0,

@@ -11,7 +11,7 @@
 use super::files::{Input, Origin, Problem};
 use super::model::{
     address_key, check_address, check_name, check_server_address, server_key, Cluster,
-    LocalPartMatch, Mailbox, Server,
+    LocalPartMatch, Mailbox, ReplicaState, Server,
 };
 use std::collections::{HashMap, HashSet};
 
@@ -349,10 +349,29 @@ pub fn check_mailbox(
         }
         replicas.push(rs.name);
     }
+    if m.home_state == ReplicaState::PendingDelete {
+        errors.push(
+            "home_state pending-delete: only a replica may be pending delete (make another server the home first)"
+                .into(),
+        );
+    }
+    // States in the canonical spelling and order of the replicas they name.
+    let mut replica_states = Vec::new();
+    for (r, state) in &m.replica_states {
+        match replicas.iter().find(|c| server_key(c) == server_key(r)) {
+            Some(c) if !state.is_in_service() => replica_states.push((c.clone(), *state)),
+            Some(_) => {}
+            None => errors.push(format!(
+                "a state is given for {r:?}, not a replica of this mailbox"
+            )),
+        }
+    }
+    replica_states.sort_by_key(|(s, _)| replicas.iter().position(|c| c == s));
     match (home, errors.is_empty()) {
         (Some(h), true) => Ok(Mailbox {
             home: h.name,
             replicas,
+            replica_states,
             ..m
         }),
         _ => Err(errors),

@@ -1,5 +1,5 @@
 //! The administrator's actions on queued messages — retry, delete, release,
-//! bounce — as one API for the CLI (and later the web console), independent of
+//! bounce, hold, unhold — and on servers' queues (pause, resume) as one API for the CLI (and later the web console), independent of
 //! any output format.
 //!
 //! Every action holds the message's claim (see `claim`) while it reads, changes
@@ -25,6 +25,8 @@ pub enum Refused {
     InDelivery(QueueId, humantime::Duration),
     #[error("{0}: no undeliverable recipient to {1}")]
     NothingUndeliverable(QueueId, &'static str),
+    #[error("{0}: no open recipient to {1}")]
+    NothingOpen(QueueId, &'static str),
     #[error(transparent)]
     Store(#[from] anyhow::Error),
 }
@@ -213,6 +215,121 @@ impl Control {
             Ok((Change::Store, n))
         })
         .await
+    }
+}
+
+impl Control {
+    /// Holds message `id` for an administrator: never attempted until
+    /// [`Control::unhold`]; it still expires. How many recipients.
+    pub async fn hold(&self, id: QueueId, wait: Duration) -> Result<usize, Refused> {
+        let n = self
+            .with_message(id, wait, |env| {
+                let mut n = 0;
+                for r in env.recipients.iter_mut().filter(|r| !r.state.is_final()) {
+                    if r.state != RecipientState::OnHold {
+                        r.state = RecipientState::OnHold;
+                        // Looked at now: the manager sets it to wake at its expiry.
+                        r.next_attempt = 0;
+                        n += 1;
+                    }
+                }
+                match n {
+                    0 if env
+                        .recipients
+                        .iter()
+                        .any(|r| r.state == RecipientState::OnHold) =>
+                    {
+                        Ok((Change::Keep, 0))
+                    }
+                    0 => Err(Refused::NothingOpen(env.id, "hold")),
+                    n => Ok((Change::Store, n)),
+                }
+            })
+            .await?;
+        tracing::warn!(%id, "held by an administrator");
+        Ok(n)
+    }
+
+    /// Releases message `id` from an administrator's hold: due now. How many
+    /// recipients.
+    pub async fn unhold(&self, id: QueueId, wait: Duration) -> Result<usize, Refused> {
+        let n = self
+            .with_message(id, wait, |env| {
+                let mut n = 0;
+                for r in &mut env.recipients {
+                    if r.state == RecipientState::OnHold {
+                        r.reopen();
+                        n += 1;
+                    }
+                }
+                match n {
+                    0 => Err(Refused::NothingOpen(env.id, "release from hold")),
+                    n => Ok((Change::Store, n)),
+                }
+            })
+            .await?;
+        tracing::info!(%id, "released from an administrator's hold");
+        Ok(n)
+    }
+
+    /// Pauses deliveries to `server` (durably); whether it was running. Its mail
+    /// waits in the queue as `paused` from its next routing on.
+    pub async fn pause(&self, server: &str) -> Result<bool, Refused> {
+        let was_running = self.spool.pauses().pause(server)?;
+        self.spool.durable().await?;
+        tracing::warn!(%server, "deliveries paused by an administrator");
+        Ok(was_running)
+    }
+
+    /// Resumes deliveries to `server` (durably) and makes every paused recipient
+    /// due now (those still waiting for another paused server go back to
+    /// `paused` when routed); whether it was paused. Messages being delivered are
+    /// waited for within `wait`, as by `retry_all`.
+    pub async fn resume(&self, server: &str, wait: Duration) -> Result<bool, Refused> {
+        let was_paused = self.spool.pauses().resume(server)?;
+        self.spool.durable().await?;
+        tracing::info!(%server, "deliveries resumed by an administrator");
+        let deadline = tokio::time::Instant::now() + wait;
+        let claims = self.spool.claims().clone();
+        // Read one envelope at a time: only the ids of paused messages are kept.
+        let mut ids = Vec::new();
+        for env in self.spool.scan_after(None) {
+            let env = env?;
+            if env
+                .recipients
+                .iter()
+                .any(|r| r.state == RecipientState::Paused)
+            {
+                ids.push(env.id);
+            }
+        }
+        for id in ids {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            // Not claimed in time: its delivery routes it and finds the server resumed.
+            if let Some(_claim) = claims.claim(id, Holder::Admin, left).await {
+                self.unpause_held(id)?;
+            }
+        }
+        self.spool.durable().await?;
+        self.spool.wake();
+        Ok(was_paused)
+    }
+
+    /// Makes the paused recipients of `id` due now in the store (not yet
+    /// durable); the caller holds its claim.
+    fn unpause_held(&self, id: QueueId) -> anyhow::Result<()> {
+        let Some(mut env) = self.spool.envelope(id)? else {
+            return Ok(());
+        };
+        for r in &mut env.recipients {
+            if r.state == RecipientState::Paused {
+                r.reopen();
+            }
+        }
+        match self.spool.put(&env) {
+            Err(e) if !e.is::<super::spool::Removed>() => Err(e),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -1,6 +1,8 @@
 //! Delivery status notifications (RFC 3464): one `multipart/report` per message
-//! naming every recipient that failed, with the original's header block quoted
-//! (located with mail-parser). Never sent to the null sender.
+//! naming every recipient that failed (`Action: failed`), or that is still not
+//! delivered after `routing.delay_warning` (`Action: delayed`, a delay report),
+//! with the original's header block quoted (located with mail-parser). Never
+//! sent to the null sender.
 
 use super::{Envelope, QueueId};
 use crate::smtp::trace::rfc5322_date;
@@ -10,6 +12,39 @@ use std::time::{Duration, UNIX_EPOCH};
 pub struct Failure<'a> {
     pub address: &'a str,
     pub reply: &'a str,
+}
+
+/// A recipient still not delivered, as reported: address, the last error (if
+/// any) and when it expires.
+pub struct Delay<'a> {
+    pub address: &'a str,
+    pub last_error: Option<&'a str>,
+    /// Milliseconds since the epoch.
+    pub retry_until: u64,
+}
+
+/// The status of a delay: the last error's if it is a 4.x.x, else 4.0.0.
+pub fn delay_status(last_error: Option<&str>) -> String {
+    match last_error.map(status_of) {
+        Some(s) if s.starts_with("4.") => s,
+        _ => "4.0.0".into(),
+    }
+}
+
+/// One recipient's lines of the report.
+struct Entry {
+    /// The human-readable line (`<address>: why`).
+    line: String,
+    /// The per-recipient fields of the `message/delivery-status` part.
+    fields: String,
+}
+
+/// What kind of report, as its subject and opening sentence say.
+struct Kind {
+    subject: &'static str,
+    /// "Your message {subject} " + this.
+    sentence: &'static str,
+    after: &'static str,
 }
 
 /// The enhanced status code in a reply ("550 5.1.1 ..." → "5.1.1"), else from the
@@ -33,13 +68,82 @@ pub fn status_of(reply: &str) -> String {
     }
 }
 
-/// Builds the DSN message (CRLF line ends, ready to queue).
+/// Builds the DSN for failed recipients (CRLF line ends, ready to queue).
 pub fn build(
     router: &str,
     dsn_id: QueueId,
     env: &Envelope,
     original: &[u8],
     failures: &[Failure],
+) -> Vec<u8> {
+    let entries: Vec<Entry> = failures
+        .iter()
+        .map(|f| Entry {
+            line: format!("<{}>: {}", f.address, one_line(f.reply)),
+            fields: format!(
+                "Final-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {}\r\nDiagnostic-Code: smtp; {}\r\n",
+                f.address,
+                status_of(f.reply),
+                one_line(f.reply)
+            ),
+        })
+        .collect();
+    let kind = Kind {
+        subject: "Undelivered Mail Returned to Sender",
+        sentence: "could not be delivered to one or more recipients.",
+        after: "It is attached below (headers only).",
+    };
+    report(router, dsn_id, env, original, &kind, &entries)
+}
+
+/// Builds the delay report for recipients still not delivered (`Action:
+/// delayed`); the mail system keeps trying until each one's `retry_until`.
+pub fn build_delayed(
+    router: &str,
+    dsn_id: QueueId,
+    env: &Envelope,
+    original: &[u8],
+    delays: &[Delay],
+) -> Vec<u8> {
+    let entries: Vec<Entry> = delays
+        .iter()
+        .map(|d| {
+            let until = rfc5322_date(UNIX_EPOCH + Duration::from_millis(d.retry_until));
+            let why = d
+                .last_error
+                .map_or("not yet delivered".to_string(), one_line);
+            let mut fields = format!(
+                "Final-Recipient: rfc822; {}\r\nAction: delayed\r\nStatus: {}\r\n",
+                d.address,
+                delay_status(d.last_error)
+            );
+            if let Some(e) = d.last_error {
+                fields.push_str(&format!("Diagnostic-Code: smtp; {}\r\n", one_line(e)));
+            }
+            fields.push_str(&format!("Will-Retry-Until: {until}\r\n"));
+            Entry {
+                line: format!("<{}>: {why}; still trying until {until}", d.address),
+                fields,
+            }
+        })
+        .collect();
+    let kind = Kind {
+        subject: "Delayed Mail (still being retried)",
+        sentence: "has not yet been delivered to one or more recipients.",
+        after:
+            "No action is needed: delivery is still being tried. Its headers are attached below.",
+    };
+    report(router, dsn_id, env, original, &kind, &entries)
+}
+
+/// The `multipart/report` around `entries`.
+fn report(
+    router: &str,
+    dsn_id: QueueId,
+    env: &Envelope,
+    original: &[u8],
+    kind: &Kind,
+    entries: &[Entry],
 ) -> Vec<u8> {
     let now = std::time::SystemTime::now();
     let boundary = format!("{dsn_id}/{router}");
@@ -60,7 +164,7 @@ pub fn build(
         "From: Mail Delivery System <MAILER-DAEMON@{router}>\r\n"
     ));
     out.push_str(&format!("To: <{sender}>\r\n"));
-    out.push_str("Subject: Undelivered Mail Returned to Sender\r\n");
+    out.push_str(&format!("Subject: {}\r\n", kind.subject));
     out.push_str(&format!("Date: {}\r\n", rfc5322_date(now)));
     out.push_str(&format!("Message-ID: <{dsn_id}.dsn@{router}>\r\n"));
     out.push_str("Auto-Submitted: auto-replied\r\n");
@@ -75,14 +179,15 @@ pub fn build(
     out.push_str(&format!("This is the mail system at {router}.\r\n\r\n"));
     match &subject {
         Some(s) => out.push_str(&format!(
-            "Your message \"{}\" could not be delivered to one or more recipients.\r\n",
-            s.replace(['\r', '\n'], " ")
+            "Your message \"{}\" {}\r\n",
+            s.replace(['\r', '\n'], " "),
+            kind.sentence
         )),
-        None => out.push_str("Your message could not be delivered to one or more recipients.\r\n"),
+        None => out.push_str(&format!("Your message {}\r\n", kind.sentence)),
     }
-    out.push_str("It is attached below (headers only).\r\n\r\n");
-    for f in failures {
-        out.push_str(&format!("<{}>: {}\r\n", f.address, one_line(f.reply)));
+    out.push_str(&format!("{}\r\n\r\n", kind.after));
+    for e in entries {
+        out.push_str(&format!("{}\r\n", e.line));
     }
     out.push_str(&format!(
         "\r\n--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n"
@@ -90,13 +195,8 @@ pub fn build(
     out.push_str(&format!("Reporting-MTA: dns; {router}\r\n"));
     out.push_str(&format!("X-Clustermail-Queue-ID: {}\r\n", env.id));
     out.push_str(&format!("Arrival-Date: {arrival}\r\n"));
-    for f in failures {
-        out.push_str(&format!(
-            "\r\nFinal-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {}\r\nDiagnostic-Code: smtp; {}\r\n",
-            f.address,
-            status_of(f.reply),
-            one_line(f.reply)
-        ));
+    for e in entries {
+        out.push_str(&format!("\r\n{}", e.fields));
     }
     out.push_str(&format!(
         "\r\n--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n"
@@ -175,5 +275,33 @@ mod tests {
             crate::smtp::data::check_body(&dsn) == Default::default(),
             "CRLF only, short lines"
         );
+        let delayed = build_delayed(
+            "mx.test",
+            QueueId(44),
+            &env,
+            original,
+            &[Delay {
+                address: "bob@x.test",
+                last_error: Some("m1: 451 4.3.0 try later"),
+                retry_until: 0,
+            }],
+        );
+        let text = String::from_utf8(delayed.clone()).unwrap();
+        assert!(text.contains("Subject: Delayed Mail (still being retried)\r\n"));
+        assert!(text.contains(
+            "Final-Recipient: rfc822; bob@x.test\r\nAction: delayed\r\nStatus: 4.3.0\r\n"
+        ));
+        assert!(text.contains("Will-Retry-Until: "));
+        assert_eq!(
+            mail_parser::MessageParser::default()
+                .parse(&delayed)
+                .expect("parses")
+                .parts
+                .len(),
+            4
+        );
+        assert_eq!(delay_status(Some("m1: connect: refused")), "4.0.0");
+        assert_eq!(delay_status(Some("550 5.1.1 no")), "4.0.0");
+        assert_eq!(delay_status(None), "4.0.0");
     }
 }

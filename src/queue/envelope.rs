@@ -23,6 +23,12 @@ pub enum RecipientState {
     /// Permanently refused or expired, kept for an administrator instead of bounced
     /// (`routing.hold_undeliverable`): `queue release`, `queue bounce` or `queue delete`.
     Undeliverable { reply: String, at: u64 },
+    /// Its server is paused by an administrator (`servers pause`): waits, no
+    /// attempt and no failover, until `servers resume`; still expires.
+    Paused,
+    /// Held by an administrator (`queue hold`): never attempted until `queue
+    /// unhold`; still expires. (Not `Held`, the routing state.)
+    OnHold,
 }
 
 impl RecipientState {
@@ -59,6 +65,10 @@ pub struct Recipient {
     /// When it expires, in milliseconds since the epoch; 0: the message's arrival
     /// plus `max_queue_lifetime` (a released recipient gets a new lifetime).
     pub expires_at: u64,
+    /// Its delay report (`routing.delay_warning`) is queued, or none is owed.
+    /// Stored after the envelope record (see the spool's `encode`), not inside it.
+    #[serde(skip)]
+    pub delay_reported: bool,
 }
 
 impl Recipient {
@@ -73,6 +83,28 @@ impl Recipient {
             last_error: None,
             reported: false,
             expires_at: 0,
+            delay_reported: false,
+        }
+    }
+
+    /// Open again after a pause or an administrator's hold, due now: held
+    /// (retrying its home only) if it was tried before, else pending.
+    pub fn reopen(&mut self) {
+        self.state = if self.attempts > 0 {
+            RecipientState::Held
+        } else {
+            RecipientState::Pending
+        };
+        self.next_attempt = 0;
+    }
+
+    /// When it expires (ms since the epoch): its own lifetime if released, else
+    /// the message's arrival plus `lifetime`.
+    pub fn deadline(&self, received_at: u64, lifetime: std::time::Duration) -> u64 {
+        if self.expires_at > 0 {
+            self.expires_at
+        } else {
+            received_at + lifetime.as_millis() as u64
         }
     }
 

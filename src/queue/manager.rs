@@ -132,7 +132,7 @@ impl Manager {
                 .spool
                 .envelopes()?
                 .iter()
-                .filter_map(|e| next_due(e).map(|at| (e.id, at)))
+                .filter_map(|e| next_due(e, self.warn_at(e)).map(|at| (e.id, at)))
                 .collect();
             *self.schedule() = rebuilt;
         }
@@ -212,21 +212,24 @@ impl Manager {
             return Err(anyhow!("{id}: envelope without message octets"));
         };
         let now = now_ms();
-        let lifetime = self.config.max_queue_lifetime.as_millis() as u64;
+        let lifetime = self.config.max_queue_lifetime;
+        let received = env.received_at;
         let due: Vec<usize> = (0..env.recipients.len())
             .filter(|&i| {
                 !env.recipients[i].state.is_final() && env.recipients[i].next_attempt <= now
             })
             .collect();
-        let (expired, due): (Vec<usize>, Vec<usize>) = due.into_iter().partition(|&i| {
-            let r = &env.recipients[i];
-            let deadline = if r.expires_at > 0 {
-                r.expires_at
-            } else {
-                env.received_at + lifetime
-            };
-            now > deadline
-        });
+        let (expired, due): (Vec<usize>, Vec<usize>) = due
+            .into_iter()
+            .partition(|&i| now > env.recipients[i].deadline(received, lifetime));
+        // Held by an administrator: never attempted; next looked at when it expires.
+        let (on_hold, due): (Vec<usize>, Vec<usize>) = due
+            .into_iter()
+            .partition(|&i| env.recipients[i].state == RecipientState::OnHold);
+        for i in on_hold {
+            let r = &mut env.recipients[i];
+            r.next_attempt = r.deadline(received, lifetime) + 1;
+        }
         for i in expired {
             let r = &mut env.recipients[i];
             let why = format!(
@@ -243,6 +246,7 @@ impl Manager {
         self.deliver_catalog(&mut env, catalog, &message).await?;
         self.deliver_external(&mut env, external, &message).await?;
         self.bounce(&mut env, &message).await?;
+        self.warn_delayed(&mut env, &message).await?;
         self.commit(&env).await
     }
 
@@ -275,37 +279,7 @@ impl Manager {
                     .collect();
                 let dsn_id = QueueId::new();
                 let body = dsn::build(&self.hello_name, dsn_id, env, message, &failures);
-                let header = crate::smtp::trace::received(&crate::smtp::trace::Trace {
-                    helo: &self.hello_name,
-                    client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
-                    router: &self.hello_name,
-                    esmtp: true,
-                    tls: false,
-                    smtputf8: false,
-                    id: &dsn_id.to_string(),
-                    recipients: &[],
-                    when: SystemTime::now(),
-                });
-                let mut bytes = header.into_bytes();
-                bytes.extend_from_slice(&body);
-                let mailbox = self
-                    .catalog
-                    .lookup(&sender)?
-                    .map(|l| l.mailbox.address)
-                    .unwrap_or_default();
-                let bounce = Envelope {
-                    id: dsn_id,
-                    sender: None,
-                    recipients: vec![super::Recipient::new(sender.clone(), mailbox)],
-                    client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
-                    helo: self.hello_name.clone(),
-                    received_at: now_ms(),
-                    size: bytes.len() as u64,
-                    // To a UTF-8 address, or quoting UTF-8 headers (RFC 6531).
-                    smtputf8: env.smtputf8 || !sender.is_ascii(),
-                    eight_bit: !bytes.is_ascii(),
-                };
-                self.spool.enqueue(&bounce, &bytes).await?;
+                self.queue_report(env, &sender, dsn_id, body).await?;
                 crate::metrics::METRICS
                     .recipients_bounced
                     .add(failed.len() as u64);
@@ -318,6 +292,96 @@ impl Manager {
         Ok(())
     }
 
+    /// When a recipient of `env` not yet warned is owed its delay report (ms
+    /// since the epoch); None when `routing.delay_warning` is off.
+    fn warn_at(&self, env: &Envelope) -> Option<u64> {
+        let after = self.config.delay_warning;
+        (!after.is_zero()).then(|| env.received_at + after.as_millis() as u64)
+    }
+
+    /// Queues one delay report (DSN `Action: delayed`) for the open recipients
+    /// still not delivered `routing.delay_warning` after arrival and not yet
+    /// warned, then marks them warned (once per recipient; the report is on disk
+    /// first). None to the null sender: marked all the same, nothing is owed.
+    async fn warn_delayed(&self, env: &mut Envelope, message: &[u8]) -> Result<()> {
+        let Some(at) = self.warn_at(env).filter(|&at| now_ms() >= at) else {
+            return Ok(());
+        };
+        let owed: Vec<usize> = (0..env.recipients.len())
+            .filter(|&i| {
+                let r = &env.recipients[i];
+                !r.state.is_final() && !r.delay_reported
+            })
+            .collect();
+        if owed.is_empty() {
+            return Ok(());
+        }
+        if let Some(sender) = env.sender.clone() {
+            let lifetime = self.config.max_queue_lifetime;
+            let delays: Vec<dsn::Delay> = owed
+                .iter()
+                .map(|&i| {
+                    let r = &env.recipients[i];
+                    dsn::Delay {
+                        address: &r.address,
+                        last_error: r.last_error.as_deref(),
+                        retry_until: r.deadline(env.received_at, lifetime),
+                    }
+                })
+                .collect();
+            let dsn_id = QueueId::new();
+            let body = dsn::build_delayed(&self.hello_name, dsn_id, env, message, &delays);
+            self.queue_report(env, &sender, dsn_id, body).await?;
+            tracing::info!(id = %env.id, dsn = %dsn_id, to = %sender, delayed = owed.len(), since = at, "delay report queued");
+        }
+        for i in owed {
+            env.recipients[i].delay_reported = true;
+        }
+        Ok(())
+    }
+
+    /// Queues report `body` (a DSN about `env`) to `sender` under `dsn_id`, from
+    /// the null sender, with our Received header.
+    async fn queue_report(
+        &self,
+        env: &Envelope,
+        sender: &str,
+        dsn_id: QueueId,
+        body: Vec<u8>,
+    ) -> Result<()> {
+        let header = crate::smtp::trace::received(&crate::smtp::trace::Trace {
+            helo: &self.hello_name,
+            client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            router: &self.hello_name,
+            esmtp: true,
+            tls: false,
+            smtputf8: false,
+            id: &dsn_id.to_string(),
+            recipients: &[],
+            when: SystemTime::now(),
+        });
+        let mut bytes = header.into_bytes();
+        bytes.extend_from_slice(&body);
+        let mailbox = self
+            .catalog
+            .lookup(sender)?
+            .map(|l| l.mailbox.address)
+            .unwrap_or_default();
+        let report = Envelope {
+            id: dsn_id,
+            sender: None,
+            recipients: vec![super::Recipient::new(sender.to_string(), mailbox)],
+            client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            helo: self.hello_name.clone(),
+            received_at: now_ms(),
+            size: bytes.len() as u64,
+            // To a UTF-8 address, or quoting UTF-8 headers (RFC 6531).
+            smtputf8: env.smtputf8 || !sender.is_ascii(),
+            eight_bit: !bytes.is_ascii(),
+        };
+        self.spool.enqueue(&report, &bytes).await
+    }
+
     /// Stores the envelope, or removes the message once every recipient is done
     /// (delivered, or failed and reported).
     async fn commit(&self, env: &Envelope) -> Result<Option<u64>> {
@@ -327,20 +391,23 @@ impl Manager {
             Ok(None)
         } else {
             self.spool.update(env).await?;
-            Ok(next_due(env))
+            Ok(next_due(env, self.warn_at(env)))
         }
     }
 }
 
 /// When `env` next has something to do: now for an unreported failure, else the
-/// earliest retry of a recipient still open; None when nothing is left to do.
-fn next_due(env: &Envelope) -> Option<u64> {
+/// earliest retry of a recipient still open, or `warn_at` (its delay report) if a
+/// recipient still open is not yet warned; None when nothing is left to do.
+fn next_due(env: &Envelope, warn_at: Option<u64>) -> Option<u64> {
     if env.recipients.iter().any(|r| r.needs_bounce()) {
         return Some(0);
     }
-    env.recipients
-        .iter()
-        .filter(|r| !r.state.is_final())
-        .map(|r| r.next_attempt)
-        .min()
+    let open = env.recipients.iter().filter(|r| !r.state.is_final());
+    let retry = open.clone().map(|r| r.next_attempt).min();
+    let warn = warn_at.filter(|_| open.clone().any(|r| !r.delay_reported));
+    match (retry, warn) {
+        (Some(r), Some(w)) => Some(r.min(w)),
+        (r, w) => r.or(w),
+    }
 }

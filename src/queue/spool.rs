@@ -37,19 +37,39 @@ fn key(kind: u8, id: QueueId) -> [u8; 10] {
     k
 }
 
+/// Per-recipient state kept after the envelope in its record: an older version
+/// reads the envelope and ignores it, and a record without it (written before)
+/// reads as all false. (Fields added this way need no format change.)
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct Tail {
+    delay_reported: Vec<bool>,
+}
+
 fn encode(env: &Envelope) -> Result<Vec<u8>> {
     let mut v = vec![FORMAT];
-    v.extend(bincode::serde::encode_to_vec(
-        env,
-        bincode::config::standard(),
-    )?);
+    let config = bincode::config::standard();
+    v.extend(bincode::serde::encode_to_vec(env, config)?);
+    let tail = Tail {
+        delay_reported: env.recipients.iter().map(|r| r.delay_reported).collect(),
+    };
+    v.extend(bincode::serde::encode_to_vec(&tail, config)?);
     Ok(v)
 }
 
 fn decode(bytes: &[u8]) -> Result<Envelope> {
+    let config = bincode::config::standard();
     match bytes.split_first() {
         Some((&FORMAT, rest)) => {
-            Ok(bincode::serde::decode_from_slice(rest, bincode::config::standard())?.0)
+            let (mut env, read): (Envelope, usize) =
+                bincode::serde::decode_from_slice(rest, config)?;
+            let rest = &rest[read.min(rest.len())..];
+            if !rest.is_empty() {
+                let tail: Tail = bincode::serde::decode_from_slice(rest, config)?.0;
+                for (r, d) in env.recipients.iter_mut().zip(tail.delay_reported) {
+                    r.delay_reported = d;
+                }
+            }
+            Ok(env)
         }
         Some((v, _)) => bail!("queue record format {v} is not known to this version"),
         None => bail!("empty queue record"),
@@ -93,6 +113,8 @@ pub struct Spool {
     claims: Arc<Claims>,
     /// Told of each [`Change`], once someone watches ([`Spool::watch_changes`]).
     changes: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Change>>>,
+    /// Servers paused by an administrator.
+    pauses: super::pause::Pauses,
 }
 
 impl Spool {
@@ -127,6 +149,7 @@ impl Spool {
             unsettled: Default::default(),
             claims: Default::default(),
             changes: Default::default(),
+            pauses: super::pause::Pauses::open(db)?,
         })
     }
 
@@ -515,9 +538,34 @@ impl Spool {
     /// Every envelope, oldest first, decoded one at a time as the caller goes
     /// (a page of a long queue decodes only what it shows).
     pub fn scan(&self) -> impl Iterator<Item = Result<Envelope>> + '_ {
+        self.scan_after(None)
+    }
+
+    /// The envelopes after `after` (all: None), oldest first, read one at a time
+    /// as the caller goes (a page of `queue list` reads no more than it shows).
+    pub fn scan_after(
+        &self,
+        after: Option<QueueId>,
+    ) -> impl Iterator<Item = Result<Envelope>> + '_ {
+        let start = match after {
+            Some(id) => {
+                let mut k = key(b'e', id).to_vec();
+                k.push(0); // just past `id`
+                k
+            }
+            None => b"e\0".to_vec(),
+        };
+        let unsettled = self.unsettled().clone();
         self.tree
-            .scan_prefix(b"e\0")
-            .map(|r| r.map_err(anyhow::Error::from).and_then(|(_, v)| decode(&v)))
+            .range(start..)
+            .take_while(|r| r.as_ref().map_or(true, |(k, _)| k.starts_with(b"e\0")))
+            .filter_map(move |r| match r {
+                Err(e) => Some(Err(e.into())),
+                Ok((_, v)) => match decode(&v) {
+                    Ok(env) if unsettled.contains(&env.id) => None,
+                    other => Some(other),
+                },
+            })
     }
 
     /// The oldest message in the queue (ids sort by arrival).
@@ -541,6 +589,11 @@ impl Spool {
     /// Who is changing which message now (shared by every clone).
     pub fn claims(&self) -> &Arc<Claims> {
         &self.claims
+    }
+
+    /// The servers paused by an administrator (shared by every clone).
+    pub fn pauses(&self) -> &super::pause::Pauses {
+        &self.pauses
     }
 
     /// The sled handle (shared with the catalog).
@@ -613,6 +666,22 @@ mod tests {
         }
         let listed = spool.envelopes().unwrap();
         assert!(listed.windows(2).all(|w| w[0].id < w[1].id), "oldest first");
+    }
+
+    #[test]
+    fn the_tail_round_trips_and_a_record_without_it_reads_as_before() {
+        let mut env = envelope(1);
+        env.recipients
+            .push(Recipient::new("s@y.test".into(), String::new()));
+        env.recipients[1].delay_reported = true;
+        assert_eq!(decode(&encode(&env).unwrap()).unwrap(), env);
+        assert!(decode(&encode(&env).unwrap()).unwrap().recipients[1].delay_reported);
+        // As written before the tail existed.
+        let mut old = vec![FORMAT];
+        old.extend(bincode::serde::encode_to_vec(&env, bincode::config::standard()).unwrap());
+        let read = decode(&old).unwrap();
+        assert!(read.recipients.iter().all(|r| !r.delay_reported));
+        assert_eq!(read.recipients[0], env.recipients[0]);
     }
 
     #[tokio::test]

@@ -144,8 +144,9 @@ pub async fn set_state(ctx: &Context, server: &str, state: AdminState) -> Outcom
         ctx,
         Command::Catalog {
             command: CatalogCommand::SetState {
+                mailbox: None,
                 server: server.to_string(),
-                state,
+                state: state.to_string(),
             },
         },
     )
@@ -260,6 +261,8 @@ pub fn state_word(s: &RecipientState) -> &'static str {
         RecipientState::Delivered { .. } => "delivered",
         RecipientState::Failed { .. } => "failed",
         RecipientState::Undeliverable { .. } => "undeliverable",
+        RecipientState::Paused => "paused",
+        RecipientState::OnHold => "on-hold",
     }
 }
 

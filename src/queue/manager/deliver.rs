@@ -105,7 +105,9 @@ impl Manager {
                     .deliverer
                     .send(&self.transaction(env, &address, &recipients, message))
                     .await;
-                self.feed_health(&server, &sent);
+                if self.config.fallback_relay.as_deref() != Some(server.as_str()) {
+                    self.feed_health(&server, &sent);
+                }
                 for (&i, outcome) in idxs.iter().zip(sent.outcomes) {
                     let (kind, reason) = round.decided.get(&i).cloned().unwrap_or_default();
                     log_attempt(
@@ -183,7 +185,7 @@ impl Manager {
         open: &[usize],
         skip: &mut BTreeMap<usize, Vec<String>>,
     ) -> Result<Round> {
-        let id = env.id;
+        let (id, env_received) = (env.id, env.received_at);
         let policy = self.config.policy();
         let mut round = Round::default();
         for &i in open {
@@ -195,7 +197,8 @@ impl Manager {
                 ));
                 continue;
             };
-            let attempt = if r.state == RecipientState::Held {
+            // Tried before (held, or paused or on hold after a hold): a retry.
+            let attempt = if r.attempts > 0 {
                 Attempt::Retry
             } else {
                 Attempt::First
@@ -210,27 +213,14 @@ impl Manager {
                 .map(|c| c.routers)
                 .unwrap_or_default();
             let route = route::decide(&entry, &avail, &policy, attempt, skipped, &routers);
-            let m = &crate::metrics::METRICS;
-            let kind = match &route.decision {
-                Decision::Home(_) => {
-                    m.decided_home.inc();
-                    "home"
-                }
-                Decision::Replica(_) => {
-                    m.decided_replica.inc();
-                    "replica"
-                }
-                Decision::NextHop(_) => {
-                    m.decided_next_hop.inc();
-                    "next-hop"
-                }
-                Decision::Hold => {
-                    m.decided_hold.inc();
-                    m.recipients_held.inc();
-                    tracing::info!(%id, rcpt = %r.address, decision = %"hold", why = %route.reason, "held");
-                    "hold"
-                }
-            };
+            if let Some(server) = self.paused_server(&entry, &route.decision) {
+                self.pause(r, &server, id, env_received);
+                continue;
+            }
+            let age = std::time::Duration::from_millis(now_ms().saturating_sub(env_received));
+            let relay = self.config.fallback_relay.as_deref();
+            let route = route::fallback(route, age, relay, self.config.fallback_after, skipped);
+            let kind = count_decision(id, &r.address, &route, relay);
             round.decided.insert(i, (kind, route.reason.clone()));
             r.last_route = Some(route.why());
             match route.decision {
@@ -250,6 +240,31 @@ impl Manager {
             }
         }
         Ok(round)
+    }
+
+    /// Keeps `r` waiting for its paused `server`: looked at again when it
+    /// expires, or when the server is resumed.
+    fn pause(&self, r: &mut Recipient, server: &str, id: QueueId, received_at: u64) {
+        r.state = RecipientState::Paused;
+        r.next_attempt = r.deadline(received_at, self.config.max_queue_lifetime) + 1;
+        r.last_route = Some(format!(
+            "wait: server {server} is paused by an administrator (no failover)"
+        ));
+        tracing::info!(%id, rcpt = %r.address, %server, "paused: waits for its server");
+    }
+
+    /// The paused server that `decision` for `entry` would use: its home when
+    /// paused (no failover: the administrator chose to wait), else the server
+    /// decided on. None: deliver as decided.
+    fn paused_server(&self, entry: &crate::catalog::Lookup, decision: &Decision) -> Option<String> {
+        let pauses = self.spool.pauses();
+        if pauses.is_paused(&entry.home.name) {
+            return Some(entry.home.name.clone());
+        }
+        match decision {
+            Decision::Home(s) | Decision::Replica(s) if pauses.is_paused(s) => Some(s.clone()),
+            _ => None,
+        }
     }
 
     /// Delivers recipients outside the catalog (bounces to outside senders) through
@@ -312,6 +327,41 @@ impl Manager {
             self.spool.update(env).await?;
         }
         Ok(())
+    }
+}
+
+/// The kind of a decision for the log and the metrics (counted here); a
+/// transfer to the fallback `relay` is `fallback`.
+fn count_decision(
+    id: QueueId,
+    rcpt: &str,
+    route: &route::Route,
+    relay: Option<&str>,
+) -> &'static str {
+    let m = &crate::metrics::METRICS;
+    match &route.decision {
+        Decision::NextHop(r) if Some(r.as_str()) == relay => {
+            tracing::info!(%id, %rcpt, decision = %"fallback", why = %route.reason, "to the fallback relay");
+            "fallback"
+        }
+        Decision::Home(_) => {
+            m.decided_home.inc();
+            "home"
+        }
+        Decision::Replica(_) => {
+            m.decided_replica.inc();
+            "replica"
+        }
+        Decision::NextHop(_) => {
+            m.decided_next_hop.inc();
+            "next-hop"
+        }
+        Decision::Hold => {
+            m.decided_hold.inc();
+            m.recipients_held.inc();
+            tracing::info!(%id, %rcpt, decision = %"hold", why = %route.reason, "held");
+            "hold"
+        }
     }
 }
 
