@@ -162,6 +162,9 @@ pub struct RoutingConfig {
     /// The catalog server this router runs beside (Domino: the local server): when
     /// a home is unusable, a replica on it is chosen before any other.
     pub local_server: Option<String>,
+    /// PEM CA certificates that verify servers with `tls = "required"`; unset:
+    /// the system's CA bundle.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl RoutingConfig {
@@ -199,6 +202,7 @@ impl Default for RoutingConfig {
             local_cluster: None,
             local_server: None,
             hold_undeliverable: false,
+            tls_ca_file: None,
         }
     }
 }
@@ -458,6 +462,9 @@ impl Config {
         }
         if r.retry_max < r.retry_initial {
             bail!("routing.retry_max is shorter than routing.retry_initial");
+        }
+        if let Some(f) = &r.tls_ca_file {
+            crate::deliver::tls::TlsClient::new(Some(f))?;
         }
         Ok(())
     }

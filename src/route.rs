@@ -406,6 +406,8 @@ mod tests {
             address: "127.0.0.1:25".into(),
             state,
             availability_threshold: None,
+            tls: Default::default(),
+            tls_name: None,
         })
     }
 
@@ -792,6 +794,8 @@ mod next_hop_tests {
             address: "127.0.0.1:25".into(),
             state: AdminState::InService,
             availability_threshold: None,
+            tls: Default::default(),
+            tls_name: None,
         });
         let e = Lookup {
             mailbox: Mailbox {
@@ -867,6 +871,8 @@ mod override_tests {
                 address: "127.0.0.1:25".into(),
                 state: AdminState::InService,
                 availability_threshold: None,
+                tls: Default::default(),
+                tls_name: None,
             })
         };
         let entry = |failover| Lookup {

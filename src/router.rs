@@ -99,6 +99,7 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
         deliverer: crate::deliver::Deliverer::new(
             config.routing.max_per_server,
             std::time::Duration::from_secs(10),
+            crate::deliver::tls::TlsClient::new(config.routing.tls_ca_file.as_deref())?,
         ),
         schedule: Default::default(),
         gate,

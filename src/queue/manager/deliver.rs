@@ -69,6 +69,8 @@ impl Manager {
             smtputf8: env.smtputf8,
             timeout: self.config.delivery_timeout,
             final_timeout: self.config.final_reply_timeout,
+            tls: Default::default(),
+            tls_name: None,
         }
     }
 
@@ -101,21 +103,24 @@ impl Manager {
                     .iter()
                     .map(|&i| env.recipients[i].address.clone())
                     .collect();
-                let sent = self
-                    .deliverer
-                    .send(&self.transaction(env, &address, &recipients, message))
-                    .await;
+                // A catalog server's STARTTLS setting (a next hop: opportunistic).
+                let srv = self.catalog.server(&server);
+                let mut t = self.transaction(env, &address, &recipients, message);
+                if let Some(srv) = &srv {
+                    t.tls = srv.tls;
+                    t.tls_name = srv.tls_name.as_deref();
+                }
+                let sent = self.deliverer.send(&t).await;
                 self.feed_health(&server, &sent);
                 for (&i, outcome) in idxs.iter().zip(sent.outcomes) {
                     let (kind, reason) = round.decided.get(&i).cloned().unwrap_or_default();
-                    log_attempt(
-                        env.id,
-                        &env.recipients[i].address,
-                        &server,
+                    let at = Attempted {
+                        server: &server,
                         kind,
-                        &reason,
-                        &outcome,
-                    );
+                        why: &reason,
+                        tls: sent.tls.as_deref(),
+                    };
+                    log_attempt(env.id, &env.recipients[i].address, &at, &outcome);
                     if self.settle(&mut env.recipients[i], &server, outcome) {
                         skip.entry(i).or_default().push(server.clone());
                         open.push(i);
@@ -283,10 +288,16 @@ impl Manager {
                     .deliverer
                     .send(&self.transaction(env, &target, &recipients, message))
                     .await;
-                let Some(outcome) = sent.outcomes.into_iter().next() else {
+                let Some(outcome) = sent.outcomes.first().cloned() else {
                     continue;
                 };
-                log_attempt(env.id, &address, &target, "external", "", &outcome);
+                let at = Attempted {
+                    server: &target,
+                    kind: "external",
+                    why: "",
+                    tls: sent.tls.as_deref(),
+                };
+                log_attempt(env.id, &address, &at, &outcome);
                 let r = &mut env.recipients[i];
                 if let Step::Elsewhere(why) = next_step(outcome.clone()) {
                     r.last_error = Some(format!("{target}: {why}"));
@@ -315,14 +326,25 @@ impl Manager {
     }
 }
 
-/// The `delivery attempt` log line: a warning when the server failed or left the
-/// outcome unknown.
-fn log_attempt(id: QueueId, rcpt: &str, server: &str, kind: &str, why: &str, o: &Outcome) {
+/// Where and how a recipient's delivery was attempted, for its log line.
+struct Attempted<'a> {
+    server: &'a str,
+    kind: &'a str,
+    why: &'a str,
+    /// The TLS version used; None: plain text.
+    tls: Option<&'a str>,
+}
+
+/// The `delivery attempt` log line (with `tls=TLSv1.3` or `tls=none`): a warning
+/// when the server failed or left the outcome unknown.
+fn log_attempt(id: QueueId, rcpt: &str, a: &Attempted<'_>, o: &Outcome) {
     let (outcome, reply) = (o.name(), o.reply());
+    let (server, kind, why) = (a.server, a.kind, a.why);
+    let tls = a.tls.unwrap_or("none");
     if matches!(o, Outcome::Unusable(_) | Outcome::Unconfirmed(_)) {
-        tracing::warn!(%id, %rcpt, %server, decision = %kind, %why, %outcome, %reply, "delivery attempt");
+        tracing::warn!(%id, %rcpt, %server, decision = %kind, %why, %outcome, %reply, %tls, "delivery attempt");
     } else {
-        tracing::info!(%id, %rcpt, %server, decision = %kind, %why, %outcome, %reply, "delivery attempt");
+        tracing::info!(%id, %rcpt, %server, decision = %kind, %why, %outcome, %reply, %tls, "delivery attempt");
     }
 }
 
