@@ -77,6 +77,10 @@ pub enum Command {
         #[command(subcommand)]
         command: RouteCommand,
     },
+    /// Re-read the running router's config file (as SIGHUP): routing settings, SMTP
+    /// limits and TLS certificates apply at once; the rest is reported as needing
+    /// a restart; a config with errors is refused and the running one kept.
+    Reload,
     /// The active-passive pair: status, set the mode, restore the configured mode.
     Ha {
         #[command(subcommand)]
@@ -232,6 +236,7 @@ impl Command {
                 | Command::Servers
                 | Command::Route { .. }
                 | Command::Ha { .. }
+                | Command::Reload
         )
     }
 
@@ -261,7 +266,10 @@ pub struct Context {
     pub catalog: Arc<Catalog>,
     pub spool: Spool,
     pub tracker: SharedTracker,
-    pub routing: RoutingConfig,
+    /// The routing settings (a running router's current ones: a reload replaces them).
+    pub routing: Arc<crate::config::Live<RoutingConfig>>,
+    /// Re-reads the config file (`clustermail reload`): only in a running router.
+    pub reload: Option<Arc<crate::reload::Reloader>>,
     /// The router is running (availability is live, not probed for this command).
     pub live: bool,
     /// The HA unit, when the running router is one of a pair.
@@ -324,7 +332,7 @@ pub async fn execute(
             }
             QueueCommand::Release { id, wait } => {
                 let control = Control::new(ctx.spool.clone());
-                let lifetime = ctx.routing.max_queue_lifetime;
+                let lifetime = ctx.routing.get().max_queue_lifetime;
                 admin::queue::release(&control, &id, lifetime, wait.duration, out, err).await
             }
             QueueCommand::Bounce { id, wait } => {
@@ -334,7 +342,8 @@ pub async fn execute(
         },
         Command::Servers => {
             if !ctx.live {
-                crate::health::monitor::probe_all(&ctx.catalog, &ctx.tracker, &ctx.routing).await;
+                crate::health::monitor::probe_all(&ctx.catalog, &ctx.tracker, &ctx.routing.get())
+                    .await;
             }
             admin::routes::servers(ctx, out)
         }
@@ -342,10 +351,27 @@ pub async fn execute(
             command: RouteCommand::Explain { address },
         } => {
             if !ctx.live {
-                crate::health::monitor::probe_all(&ctx.catalog, &ctx.tracker, &ctx.routing).await;
+                crate::health::monitor::probe_all(&ctx.catalog, &ctx.tracker, &ctx.routing.get())
+                    .await;
             }
             admin::routes::explain(ctx, &address, out, err)
         }
+        Command::Reload => match &ctx.reload {
+            None => {
+                writeln!(err, "the router is not running: there is nothing to reload")?;
+                Ok(Exit::Failed)
+            }
+            Some(r) => match r.reload() {
+                Ok(report) => {
+                    write!(out, "{report}")?;
+                    Ok(Exit::Ok)
+                }
+                Err(e) => {
+                    writeln!(err, "{e}")?;
+                    Ok(Exit::Invalid)
+                }
+            },
+        },
         Command::Ha { command } => {
             let Some(ha) = &ctx.ha else {
                 writeln!(

@@ -333,6 +333,25 @@ fn default_router_name() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// A group of settings that a reload replaces while the router runs: readers
+/// take the current value (and keep it for what they are doing).
+#[derive(Debug)]
+pub struct Live<T>(std::sync::RwLock<std::sync::Arc<T>>);
+
+impl<T> Live<T> {
+    pub fn new(value: T) -> Live<T> {
+        Live(std::sync::RwLock::new(std::sync::Arc::new(value)))
+    }
+
+    pub fn get(&self) -> std::sync::Arc<T> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set(&self, value: T) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(value);
+    }
+}
+
 /// Where the effective config came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -361,6 +380,22 @@ impl Config {
             .with_context(|| format!("cannot read config {}", path.display()))?;
         let config = Config::parse(&text).map_err(|e| anyhow::anyhow!("{}:{e}", path.display()))?;
         Ok((config, Source::File(path)))
+    }
+
+    /// The defaults with only `data_dir` read from the config file (as far as it
+    /// can be read): where `clustermail reload` finds the running router when
+    /// the file has errors.
+    pub fn with_data_dir_of(path: Option<&Path>) -> Config {
+        let mut config = Config::default();
+        let path = path.unwrap_or(Path::new(DEFAULT_FILE));
+        let dir = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
+            .and_then(|t| t.get("data_dir")?.as_str().map(PathBuf::from));
+        if let Some(dir) = dir {
+            config.data_dir = dir;
+        }
+        config
     }
 
     /// Parses and checks a config text; errors read `LINE: problem`.

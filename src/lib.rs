@@ -15,6 +15,7 @@ pub mod ha;
 pub mod health;
 pub mod metrics;
 pub mod queue;
+pub mod reload;
 pub mod route;
 pub mod router;
 pub mod smtp;

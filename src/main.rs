@@ -72,7 +72,14 @@ fn run(cli: Cli) -> Result<Exit> {
             }
         },
         command => {
-            let (config, _) = Config::load(cli.config.as_deref())?;
+            let config = match Config::load(cli.config.as_deref()) {
+                // A reload of a config with errors goes to the router all the
+                // same: it refuses it, logs why and says so here.
+                Err(_) if matches!(command, Command::Reload) => {
+                    Config::with_data_dir_of(cli.config.as_deref())
+                }
+                other => other?.0,
+            };
             // The router holds the store: ask it over its admin socket.
             let args: Vec<String> = std::env::args().skip(1).collect();
             if let Some(reply) = socket::request(&config.data_dir, &args)? {
@@ -93,7 +100,8 @@ fn run(cli: Cli) -> Result<Exit> {
                     catalog: Arc::new(Catalog::open(&db, config.local_part_match)?),
                     spool: Spool::open(&db, &catalog::store_path(&config.data_dir))?,
                     tracker: clustermail::health::monitor::shared(&config.routing),
-                    routing: config.routing.clone(),
+                    routing: Arc::new(clustermail::config::Live::new(config.routing.clone())),
+                    reload: None,
                     live: false,
                     ha: None,
                 };

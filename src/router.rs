@@ -1,6 +1,6 @@
 //! `clustermail serve`: opens the store, the catalog and the queue, starts the SMTP
 //! service, the health monitor and the queue manager, and stops them gracefully on
-//! SIGINT or SIGTERM.
+//! SIGINT or SIGTERM; SIGHUP reloads the config (`crate::reload`).
 
 use crate::admin::socket;
 use crate::catalog::{self, files, Catalog, Mode};
@@ -83,18 +83,20 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
             .as_ref()
             .is_some_and(|h| h.inactive_smtp == crate::config::InactiveSmtp::Closed),
     )?;
+    let service = server::Current::new(service);
+    let routing = Arc::new(crate::config::Live::new(config.routing.clone()));
     let tracker = health::monitor::shared(&config.routing);
     let monitor = tokio::spawn(health::monitor::run(
         catalog.clone(),
         tracker.clone(),
-        config.routing.clone(),
+        routing.clone(),
         stopped.clone(),
     ));
     let manager = Arc::new(Manager {
         spool: spool.clone(),
         catalog: catalog.clone(),
         health: tracker.clone(),
-        config: config.routing.clone(),
+        config: routing.clone(),
         hello_name: config.router_name.clone(),
         deliverer: crate::deliver::Deliverer::new(
             config.routing.max_per_server,
@@ -109,11 +111,21 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
         tokio::spawn(crate::ha::run(ha.clone(), listener, stopped.clone()));
     }
     let metrics_tracker = tracker.clone();
+    let reloader = Arc::new(crate::reload::Reloader {
+        source,
+        running: std::sync::Mutex::new(config.clone()),
+        routing: routing.clone(),
+        smtp: service.clone(),
+        tracker: tracker.clone(),
+        manager: manager.clone(),
+    });
+    tokio::spawn(reload_on_sighup(reloader.clone(), stopped.clone()));
     let admin = Arc::new(cli::Context {
         catalog: catalog.clone(),
         spool: spool.clone(),
         tracker,
-        routing: config.routing.clone(),
+        routing,
+        reload: Some(reloader),
         live: true,
         ha,
     });
@@ -144,6 +156,36 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
     spool.durable().await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reloads the config on every SIGHUP until shutdown.
+async fn reload_on_sighup(
+    reloader: Arc<crate::reload::Reloader>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("SIGHUP cannot be caught: reload with `clustermail reload`");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the config");
+                    let r = reloader.clone();
+                    // Reads files: off the async workers. (Logged by `reload`.)
+                    let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+                }
+                _ = stopped.changed() => if *stopped.borrow() { return },
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (reloader, stopped.changed().await);
+    }
 }
 
 async fn wait_for_signal() {

@@ -81,7 +81,7 @@ pub fn explain(
         )?;
         return Ok(Exit::Invalid);
     };
-    let policy = ctx.routing.policy();
+    let policy = ctx.routing.get().policy();
     let routers = ctx
         .catalog
         .cluster(&entry.home.cluster)?

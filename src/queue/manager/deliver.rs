@@ -59,6 +59,7 @@ impl Manager {
         recipients: &'a [String],
         message: &'a [u8],
     ) -> Transaction<'a> {
+        let config = self.config.get();
         Transaction {
             server_address: address,
             hello_name: &self.hello_name,
@@ -67,8 +68,8 @@ impl Manager {
             message,
             eight_bit: env.eight_bit,
             smtputf8: env.smtputf8,
-            timeout: self.config.delivery_timeout,
-            final_timeout: self.config.final_reply_timeout,
+            timeout: config.delivery_timeout,
+            final_timeout: config.final_reply_timeout,
             tls: Default::default(),
             tls_name: None,
         }
@@ -189,7 +190,7 @@ impl Manager {
         skip: &mut BTreeMap<usize, Vec<String>>,
     ) -> Result<Round> {
         let id = env.id;
-        let policy = self.config.policy();
+        let policy = self.config.get().policy();
         let mut round = Round::default();
         for &i in open {
             let r = &mut env.recipients[i];
@@ -269,7 +270,8 @@ impl Manager {
         for i in due {
             let address = env.recipients[i].address.clone();
             let domain = address.rsplit_once('@').map_or("", |(_, d)| d).to_string();
-            let targets = match mx::destinations(&domain, self.config.relay_host.as_deref()).await {
+            let relay_host = self.config.get().relay_host.clone();
+            let targets = match mx::destinations(&domain, relay_host.as_deref()).await {
                 Destinations::Hosts(t) => t,
                 Destinations::Fail(reply) => {
                     tracing::info!(id = %env.id, rcpt = %address, decision = %"external", outcome = %"failed", reply = %reply, "delivery attempt");
@@ -314,10 +316,7 @@ impl Manager {
             if !r.state.is_final() {
                 r.last_route = Some(format!(
                     "outside the catalog: via {}",
-                    self.config
-                        .relay_host
-                        .as_deref()
-                        .unwrap_or("the domain's MX hosts")
+                    relay_host.as_deref().unwrap_or("the domain's MX hosts")
                 ));
             }
             self.spool.update(env).await?;
