@@ -84,6 +84,18 @@ pub struct HaConfig {
     /// (stop listening, so that clients move on to the next MX at once).
     #[serde(default)]
     pub inactive_smtp: InactiveSmtp,
+    /// Program run on every effective-mode change with the new mode, the old
+    /// mode and the epoch as arguments (and `CLUSTERMAIL_HA_*` variables): to
+    /// move a virtual IP (see `packaging/ha-vip.sh`).
+    #[serde(default)]
+    pub on_change: Option<PathBuf>,
+    /// How long `on_change` may run before it is killed.
+    #[serde(default = "default_hook_timeout", with = "humantime_serde")]
+    pub on_change_timeout: Duration,
+}
+
+fn default_hook_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -447,6 +459,14 @@ impl Config {
             }
             if ha.heartbeat_interval.is_zero() || ha.heartbeat_lost == 0 {
                 bail!("ha.heartbeat_interval and ha.heartbeat_lost must be above 0");
+            }
+            if ha.on_change_timeout.is_zero() {
+                bail!("ha.on_change_timeout must be above 0");
+            }
+            if let Some(hook) = &ha.on_change {
+                if !hook.is_file() {
+                    bail!("ha.on_change: {} is not a file", hook.display());
+                }
             }
         }
         if let Some(m) = &self.metrics_listen {

@@ -18,6 +18,7 @@
 //! ([`sync`]).
 
 mod handshake;
+pub mod hook;
 pub mod link;
 pub mod push;
 pub mod state;
@@ -111,6 +112,8 @@ pub struct Ha {
     pruned: Mutex<Option<Instant>>,
     /// Held while a copy of the peer's catalog is imported (see [`sync`]).
     catalog_lock: Mutex<()>,
+    /// `ha.on_change`, run on every effective-mode change (see [`hook`]).
+    hook: Option<hook::Hook>,
 }
 
 const EPOCH: &[u8] = b"ha.epoch";
@@ -143,6 +146,10 @@ impl Ha {
             tombstones: Tombstones::open(db, "ha.pushed", tombstone::KEEP)?,
             pruned: Mutex::new(None),
             catalog_lock: Mutex::new(()),
+            hook: config
+                .on_change
+                .clone()
+                .map(|p| hook::Hook::new(p, config.on_change_timeout)),
             config,
         })
     }
@@ -197,6 +204,14 @@ impl Ha {
         if let Some(c) = change {
             self.status().since = Some(SystemTime::now());
             tracing::warn!(from = %c.from, to = %c.to, epoch, why = %c.why, "HA mode changed");
+            if let Some(h) = &self.hook {
+                h.changed(hook::Event {
+                    new: c.to.to_string(),
+                    old: c.from.to_string(),
+                    epoch,
+                    why: c.why,
+                });
+            }
         }
     }
 
