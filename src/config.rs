@@ -89,9 +89,18 @@ pub struct HaConfig {
     /// move a virtual IP (see `packaging/ha-vip.sh`).
     #[serde(default)]
     pub on_change: Option<PathBuf>,
+    /// Local service monitoring: a MASTER with less free space than this on the
+    /// data disk gives up (`on_failure`), as one whose store cannot be written or
+    /// whose SMTP listener does not greet.
+    #[serde(default = "default_min_free_disk")]
+    pub min_free_disk: String,
     /// How long `on_change` may run before it is killed.
     #[serde(default = "default_hook_timeout", with = "humantime_serde")]
     pub on_change_timeout: Duration,
+}
+
+fn default_min_free_disk() -> String {
+    "1GiB".into()
 }
 
 fn default_hook_timeout() -> Duration {
@@ -251,6 +260,9 @@ pub struct SmtpConfig {
     /// On shutdown, how long transactions in progress may take to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// New mail gets `452 4.3.1` while the data disk has less free space than
+    /// this (instead of failing writes); `"0"`: never.
+    pub min_free_disk: String,
     /// PEM certificate chain for STARTTLS; STARTTLS is offered only when set.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for STARTTLS.
@@ -331,6 +343,7 @@ impl Default for SmtpConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             shutdown_grace: Duration::from_secs(30),
+            min_free_disk: "1GiB".into(),
             tls_cert: None,
             tls_key: None,
         }
@@ -460,6 +473,8 @@ impl Config {
             if ha.heartbeat_interval.is_zero() || ha.heartbeat_lost == 0 {
                 bail!("ha.heartbeat_interval and ha.heartbeat_lost must be above 0");
             }
+            crate::ha::local::parse_size(&ha.min_free_disk)
+                .map_err(|e| anyhow::anyhow!("ha.min_free_disk: {e}"))?;
             if ha.on_change_timeout.is_zero() {
                 bail!("ha.on_change_timeout must be above 0");
             }
@@ -487,6 +502,8 @@ impl Config {
                 bail!("smtp.{name} must be above 0");
             }
         }
+        crate::ha::local::parse_size(&s.min_free_disk)
+            .map_err(|e| anyhow::anyhow!("smtp.min_free_disk: {e}"))?;
         if s.tls_cert.is_some() != s.tls_key.is_some() {
             bail!("smtp.tls_cert and smtp.tls_key go together: set both or neither");
         }

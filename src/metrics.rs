@@ -54,6 +54,7 @@ pub struct Metrics {
     pub decided_hold: Counter,
     /// HA link authentications that failed (either side): an alarm.
     pub ha_auth_failures: Counter,
+    pub ha_local_failures: Counter,
     /// SMTP replies sent to clients, by code.
     /// Index: the reply code (SMTP codes are 200-599); counted without a lock, as
     /// every reply of every session passes here.
@@ -81,6 +82,7 @@ impl Metrics {
             decided_next_hop: Counter::new(),
             decided_hold: Counter::new(),
             ha_auth_failures: Counter::new(),
+            ha_local_failures: Counter::new(),
             smtp_replies: [const { Counter::new() }; 600],
         }
     }
@@ -147,6 +149,11 @@ pub fn render(m: &Metrics, sources: &Sources) -> String {
             "clustermail_ha_auth_failures_total",
             "HA link authentications that failed (wrong ha.password on one unit?): an alarm.",
             &m.ha_auth_failures,
+        ),
+        (
+            "clustermail_ha_local_failures_total",
+            "Times this MASTER gave up because it could not serve (local service monitoring: disk, store, SMTP).",
+            &m.ha_local_failures,
         ),
     ] {
         family(&mut out, name, "counter", help);

@@ -83,6 +83,14 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
             .as_ref()
             .is_some_and(|h| h.inactive_smtp == crate::config::InactiveSmtp::Closed),
     )?;
+    let min_free = crate::ha::local::parse_size(&config.smtp.min_free_disk)
+        .map_err(|e| anyhow::anyhow!("smtp.min_free_disk: {e}"))?;
+    tokio::spawn(service.low_disk.clone().watch(
+        config.data_dir.clone(),
+        min_free,
+        std::time::Duration::from_secs(1),
+        stopped.clone(),
+    ));
     let service = server::Current::new(service);
     let routing = Arc::new(crate::config::Live::new(config.routing.clone()));
     let tracker = health::monitor::shared(&config.routing);
@@ -108,6 +116,7 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
     });
     if let (Some(ha), Some(listener)) = (&ha, ha_listener) {
         ha.set_manager(manager.clone());
+        ha.set_local(&config.data_dir, &config.smtp.listen);
         tokio::spawn(crate::ha::run(ha.clone(), listener, stopped.clone()));
     }
     let metrics_tracker = tracker.clone();

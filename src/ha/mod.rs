@@ -20,6 +20,7 @@
 mod handshake;
 pub mod hook;
 pub mod link;
+pub mod local;
 pub mod push;
 pub mod state;
 mod status;
@@ -114,6 +115,9 @@ pub struct Ha {
     catalog_lock: Mutex<()>,
     /// `ha.on_change`, run on every effective-mode change (see [`hook`]).
     hook: Option<hook::Hook>,
+    /// What local service monitoring checks ([`local`]): the data directory and
+    /// this unit's SMTP address; unset: the disk and the store only.
+    local: Mutex<(std::path::PathBuf, Option<String>)>,
 }
 
 const EPOCH: &[u8] = b"ha.epoch";
@@ -146,12 +150,43 @@ impl Ha {
             tombstones: Tombstones::open(db, "ha.pushed", tombstone::KEEP)?,
             pruned: Mutex::new(None),
             catalog_lock: Mutex::new(()),
+            local: Mutex::new((std::path::PathBuf::from("."), None)),
             hook: config
                 .on_change
                 .clone()
                 .map(|p| hook::Hook::new(p, config.on_change_timeout)),
             config,
         })
+    }
+
+    /// What the local service checks look at: the data directory and this
+    /// unit's own SMTP listener (`smtp.listen`).
+    pub fn set_local(&self, data_dir: &std::path::Path, smtp_listen: &[String]) {
+        *self.local.lock().unwrap_or_else(|e| e.into_inner()) =
+            (data_dir.to_path_buf(), local::self_address(smtp_listen));
+    }
+
+    /// Local service monitoring: why this unit cannot serve, if it cannot (free
+    /// space, store writes, and as MASTER its own SMTP greeting).
+    async fn local_problem(&self) -> Option<String> {
+        let (dir, smtp) = self.local.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let min_free = local::parse_size(&self.config.min_free_disk).unwrap_or(0);
+        if let Some(p) = local::disk_problem(&dir, min_free, "ha.min_free_disk") {
+            return Some(p);
+        }
+        if let Some(p) = local::store_problem(&self.meta).await {
+            return Some(p);
+        }
+        match smtp {
+            Some(a) if self.mode() == Mode::Master => {
+                local::smtp_problem(
+                    &a,
+                    self.config.heartbeat_interval.max(Duration::from_secs(1)),
+                )
+                .await
+            }
+            _ => None,
+        }
     }
 
     /// The queue manager, so that a push never takes a message being delivered.
@@ -343,6 +378,12 @@ impl Ha {
                 }
             }
         }
+        let problem = self.local_problem().await;
+        let change = self.unit().local(problem);
+        if change.is_some() {
+            crate::metrics::METRICS.ha_local_failures.inc();
+        }
+        self.changed(change);
         let change = self.unit().tick(&Tick {
             peer: beat.map(|b| b.view()),
             peer_smtp: Some(smtp),

@@ -40,6 +40,8 @@ pub struct Service {
     /// sessions get 421 4.3.2, or with `close_when_inactive` nobody listens.
     pub gate: crate::ha::Gate,
     pub close_when_inactive: bool,
+    /// Set while the data disk is below `smtp.min_free_disk`.
+    pub low_disk: crate::ha::local::LowDisk,
     connections: Arc<Semaphore>,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
@@ -81,6 +83,7 @@ impl Service {
             tls,
             gate,
             close_when_inactive,
+            low_disk: Default::default(),
             connections: Arc::new(Semaphore::new(config.max_connections)),
             per_ip: Arc::new(Mutex::new(HashMap::new())),
         }))
@@ -104,6 +107,7 @@ impl Service {
             tls,
             gate: self.gate.clone(),
             close_when_inactive: self.close_when_inactive,
+            low_disk: self.low_disk.clone(),
             connections: self.connections.clone(),
             per_ip: self.per_ip.clone(),
         }))
@@ -380,6 +384,10 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             // demoted takes no new transaction (421 4.3.2, then close).
             Line::Command(l) if !service.gate.is_active() && is_mail(&l) => {
                 Action::Close(reply::inactive(name))
+            }
+            // Too little free disk for new mail: 452 4.3.1 now, not a failed write.
+            Line::Command(l) if service.low_disk.is_low() && is_mail(&l) => {
+                Action::Reply(reply::low_disk(name))
             }
             Line::Command(l) => session.command(&l, service.policy.as_ref()),
         };
