@@ -77,6 +77,23 @@ pub enum Command {
         #[command(subcommand)]
         command: RouteCommand,
     },
+    /// Message tracking: when matching messages were accepted, every delivery
+    /// attempt and how each recipient ended (kept `tracking.retention`).
+    #[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["message_id", "from", "to"])))]
+    Track {
+        /// The Message-ID header (with or without the angle brackets).
+        #[arg(long)]
+        message_id: Option<String>,
+        /// The envelope sender.
+        #[arg(long)]
+        from: Option<String>,
+        /// An envelope recipient.
+        #[arg(long)]
+        to: Option<String>,
+        /// Only messages accepted this long ago or less (e.g. "2d", "3h").
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+    },
     /// Re-read the running router's config file (as SIGHUP): routing settings, SMTP
     /// limits and TLS certificates apply at once; the rest is reported as needing
     /// a restart; a config with errors is refused and the running one kept.
@@ -237,6 +254,7 @@ impl Command {
                 | Command::Route { .. }
                 | Command::Ha { .. }
                 | Command::Reload
+                | Command::Track { .. }
         )
     }
 
@@ -328,7 +346,11 @@ pub async fn execute(
             }
             QueueCommand::Delete { id, wait } => {
                 let control = Control::new(ctx.spool.clone());
-                admin::queue::delete(&control, &id, wait.duration, out, err).await
+                let exit = admin::queue::delete(&control, &id, wait.duration, out, err).await;
+                if let (Ok(Exit::Ok), Ok(qid)) = (&exit, id.parse::<crate::queue::QueueId>()) {
+                    crate::track::event(ctx.spool.db(), qid, "", crate::track::What::Deleted);
+                }
+                exit
             }
             QueueCommand::Release { id, wait } => {
                 let control = Control::new(ctx.spool.clone());
@@ -355,6 +377,23 @@ pub async fn execute(
                     .await;
             }
             admin::routes::explain(ctx, &address, out, err)
+        }
+        Command::Track {
+            message_id,
+            from,
+            to,
+            since,
+        } => {
+            let q = crate::track::Query {
+                message_id,
+                from,
+                to,
+                since,
+            };
+            let db = ctx.spool.db();
+            let found = tokio::task::block_in_place(|| crate::track::find(db, &q))?;
+            crate::track::render(&found, out)?;
+            Ok(Exit::Ok)
         }
         Command::Reload => match &ctx.reload {
             None => {

@@ -31,8 +31,26 @@ pub struct Config {
     pub metrics_listen: Option<String>,
     pub smtp: SmtpConfig,
     pub routing: RoutingConfig,
+    pub tracking: TrackingConfig,
     /// Active-passive pair of routers; absent: this router runs alone.
     pub ha: Option<HaConfig>,
+}
+
+/// `[tracking]`: the message-tracking history (`clustermail track`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackingConfig {
+    /// How long a message's history is kept after its last event.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for TrackingConfig {
+    fn default() -> Self {
+        TrackingConfig {
+            retention: Duration::from_secs(7 * 86_400),
+        }
+    }
 }
 
 /// This unit's configured role in the HA pair.
@@ -324,6 +342,7 @@ impl Default for Config {
             metrics_listen: None,
             smtp: SmtpConfig::default(),
             routing: RoutingConfig::default(),
+            tracking: TrackingConfig::default(),
             ha: None,
         }
     }

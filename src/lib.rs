@@ -19,3 +19,4 @@ pub mod reload;
 pub mod route;
 pub mod router;
 pub mod smtp;
+pub mod track;

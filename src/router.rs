@@ -91,6 +91,11 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
         std::time::Duration::from_secs(1),
         stopped.clone(),
     ));
+    tokio::spawn(crate::track::prune_every(
+        db.clone(),
+        config.tracking.retention,
+        stopped.clone(),
+    ));
     let service = server::Current::new(service);
     let routing = Arc::new(crate::config::Live::new(config.routing.clone()));
     let tracker = health::monitor::shared(&config.routing);

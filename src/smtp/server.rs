@@ -522,6 +522,7 @@ async fn accept(service: &Service, m: Message, peer: SocketAddr) -> Reply {
     match service.spool.enqueue(&env, &message).await {
         Ok(()) => {
             crate::metrics::METRICS.messages_accepted.inc();
+            crate::track::accepted(service.spool.db(), &env, &message);
             let r = Reply::new(250, "2.0.0", format!("Ok: queued as {id_text}"));
             tracing::info!(id = %id_text, %peer, helo = %env.helo, from = %from, rcpts = %rcpts, size = env.size, reply = %r, "message accepted");
             r

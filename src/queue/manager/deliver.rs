@@ -75,6 +75,41 @@ impl Manager {
         }
     }
 
+    /// A delivery attempt's log line and tracking record (with the recipient's
+    /// end when the attempt settled it).
+    fn attempted(&self, id: QueueId, rcpt: &str, at: &Attempted<'_>, o: &Outcome) {
+        use crate::track::{event, What};
+        log_attempt(id, rcpt, at, o);
+        let db = self.spool.db();
+        let attempt = What::Attempt {
+            server: at.server.to_string(),
+            decision: at.kind.to_string(),
+            outcome: o.name().to_string(),
+            reply: o.reply().to_string(),
+            tls: at.tls.map(str::to_string),
+        };
+        event(db, id, rcpt, attempt);
+        match o {
+            Outcome::Delivered(_) => event(
+                db,
+                id,
+                rcpt,
+                What::Delivered {
+                    server: at.server.to_string(),
+                },
+            ),
+            Outcome::Permanent(reply) => event(
+                db,
+                id,
+                rcpt,
+                What::Failed {
+                    reply: reply.clone(),
+                },
+            ),
+            _ => {}
+        }
+    }
+
     /// Keeps a recipient for a retry after the backoff.
     fn hold(&self, r: &mut Recipient) {
         r.state = RecipientState::Held;
@@ -121,7 +156,7 @@ impl Manager {
                         why: &reason,
                         tls: sent.tls.as_deref(),
                     };
-                    log_attempt(env.id, &env.recipients[i].address, &at, &outcome);
+                    self.attempted(env.id, &env.recipients[i].address, &at, &outcome);
                     if self.settle(&mut env.recipients[i], &server, outcome) {
                         skip.entry(i).or_default().push(server.clone());
                         open.push(i);
@@ -234,6 +269,10 @@ impl Manager {
                     m.decided_hold.inc();
                     m.recipients_held.inc();
                     tracing::info!(%id, rcpt = %r.address, decision = %"hold", why = %route.reason, "held");
+                    let held = crate::track::What::Held {
+                        why: route.reason.clone(),
+                    };
+                    crate::track::event(self.spool.db(), id, &r.address, held);
                     "hold"
                 }
             };
@@ -299,7 +338,7 @@ impl Manager {
                     why: "",
                     tls: sent.tls.as_deref(),
                 };
-                log_attempt(env.id, &address, &at, &outcome);
+                self.attempted(env.id, &address, &at, &outcome);
                 let r = &mut env.recipients[i];
                 if let Step::Elsewhere(why) = next_step(outcome.clone()) {
                     r.last_error = Some(format!("{target}: {why}"));
