@@ -54,6 +54,10 @@ pub enum Command {
         /// an earlier demo). Default: DATA_DIR/demo.
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
+        /// After the timeline, keep the cluster running with its web console
+        /// and print the console's URL and password (Ctrl-C stops it).
+        #[arg(long)]
+        web: bool,
     },
     /// Check a config file and print the effective config.
     Config {
@@ -103,6 +107,31 @@ pub enum Command {
         #[command(subcommand)]
         command: HaCommand,
     },
+    /// The web console's users and API tokens.
+    Web {
+        #[command(subcommand)]
+        command: WebCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum WebCommand {
+    /// Set a console user's password (created if new), read from stdin.
+    SetPassword {
+        #[arg(long, default_value = crate::web::auth::ADMIN)]
+        user: String,
+        /// The password as read from stdin by the client (passed over the
+        /// admin socket; not for the command line).
+        #[arg(long, hide = true)]
+        password: Option<String>,
+    },
+    /// Create an API token (for `Authorization: Bearer …`) and print it once.
+    CreateToken {
+        #[arg(long)]
+        name: String,
+    },
+    /// Revoke the API token NAME.
+    RevokeToken { name: String },
 }
 
 #[derive(Subcommand)]
@@ -255,6 +284,7 @@ impl Command {
                 | Command::Ha { .. }
                 | Command::Reload
                 | Command::Track { .. }
+                | Command::Web { .. }
         )
     }
 
@@ -445,9 +475,50 @@ pub async fn execute(
                 },
             }
         }
+        Command::Web { command } => web_command(ctx, command, out, err),
         Command::Serve | Command::Demo { .. } | Command::Config { .. } => {
             writeln!(err, "not a store command")?;
             Ok(Exit::Invalid)
         }
     }
+}
+
+/// `web set-password|create-token|revoke-token`, against the store's `web` tree.
+fn web_command(
+    ctx: &Context,
+    command: WebCommand,
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+) -> Result<Exit> {
+    let store = crate::web::auth::Store::open(ctx.spool.db())?;
+    match command {
+        WebCommand::SetPassword { user, password } => {
+            let Some(password) = password.filter(|p| !p.is_empty()) else {
+                writeln!(err, "give the new password on stdin")?;
+                return Ok(Exit::Invalid);
+            };
+            match tokio::task::block_in_place(|| store.set_password(&user, &password)) {
+                Ok(()) => writeln!(out, "password of console user {user} set")?,
+                Err(e) => {
+                    writeln!(err, "{e:#}")?;
+                    return Ok(Exit::Invalid);
+                }
+            }
+        }
+        WebCommand::CreateToken { name } => match store.create_token(&name) {
+            Ok(token) => writeln!(out, "{token}")?,
+            Err(e) => {
+                writeln!(err, "{e:#}")?;
+                return Ok(Exit::Invalid);
+            }
+        },
+        WebCommand::RevokeToken { name } => {
+            if !store.revoke_token(&name)? {
+                writeln!(err, "no API token named {name}")?;
+                return Ok(Exit::Invalid);
+            }
+            writeln!(out, "API token {name} revoked")?;
+        }
+    }
+    Ok(Exit::Ok)
 }

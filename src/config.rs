@@ -4,9 +4,16 @@
 //! Every struct denies unknown keys, so a misspelt setting is an error naming the
 //! key and line instead of a silently ignored line. Durations are written as
 //! `"30s"`, `"5m"`, `"1h"`.
+//!
+//! Secrets are [`Secret`]s: whatever prints them (`config check`, logs, errors,
+//! `Debug`) shows `<redacted>`. Each may be given in the file itself or, so that
+//! the config file can be world-readable, in a file of its own (`*_file`).
 
 use crate::catalog::LocalPartMatch;
 use anyhow::{bail, Context, Result};
+
+mod secret;
+pub use secret::Secret;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -34,6 +41,33 @@ pub struct Config {
     pub tracking: TrackingConfig,
     /// Active-passive pair of routers; absent: this router runs alone.
     pub ha: Option<HaConfig>,
+    pub web: WebConfig,
+}
+
+/// `[web]`: the web console (dashboard, queue, servers, HA) and its JSON API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    /// `IP:port` of the console; `""` turns it off.
+    pub listen: String,
+    /// PEM certificate chain: the console speaks HTTPS when set (with `tls_key`).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// How long a console login lasts (server-side expiry).
+    #[serde(with = "humantime_serde")]
+    pub session_lifetime: Duration,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            listen: "127.0.0.1:8025".into(),
+            tls_cert: None,
+            tls_key: None,
+            session_lifetime: Duration::from_secs(8 * 3600),
+        }
+    }
 }
 
 /// `[tracking]`: the message-tracking history (`clustermail track`).
@@ -89,8 +123,13 @@ pub struct HaConfig {
     /// service monitoring).
     pub peer_smtp: String,
     /// Shared secret: the HA link (heartbeats, queue push, catalog sync) is
-    /// refused to a peer without it.
-    pub password: String,
+    /// refused to a peer without it. Here or in `password_file`, not both.
+    #[serde(default, skip_serializing_if = "Secret::not_shown")]
+    pub password: Secret,
+    /// A file holding the password (trailing line ends ignored), readable by the
+    /// router's user only; the config file itself then holds no secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
     #[serde(default = "default_heartbeat", with = "humantime_serde")]
     pub heartbeat_interval: Duration,
     /// Missed heartbeats (or failed SMTP checks of the MASTER) before acting.
@@ -111,14 +150,14 @@ pub struct HaConfig {
     /// data disk gives up (`on_failure`), as one whose store cannot be written or
     /// whose SMTP listener does not greet.
     #[serde(default = "default_min_free_disk")]
-    pub min_free_disk: String,
+    pub min_free_disk: ByteSize,
     /// How long `on_change` may run before it is killed.
     #[serde(default = "default_hook_timeout", with = "humantime_serde")]
     pub on_change_timeout: Duration,
 }
 
-fn default_min_free_disk() -> String {
-    "1GiB".into()
+fn default_min_free_disk() -> ByteSize {
+    ByteSize(1 << 30)
 }
 
 fn default_hook_timeout() -> Duration {
@@ -265,9 +304,10 @@ pub struct SmtpConfig {
     /// What to do with a message text line over 998 octets: `reject` (550 5.6.0
     /// after the data) or `accept` (kept byte for byte; never truncated).
     pub long_lines: LongLines,
-    /// What to do with a message holding a bare CR or bare LF (RFC 5321 §2.3.8):
-    /// `reject` (550 5.6.0; downstream servers could read them as line ends, the
-    /// SMTP smuggling vector) or `accept` (kept byte for byte).
+    /// What to do with a message holding a bare CR or bare LF (RFC 5321 §2.3.8),
+    /// which downstream servers could read as line ends (the SMTP smuggling vector):
+    /// `normalize` (each stored as CRLF), `reject` (550 5.6.0) or `accept` (kept
+    /// byte for byte).
     pub bare_line_endings: BareLineEndings,
     /// Waiting for the next command (RFC 5321 §4.5.3.2.7: at least 5 minutes).
     #[serde(with = "humantime_serde")]
@@ -279,12 +319,90 @@ pub struct SmtpConfig {
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     /// New mail gets `452 4.3.1` while the data disk has less free space than
-    /// this (instead of failing writes); `"0"`: never.
-    pub min_free_disk: String,
+    /// this (instead of failing writes); `"0B"`: never.
+    pub min_free_disk: ByteSize,
+    /// Message data held in memory by all sessions together (`"256MiB"`): past it,
+    /// new data gets 452 4.3.1 instead of growing the router out of memory.
+    pub max_data_in_flight: ByteSize,
+    /// A whole transaction (MAIL to the end of its data), however busy the client
+    /// keeps each read: past it, 421 4.4.2 and the connection closes.
+    #[serde(with = "humantime_serde")]
+    pub transaction_timeout: Duration,
     /// PEM certificate chain for STARTTLS; STARTTLS is offered only when set.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for STARTTLS.
     pub tls_key: Option<PathBuf>,
+}
+
+/// A number of octets, written as an integer or with a unit: `"256MiB"`, `"64 KiB"`,
+/// `"1GiB"` (binary), `"100MB"` (decimal), `"4096B"`; the prefix in any case, the
+/// final `B` in capitals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+const BYTE_UNITS: [(&str, u64); 7] = [
+    ("GiB", 1 << 30),
+    ("MiB", 1 << 20),
+    ("KiB", 1 << 10),
+    ("GB", 1_000_000_000),
+    ("MB", 1_000_000),
+    ("KB", 1_000),
+    ("B", 1),
+];
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(text: &str) -> Result<ByteSize, String> {
+        let t = text.trim();
+        let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let bad = || format!("{text:?} is not a size: write e.g. \"256MiB\", \"64KiB\", \"1GiB\"");
+        let n: u64 = t[..digits].parse().map_err(|_| bad())?;
+        let unit = t[digits..].trim();
+        let mult = if unit.is_empty() {
+            1
+        } else {
+            BYTE_UNITS
+                .iter()
+                // Any case but the final B: "Mb" would be megabits.
+                .find(|(u, _)| unit.ends_with('B') && u.eq_ignore_ascii_case(unit))
+                .map(|&(_, m)| m)
+                .ok_or_else(bad)?
+        };
+        n.checked_mul(mult).map(ByteSize).ok_or_else(bad)
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    /// In the largest binary unit that divides it exactly.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (unit, mult) in BYTE_UNITS.iter().filter(|(u, _)| u.ends_with("iB")) {
+            if self.0 >= *mult && self.0.is_multiple_of(*mult) {
+                return write!(f, "{}{unit}", self.0 / mult);
+            }
+        }
+        write!(f, "{}B", self.0)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Octets(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Octets(n) => Ok(ByteSize(n)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -325,10 +443,15 @@ impl<'de> Deserialize<'de> for FailoverScope {
     }
 }
 
+/// What the inbound service does with a bare CR or bare LF in message data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BareLineEndings {
+    /// Each is stored (and relayed) as CRLF; only CRLF.CRLF ends the data.
+    Normalize,
+    /// The message is refused with 550 5.6.0.
     Reject,
+    /// Kept byte for byte (relayed as is).
     Accept,
 }
 
@@ -344,6 +467,7 @@ impl Default for Config {
             routing: RoutingConfig::default(),
             tracking: TrackingConfig::default(),
             ha: None,
+            web: WebConfig::default(),
         }
     }
 }
@@ -358,11 +482,13 @@ impl Default for SmtpConfig {
             max_connections_per_ip: 100,
             max_errors: 10,
             long_lines: LongLines::Reject,
-            bare_line_endings: BareLineEndings::Reject,
+            bare_line_endings: BareLineEndings::Normalize,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             shutdown_grace: Duration::from_secs(30),
-            min_free_disk: "1GiB".into(),
+            min_free_disk: ByteSize(1 << 30),
+            max_data_in_flight: ByteSize(256 << 20),
+            transaction_timeout: Duration::from_secs(600),
             tls_cert: None,
             tls_key: None,
         }
@@ -457,8 +583,25 @@ impl Config {
                 .unwrap_or(1);
             anyhow::anyhow!("{line}: {}", e.message())
         })?;
-        config.check().map_err(|e| anyhow::anyhow!(" {e}"))?;
+        let mut config = config;
+        config
+            .read_secret_files()
+            .and_then(|()| config.check())
+            .map_err(|e| anyhow::anyhow!(" {e:#}"))?;
         Ok(config)
+    }
+
+    /// Reads every secret given as a file (`ha.password_file`).
+    fn read_secret_files(&mut self) -> Result<()> {
+        if let Some(ha) = &mut self.ha {
+            if let Some(file) = &ha.password_file {
+                if !ha.password.is_empty() {
+                    bail!("ha.password and ha.password_file: give one, not both");
+                }
+                ha.password = Secret::read_file("ha.password_file", file)?;
+            }
+        }
+        Ok(())
     }
 
     /// Checks values that TOML types alone cannot.
@@ -487,13 +630,11 @@ impl Config {
                     .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
             }
             if ha.password.len() < 8 {
-                bail!("ha.password: use at least 8 characters");
+                bail!("ha.password (or ha.password_file): use at least 8 characters");
             }
             if ha.heartbeat_interval.is_zero() || ha.heartbeat_lost == 0 {
                 bail!("ha.heartbeat_interval and ha.heartbeat_lost must be above 0");
             }
-            crate::ha::local::parse_size(&ha.min_free_disk)
-                .map_err(|e| anyhow::anyhow!("ha.min_free_disk: {e}"))?;
             if ha.on_change_timeout.is_zero() {
                 bail!("ha.on_change_timeout must be above 0");
             }
@@ -508,6 +649,21 @@ impl Config {
                 anyhow::anyhow!("metrics_listen: {m:?} is not an IP:port (e.g. 127.0.0.1:9125)")
             })?;
         }
+        let w = &self.web;
+        if !w.listen.is_empty() {
+            w.listen.parse::<SocketAddr>().map_err(|_| {
+                anyhow::anyhow!(
+                    "web.listen: {:?} is not an IP:port (\"\" turns the console off)",
+                    w.listen
+                )
+            })?;
+        }
+        if w.tls_cert.is_some() != w.tls_key.is_some() {
+            bail!("web.tls_cert and web.tls_key go together: set both or neither");
+        }
+        if w.session_lifetime.is_zero() {
+            bail!("web.session_lifetime must be above 0");
+        }
         if s.max_message_size == 0 {
             bail!("smtp.max_message_size must be above 0");
         }
@@ -521,8 +677,15 @@ impl Config {
                 bail!("smtp.{name} must be above 0");
             }
         }
-        crate::ha::local::parse_size(&s.min_free_disk)
-            .map_err(|e| anyhow::anyhow!("smtp.min_free_disk: {e}"))?;
+        if s.max_data_in_flight.0 < 1 << 20 {
+            bail!(
+                "smtp.max_data_in_flight must be at least 1MiB, not {}",
+                s.max_data_in_flight
+            );
+        }
+        if s.transaction_timeout.is_zero() {
+            bail!("smtp.transaction_timeout must be above 0");
+        }
         if s.tls_cert.is_some() != s.tls_key.is_some() {
             bail!("smtp.tls_cert and smtp.tls_key go together: set both or neither");
         }
@@ -606,6 +769,28 @@ mod tests {
     }
 
     #[test]
+    fn sizes_take_units_and_round_trip() {
+        for (text, want) in [
+            ("\"256MiB\"", 256 << 20),
+            ("\"65536 KiB\"", 64 << 20),
+            ("\"1gIB\"", 1 << 30),
+            ("\"100MB\"", 100_000_000),
+            ("\"2097152B\"", 2 << 20),
+            ("3145728", 3 << 20),
+        ] {
+            let c = Config::parse(&format!("[smtp]\nmax_data_in_flight = {text}\n")).unwrap();
+            assert_eq!(c.smtp.max_data_in_flight, ByteSize(want), "{text}");
+            assert_eq!(Config::parse(&c.to_toml().unwrap()).unwrap(), c, "{text}");
+        }
+        assert_eq!(ByteSize(256 << 20).to_string(), "256MiB");
+        assert_eq!(ByteSize(1_500_000).to_string(), "1500000B");
+        assert_eq!(
+            Config::default().smtp.transaction_timeout,
+            Duration::from_secs(600)
+        );
+    }
+
+    #[test]
     fn failover_scope_takes_names_and_booleans() {
         for (text, want) in [
             ("true", FailoverScope::LastHop),
@@ -626,13 +811,41 @@ mod tests {
     }
 
     #[test]
+    fn secrets_are_never_printed() {
+        let ha =
+            "[ha]\nmode = \"primary\"\nlisten = \"127.0.0.1:2700\"\npeer = \"127.0.0.1:2701\"\n\
+                  peer_smtp = \"127.0.0.1:25\"\n";
+        let c = Config::parse(&format!("{ha}password = \"hunter2-hunter2\"\n")).unwrap();
+        let pw = &c.ha.as_ref().unwrap().password;
+        assert_eq!(pw.expose(), "hunter2-hunter2");
+        for shown in [format!("{c:?}"), c.to_toml().unwrap(), pw.to_string()] {
+            assert!(!shown.contains("hunter2"), "{shown}");
+        }
+        assert!(c.to_toml().unwrap().contains("password = \"<redacted>\""));
+        // A wrong type is refused without echoing the value.
+        let err = Config::parse(&format!("{ha}password = 12345678901\n")).unwrap_err();
+        assert!(!format!("{err:#}").contains("12345678901"), "{err:#}");
+        let err = Config::parse(ha).unwrap_err();
+        assert!(format!("{err:#}").contains("ha.password"), "{err:#}");
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         for (text, needle) in [
             ("[smtp]\nlisten = [\"nowhere\"]\n", "smtp.listen"),
             ("[smtp]\ntls_cert = \"c.pem\"\n", "tls_key"),
             ("[smtp]\nmax_recipients = 0\n", "max_recipients"),
+            ("[smtp]\nmax_data_in_flight = \"lots\"\n", "lots"),
+            ("[smtp]\nmax_data_in_flight = \"256Mb\"\n", "256Mb"),
+            ("[smtp]\nmax_data_in_flight = \"1KiB\"\n", "at least 1MiB"),
+            (
+                "[smtp]\ntransaction_timeout = \"0s\"\n",
+                "transaction_timeout",
+            ),
             ("local_part_match = \"sometimes\"\n", "sometimes"),
             ("[routing]\nfailover = \"some-hops\"\n", "some-hops"),
+            ("[web]\nlisten = \"console\"\n", "web.listen"),
+            ("[web]\ntls_key = \"k.pem\"\n", "web.tls_cert"),
         ] {
             let msg = Config::parse(text).unwrap_err().to_string();
             assert!(msg.contains(needle), "{text}: {msg}");

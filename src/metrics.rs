@@ -3,8 +3,8 @@
 //! scrape time (queue size and oldest age, each server's availability and index).
 //!
 //! The counters are process-wide statics: one router per process, and no part has
-//! to carry a handle to count. The HTTP side is deliberately tiny (one GET, no
-//! keep-alive): it only has to satisfy a Prometheus scraper or `curl`.
+//! to carry a handle to count. The endpoint runs on the web console's HTTP stack
+//! ([`crate::web::serve_http`]) on its own listener.
 
 use crate::catalog::Catalog;
 use crate::health::monitor::SharedTracker;
@@ -14,7 +14,6 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -31,6 +30,25 @@ impl Counter {
     }
     pub fn add(&self, n: u64) {
         self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    pub const fn new() -> Gauge {
+        Gauge(AtomicU64::new(0))
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn sub(&self, n: u64) {
+        self.0.fetch_sub(n, Ordering::Relaxed);
     }
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
@@ -55,6 +73,10 @@ pub struct Metrics {
     /// HA link authentications that failed (either side): an alarm.
     pub ha_auth_failures: Counter,
     pub ha_local_failures: Counter,
+    /// Octets of message data SMTP sessions hold now (`smtp::limits`).
+    pub smtp_data_in_flight: Gauge,
+    /// DATA or BDAT refused with 452 4.3.1: the data budget was spent.
+    pub smtp_data_refused: Counter,
     /// SMTP replies sent to clients, by code.
     /// Index: the reply code (SMTP codes are 200-599); counted without a lock, as
     /// every reply of every session passes here.
@@ -83,6 +105,8 @@ impl Metrics {
             decided_hold: Counter::new(),
             ha_auth_failures: Counter::new(),
             ha_local_failures: Counter::new(),
+            smtp_data_in_flight: Gauge::new(),
+            smtp_data_refused: Counter::new(),
             smtp_replies: [const { Counter::new() }; 600],
         }
     }
@@ -155,6 +179,11 @@ pub fn render(m: &Metrics, sources: &Sources) -> String {
             "Times this MASTER gave up because it could not serve (local service monitoring: disk, store, SMTP).",
             &m.ha_local_failures,
         ),
+        (
+            "clustermail_smtp_data_refused_total",
+            "DATA or BDAT refused with 452 4.3.1: smtp.max_data_in_flight was spent.",
+            &m.smtp_data_refused,
+        ),
     ] {
         family(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {}", c.get());
@@ -184,6 +213,15 @@ pub fn render(m: &Metrics, sources: &Sources) -> String {
     for (code, n) in m.smtp_replies() {
         let _ = writeln!(out, "{name}{{code=\"{code}\"}} {n}");
     }
+
+    let name = "clustermail_smtp_data_in_flight_bytes";
+    family(
+        &mut out,
+        name,
+        "gauge",
+        "Octets of message data held by SMTP sessions (budget: smtp.max_data_in_flight).",
+    );
+    let _ = writeln!(out, "{name} {}", m.smtp_data_in_flight.get());
 
     let (messages, oldest) = match sources.spool.oldest() {
         Ok(oldest) => (sources.spool.len(), oldest),
@@ -253,69 +291,29 @@ pub fn render(m: &Metrics, sources: &Sources) -> String {
     out
 }
 
-/// Serves `GET /metrics` on `listener` until shutdown.
-pub async fn serve(listener: TcpListener, sources: Sources, mut shutdown: watch::Receiver<bool>) {
+/// Serves `GET /metrics` on `listener` until shutdown (on the console's HTTP
+/// stack, but on its own listener and without authentication).
+pub async fn serve(listener: TcpListener, sources: Sources, shutdown: watch::Receiver<bool>) {
+    use axum::http::header;
     let sources = std::sync::Arc::new(sources);
-    loop {
-        let (mut stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => if *shutdown.borrow() { return } else { continue },
-        };
-        let sources = sources.clone();
-        tokio::spawn(async move {
-            let answer = async {
-                let head = read_head(&mut stream).await?;
-                let first = head.lines().next().unwrap_or_default().to_string();
-                let mut parts = first.split_whitespace();
-                let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                let (status, kind, body) = match (method, path.split('?').next()) {
-                    ("GET", Some("/metrics")) => (
-                        "200 OK",
-                        "text/plain; version=0.0.4; charset=utf-8",
-                        render(&METRICS, &sources),
-                    ),
-                    ("GET", _) => ("404 Not Found", "text/plain", "try /metrics\n".into()),
-                    _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
-                };
-                let response = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                stream.write_all(response.as_bytes()).await?;
-                stream.shutdown().await
-            };
-            if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(10), answer).await {
-                tracing::debug!(%peer, error = %e, "metrics request failed");
-            }
-        });
-    }
-}
-
-/// Reads an HTTP request head (up to the blank line, at most 8 KiB).
-async fn read_head(stream: &mut tokio::net::TcpStream) -> std::io::Result<String> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
-        if buf.len() > 8192 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "request head too long",
-            ));
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    Ok(String::from_utf8_lossy(&buf).into_owned())
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(|axum::extract::State(s): axum::extract::State<std::sync::Arc<Sources>>| async move {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                    render(&METRICS, &s),
+                )
+            }),
+        )
+        .fallback(|| async { (axum::http::StatusCode::NOT_FOUND, "try /metrics\n") })
+        .with_state(sources)
+        // One scrape, one connection: simple scrapers read to EOF.
+        .layer(tower_http::set_header::SetResponseHeaderLayer::overriding(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        ));
+    crate::web::serve_http(listener, None, app, shutdown).await
 }
 
 #[cfg(test)]

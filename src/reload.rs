@@ -39,6 +39,10 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
             o.smtp.max_connections != n.smtp.max_connections,
         ),
         (
+            "smtp.max_data_in_flight",
+            o.smtp.max_data_in_flight != n.smtp.max_data_in_flight,
+        ),
+        (
             "routing.max_deliveries",
             o.routing.max_deliveries != n.routing.max_deliveries,
         ),
@@ -66,6 +70,7 @@ fn effective(old: &Config, new: &Config) -> Config {
     e.metrics_listen = old.metrics_listen.clone();
     e.smtp.listen = old.smtp.listen.clone();
     e.smtp.max_connections = old.smtp.max_connections;
+    e.smtp.max_data_in_flight = old.smtp.max_data_in_flight;
     e.routing.max_deliveries = old.routing.max_deliveries;
     e.routing.max_per_server = old.routing.max_per_server;
     e.ha = old.ha.clone();

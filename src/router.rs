@@ -1,6 +1,6 @@
 //! `clustermail serve`: opens the store, the catalog and the queue, starts the SMTP
-//! service, the health monitor and the queue manager, and stops them gracefully on
-//! SIGINT or SIGTERM; SIGHUP reloads the config (`crate::reload`).
+//! service, the health monitor, the queue manager and the web console, and stops
+//! them gracefully on SIGINT or SIGTERM; SIGHUP reloads the config (`crate::reload`).
 
 use crate::admin::socket;
 use crate::catalog::{self, files, Catalog, Mode};
@@ -83,8 +83,7 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
             .as_ref()
             .is_some_and(|h| h.inactive_smtp == crate::config::InactiveSmtp::Closed),
     )?;
-    let min_free = crate::ha::local::parse_size(&config.smtp.min_free_disk)
-        .map_err(|e| anyhow::anyhow!("smtp.min_free_disk: {e}"))?;
+    let min_free = config.smtp.min_free_disk.0;
     tokio::spawn(service.low_disk.clone().watch(
         config.data_dir.clone(),
         min_free,
@@ -143,6 +142,21 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
         live: true,
         ha,
     });
+    let stats = Arc::new(crate::web::stats::Stats::new());
+    tokio::spawn(crate::web::stats::run(
+        stats.clone(),
+        spool.clone(),
+        stopped.clone(),
+    ));
+    crate::web::start(
+        &config.web,
+        admin.clone(),
+        &config.router_name,
+        config.data_dir.clone(),
+        stats,
+        stopped.clone(),
+    )
+    .await?;
     let data_dir = config.data_dir.clone();
     let admin_stop = stopped.clone();
     let admin_socket = tokio::spawn(async move {

@@ -134,8 +134,8 @@ pub fn message_id(message: &[u8]) -> Option<String> {
     None
 }
 
-/// At accept, once the message is queued.
-pub fn accepted(db: &sled::Db, env: &Envelope, message: &[u8]) {
+/// At accept, once the message is queued (`message_id`: from [`message_id`]).
+pub fn accepted(db: &sled::Db, env: &Envelope, message_id: Option<String>) {
     let a = Accepted {
         at: env.received_at,
         client: env.client_ip.to_string(),
@@ -143,7 +143,7 @@ pub fn accepted(db: &sled::Db, env: &Envelope, message: &[u8]) {
         from: env.sender.clone().unwrap_or_default(),
         to: env.recipients.iter().map(|r| r.address.clone()).collect(),
         size: env.size,
-        message_id: message_id(message),
+        message_id,
     };
     change(db, &env.id.to_string(), |r| r.accepted = Some(a.clone()));
 }

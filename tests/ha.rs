@@ -47,6 +47,18 @@ fn takeover_then_the_old_primary_pushes_its_queue_and_restore_returns_the_roles(
         after_push.contains("local queue:   0 message(s)"),
         "{after_push}"
     );
+    // The recent HA events tell the story (the web console's HA page shows them).
+    let events = after_push
+        .split("recent events (oldest first):")
+        .nth(1)
+        .unwrap_or_default();
+    let failed = events.find("-> FAILED").expect(&after_push);
+    let slave = events.find("FAILED -> SLAVE").expect(&after_push);
+    let pushed = events
+        .find("queue push finished: 2 pushed to the MASTER")
+        .expect(&after_push);
+    assert!(failed < slave && slave < pushed, "{after_push}");
+    assert!(status(&b).contains("-> MASTER (epoch 2)"), "{}", status(&b));
     assert!(
         a.log()
             .contains("the secondary took over while this unit was away"),

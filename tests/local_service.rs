@@ -11,7 +11,7 @@ use ha_common::*;
 
 #[test]
 fn a_unit_alone_answers_452_to_new_mail_below_min_free_disk() {
-    let r = Router::start("min_free_disk = \"100000TiB\"");
+    let r = Router::start("min_free_disk = \"1000000GiB\"");
     r.wait_log("disk nearly full");
     let mut c = Client::hello(r.port);
     expect(&c.cmd("MAIL FROM:<s@outside.test>"), 452, "4.3.1");
@@ -31,7 +31,7 @@ fn a_unit_without_free_disk_leaves_master_to_its_peer_and_says_why() {
     let a = Scratch::new();
     catalog(&a, home.port);
     let ca = format!(
-        "{}min_free_disk = \"100000TiB\"\n",
+        "{}min_free_disk = \"1000000GiB\"\n",
         config(&p, 0, "slave", "pair-secret")
     );
     let cb = config(&p, 1, "slave", "pair-secret");

@@ -272,6 +272,7 @@ fn every_config_key_is_documented_in_the_readme() {
         "ha.peer",
         "ha.peer_smtp",
         "ha.password",
+        "ha.password_file",
         "ha.heartbeat_interval",
         "ha.heartbeat_lost",
         "ha.on_failure",

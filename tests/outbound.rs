@@ -583,3 +583,66 @@ fn smtputf8_goes_only_where_needed_and_supported_and_a_bounce_to_a_utf8_sender_u
         got[0].mail_line
     );
 }
+
+/// A stream of mail to a home that, for some messages, drops the connection right
+/// after storing (no reply to the final ".") and, for others, answers it only
+/// after `delivery_timeout`: every message arrives, none at the replica, and the
+/// only second copies are the retries of the replies that were lost (the one
+/// duplicate window left). `CLUSTERMAIL_SCALE` multiplies it (bench/faults.sh).
+#[test]
+fn post_data_faults_under_a_stream_lose_nothing_and_repeat_only_lost_replies() {
+    let n = 20 * common::scale();
+    let (drops, slow) = (n / 5, n / 10);
+    let home = Mailbox::start("m1");
+    let replica = Mailbox::start("m2");
+    home.script.drop_after_store.store(drops, SeqCst);
+    home.script.final_delay_ms.store(1500, SeqCst);
+    home.script.slow_finals.store(slow, SeqCst);
+    let s = Scratch::new();
+    catalog(
+        &s,
+        &[("m1", home.port), ("m2", replica.port)],
+        &[("u1@c.test", "m1", &["m2"])],
+    );
+    let mut r = router(s, "delivery_timeout = \"1s\"\nretry_initial = \"300ms\"");
+    for i in 0..n {
+        send(
+            &r,
+            "sender@x.test",
+            &["u1@c.test"],
+            &format!("pd-{i}"),
+            false,
+        );
+    }
+    let got = home.wait_for(n + drops, 60 + n as u64 / 2);
+    // Anything re-sent beyond that would arrive within a retry or two.
+    std::thread::sleep(Duration::from_secs(3));
+    let got = home.stored().len().max(got.len());
+    let at_home = home.stored();
+    let lost: Vec<usize> = (0..n)
+        .filter(|i| with_subject(&at_home, &format!("pd-{i}")) == 0)
+        .collect();
+    let duplicates = got - (n - lost.len());
+    println!(
+        "post-DATA faults: {n} acknowledged, {drops} final replies dropped after storing, \
+         {slow} answered after delivery_timeout; {} delivered, {} lost, {duplicates} duplicate(s), \
+         {} copies at the replica",
+        n - lost.len(),
+        lost.len(),
+        replica.stored().len()
+    );
+    assert!(lost.is_empty(), "lost {lost:?}:\n{}", r.log());
+    assert!(
+        replica.stored().is_empty(),
+        "a copy at the replica:\n{}",
+        r.log()
+    );
+    assert_eq!(
+        duplicates,
+        drops,
+        "only the lost replies repeat:\n{}",
+        r.log()
+    );
+    r.stop();
+    assert!(r.queue_ids().is_empty());
+}

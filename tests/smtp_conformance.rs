@@ -194,7 +194,8 @@ fn size_limit_is_enforced_while_reading_data_without_losing_sync() {
 
 #[test]
 fn smtp_smuggling_never_ends_the_data() {
-    let mut r = Router::start(LIMITS);
+    // `reject` here; the default, `normalize`: tests/hostile.rs.
+    let mut r = Router::start(&format!("{LIMITS}\nbare_line_endings = \"reject\""));
     let mut c = Client::hello(r.port);
     for evil in [&b"\n.\n"[..], b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r.\r\n"] {
         expect(&c.cmd("MAIL FROM:<sender@x.test>"), 250, "2.1.0");

@@ -1,6 +1,8 @@
 //! Fuzzes the command parser and the session state machine: any sequence of
 //! command lines must get replies (never a panic), every reply must be well formed,
-//! and nothing is ever accepted for a recipient the policy refuses.
+//! nothing is ever accepted for a recipient the policy refuses, and no accepted
+//! recipient holds whitespace or a control character (what is matched is what is
+//! delivered: nothing is trimmed).
 #![no_main]
 
 use clustermail::config::{BareLineEndings, LongLines};
@@ -23,6 +25,10 @@ impl RecipientPolicy for Policy {
     }
 }
 
+fn plain(addr: &str) -> bool {
+    !addr.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
 fuzz_target!(|data: &[u8]| {
     let _ = command::parse(data, true);
     let _ = command::parse(data, false);
@@ -32,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
         max_recipients: 5,
         max_errors: 1000,
         long_lines: LongLines::Reject,
-        bare_line_endings: BareLineEndings::Reject,
+        bare_line_endings: BareLineEndings::Normalize,
         tls_available: true,
         max_hops: 25,
     });
@@ -49,12 +55,13 @@ fuzz_target!(|data: &[u8]| {
                 last,
             } => {
                 let chunk = vec![b'x'; size.min(2000) as usize];
-                match s.bdat_chunk(&chunk, last) {
+                match s.bdat_chunk(chunk, last) {
                     Ok(Some(m)) => {
                         assert!(m
                             .recipients
                             .iter()
                             .all(|(a, _)| a.to_ascii_lowercase().ends_with("@ours.test")));
+                        assert!(m.recipients.iter().all(|(a, _)| plain(a)));
                         continue;
                     }
                     Ok(None) => continue,
@@ -68,7 +75,12 @@ fuzz_target!(|data: &[u8]| {
             "{wire:?}"
         );
         if reply.code == 354 {
-            if let Ok(m) = s.data_received(b"Subject: x\r\n\r\nbody\r\n".to_vec(), false) {
+            let mut body = Vec::new();
+            let mut decoder = s.data_decoder();
+            decoder.feed(b"Subject: x\nbare\r\n.\r\n", &mut body);
+            if let Ok(m) = s.data_received(body, decoder.over_size()) {
+                assert_eq!(m.body, b"Subject: x\r\nbare\r\n");
+                assert!(m.recipients.iter().all(|(a, _)| plain(a)));
                 assert!(!m.recipients.is_empty());
                 assert!(m
                     .recipients

@@ -22,41 +22,81 @@ fn queued_per_home(ctx: &Context) -> Result<HashMap<String, usize>> {
     Ok(counts)
 }
 
-pub fn servers(ctx: &Context, out: &mut dyn Write) -> Result<Exit> {
+/// One server as `clustermail servers` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServerRow {
+    pub name: String,
+    pub cluster: String,
+    pub admin_state: String,
+    pub availability: String,
+    pub index: u8,
+    /// Seconds since the last probe; None: never probed.
+    pub probed_secs_ago: Option<u64>,
+    pub rtt_ms: Option<u64>,
+    /// Open recipients homed on it.
+    pub queued: usize,
+    pub problem: Option<String>,
+}
+
+/// The data of `clustermail servers`: every catalog server, its state and health.
+pub fn server_rows(ctx: &Context) -> Result<Vec<ServerRow>> {
     let queued = queued_per_home(ctx)?;
     let tracker = ctx
         .tracker
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
+    Ok(ctx
+        .catalog
+        .servers(None)
+        .into_iter()
+        .map(|s| {
+            let h = tracker.health(&s.name);
+            ServerRow {
+                availability: tracker.of(&s).to_string(),
+                index: h.index,
+                probed_secs_ago: h
+                    .last_probe
+                    .and_then(|t| SystemTime::now().duration_since(t).ok())
+                    .map(|d| d.as_secs()),
+                rtt_ms: h.last_rtt.map(|d| d.as_millis() as u64),
+                queued: queued.get(&s.name.to_lowercase()).copied().unwrap_or(0),
+                problem: tracker.problem(&s),
+                admin_state: s.state.as_str().to_string(),
+                name: s.name,
+                cluster: s.cluster,
+            }
+        })
+        .collect())
+}
+
+pub fn servers(ctx: &Context, out: &mut dyn Write) -> Result<Exit> {
     writeln!(
         out,
         "{:16} {:10} {:15} {:6} {:>5} {:>10} {:>8} {:>6}  PROBLEM",
         "SERVER", "CLUSTER", "ADMIN", "AVAIL", "INDEX", "PROBED", "RTT", "QUEUED"
     )?;
-    for s in ctx.catalog.servers(None) {
-        let h = tracker.health(&s.name);
-        let probed = h
-            .last_probe
-            .and_then(|t| SystemTime::now().duration_since(t).ok())
-            .map(|d| format!("{}s ago", d.as_secs()))
+    for s in server_rows(ctx)? {
+        let probed = s
+            .probed_secs_ago
+            .map(|d| format!("{d}s ago"))
             .unwrap_or_else(|| "never".into());
-        let rtt = h
-            .last_rtt
-            .map(|d| format!("{}ms", d.as_millis()))
+        let rtt = s
+            .rtt_ms
+            .map(|d| format!("{d}ms"))
             .unwrap_or_else(|| "-".into());
         writeln!(
             out,
             "{:16} {:10} {:15} {:6} {:>5} {:>10} {:>8} {:>6}  {}",
             s.name,
             s.cluster,
-            s.state.as_str(),
-            tracker.of(&s).to_string(),
-            h.index,
+            s.admin_state,
+            s.availability,
+            s.index,
             probed,
             rtt,
-            queued.get(&s.name.to_lowercase()).copied().unwrap_or(0),
-            tracker.problem(&s).unwrap_or_default()
+            s.queued,
+            s.problem.unwrap_or_default()
         )?;
     }
     if !ctx.live {

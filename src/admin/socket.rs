@@ -7,6 +7,11 @@
 //! router parses the args with the same CLI definition, runs the command, and
 //! answers a JSON line `{"code": N, "stdout": LEN, "stderr": LEN}` followed by the
 //! raw stdout and stderr octets (so `queue show --raw` stays byte-exact).
+//!
+//! Access: the socket is created 0600 (bound under umask 077, so there is no
+//! moment when it is more open), and each connection's peer is checked
+//! (`SO_PEERCRED`): only root and the router's own user are served, whatever the
+//! permissions of the file and its directories.
 
 use crate::cli::{self, Cli, Context};
 use anyhow::{Context as _, Result};
@@ -89,8 +94,15 @@ pub fn request(data_dir: &Path, args: &[String]) -> Result<Option<Reply>> {
 pub fn bind(data_dir: &Path) -> Result<tokio::net::UnixListener> {
     let p = path(data_dir);
     let _ = std::fs::remove_file(&p);
-    let listener = tokio::net::UnixListener::bind(&p)
-        .with_context(|| format!("admin socket {}", p.display()))?;
+    // The file is created by bind(2) with the mode the umask leaves: 0600 from
+    // the first instant. (The umask is per process; `main` sets 077 for good, so
+    // this only matters to embedders, and narrows, never widens, what others make.)
+    // SAFETY: umask(2) cannot fail and touches no memory.
+    let old = unsafe { libc::umask(0o077) };
+    let bound = tokio::net::UnixListener::bind(&p);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = bound.with_context(|| format!("admin socket {}", p.display()))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
     tracing::info!(socket = %p.display(), "admin socket listening");
@@ -110,6 +122,11 @@ pub async fn serve(
             _ = shutdown.changed() => if *shutdown.borrow() { break },
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    if let Err(why) = peer_allowed(&stream) {
+                        tracing::warn!(%why, "admin connection refused");
+                        tokio::spawn(refuse(stream, why));
+                        continue;
+                    }
                     let ctx = ctx.clone();
                     tokio::spawn(async move {
                         if let Err(e) = handle(stream, &ctx).await {
@@ -126,6 +143,40 @@ pub async fn serve(
     }
     let _ = std::fs::remove_file(&p);
     Ok(())
+}
+
+/// Whether the peer may use the socket: root, or the user the router runs as.
+fn peer_allowed(stream: &tokio::net::UnixStream) -> std::result::Result<(), String> {
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| format!("the peer's credentials are unknown: {e}"))?;
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    let own = unsafe { libc::geteuid() };
+    match cred.uid() {
+        0 => Ok(()),
+        uid if uid == own => Ok(()),
+        uid => Err(format!(
+            "uid {uid} (pid {}) is neither root nor the router's user (uid {own})",
+            cred.pid().map_or("unknown".to_string(), |p| p.to_string())
+        )),
+    }
+}
+
+/// Answers a refused peer, after its request (unread, unparsed), with exit code 1
+/// and the reason, then closes.
+async fn refuse(stream: tokio::net::UnixStream, why: String) {
+    let text = format!("clustermail: admin socket: permission denied: {why}\n");
+    let head = serde_json::json!({"code": 1, "stdout": 0, "stderr": text.len()});
+    let answer = format!("{head}\n{text}");
+    let (read, mut write) = stream.into_split();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let mut skipped = String::new();
+        let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST));
+        let _ = reader.read_line(&mut skipped).await;
+        let _ = write.write_all(answer.as_bytes()).await;
+        let _ = write.shutdown().await;
+    })
+    .await;
 }
 
 async fn handle(stream: tokio::net::UnixStream, ctx: &Context) -> Result<()> {

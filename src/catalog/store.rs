@@ -809,8 +809,6 @@ fn plan(view: &TreeView, resolved: &Resolved, mode: Mode) -> Result<Plan> {
     })
 }
 
-/// Opens (creating) the sled store of a data dir, with a clear error when another
-/// process holds it.
 /// A big-endian u64 stored under `key` (None: absent, unreadable or not 8 octets).
 pub fn read_u64(tree: &sled::Tree, key: &[u8]) -> Option<u64> {
     tree.get(key)
@@ -843,15 +841,66 @@ pub fn store_path(data_dir: &std::path::Path) -> std::path::PathBuf {
     data_dir.join("store")
 }
 
+/// Opens (creating) the sled store of a data dir, with a clear error when another
+/// process holds it. Queued mail is private whatever the umask: a new data dir is
+/// made 0700, and the store's own files are kept 0600 (its directories 0700).
 pub fn open_db(data_dir: &std::path::Path, cache_bytes: u64) -> Result<sled::Db> {
-    std::fs::create_dir_all(data_dir)
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    if let Ok(meta) = std::fs::metadata(data_dir) {
+        if meta.permissions().mode() & 0o007 != 0 {
+            tracing::warn!(data_dir = %data_dir.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                "the data dir is open to other users: make it 0700 (or 0750 for a group)");
+        }
+    }
     let path = store_path(data_dir);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&path)
+        .or_else(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => Ok(()),
+            _ => Err(e),
+        })
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    let db = open_sled(&path, cache_bytes)?;
+    make_private(&path).with_context(|| format!("cannot restrict {}", path.display()))?;
+    Ok(db)
+}
+
+/// Takes every permission of group and others off `dir` and what it holds (sled
+/// made its files under the process umask; a store made by an older version may
+/// be readable by all).
+fn make_private(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&p)?;
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode & 0o700))?;
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&p)? {
+                stack.push(entry?.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn open_sled(path: &std::path::Path, cache_bytes: u64) -> Result<sled::Db> {
     sled::Config::new()
-        .path(&path)
+        .path(path)
         .cache_capacity(cache_bytes)
         .mode(sled::Mode::HighThroughput)
-        .segment_size(segment_size(&path))
+        .segment_size(segment_size(path))
         .open()
         .map_err(|e| match e {
             sled::Error::Io(io)
@@ -955,6 +1004,26 @@ mod tests {
         let fresh = tempfile::tempdir().unwrap();
         drop(open_db(fresh.path(), 1 << 20).unwrap());
         assert_eq!(segment_size(&fresh.path().join("store")), 8 << 20);
+    }
+
+    #[test]
+    fn a_store_left_open_to_others_is_made_private_at_open() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        drop(open_db(&data, 1 << 20).unwrap());
+        assert_eq!(mode(&data), 0o700, "a new data dir");
+        // As an older version under umask 022 (or 000) left it.
+        let store = data.join("store");
+        for f in [&store, &store.join("conf"), &store.join("db")] {
+            let open = if f.is_dir() { 0o777 } else { 0o666 };
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(open)).unwrap();
+        }
+        drop(open_db(&data, 1 << 20).unwrap());
+        assert_eq!(mode(&store), 0o700);
+        assert_eq!(mode(&store.join("conf")), 0o600);
+        assert_eq!(mode(&store.join("db")), 0o600);
     }
 
     #[test]

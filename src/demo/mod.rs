@@ -92,7 +92,9 @@ fn free_port() -> Result<u16> {
 
 /// Runs the demo in `dir`; prints the timeline on `out`; returns where each
 /// message landed.
-pub async fn run(dir: &Path, out: &mut dyn Write) -> Result<Vec<Landed>> {
+/// With `web`, the cluster keeps running after the timeline, with the router's
+/// web console, until Ctrl-C.
+pub async fn run(dir: &Path, out: &mut dyn Write, web: bool) -> Result<Vec<Landed>> {
     prepare(dir)?;
     let mut t = Timeline {
         started: Instant::now(),
@@ -142,6 +144,11 @@ pub async fn run(dir: &Path, out: &mut dyn Write) -> Result<Vec<Landed>> {
 
     // The router: its own store, SMTP port and metrics port; quick probes and retries.
     let (smtp, metrics) = (free_port()?, free_port()?);
+    let console = if web {
+        format!("127.0.0.1:{}", free_port()?)
+    } else {
+        String::new()
+    };
     let store = dir.join("store");
     let config_file = dir.join("clustermail.toml");
     std::fs::write(
@@ -151,7 +158,8 @@ pub async fn run(dir: &Path, out: &mut dyn Write) -> Result<Vec<Landed>> {
              data_dir = {store:?}\nmetrics_listen = \"127.0.0.1:{metrics}\"\n\
              [smtp]\nlisten = [\"127.0.0.1:{smtp}\"]\n\
              [routing]\nprobe_interval = \"500ms\"\nprobe_timeout = \"1s\"\nrise = 1\n\
-             retry_initial = \"1s\"\nretry_max = \"2s\"\ndelivery_timeout = \"5s\"\n",
+             retry_initial = \"1s\"\nretry_max = \"2s\"\ndelivery_timeout = \"5s\"\n\
+             [web]\nlisten = \"{console}\"\n",
             store = store.display().to_string()
         ),
     )?;
@@ -202,6 +210,9 @@ pub async fn run(dir: &Path, out: &mut dyn Write) -> Result<Vec<Landed>> {
         table.trim_end()
     ))?;
     let landed = script(&mut t, &mut servers, smtp, &store, &maildir).await;
+    if web && landed.is_ok() {
+        keep_running(&mut t, &console, &store, smtp).await?;
+    }
 
     // Stop everything, whatever happened.
     let counters = scrape(metrics).await.unwrap_or_default();
@@ -245,6 +256,21 @@ pub async fn run(dir: &Path, out: &mut dyn Write) -> Result<Vec<Landed>> {
         config_file.display()
     )?;
     Ok(landed)
+}
+
+/// `demo --web`: the console's URL and password, then waits for Ctrl-C.
+async fn keep_running(t: &mut Timeline<'_>, console: &str, store: &Path, smtp: u16) -> Result<()> {
+    let file = store.join(crate::web::auth::INITIAL_PASSWORD_FILE);
+    let password = std::fs::read_to_string(&file)
+        .with_context(|| format!("the console's password file {}", file.display()))?;
+    t.say(format!(
+        "the cluster keeps running: web console http://{console}/ (user admin, password {}); \
+         send more mail to 127.0.0.1:{smtp}; Ctrl-C stops the demo",
+        password.trim()
+    ))?;
+    tokio::signal::ctrl_c().await?;
+    t.say("Ctrl-C: stopping")?;
+    Ok(())
 }
 
 /// The four acts; returns where each message landed.

@@ -4,7 +4,7 @@
 //! gives up (see `state::Unit::local`); a unit alone answers new mail with
 //! `452 4.3.1` while the disk is below its threshold ([`LowDisk`]).
 //!
-//! Also owns the free-space measurement and the `"1GiB"` size format.
+//! Also owns the free-space measurement.
 
 use crate::health::Probe;
 use std::path::Path;
@@ -28,32 +28,6 @@ pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     // The field types differ between platforms (u32 on some 32-bit ones).
     #[allow(clippy::unnecessary_cast)]
     Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
-}
-
-/// Reads a size: a number of bytes with an optional unit (`B`, `KB`/`KiB`,
-/// `MB`/`MiB`, `GB`/`GiB`, `TB`/`TiB`), e.g. `"1GiB"`, `"500 MB"`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. \"1GiB\", \"500MB\")"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kb" => 1000,
-        "kib" | "k" => 1 << 10,
-        "mb" => 1_000_000,
-        "mib" | "m" => 1 << 20,
-        "gb" => 1_000_000_000,
-        "gib" | "g" => 1 << 30,
-        "tb" => 1_000_000_000_000,
-        "tib" | "t" => 1 << 40,
-        u => return Err(format!("{s:?}: unknown size unit {u:?}")),
-    };
-    Ok((n * mult as f64) as u64)
 }
 
 /// Human form of a byte count, for messages.
@@ -161,16 +135,6 @@ impl LowDisk {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_read_with_decimal_and_binary_units() {
-        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_size("500 MB"), Ok(500_000_000));
-        assert_eq!(parse_size("42"), Ok(42));
-        assert_eq!(parse_size("1.5KiB"), Ok(1536));
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("3 parsecs").is_err());
-    }
 
     #[test]
     fn the_data_disk_is_measured_and_compared() {

@@ -170,7 +170,7 @@ impl Ha {
     /// space, store writes, and as MASTER its own SMTP greeting).
     async fn local_problem(&self) -> Option<String> {
         let (dir, smtp) = self.local.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let min_free = local::parse_size(&self.config.min_free_disk).unwrap_or(0);
+        let min_free = self.config.min_free_disk.0;
         if let Some(p) = local::disk_problem(&dir, min_free, "ha.min_free_disk") {
             return Some(p);
         }
@@ -237,7 +237,10 @@ impl Ha {
         let mode = self.mode();
         self.gate.set(mode == Mode::Master);
         if let Some(c) = change {
-            self.status().since = Some(SystemTime::now());
+            let mut s = self.status();
+            s.since = Some(SystemTime::now());
+            s.event(format!("{} -> {} (epoch {epoch}): {}", c.from, c.to, c.why));
+            drop(s);
             tracing::warn!(from = %c.from, to = %c.to, epoch, why = %c.why, "HA mode changed");
             if let Some(h) = &self.hook {
                 h.changed(hook::Event {
@@ -258,6 +261,9 @@ impl Ha {
         s.auth_failures += 1;
         let new = s.auth_alarm.as_ref().map(|(old, _)| old.as_str()) != Some(e);
         s.auth_alarm = Some((e.to_string(), SystemTime::now()));
+        if new {
+            s.event(format!("ALARM: HA authentication failed ({side}): {e}"));
+        }
         drop(s);
         if new {
             tracing::error!(peer = %self.config.peer, side, error = %e, "HA ALARM: authentication with the peer failed; check ha.password on both units (this unit will not take over because of it)");

@@ -204,11 +204,21 @@ impl Ha {
                     s.pushed += 1;
                     s.push_left = s.push_left.saturating_sub(1);
                     s.push_error = None;
+                    if s.push_left == 0 {
+                        let pushed = s.pushed;
+                        s.event(format!(
+                            "queue push finished: {pushed} pushed to the MASTER"
+                        ));
+                    }
                     drop(s);
                     tracing::info!(%id, "HA: message pushed to the MASTER and removed here");
                 }
                 Msg::Refused(why) => {
-                    self.status().push_error = Some(why);
+                    let mut s = self.status();
+                    if s.push_error.as_ref() != Some(&why) {
+                        s.event(format!("queue push refused by the MASTER: {why}"));
+                    }
+                    s.push_error = Some(why);
                     break;
                 }
                 other => anyhow::bail!("unexpected answer {other:?}"),

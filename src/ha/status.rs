@@ -1,5 +1,5 @@
 //! `ha status`: what the unit shows of itself, its peer, the queue push, the
-//! catalog version and the authentication alarm.
+//! catalog version, the authentication alarm and the recent HA events.
 
 use super::sync::CatalogVersion;
 use super::{Beat, Ha};
@@ -27,6 +27,22 @@ pub(super) struct Status {
     /// The HA link failed authentication: the last error, since when, how often.
     pub auth_alarm: Option<(String, SystemTime)>,
     pub auth_failures: u64,
+    /// The last [`EVENTS`] HA events (mode changes, alarms, push and catalog
+    /// copies), oldest first, for `ha status` and the web console's HA page.
+    pub events: std::collections::VecDeque<(SystemTime, String)>,
+}
+
+/// How many HA events `ha status` keeps.
+pub(super) const EVENTS: usize = 20;
+
+impl Status {
+    /// Records an HA event (the oldest goes past [`EVENTS`]).
+    pub fn event(&mut self, what: String) {
+        if self.events.len() == EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back((SystemTime::now(), what));
+    }
 }
 
 pub(super) fn role_name(r: HaRole) -> &'static str {
@@ -118,7 +134,14 @@ impl Ha {
                 .map(|e| format!(" (last sync error: {e})"))
                 .unwrap_or_default()
         )?;
-        writeln!(out, "local queue:   {} message(s)", self.spool.len())
+        writeln!(out, "local queue:   {} message(s)", self.spool.len())?;
+        if !s.events.is_empty() {
+            writeln!(out, "recent events (oldest first):")?;
+            for (at, what) in &s.events {
+                writeln!(out, "  {:>8}  {what}", ago(*at))?;
+            }
+        }
+        Ok(())
     }
 
     /// The peer's lines of `ha status`: its last heartbeat and its SMTP service.

@@ -143,6 +143,7 @@ impl Ha {
                     Ok(_) => {
                         s.catalog_copied = Some(version);
                         s.catalog_error = None;
+                        s.event(format!("catalog version {version} copied from the peer"));
                         tracing::info!(%version, "HA: catalog copied from the peer");
                     }
                     Err(e) => s.catalog_error = Some(e.to_string()),

@@ -225,3 +225,67 @@ fn due_now(env: &mut Envelope) -> bool {
     }
     touched
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::Recipient;
+
+    fn envelope() -> Envelope {
+        let mut r = Recipient::new("r@y.test".into(), "r@y.test".into());
+        r.state = RecipientState::Held;
+        r.next_attempt = u64::MAX;
+        Envelope {
+            id: QueueId::new(),
+            sender: Some("s@x.test".into()),
+            recipients: vec![r],
+            client_ip: "127.0.0.1".parse().unwrap(),
+            helo: "client".into(),
+            received_at: 0,
+            size: 4,
+            smtputf8: false,
+            eight_bit: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn actions_wait_for_a_delivery_or_say_so_and_never_touch_a_removed_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let spool = Spool::open(&db, dir.path()).unwrap();
+        let control = Control::new(spool.clone());
+        let (free, busy) = (envelope(), envelope());
+        spool.enqueue(&free, b"body").await.unwrap();
+        spool.enqueue(&busy, b"body").await.unwrap();
+        let delivery = spool.claims().try_claim(busy.id, Holder::Delivery).unwrap();
+        let short = Duration::from_millis(30);
+        let done = control.retry_all(short).await.unwrap();
+        assert_eq!((done.due, done.in_delivery), (1, vec![busy.id]));
+        let due = |id| spool.envelope(id).unwrap().unwrap().recipients[0].next_attempt;
+        assert_eq!((due(free.id), due(busy.id)), (0, u64::MAX));
+        assert!(matches!(
+            control.delete(busy.id, Duration::ZERO).await,
+            Err(Refused::InDelivery(..))
+        ));
+        // The delivery removes it (done) while the delete waits.
+        let waiting = {
+            let control = control.clone();
+            tokio::spawn(async move { control.delete(busy.id, Duration::from_secs(30)).await })
+        };
+        tokio::time::sleep(short).await;
+        spool.remove(busy.id).await.unwrap();
+        drop(delivery);
+        assert!(matches!(waiting.await.unwrap(), Err(Refused::LeftQueue(_))));
+        assert_eq!(spool.envelope(busy.id).unwrap(), None, "not re-created");
+        assert!(matches!(
+            control.bounce(free.id, short).await,
+            Err(Refused::NothingUndeliverable(_, "bounce"))
+        ));
+        control.delete(free.id, short).await.unwrap();
+        assert!(matches!(
+            control.retry(free.id, short).await,
+            Err(Refused::NoSuchMessage(_))
+        ));
+        assert!(spool.envelopes().unwrap().is_empty());
+    }
+}

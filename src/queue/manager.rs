@@ -163,7 +163,7 @@ impl Manager {
             let Some(claim) = self.spool.claims().try_claim(id, Holder::Delivery) else {
                 continue;
             };
-            let Some(env) = self.spool.envelope(id)? else {
+            let Some(env) = self.spool.deliverable(id).await? else {
                 self.schedule().remove(id);
                 continue;
             };
@@ -177,13 +177,9 @@ impl Manager {
                     Ok(None) => {
                         me.schedule().remove(id);
                     }
-                    // Removed while we held it (cannot happen through `control`,
-                    // which waits for the claim): nothing left to do.
-                    Err(e) if e.is::<super::spool::Removed>() => {
-                        tracing::warn!(%id, error = %e, "delivery ended: the message left the queue");
-                        me.schedule().remove(id);
-                    }
                     // Not at once: a lasting error would spin; a second from now.
+                    // (A message removed meanwhile is not re-created: `Removed`,
+                    // and the next pass drops it from the schedule.)
                     Err(e) => {
                         tracing::error!(%id, error = %e, "delivery attempt failed");
                         me.schedule().set(id, now_ms() + 1000);

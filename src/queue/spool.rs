@@ -215,12 +215,14 @@ impl Spool {
 
     /// Stores a message and waits until it is on disk. Only then may the caller
     /// say 250. On error the message is not queued (and never delivered): the
-    /// caller says 451.
-    pub async fn enqueue(&self, env: &Envelope, message: &[u8]) -> Result<()> {
+    /// caller says 451. An owned buffer (`Vec<u8>`) is freed as soon as sled has
+    /// its copy, before the wait for the disk.
+    pub async fn enqueue(&self, env: &Envelope, message: impl AsRef<[u8]>) -> Result<()> {
         let id = env.id;
         let mut batch = sled::Batch::default();
         batch.insert(&key(b'e', id), encode(env)?);
-        batch.insert(&key(b'b', id), message);
+        batch.insert(&key(b'b', id), message.as_ref());
+        drop(message);
         self.unsettled().insert(id);
         // In memory until the flush: cheaper here than a hop to a blocking thread
         // (measured: fewer thread switches per message).
@@ -392,6 +394,21 @@ impl Spool {
             .transpose()
     }
 
+    /// The envelope of `id` if the whole message is there to deliver. An envelope
+    /// without its octets (a "zombie" an older version's stale write could make)
+    /// can never be delivered: it is removed, durably, and None returned.
+    pub async fn deliverable(&self, id: QueueId) -> Result<Option<Envelope>> {
+        let Some(env) = self.envelope(id)? else {
+            return Ok(None);
+        };
+        if self.tree.contains_key(key(b'b', id))? {
+            return Ok(Some(env));
+        }
+        tracing::warn!(%id, "queue: removed an envelope without message octets (left by an older version)");
+        self.remove(id).await?;
+        Ok(None)
+    }
+
     pub fn message(&self, id: QueueId) -> Result<Option<Vec<u8>>> {
         if !self.visible(id) {
             return Ok(None);
@@ -412,6 +429,14 @@ impl Spool {
         Ok(all)
     }
 
+    /// Every envelope, oldest first, decoded one at a time as the caller goes
+    /// (a page of a long queue decodes only what it shows).
+    pub fn scan(&self) -> impl Iterator<Item = Result<Envelope>> + '_ {
+        self.tree
+            .scan_prefix(b"e\0")
+            .map(|r| r.map_err(anyhow::Error::from).and_then(|(_, v)| decode(&v)))
+    }
+
     /// The oldest message in the queue (ids sort by arrival).
     pub fn oldest(&self) -> Result<Option<QueueId>> {
         match self.tree.scan_prefix(b"e\0").next() {
@@ -420,6 +445,8 @@ impl Spool {
         }
     }
 
+    /// How many messages are stored (a message whose flush is in progress may be
+    /// counted: for gauges, not decisions; so may [`Spool::oldest`]).
     pub fn len(&self) -> usize {
         self.tree.scan_prefix(b"e\0").count()
     }
@@ -512,5 +539,20 @@ mod tests {
         assert_eq!(spool.envelope(env.id).unwrap(), None);
         assert!(spool.envelopes().unwrap().is_empty());
         assert_eq!(spool.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_envelope_without_octets_is_not_deliverable_and_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let spool = Spool::open(&db, dir.path()).unwrap();
+        let (whole, zombie) = (envelope(1), envelope(2));
+        spool.enqueue(&whole, b"body").await.unwrap();
+        spool.enqueue(&zombie, b"body").await.unwrap();
+        spool.tree.remove(key(b'b', zombie.id)).unwrap();
+        assert_eq!(spool.deliverable(whole.id).await.unwrap(), Some(whole));
+        assert_eq!(spool.deliverable(zombie.id).await.unwrap(), None);
+        assert_eq!(spool.envelope(zombie.id).unwrap(), None);
+        assert_eq!(spool.len(), 1);
     }
 }

@@ -6,6 +6,11 @@
 //! §4.1.1.3: the route may be ignored, the mailbox is `user@c`), and the local-part
 //! syntaxes that older MTAs interpret as further routing (`%`, `!`, quoted strings)
 //! and IP-literal domains are reported as such.
+//!
+//! What is matched must be what is delivered: an address holding whitespace
+//! (Unicode's, not only ASCII's), a control character or an invisible format
+//! character is a syntax error (501 5.1.3), never trimmed or ignored, so that no
+//! spelling a downstream server would refuse can match a catalog address.
 
 use std::fmt;
 
@@ -58,7 +63,7 @@ pub struct PathError(pub &'static str);
 /// Parses `<...>` (the brackets included) from the start of `s`; returns the mailbox
 /// (None for `<>`) and the rest of the string (the parameters).
 pub fn parse_path(s: &str) -> Result<(ReversePath, &str), PathError> {
-    let s = s.trim_start();
+    let s = s.trim_start_matches([' ', '\t']);
     let rest = s
         .strip_prefix('<')
         .ok_or(PathError("the address must be in <angle brackets>"))?;
@@ -122,8 +127,10 @@ fn parse_mailbox(s: &str) -> Result<Mailbox, PathError> {
                     close = Some(i);
                     break;
                 }
-                c if c.is_ascii_control() => {
-                    return Err(PathError("control character in quoted string"))
+                c if c != ' ' && hidden(c) => {
+                    return Err(PathError(
+                        "whitespace or control character in quoted string",
+                    ))
                 }
                 c => out.push(c),
             }
@@ -183,6 +190,11 @@ fn check_dot_string(s: &str) -> Result<(), PathError> {
         if atom.is_empty() {
             return Err(PathError("misplaced '.' in the local part"));
         }
+        if atom.chars().any(hidden) {
+            return Err(PathError(
+                "whitespace or control character in the local part",
+            ));
+        }
         if atom.chars().any(|c| {
             c.is_ascii() && !(c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c))
         }) {
@@ -190,6 +202,19 @@ fn check_dot_string(s: &str) -> Result<(), PathError> {
         }
     }
     Ok(())
+}
+
+/// Whitespace (any Unicode `White_Space`), a control character (C0, DEL, C1), or
+/// an invisible format character (zero-width, bidirectional controls, soft hyphen,
+/// byte order mark): none has a place in an address, and each can make two
+/// spellings look alike.
+fn hidden(c: char) -> bool {
+    c.is_whitespace()
+        || c.is_control()
+        || matches!(c,
+            '\u{ad}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206f}' | '\u{feff}'
+            | '\u{fff9}'..='\u{fffb}')
 }
 
 /// A domain: dot-separated labels; a trailing dot is a syntax error in SMTP.
@@ -203,6 +228,9 @@ fn check_domain(d: &str) -> Result<(), PathError> {
     for label in d.split('.') {
         if label.is_empty() {
             return Err(PathError("empty label in the domain (a trailing dot?)"));
+        }
+        if label.chars().any(hidden) {
+            return Err(PathError("whitespace or control character in the domain"));
         }
         if label.len() > 63 || label.starts_with('-') || label.ends_with('-') {
             return Err(PathError("bad label in the domain"));
@@ -269,6 +297,14 @@ mod tests {
             "<\"open@x.test>",
             "<user@[999.1.1.1]>",
             "<user@x.test>junk",
+            "<\u{a0}alice@x.test>",
+            "<alice@x.test\u{3000}>",
+            "<ali\u{85}ce@x.test>",
+            "<ali\u{200b}ce@x.test>",
+            "<alice@x\u{202e}.test>",
+            "<\"a\u{2028}b\"@x.test>",
+            "<\"a\tb\"@x.test>",
+            "<@r\u{a0}.test:alice@x.test>",
         ] {
             assert!(parse_path(bad).is_err(), "{bad} should not parse");
         }

@@ -7,6 +7,7 @@
 
 use super::command::MAX_COMMAND_LINE;
 use super::data::{DataDecoder, Feed};
+use super::limits::Reservation;
 use super::reply::Reply;
 use std::io;
 use std::time::Duration;
@@ -129,18 +130,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
-    /// Reads DATA up to and including CRLF.CRLF into `out`. Returns the decoder
-    /// (size, over-size flag); an early EOF is an error.
+    /// Reads DATA up to and including CRLF.CRLF into `out` through `decoder`
+    /// ([`super::session::Session::data_decoder`]), holding no more than `budget`
+    /// grants: when it cannot grow, `out` is freed, `budget` dropped (set to None)
+    /// and the rest of the data read and discarded, so that the session stays in
+    /// sync. Returns the decoder (size, over-size flag); an early EOF is an error.
     pub async fn read_data(
         &mut self,
-        max: u64,
+        mut decoder: DataDecoder,
         timeout: Duration,
         out: &mut Vec<u8>,
+        budget: &mut Option<Reservation>,
     ) -> io::Result<DataDecoder> {
-        let mut decoder = DataDecoder::new(max);
+        let mut discarded = Vec::new();
         loop {
             let pending = &self.buf[self.start..self.end];
-            match decoder.feed(pending, out) {
+            if let Some(held) = budget.as_mut().filter(|_| !decoder.over_size()) {
+                // Room for twice what it reads: a decoder repairing bare LFs
+                // (LF to CRLF) writes up to that.
+                let need = out.len() + 2 * pending.len();
+                if !held.ensure(need as u64) {
+                    *budget = None;
+                    *out = Vec::new();
+                } else if out.capacity() < need {
+                    // Capacity follows the reservation (header room included).
+                    out.reserve_exact(held.held() as usize - out.len());
+                }
+            }
+            let sink = if budget.is_some() {
+                &mut *out
+            } else {
+                discarded.clear();
+                &mut discarded
+            };
+            match decoder.feed(pending, sink) {
                 Feed::Done(used) => {
                     self.start += used;
                     return Ok(decoder);

@@ -4,32 +4,47 @@
 //! SMTP smuggling: only `CRLF . CRLF` ends the data. A line starts only after CRLF,
 //! so `LF . LF`, `LF . CRLF`, `CRLF . LF` and `CR . CR` are content, never the end.
 //! Bare CR and bare LF are protocol violations (RFC 5321 §2.3.8) that downstream
-//! servers may read as line ends; [`check_body`] finds them so that the session can
-//! refuse such a message (the default) before it is relayed anywhere.
+//! servers may read as line ends. The decoder can normalize them (each becomes
+//! CRLF, as Postfix's `smtpd_forbid_bare_newline = normalize` does), so that what is
+//! stored and relayed has no line end but CRLF; otherwise [`check_body`] finds them
+//! so that the session can refuse such a message, or keep it as is.
 
 /// Longest text line allowed by RFC 5322 §2.1.1, CRLF excluded.
 pub const MAX_LINE: usize = 998;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// After CRLF (or at the start of the data).
-    LineStart,
+    /// At the start of a line: after CRLF or the start of the data (`hard`), or,
+    /// when normalizing, after a bare CR or LF (not `hard`: no end of data here).
+    LineStart {
+        hard: bool,
+    },
     Mid,
     /// After a CR in mid line.
     Cr,
     /// After a '.' at the start of a line.
-    Dot,
+    Dot {
+        hard: bool,
+    },
     /// After ".\r" at the start of a line.
-    DotCr,
+    DotCr {
+        hard: bool,
+    },
 }
 
 /// Decodes the data that follows `354`: feed it bytes as they come.
+///
+/// Dot-unstuffing (RFC 5321 §4.5.2) applies to every line the stored message will
+/// have: when normalizing, a line ended or begun by a bare CR or LF is a line too
+/// (it becomes one), so its leading dot is removed the same way, and a line of a
+/// lone dot there is kept as content (`.` then CRLF), never taken as the end.
 #[derive(Debug)]
 pub struct DataDecoder {
     state: State,
     /// Octets of message received so far (after unstuffing).
     pub size: u64,
     max: u64,
+    normalize: bool,
 }
 
 /// What [`DataDecoder::feed`] found.
@@ -43,11 +58,21 @@ pub enum Feed {
 }
 
 impl DataDecoder {
+    /// A decoder keeping bare CR and LF as they are (for `reject` and `accept`).
     pub fn new(max: u64) -> DataDecoder {
         DataDecoder {
-            state: State::LineStart,
+            state: State::LineStart { hard: true },
             size: 0,
             max,
+            normalize: false,
+        }
+    }
+
+    /// A decoder storing every bare CR or LF as CRLF (`normalize`).
+    pub fn normalizing(max: u64) -> DataDecoder {
+        DataDecoder {
+            normalize: true,
+            ..DataDecoder::new(max)
         }
     }
 
@@ -69,59 +94,116 @@ impl DataDecoder {
         while i < input.len() {
             let b = input[i];
             i += 1;
+            if let Some(next) = self.step_line_end(b, out) {
+                self.state = next;
+                continue;
+            }
             self.state = match (self.state, b) {
-                (State::LineStart, b'.') => State::Dot,
-                (State::LineStart | State::Mid, b'\r') => State::Cr,
-                (State::LineStart | State::Mid, _) => {
-                    // Fast path: copy up to the next CR in one go.
+                (State::LineStart { hard }, b'.') => State::Dot { hard },
+                (State::LineStart { .. } | State::Mid, _) => {
+                    // Fast path: copy up to the next CR (or LF when normalizing).
                     let end = input[i..]
                         .iter()
-                        .position(|&c| c == b'\r')
+                        .position(|&c| c == b'\r' || (self.normalize && c == b'\n'))
                         .map_or(input.len(), |p| i + p);
                     self.emit(out, &input[i - 1..end]);
                     i = end;
                     State::Mid
                 }
-                (State::Cr, b'\n') => {
-                    self.emit(out, b"\r\n");
-                    State::LineStart
+                (State::DotCr { hard: true }, b'\n') => {
+                    self.state = State::LineStart { hard: true };
+                    return Feed::Done(i);
                 }
-                (State::Cr, b'\r') => {
-                    self.emit(out, b"\r");
-                    State::Cr
+                (State::DotCr { hard }, b'\n') => {
+                    // ".CRLF" after a bare line end: a lone dot, content.
+                    debug_assert!(self.normalize && !hard);
+                    self.emit(out, b".\r\n");
+                    State::LineStart { hard: true }
+                }
+                (State::DotCr { .. } | State::Cr, _) if self.normalize => {
+                    // A bare CR (after a lone dot, if any): it ends the line; this
+                    // byte starts the next one.
+                    i -= 1;
+                    let dot: &[u8] = if self.state == State::Cr { b"" } else { b"." };
+                    self.emit(out, dot);
+                    self.emit(out, b"\r\n");
+                    State::LineStart { hard: false }
                 }
                 (State::Cr, other) => {
                     self.emit(out, &[b'\r', other]);
                     State::Mid
                 }
-                (State::Dot, b'\r') => State::DotCr,
-                (State::Dot, b'\n') => {
+                // ".\r" then something else: the dot is deleted, the CR is content.
+                (State::DotCr { .. }, other) => {
+                    self.emit(out, &[b'\r', other]);
+                    State::Mid
+                }
+                (State::Dot { .. }, b'\n') => {
                     // ".\n" is content (a bare LF), never the end.
                     self.emit(out, b".\n");
                     State::Mid
                 }
                 // RFC 5321 §4.5.2: a leading dot on a line with more on it is deleted.
-                (State::Dot, other) => {
+                (State::Dot { .. }, other) => {
                     self.emit(out, &[other]);
-                    State::Mid
-                }
-                (State::DotCr, b'\n') => {
-                    self.state = State::LineStart;
-                    return Feed::Done(i);
-                }
-                // ".\r" then something else: the dot is deleted, the CR is content.
-                (State::DotCr, b'\r') => {
-                    self.emit(out, b"\r");
-                    State::Cr
-                }
-                (State::DotCr, other) => {
-                    self.emit(out, &[b'\r', other]);
                     State::Mid
                 }
             };
         }
         Feed::More
     }
+
+    /// The transitions on CR and LF that every mode shares, and the bare LF of
+    /// normalizing; `None`: not one of those.
+    fn step_line_end(&mut self, b: u8, out: &mut Vec<u8>) -> Option<State> {
+        let next = match (self.state, b) {
+            (State::LineStart { .. } | State::Mid, b'\r') => State::Cr,
+            (State::Dot { hard }, b'\r') => State::DotCr { hard },
+            (State::Cr, b'\n') => {
+                self.emit(out, b"\r\n");
+                State::LineStart { hard: true }
+            }
+            (State::Cr, b'\r') if !self.normalize => {
+                self.emit(out, b"\r");
+                State::Cr
+            }
+            (State::DotCr { .. }, b'\r') if !self.normalize => {
+                // ".\r\r": the dot is deleted, the first CR is content.
+                self.emit(out, b"\r");
+                State::Cr
+            }
+            (State::LineStart { .. } | State::Mid, b'\n') if self.normalize => {
+                self.emit(out, b"\r\n");
+                State::LineStart { hard: false }
+            }
+            (State::Dot { .. }, b'\n') if self.normalize => {
+                // A lone dot ended by a bare LF: content.
+                self.emit(out, b".\r\n");
+                State::LineStart { hard: false }
+            }
+            _ => return None,
+        };
+        Some(next)
+    }
+}
+
+/// Every bare CR and bare LF of `body` as CRLF (BDAT content: no terminator, no
+/// dot-stuffing, so nothing else changes).
+pub fn normalize_line_endings(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + body.len() / 64);
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'\r' if body.get(i + 1) == Some(&b'\n') => {
+                out.extend_from_slice(b"\r\n");
+                i += 1;
+            }
+            b'\r' | b'\n' => out.extend_from_slice(b"\r\n"),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
 }
 
 /// What [`check_body`] found in a message.
@@ -230,6 +312,76 @@ mod tests {
                 "{:?}",
                 String::from_utf8_lossy(evil)
             );
+        }
+    }
+
+    fn normalize_all(input: &[u8]) -> (Vec<u8>, Option<usize>) {
+        let mut d = DataDecoder::normalizing(1 << 20);
+        let mut out = Vec::new();
+        match d.feed(input, &mut out) {
+            Feed::Done(n) => (out, Some(n)),
+            Feed::More => (out, None),
+        }
+    }
+
+    #[test]
+    fn normalizing_stores_every_line_end_as_crlf() {
+        let (body, done) = normalize_all(b"a\nb\rc\r\n..d\n..e\r.\n.\r.x\r\n.\r\nNEXT");
+        assert_eq!(
+            String::from_utf8_lossy(&body),
+            "a\r\nb\r\nc\r\n.d\r\n.e\r\n.\r\n.\r\nx\r\n"
+        );
+        assert_eq!(done, Some(b"a\nb\rc\r\n..d\n..e\r.\n.\r.x\r\n.\r\n".len()));
+        // A lone dot after a bare line end, even followed by CRLF, is content.
+        let (body, done) = normalize_all(b"a\n.\r\nb\r\n.\r\n");
+        assert_eq!(body, b"a\r\n.\r\nb\r\n");
+        assert_eq!(done, Some(11));
+        assert_eq!(
+            normalize_line_endings(b"a\rb\nc\r\n\r\r\n\n\r"),
+            b"a\r\nb\r\nc\r\n\r\n\r\n\r\n\r\n"
+        );
+    }
+
+    /// The smuggling oracle of `fuzz/fuzz_targets/data.rs`, over pseudo-random
+    /// inputs made of the bytes that matter, each split at every read boundary.
+    #[test]
+    fn normalizing_never_leaves_a_bare_line_end_nor_ends_early() {
+        let alphabet = b"\r\n.ab";
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 24) as usize;
+            let input: Vec<u8> = (0..len)
+                .map(|k| alphabet[((seed >> (k * 2 % 60)) % 5) as usize])
+                .collect();
+            let (whole, end) = normalize_all(&input);
+            let first_end = if input.starts_with(b".\r\n") {
+                Some(3)
+            } else {
+                input
+                    .windows(5)
+                    .position(|w| w == b"\r\n.\r\n")
+                    .map(|p| p + 5)
+            };
+            assert_eq!(end, first_end, "{input:?}");
+            assert!(
+                !check_body(&whole).bare_line_ending,
+                "{input:?} -> {whole:?}"
+            );
+            for split in 0..input.len() {
+                let mut d = DataDecoder::normalizing(1 << 20);
+                let mut out = Vec::new();
+                let done = match d.feed(&input[..split], &mut out) {
+                    Feed::Done(n) => Some(n),
+                    Feed::More => match d.feed(&input[split..], &mut out) {
+                        Feed::Done(n) => Some(split + n),
+                        Feed::More => None,
+                    },
+                };
+                assert_eq!((&out, done), (&whole, end), "{input:?} split at {split}");
+            }
         }
     }
 

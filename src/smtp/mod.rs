@@ -6,12 +6,15 @@
 //! - `data`: DATA decoding and body checks (pure; the SMTP smuggling defence).
 //! - `conn`: framing over a stream (lines, data, BDAT chunks, pipelined replies).
 //! - `server`: listeners, limits, timeouts, STARTTLS, durable accept, shutdown.
+//! - `limits`: the memory budget for message data shared by all sessions, and
+//!   the open-files limit.
 //! - `policy`: the catalog-backed relay policy; `trace`: the Received header.
 
 pub mod address;
 pub mod command;
 pub mod conn;
 pub mod data;
+pub mod limits;
 pub mod policy;
 pub mod reply;
 pub mod server;

@@ -11,6 +11,7 @@
 //! connection counts, while sessions in progress keep the one they started with.
 
 use super::conn::{Conn, Line};
+use super::limits::{self, Budget, Reservation};
 use super::policy::CatalogPolicy;
 use super::reply::{self, Reply};
 use super::session::{Action, Message, RecipientPolicy, Session, Settings};
@@ -27,6 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 /// Everything the connections of one service share.
@@ -44,6 +46,8 @@ pub struct Service {
     pub low_disk: crate::ha::local::LowDisk,
     connections: Arc<Semaphore>,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// Message data held by all sessions (`smtp.max_data_in_flight`).
+    budget: Arc<Budget>,
 }
 
 /// The service new connections get (replaced by a reload).
@@ -86,12 +90,14 @@ impl Service {
             low_disk: Default::default(),
             connections: Arc::new(Semaphore::new(config.max_connections)),
             per_ip: Arc::new(Mutex::new(HashMap::new())),
+            budget: Budget::new(config.max_data_in_flight.0),
         }))
     }
 
     /// This service with new settings, limits and certificates (read again from
-    /// their files), sharing its queue, gate and connection counts. The size of
-    /// the connection limit (`max_connections`) stays as it was.
+    /// their files), sharing its queue, gate, connection counts and data budget.
+    /// The sizes of the connection limit (`max_connections`) and of the budget
+    /// (`max_data_in_flight`) stay as they were.
     pub fn reconfigured(
         &self,
         router_name: &str,
@@ -110,6 +116,7 @@ impl Service {
             low_disk: self.low_disk.clone(),
             connections: self.connections.clone(),
             per_ip: self.per_ip.clone(),
+            budget: self.budget.clone(),
         }))
     }
 }
@@ -138,8 +145,14 @@ fn tuned(
 }
 
 /// Binds every configured address (before anything else starts, so a port in use
-/// is reported at once).
+/// is reported at once), after raising the open-files limit for the connections
+/// and having big blocks returned to the system when freed.
 pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>> {
+    limits::return_big_blocks();
+    match limits::raise_open_files_limit() {
+        Ok(n) => tracing::debug!(open_files = n, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    }
     let mut out = Vec::new();
     for a in addrs {
         out.push(
@@ -347,6 +360,16 @@ enum Next {
     StartTls,
 }
 
+/// What the driver keeps of the transaction under way, beside the session.
+#[derive(Default)]
+struct Tx {
+    /// When it must be over (`smtp.transaction_timeout`, from MAIL).
+    deadline: Option<Instant>,
+    /// The memory its BDAT chunks hold, and how many octets they are.
+    bdat: Option<Reservation>,
+    bdat_octets: u64,
+}
+
 /// Runs the session until the client quits, the session closes, or STARTTLS.
 async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     service: &Service,
@@ -357,7 +380,14 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> io::Result<Next> {
     let cfg = &service.config;
     let name = &service.settings.name;
+    let mut tx = Tx::default();
     loop {
+        // A transaction's deadline starts at MAIL; its memory goes when it ends.
+        if !session.in_transaction() {
+            tx = Tx::default();
+        } else if tx.deadline.is_none() {
+            tx.deadline = Some(Instant::now() + cfg.transaction_timeout);
+        }
         if *shutdown.borrow() && !session.in_transaction() {
             conn.reply(&reply::shutting_down(name));
             conn.flush().await?;
@@ -365,34 +395,30 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         }
         // Wait for a command, or for shutdown while idle.
         let line = if session.in_transaction() || *shutdown.borrow() {
-            conn.read_line(cfg.command_timeout).await
+            within(tx.deadline, conn.read_line(cfg.command_timeout)).await
         } else {
             tokio::select! {
                 l = conn.read_line(cfg.command_timeout) => l,
                 _ = shutdown.changed() => continue,
             }
         };
-        let line = match line {
-            Ok(l) => l,
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => return timed_out(conn, name).await,
-            Err(e) => return Err(e),
-        };
         let action = match line {
-            Line::Eof => return Ok(Next::Close),
-            Line::TooLong => session.line_too_long(),
+            Ok(Line::Eof) => return Ok(Next::Close),
+            Ok(Line::TooLong) => session.line_too_long(),
             // The HA gate again at MAIL: a session opened before this unit was
             // demoted takes no new transaction (421 4.3.2, then close).
-            Line::Command(l) if !service.gate.is_active() && is_mail(&l) => {
+            Ok(Line::Command(l)) if !service.gate.is_active() && is_mail(&l) => {
                 Action::Close(reply::inactive(name))
             }
             // Too little free disk for new mail: 452 4.3.1 now, not a failed write.
-            Line::Command(l) if service.low_disk.is_low() && is_mail(&l) => {
+            Ok(Line::Command(l)) if service.low_disk.is_low() && is_mail(&l) => {
                 Action::Reply(reply::low_disk(name))
             }
-            Line::Command(l) => session.command(&l, service.policy.as_ref()),
+            Ok(Line::Command(l)) => session.command(&l, service.policy.as_ref()),
+            Err(e) => return ended(conn, name, peer, &tx, e).await,
         };
-        match action {
-            Action::Reply(r) => conn.reply(&r),
+        let step = match action {
+            Action::Reply(r) => Ok(r),
             Action::Close(r) => {
                 conn.reply(&r);
                 conn.flush().await?;
@@ -407,52 +433,15 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 return Ok(Next::StartTls);
             }
-            Action::ReadData(r) => {
-                conn.reply(&r);
-                let mut body = Vec::new();
-                let decoder = match conn
-                    .read_data(cfg.max_message_size, cfg.data_timeout, &mut body)
-                    .await
-                {
-                    Ok(d) => d,
-                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                        return timed_out(conn, name).await
-                    }
-                    Err(e) => return Err(e),
-                };
-                let r = match session.data_received(body, decoder.over_size()) {
-                    Ok(m) => accept(service, m, peer).await,
-                    Err(r) => {
-                        log_refused(peer, &r);
-                        r
-                    }
-                };
-                conn.reply(&r);
-            }
+            Action::ReadData(r) => read_data(service, session, conn, peer, &tx, r).await,
             Action::ReadBdat { size, last, refuse } => {
-                let mut chunk = Vec::new();
-                let sink = if refuse.is_some() {
-                    None
-                } else {
-                    Some(&mut chunk)
-                };
-                match conn.read_exact(size, cfg.data_timeout, sink).await {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                        return timed_out(conn, name).await
-                    }
-                    Err(e) => return Err(e),
-                }
-                let r = match refuse {
-                    Some(r) => r,
-                    None => match session.bdat_chunk(&chunk, last) {
-                        Ok(None) => Session::chunk_reply(size),
-                        Ok(Some(m)) => accept(service, m, peer).await,
-                        Err(r) => r,
-                    },
-                };
-                conn.reply(&r);
+                let chunk = Chunk { size, last, refuse };
+                read_bdat(service, session, conn, peer, &mut tx, chunk).await
             }
+        };
+        match step {
+            Ok(r) => conn.reply(&r),
+            Err(e) => return ended(conn, name, peer, &tx, e).await,
         }
     }
 }
@@ -463,14 +452,145 @@ fn is_mail(line: &[u8]) -> bool {
         .is_some_and(|w| w.eq_ignore_ascii_case(b"MAIL "))
 }
 
-/// The client was silent too long: 421 4.4.2, then close.
-async fn timed_out<S: AsyncRead + AsyncWrite + Unpin>(
+/// Runs a read of the transaction under way within its deadline (a timeout error
+/// past it, like the per-read timeouts).
+async fn within<T>(
+    deadline: Option<Instant>,
+    read: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    match deadline {
+        None => read.await,
+        Some(d) => tokio::time::timeout_at(d, read)
+            .await
+            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "transaction"))),
+    }
+}
+
+/// A read failed: a timeout gets 421 4.4.2 and the connection closes; other
+/// errors (connection lost) end the session.
+async fn ended<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     name: &str,
+    peer: SocketAddr,
+    tx: &Tx,
+    e: io::Error,
 ) -> io::Result<Next> {
-    conn.reply(&reply::timeout(name));
+    if e.kind() != io::ErrorKind::TimedOut {
+        return Err(e);
+    }
+    let r = if tx.deadline.is_some_and(|d| Instant::now() >= d) {
+        tracing::info!(%peer, "transaction_timeout reached: closing the connection");
+        Reply::new(
+            421,
+            "4.4.2",
+            format!("{name} Transaction took too long, closing connection"),
+        )
+    } else {
+        reply::timeout(name)
+    };
+    conn.reply(&r);
     let _ = conn.flush().await;
     Ok(Next::Close)
+}
+
+/// The budget for message data is spent: 452 4.3.1, counted.
+fn over_budget(peer: SocketAddr) -> Reply {
+    crate::metrics::METRICS.smtp_data_refused.inc();
+    let r = limits::refusal();
+    tracing::info!(%peer, reply = %r, "message data refused: smtp.max_data_in_flight spent");
+    r
+}
+
+/// DATA: reserves memory for the message as it arrives, then queues it.
+async fn read_data<S: AsyncRead + AsyncWrite + Unpin>(
+    service: &Service,
+    session: &mut Session,
+    conn: &mut Conn<S>,
+    peer: SocketAddr,
+    tx: &Tx,
+    go_ahead: Reply,
+) -> io::Result<Reply> {
+    let cfg = &service.config;
+    // No room for even a small message: refused before the data (the
+    // transaction stays; the client may try DATA again or give up).
+    let Some(held) = service.budget.reserve() else {
+        return Ok(over_budget(peer));
+    };
+    conn.reply(&go_ahead);
+    let mut held = Some(held);
+    let mut body = Vec::new();
+    let read = conn.read_data(
+        session.data_decoder(),
+        cfg.data_timeout,
+        &mut body,
+        &mut held,
+    );
+    let decoder = within(tx.deadline, read).await?;
+    if held.is_none() {
+        session.abort_transaction();
+        return Ok(over_budget(peer));
+    }
+    let r = match session.data_received(body, decoder.over_size()) {
+        Ok(m) => accept(service, m, peer).await,
+        Err(r) => {
+            log_refused(peer, &r);
+            r
+        }
+    };
+    drop(held);
+    Ok(r)
+}
+
+/// A BDAT command as the session left it to the driver.
+struct Chunk {
+    size: u64,
+    last: bool,
+    /// Discard the octets and send this.
+    refuse: Option<Reply>,
+}
+
+/// BDAT: reserves memory for the chunk before reading it (its size is known),
+/// then hands it to the session; the last one is queued.
+async fn read_bdat<S: AsyncRead + AsyncWrite + Unpin>(
+    service: &Service,
+    session: &mut Session,
+    conn: &mut Conn<S>,
+    peer: SocketAddr,
+    tx: &mut Tx,
+    chunk: Chunk,
+) -> io::Result<Reply> {
+    let Chunk { size, last, refuse } = chunk;
+    let refuse = refuse.or_else(|| {
+        let mut held = tx.bdat.take().or_else(|| service.budget.reserve());
+        let total = tx.bdat_octets.saturating_add(size);
+        if held.as_mut().is_some_and(|h| h.ensure(total)) {
+            tx.bdat = held;
+            None
+        } else {
+            session.abort_transaction();
+            Some(over_budget(peer))
+        }
+    });
+    let mut octets = Vec::new();
+    if refuse.is_none() {
+        // Within max_message_size: the session refused anything bigger.
+        octets.reserve_exact(size as usize);
+    }
+    let sink = refuse.is_none().then_some(&mut octets);
+    within(
+        tx.deadline,
+        conn.read_exact(size, service.config.data_timeout, sink),
+    )
+    .await?;
+    if let Some(r) = refuse {
+        return Ok(r);
+    }
+    tx.bdat_octets += size;
+    Ok(match session.bdat_chunk(octets, last) {
+        Ok(None) => Session::chunk_reply(size),
+        Ok(Some(m)) => accept(service, m, peer).await,
+        Err(r) => r,
+    })
 }
 
 /// The transaction's log line when the message was refused at its end (size, loop,
@@ -495,9 +615,9 @@ async fn accept(service: &Service, m: Message, peer: SocketAddr) -> Reply {
         recipients: &m.recipients,
         when: now,
     });
-    let mut message = Vec::with_capacity(header.len() + m.body.len());
-    message.extend_from_slice(header.as_bytes());
-    message.extend_from_slice(&m.body);
+    // In place, in the room the budget kept for it: no second copy of the body.
+    let mut message = m.body;
+    prepend(&mut message, header.as_bytes());
     let env = Envelope {
         id,
         sender: m.sender,
@@ -519,10 +639,11 @@ async fn accept(service: &Service, m: Message, peer: SocketAddr) -> Reply {
     let rcpts: Vec<&str> = env.recipients.iter().map(|r| r.address.as_str()).collect();
     let rcpts = rcpts.join(",");
     let from = env.sender.as_deref().unwrap_or("<>");
-    match service.spool.enqueue(&env, &message).await {
+    let message_id = crate::track::message_id(&message);
+    match service.spool.enqueue(&env, message).await {
         Ok(()) => {
             crate::metrics::METRICS.messages_accepted.inc();
-            crate::track::accepted(service.spool.db(), &env, &message);
+            crate::track::accepted(service.spool.db(), &env, message_id);
             let r = Reply::new(250, "2.0.0", format!("Ok: queued as {id_text}"));
             tracing::info!(id = %id_text, %peer, helo = %env.helo, from = %from, rcpts = %rcpts, size = env.size, reply = %r, "message accepted");
             r
@@ -533,4 +654,13 @@ async fn accept(service: &Service, m: Message, peer: SocketAddr) -> Reply {
             r
         }
     }
+}
+
+/// Puts `head` before `body`, moving the body within its own buffer.
+fn prepend(body: &mut Vec<u8>, head: &[u8]) {
+    let n = body.len();
+    body.reserve_exact(head.len());
+    body.resize(n + head.len(), 0);
+    body.copy_within(0..n, head.len());
+    body[..head.len()].copy_from_slice(head);
 }

@@ -4,7 +4,7 @@
 
 use super::address::Mailbox;
 use super::command::{self, Body, Command};
-use super::data::{check_body, BodyCheck};
+use super::data::{check_body, normalize_line_endings, BodyCheck, DataDecoder};
 use super::reply::{self, Reply};
 use crate::config::{BareLineEndings, LongLines};
 
@@ -187,14 +187,7 @@ impl Session {
                 }
                 if let Some(size) = params.size {
                     if size > self.settings.max_message_size {
-                        return Action::Reply(Reply::new(
-                            552,
-                            "5.3.4",
-                            format!(
-                                "Message size exceeds the limit of {} octets",
-                                self.settings.max_message_size
-                            ),
-                        ));
+                        return Action::Reply(too_big(self.settings.max_message_size));
                     }
                 }
                 if let Some(m) = &from {
@@ -215,53 +208,7 @@ impl Session {
                 });
                 Action::Reply(Reply::new(250, "2.1.0", format!("Sender <{sender}> ok")))
             }
-            Command::Rcpt { to } => {
-                let Some(tx) = self.tx.as_mut() else {
-                    return self.error(reply::bad_sequence("Need MAIL command first"));
-                };
-                if tx.chunks.is_some() {
-                    return self.error(reply::bad_sequence("RCPT after BDAT"));
-                }
-                if tx.recipients.len() >= self.settings.max_recipients {
-                    return Action::Reply(Reply::new(452, "4.5.3", "Too many recipients"));
-                }
-                if !to.is_ascii() && !tx.smtputf8 {
-                    tx.refused += 1;
-                    return Action::Reply(Reply::new(
-                        553,
-                        "5.6.7",
-                        "Non-ASCII recipient address needs SMTPUTF8",
-                    ));
-                }
-                match policy.check(&to) {
-                    Verdict::Accept(mailbox) => {
-                        let r = Reply::new(250, "2.1.5", format!("Recipient <{to}> ok"));
-                        tx.recipients.push((to.to_string(), mailbox));
-                        Action::Reply(r)
-                    }
-                    Verdict::UnknownUser => {
-                        tx.refused += 1;
-                        Action::Reply(Reply::new(
-                            550,
-                            "5.1.1",
-                            format!("<{to}>: no such mailbox here"),
-                        ))
-                    }
-                    Verdict::RelayDenied(why) => {
-                        tx.refused += 1;
-                        Action::Reply(Reply::new(
-                            550,
-                            "5.7.1",
-                            format!("<{to}>: relaying denied: {why}"),
-                        ))
-                    }
-                    Verdict::TempFail => Action::Reply(Reply::new(
-                        451,
-                        "4.3.0",
-                        format!("<{to}>: recipient lookup failed, try again later"),
-                    )),
-                }
-            }
+            Command::Rcpt { to } => self.rcpt(to, policy),
             Command::Data => match &self.tx {
                 None => self.error(reply::bad_sequence("Need MAIL command first")),
                 Some(tx) if tx.chunks.is_some() => {
@@ -290,14 +237,7 @@ impl Session {
                             || so_far.saturating_add(size) > self.settings.max_message_size
                         {
                             tx.bdat_failed = true;
-                            Some(Reply::new(
-                                552,
-                                "5.3.4",
-                                format!(
-                                    "Message size exceeds the limit of {} octets",
-                                    self.settings.max_message_size
-                                ),
-                            ))
+                            Some(too_big(self.settings.max_message_size))
                         } else {
                             tx.chunks.get_or_insert_with(Vec::new);
                             None
@@ -348,11 +288,85 @@ impl Session {
         }
     }
 
+    /// RCPT: the relay policy decides; a mailbox already a recipient is kept once.
+    fn rcpt(&mut self, to: Mailbox, policy: &dyn RecipientPolicy) -> Action {
+        let Some(tx) = self.tx.as_mut() else {
+            return self.error(reply::bad_sequence("Need MAIL command first"));
+        };
+        if tx.chunks.is_some() {
+            return self.error(reply::bad_sequence("RCPT after BDAT"));
+        }
+        if tx.recipients.len() >= self.settings.max_recipients {
+            return Action::Reply(Reply::new(452, "4.5.3", "Too many recipients"));
+        }
+        if !to.is_ascii() && !tx.smtputf8 {
+            tx.refused += 1;
+            return Action::Reply(Reply::new(
+                553,
+                "5.6.7",
+                "Non-ASCII recipient address needs SMTPUTF8",
+            ));
+        }
+        match policy.check(&to) {
+            // The same mailbox again (the same address, or another of its
+            // addresses): accepted, delivered once.
+            Verdict::Accept(mailbox) if tx.recipients.iter().any(|(_, m)| *m == mailbox) => {
+                Action::Reply(Reply::new(
+                    250,
+                    "2.1.5",
+                    format!("Recipient <{to}> ok (already a recipient: delivered once)"),
+                ))
+            }
+            Verdict::Accept(mailbox) => {
+                let r = Reply::new(250, "2.1.5", format!("Recipient <{to}> ok"));
+                tx.recipients.push((to.to_string(), mailbox));
+                Action::Reply(r)
+            }
+            Verdict::UnknownUser => {
+                tx.refused += 1;
+                Action::Reply(Reply::new(
+                    550,
+                    "5.1.1",
+                    format!("<{to}>: no such mailbox here"),
+                ))
+            }
+            Verdict::RelayDenied(why) => {
+                tx.refused += 1;
+                Action::Reply(Reply::new(
+                    550,
+                    "5.7.1",
+                    format!("<{to}>: relaying denied: {why}"),
+                ))
+            }
+            Verdict::TempFail => Action::Reply(Reply::new(
+                451,
+                "4.3.0",
+                format!("<{to}>: recipient lookup failed, try again later"),
+            )),
+        }
+    }
+
     /// The TLS handshake succeeded: the session starts over (RFC 3207 §4.2).
     pub fn tls_started(&mut self) {
         self.tls = true;
         self.helo = None;
         self.esmtp = false;
+        self.tx = None;
+    }
+
+    /// The decoder for the data that follows the 354 of [`Action::ReadData`].
+    pub fn data_decoder(&self) -> DataDecoder {
+        match self.settings.bare_line_endings {
+            BareLineEndings::Normalize => DataDecoder::normalizing(self.settings.max_message_size),
+            BareLineEndings::Reject | BareLineEndings::Accept => {
+                DataDecoder::new(self.settings.max_message_size)
+            }
+        }
+    }
+
+    /// The driver refused the transaction's data (the memory budget for message
+    /// data was spent): the transaction is over, the session goes on.
+    pub fn abort_transaction(&mut self) {
         self.tx = None;
     }
 
@@ -364,33 +378,40 @@ impl Session {
             return Err(reply::bad_sequence("No transaction"));
         };
         if over_size {
-            return Err(Reply::new(
-                552,
-                "5.3.4",
-                format!(
-                    "Message size exceeds the limit of {} octets",
-                    self.settings.max_message_size
-                ),
-            ));
+            return Err(too_big(self.settings.max_message_size));
         }
         self.message(tx, body)
     }
 
     /// A BDAT chunk was read. Not last: `Ok(None)` and the reply to send is
     /// [`Session::chunk_reply`]. Last: the message to queue, or a refusal.
-    pub fn bdat_chunk(&mut self, chunk: &[u8], last: bool) -> Result<Option<Message>, Reply> {
+    /// The first chunk becomes the message buffer (no copy); later ones are appended.
+    pub fn bdat_chunk(&mut self, chunk: Vec<u8>, last: bool) -> Result<Option<Message>, Reply> {
         let Some(tx) = self.tx.as_mut() else {
             return Err(reply::bad_sequence("No transaction"));
         };
         let buf = tx.chunks.get_or_insert_with(Vec::new);
-        buf.extend_from_slice(chunk);
+        if buf.is_empty() {
+            *buf = chunk;
+        } else {
+            buf.reserve_exact(chunk.len());
+            buf.extend_from_slice(&chunk);
+        }
         if !last {
             return Ok(None);
         }
         let Some(mut tx) = self.tx.take() else {
             return Err(reply::bad_sequence("No transaction"));
         };
-        let body = tx.chunks.take().unwrap_or_default();
+        let mut body = tx.chunks.take().unwrap_or_default();
+        if self.settings.bare_line_endings == BareLineEndings::Normalize {
+            // On the whole message: a CR ending one chunk and the LF starting the
+            // next are one CRLF.
+            body = normalize_line_endings(&body);
+            if body.len() as u64 > self.settings.max_message_size {
+                return Err(too_big(self.settings.max_message_size));
+            }
+        }
         self.message(tx, body).map(Some)
     }
 
@@ -438,210 +459,17 @@ impl Session {
     }
 }
 
+fn too_big(max: u64) -> Reply {
+    Reply::new(
+        552,
+        "5.3.4",
+        format!("Message size exceeds the limit of {max} octets"),
+    )
+}
+
 fn bad_tls() -> Reply {
     reply::bad_sequence("TLS is already active")
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    struct Policy;
-    impl RecipientPolicy for Policy {
-        fn check(&self, rcpt: &Mailbox) -> Verdict {
-            if let Some(t) = rcpt.relay_trick() {
-                return Verdict::RelayDenied(t);
-            }
-            match (
-                rcpt.local.to_lowercase().as_str(),
-                rcpt.domain.to_lowercase().as_str(),
-            ) {
-                ("alice", "ours.test") => Verdict::Accept("alice@ours.test".into()),
-                ("broken", "ours.test") => Verdict::TempFail,
-                (_, "ours.test") => Verdict::UnknownUser,
-                _ => Verdict::RelayDenied("not a domain of this relay"),
-            }
-        }
-    }
-
-    fn session() -> Session {
-        Session::new(Settings {
-            name: "mx.test".into(),
-            max_message_size: 1000,
-            max_recipients: 2,
-            max_errors: 20,
-            long_lines: LongLines::Reject,
-            bare_line_endings: BareLineEndings::Reject,
-            tls_available: true,
-            max_hops: 3,
-        })
-    }
-
-    fn say(s: &mut Session, line: &str) -> (u16, &'static str) {
-        match s.command(line.as_bytes(), &Policy) {
-            Action::Reply(r) | Action::Close(r) | Action::StartTls(r) | Action::ReadData(r) => {
-                (r.code, r.status)
-            }
-            Action::ReadBdat {
-                refuse: Some(r), ..
-            } => (r.code, r.status),
-            Action::ReadBdat { refuse: None, .. } => (0, "bdat"),
-        }
-    }
-
-    #[test]
-    fn a_whole_transaction() {
-        let mut s = session();
-        assert_eq!(say(&mut s, "MAIL FROM:<a@x.test>"), (503, "5.5.1"));
-        assert_eq!(say(&mut s, "EHLO client.test").0, 250);
-        assert_eq!(say(&mut s, "DATA"), (503, "5.5.1"));
-        assert_eq!(say(&mut s, "RCPT TO:<alice@ours.test>"), (503, "5.5.1"));
-        assert_eq!(
-            say(&mut s, "MAIL FROM:<a@x.test> SIZE=2000"),
-            (552, "5.3.4")
-        );
-        assert_eq!(say(&mut s, "MAIL FROM:<a@x.test> SIZE=200"), (250, "2.1.0"));
-        assert_eq!(say(&mut s, "MAIL FROM:<a@x.test>"), (503, "5.5.1"));
-        assert_eq!(say(&mut s, "DATA"), (503, "5.5.1"), "no RCPT yet");
-        assert_eq!(say(&mut s, "RCPT TO:<ALICE@Ours.Test>"), (250, "2.1.5"));
-        assert_eq!(say(&mut s, "RCPT TO:<bob@ours.test>"), (550, "5.1.1"));
-        assert_eq!(say(&mut s, "RCPT TO:<bob@elsewhere.test>"), (550, "5.7.1"));
-        assert_eq!(say(&mut s, "RCPT TO:<broken@ours.test>"), (451, "4.3.0"));
-        assert_eq!(say(&mut s, "RCPT TO:<alice@ours.test>"), (250, "2.1.5"));
-        assert_eq!(say(&mut s, "RCPT TO:<alice@ours.test>"), (452, "4.5.3"));
-        assert_eq!(say(&mut s, "DATA"), (354, ""));
-        let m = s
-            .data_received(b"Subject: hi\r\n\r\nhello\r\n".to_vec(), false)
-            .unwrap();
-        assert_eq!(m.sender.as_deref(), Some("a@x.test"));
-        assert_eq!(
-            m.recipients[0],
-            ("ALICE@Ours.Test".to_string(), "alice@ours.test".to_string())
-        );
-        assert!(!s.in_transaction());
-        assert_eq!(say(&mut s, "QUIT"), (221, "2.0.0"));
-    }
-
-    #[test]
-    fn relay_tricks_are_denied() {
-        let mut s = session();
-        say(&mut s, "EHLO c");
-        say(&mut s, "MAIL FROM:<>");
-        for trick in [
-            "RCPT TO:<alice%elsewhere.test@ours.test>",
-            "RCPT TO:<elsewhere.test!alice@ours.test>",
-            "RCPT TO:<\"alice@elsewhere.test\"@ours.test>",
-            "RCPT TO:<alice@[127.0.0.1]>",
-            "RCPT TO:<@ours.test:alice@elsewhere.test>",
-        ] {
-            assert_eq!(say(&mut s, trick), (550, "5.7.1"), "{trick}");
-        }
-        assert_eq!(say(&mut s, "RCPT TO:<alice@ours.test.>"), (501, "5.1.3"));
-        assert_eq!(
-            say(&mut s, "RCPT TO:<@elsewhere.test:alice@ours.test>"),
-            (250, "2.1.5"),
-            "judged on the mailbox"
-        );
-        // All refused then DATA: 554 (RFC 2920), not 503.
-        let mut s = session();
-        say(&mut s, "EHLO c");
-        say(&mut s, "MAIL FROM:<>");
-        say(&mut s, "RCPT TO:<x@elsewhere.test>");
-        assert_eq!(say(&mut s, "DATA"), (554, "5.5.1"));
-    }
-
-    #[test]
-    fn bodies_with_bare_line_endings_or_long_lines_are_refused() {
-        let mut s = session();
-        for body in [
-            &b"a\nb\r\n"[..],
-            &format!("{}\r\n", "x".repeat(999)).into_bytes(),
-        ] {
-            say(&mut s, "EHLO c");
-            say(&mut s, "MAIL FROM:<>");
-            say(&mut s, "RCPT TO:<alice@ours.test>");
-            assert_eq!(say(&mut s, "DATA").0, 354);
-            assert_eq!(
-                s.data_received(body.to_vec(), false).unwrap_err().status,
-                "5.6.0"
-            );
-        }
-        say(&mut s, "MAIL FROM:<>");
-        say(&mut s, "RCPT TO:<alice@ours.test>");
-        say(&mut s, "DATA");
-        assert_eq!(s.data_received(vec![], true).unwrap_err().code, 552);
-        // A loop: more Received headers than max_hops.
-        say(&mut s, "MAIL FROM:<>");
-        say(&mut s, "RCPT TO:<alice@ours.test>");
-        say(&mut s, "DATA");
-        let looped =
-            b"Received: a\r\nReceived: b\r\nReceived: c\r\nReceived: d\r\n\r\nx\r\n".to_vec();
-        assert_eq!(s.data_received(looped, false).unwrap_err().status, "5.4.6");
-    }
-
-    #[test]
-    fn bdat_chunks_and_limits() {
-        let mut s = session();
-        say(&mut s, "EHLO c");
-        assert_eq!(
-            say(&mut s, "BDAT 10"),
-            (503, "5.5.1"),
-            "refused but the driver still reads 10 octets"
-        );
-        say(&mut s, "MAIL FROM:<a@x.test>");
-        say(&mut s, "RCPT TO:<alice@ours.test>");
-        assert_eq!(say(&mut s, "BDAT 5"), (0, "bdat"));
-        assert_eq!(s.bdat_chunk(b"Subje", false), Ok(None));
-        assert_eq!(say(&mut s, "DATA"), (503, "5.5.1"));
-        assert_eq!(say(&mut s, "BDAT 9 LAST"), (0, "bdat"));
-        let m = s.bdat_chunk(b"ct: x\r\n\r\n", true).unwrap().unwrap();
-        assert_eq!(m.body, b"Subject: x\r\n\r\n");
-        say(&mut s, "MAIL FROM:<a@x.test>");
-        say(&mut s, "RCPT TO:<alice@ours.test>");
-        assert_eq!(say(&mut s, "BDAT 2000 LAST"), (552, "5.3.4"));
-        assert!(!s.in_transaction());
-    }
-
-    #[test]
-    fn errors_are_counted_and_close_the_session() {
-        let mut s = session();
-        s.settings.max_errors = 5;
-        for _ in 0..4 {
-            assert_eq!(say(&mut s, "BOGUS").0, 500);
-        }
-        assert!(matches!(s.command(b"BOGUS", &Policy), Action::Close(r) if r.code == 421));
-    }
-
-    #[test]
-    fn utf8_addresses_need_smtputf8() {
-        let mut s = session();
-        say(&mut s, "EHLO c");
-        assert_eq!(say(&mut s, "MAIL FROM:<jörg@x.test>"), (553, "5.6.7"));
-        assert_eq!(say(&mut s, "MAIL FROM:<jörg@x.test> SMTPUTF8").0, 250);
-        let mut s = session();
-        say(&mut s, "HELO c");
-        assert_eq!(
-            say(&mut s, "MAIL FROM:<a@x.test> SMTPUTF8"),
-            (555, "5.5.4"),
-            "no parameters after HELO"
-        );
-    }
-
-    #[test]
-    fn starttls_resets_the_session() {
-        let mut s = session();
-        say(&mut s, "EHLO c");
-        assert_eq!(say(&mut s, "STARTTLS"), (220, "2.0.0"));
-        s.tls_started();
-        assert_eq!(
-            say(&mut s, "MAIL FROM:<>"),
-            (503, "5.5.1"),
-            "EHLO again after TLS"
-        );
-        let Action::Reply(r) = s.command(b"EHLO c", &Policy) else {
-            panic!()
-        };
-        assert!(!r.lines.iter().any(|l| l == "STARTTLS"));
-        assert_eq!(say(&mut s, "STARTTLS"), (503, "5.5.1"));
-    }
-}
+mod tests;

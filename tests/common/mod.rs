@@ -127,6 +127,13 @@ impl Router {
                 "router did not listen:\n{}",
                 self.log()
             );
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("router exited ({status}) before listening:\n{}", self.log());
+            }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
