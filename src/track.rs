@@ -2,7 +2,7 @@
 //! bounded history, in the store's `track` tree, of each message — when it was
 //! accepted (client, queue id, size, sender, recipients, Message-ID), every
 //! delivery attempt (server, decision, outcome, reply, TLS) or hold, and how each
-//! recipient ended (delivered, failed and bounced, deleted by an administrator).
+//! recipient ended (delivered, failed or expired, deleted by an administrator).
 //! Fed from the accept and delivery log points; kept `tracking.retention` after a
 //! message's last event, pruned in the background; read by `clustermail track`.
 //!
