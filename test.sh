@@ -28,4 +28,11 @@ if ((${#need[@]})); then
     fi
 fi
 
+# The outbound TLS tests' mailbox server (tests/common/tls_mailbox.py).
+if ! python3 -c 'import aiosmtpd' 2>/dev/null; then
+    echo "test.sh: installing aiosmtpd (pip)" >&2
+    python3 -m pip install -q aiosmtpd 2>/dev/null ||
+        python3 -m pip install -q --break-system-packages aiosmtpd
+fi
+
 exec cargo test "$@"

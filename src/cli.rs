@@ -85,6 +85,27 @@ pub enum Command {
         #[command(subcommand)]
         command: RouteCommand,
     },
+    /// Message tracking: when matching messages were accepted, every delivery
+    /// attempt and how each recipient ended (kept `tracking.retention`).
+    #[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["message_id", "from", "to"])))]
+    Track {
+        /// The Message-ID header (with or without the angle brackets).
+        #[arg(long)]
+        message_id: Option<String>,
+        /// The envelope sender.
+        #[arg(long)]
+        from: Option<String>,
+        /// An envelope recipient.
+        #[arg(long)]
+        to: Option<String>,
+        /// Only messages accepted this long ago or less (e.g. "2d", "3h").
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+    },
+    /// Re-read the running router's config file (as SIGHUP): routing settings, SMTP
+    /// limits and TLS certificates apply at once; the rest is reported as needing
+    /// a restart; a config with errors is refused and the running one kept.
+    Reload,
     /// The active-passive pair: status, set the mode, restore the configured mode.
     Ha {
         #[command(subcommand)]
@@ -340,6 +361,8 @@ impl Command {
                 | Command::Servers { .. }
                 | Command::Route { .. }
                 | Command::Ha { .. }
+                | Command::Reload
+                | Command::Track { .. }
                 | Command::Web { .. }
         )
     }
@@ -370,7 +393,10 @@ pub struct Context {
     pub catalog: Arc<Catalog>,
     pub spool: Spool,
     pub tracker: SharedTracker,
-    pub routing: RoutingConfig,
+    /// The routing settings (a running router's current ones: a reload replaces them).
+    pub routing: Arc<crate::config::Live<RoutingConfig>>,
+    /// Re-reads the config file (`clustermail reload`): only in a running router.
+    pub reload: Option<Arc<crate::reload::Reloader>>,
     /// The router is running (availability is live, not probed for this command).
     pub live: bool,
     /// The HA unit, when the running router is one of a pair.
@@ -455,11 +481,15 @@ pub async fn execute(
             }
             QueueCommand::Delete { id, wait } => {
                 let control = Control::new(ctx.spool.clone());
-                admin::queue::delete(&control, &id, wait.duration, out, err).await
+                let exit = admin::queue::delete(&control, &id, wait.duration, out, err).await;
+                if let (Ok(Exit::Ok), Ok(qid)) = (&exit, id.parse::<crate::queue::QueueId>()) {
+                    crate::track::event(ctx.spool.db(), qid, "", crate::track::What::Deleted);
+                }
+                exit
             }
             QueueCommand::Release { id, wait } => {
                 let control = Control::new(ctx.spool.clone());
-                let lifetime = ctx.routing.max_queue_lifetime;
+                let lifetime = ctx.routing.get().max_queue_lifetime;
                 admin::queue::release(&control, &id, lifetime, wait.duration, out, err).await
             }
             QueueCommand::Bounce { id, wait } => {
@@ -482,7 +512,8 @@ pub async fn execute(
         }
         Command::Servers { command: None } => {
             if !ctx.live {
-                crate::health::monitor::probe_all(&ctx.catalog, &ctx.tracker, &ctx.routing).await;
+                crate::health::monitor::probe_all(&ctx.catalog, &ctx.tracker, &ctx.routing.get())
+                    .await;
             }
             admin::routes::servers(ctx, out)
         }
@@ -490,10 +521,44 @@ pub async fn execute(
             command: RouteCommand::Explain { address },
         } => {
             if !ctx.live {
-                crate::health::monitor::probe_all(&ctx.catalog, &ctx.tracker, &ctx.routing).await;
+                crate::health::monitor::probe_all(&ctx.catalog, &ctx.tracker, &ctx.routing.get())
+                    .await;
             }
             admin::routes::explain(ctx, &address, out, err)
         }
+        Command::Track {
+            message_id,
+            from,
+            to,
+            since,
+        } => {
+            let q = crate::track::Query {
+                message_id,
+                from,
+                to,
+                since,
+            };
+            let db = ctx.spool.db();
+            let found = tokio::task::block_in_place(|| crate::track::find(db, &q))?;
+            crate::track::render(&found, out)?;
+            Ok(Exit::Ok)
+        }
+        Command::Reload => match &ctx.reload {
+            None => {
+                writeln!(err, "the router is not running: there is nothing to reload")?;
+                Ok(Exit::Failed)
+            }
+            Some(r) => match r.reload() {
+                Ok(report) => {
+                    write!(out, "{report}")?;
+                    Ok(Exit::Ok)
+                }
+                Err(e) => {
+                    writeln!(err, "{e}")?;
+                    Ok(Exit::Invalid)
+                }
+            },
+        },
         Command::Ha { command } => {
             let Some(ha) = &ctx.ha else {
                 writeln!(

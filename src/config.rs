@@ -38,6 +38,7 @@ pub struct Config {
     pub metrics_listen: Option<String>,
     pub smtp: SmtpConfig,
     pub routing: RoutingConfig,
+    pub tracking: TrackingConfig,
     /// Active-passive pair of routers; absent: this router runs alone.
     pub ha: Option<HaConfig>,
     pub web: WebConfig,
@@ -65,6 +66,23 @@ impl Default for WebConfig {
             tls_cert: None,
             tls_key: None,
             session_lifetime: Duration::from_secs(8 * 3600),
+        }
+    }
+}
+
+/// `[tracking]`: the message-tracking history (`clustermail track`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackingConfig {
+    /// How long a message's history is kept after its last event.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for TrackingConfig {
+    fn default() -> Self {
+        TrackingConfig {
+            retention: Duration::from_secs(7 * 86_400),
         }
     }
 }
@@ -123,6 +141,19 @@ pub struct HaConfig {
     /// (stop listening, so that clients move on to the next MX at once).
     #[serde(default)]
     pub inactive_smtp: InactiveSmtp,
+    /// Program run on every effective-mode change with the new mode, the old
+    /// mode and the epoch as arguments (and `CLUSTERMAIL_HA_*` variables): to
+    /// move a virtual IP (see `packaging/ha-vip.sh`).
+    #[serde(default)]
+    pub on_change: Option<PathBuf>,
+    /// Local service monitoring: a MASTER with less free space than this on the
+    /// data disk gives up (`on_failure`), as one whose store cannot be written or
+    /// whose SMTP listener does not greet.
+    #[serde(default = "default_min_free_disk")]
+    pub min_free_disk: ByteSize,
+    /// How long `on_change` may run before it is killed.
+    #[serde(default = "default_hook_timeout", with = "humantime_serde")]
+    pub on_change_timeout: Duration,
     /// Shadow redundancy (`ha::shadow`): the 250 after DATA waits for the SLAVE's
     /// durable copy (`preferred`: unless it cannot be had; `required`: or 451).
     #[serde(default)]
@@ -149,6 +180,14 @@ pub enum ShadowMode {
 
 fn default_release_interval() -> Duration {
     Duration::from_secs(1)
+}
+
+fn default_min_free_disk() -> ByteSize {
+    ByteSize(1 << 30)
+}
+
+fn default_hook_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -236,6 +275,9 @@ pub struct RoutingConfig {
     pub fallback_relay: Option<String>,
     #[serde(with = "humantime_serde")]
     pub fallback_after: Duration,
+    /// PEM CA certificates that verify servers with `tls = "required"`; unset:
+    /// the system's CA bundle.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl RoutingConfig {
@@ -276,6 +318,7 @@ impl Default for RoutingConfig {
             delay_warning: Duration::from_secs(4 * 3600),
             fallback_relay: None,
             fallback_after: Duration::from_secs(86_400),
+            tls_ca_file: None,
         }
     }
 }
@@ -313,6 +356,9 @@ pub struct SmtpConfig {
     /// On shutdown, how long transactions in progress may take to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// New mail gets `452 4.3.1` while the data disk has less free space than
+    /// this (instead of failing writes); `"0B"`: never.
+    pub min_free_disk: ByteSize,
     /// Message data held in memory by all sessions together (`"256MiB"`): past it,
     /// new data gets 452 4.3.1 instead of growing the router out of memory.
     pub max_data_in_flight: ByteSize,
@@ -457,6 +503,7 @@ impl Default for Config {
             metrics_listen: None,
             smtp: SmtpConfig::default(),
             routing: RoutingConfig::default(),
+            tracking: TrackingConfig::default(),
             ha: None,
             web: WebConfig::default(),
         }
@@ -477,6 +524,7 @@ impl Default for SmtpConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             shutdown_grace: Duration::from_secs(30),
+            min_free_disk: ByteSize(1 << 30),
             max_data_in_flight: ByteSize(256 << 20),
             transaction_timeout: Duration::from_secs(600),
             tls_cert: None,
@@ -491,6 +539,25 @@ fn default_router_name() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".into())
+}
+
+/// A group of settings that a reload replaces while the router runs: readers
+/// take the current value (and keep it for what they are doing).
+#[derive(Debug)]
+pub struct Live<T>(std::sync::RwLock<std::sync::Arc<T>>);
+
+impl<T> Live<T> {
+    pub fn new(value: T) -> Live<T> {
+        Live(std::sync::RwLock::new(std::sync::Arc::new(value)))
+    }
+
+    pub fn get(&self) -> std::sync::Arc<T> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set(&self, value: T) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(value);
+    }
 }
 
 /// Where the effective config came from.
@@ -521,6 +588,22 @@ impl Config {
             .with_context(|| format!("cannot read config {}", path.display()))?;
         let config = Config::parse(&text).map_err(|e| anyhow::anyhow!("{}:{e}", path.display()))?;
         Ok((config, Source::File(path)))
+    }
+
+    /// The defaults with only `data_dir` read from the config file (as far as it
+    /// can be read): where `clustermail reload` finds the running router when
+    /// the file has errors.
+    pub fn with_data_dir_of(path: Option<&Path>) -> Config {
+        let mut config = Config::default();
+        let path = path.unwrap_or(Path::new(DEFAULT_FILE));
+        let dir = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
+            .and_then(|t| t.get("data_dir")?.as_str().map(PathBuf::from));
+        if let Some(dir) = dir {
+            config.data_dir = dir;
+        }
+        config
     }
 
     /// Parses and checks a config text; errors read `LINE: problem`.
@@ -592,6 +675,14 @@ impl Config {
             }
             if ha.heartbeat_interval.is_zero() || ha.heartbeat_lost == 0 {
                 bail!("ha.heartbeat_interval and ha.heartbeat_lost must be above 0");
+            }
+            if ha.on_change_timeout.is_zero() {
+                bail!("ha.on_change_timeout must be above 0");
+            }
+            if let Some(hook) = &ha.on_change {
+                if !hook.is_file() {
+                    bail!("ha.on_change: {} is not a file", hook.display());
+                }
             }
         }
         if let Some(m) = &self.metrics_listen {
@@ -671,6 +762,9 @@ impl Config {
         }
         if r.retry_max < r.retry_initial {
             bail!("routing.retry_max is shorter than routing.retry_initial");
+        }
+        if let Some(f) = &r.tls_ca_file {
+            crate::deliver::tls::TlsClient::new(Some(f))?;
         }
         Ok(())
     }

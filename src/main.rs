@@ -67,7 +67,14 @@ fn run(cli: Cli) -> Result<Exit> {
             }
         },
         mut command => {
-            let (config, _) = Config::load(cli.config.as_deref())?;
+            let config = match Config::load(cli.config.as_deref()) {
+                // A reload of a config with errors goes to the router all the
+                // same: it refuses it, logs why and says so here.
+                Err(_) if matches!(command, Command::Reload) => {
+                    Config::with_data_dir_of(cli.config.as_deref())
+                }
+                other => other?.0,
+            };
             // The router holds the store: ask it over its admin socket.
             let mut args: Vec<String> = std::env::args().skip(1).collect();
             if let Command::Web {
@@ -142,7 +149,8 @@ fn store_command(
             }),
             spool: Spool::open(&db, &catalog::store_path(&config.data_dir))?,
             tracker: clustermail::health::monitor::shared(&config.routing),
-            routing: config.routing.clone(),
+            routing: Arc::new(clustermail::config::Live::new(config.routing.clone())),
+            reload: None,
             live: false,
             ha: None,
         };

@@ -72,6 +72,7 @@ pub struct Metrics {
     pub decided_hold: Counter,
     /// HA link authentications that failed (either side): an alarm.
     pub ha_auth_failures: Counter,
+    pub ha_local_failures: Counter,
     /// Octets of message data SMTP sessions hold now (`smtp::limits`).
     pub smtp_data_in_flight: Gauge,
     /// DATA or BDAT refused with 452 4.3.1: the data budget was spent.
@@ -103,6 +104,7 @@ impl Metrics {
             decided_next_hop: Counter::new(),
             decided_hold: Counter::new(),
             ha_auth_failures: Counter::new(),
+            ha_local_failures: Counter::new(),
             smtp_data_in_flight: Gauge::new(),
             smtp_data_refused: Counter::new(),
             smtp_replies: [const { Counter::new() }; 600],
@@ -171,6 +173,11 @@ pub fn render(m: &Metrics, sources: &Sources) -> String {
             "clustermail_ha_auth_failures_total",
             "HA link authentications that failed (wrong ha.password on one unit?): an alarm.",
             &m.ha_auth_failures,
+        ),
+        (
+            "clustermail_ha_local_failures_total",
+            "Times this MASTER gave up because it could not serve (local service monitoring: disk, store, SMTP).",
+            &m.ha_local_failures,
         ),
         (
             "clustermail_smtp_data_refused_total",

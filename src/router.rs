@@ -1,6 +1,6 @@
 //! `clustermail serve`: opens the store, the catalog and the queue, starts the SMTP
 //! service, the health monitor, the queue manager and the web console, and stops
-//! them gracefully on SIGINT or SIGTERM.
+//! them gracefully on SIGINT or SIGTERM; SIGHUP reloads the config (`crate::reload`).
 
 use crate::admin::socket;
 use crate::catalog::{self, files, Catalog, Mode};
@@ -86,36 +86,62 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
     if let Some(ha) = &ha {
         let _ = service.ha.set(ha.clone());
     }
+    let min_free = config.smtp.min_free_disk.0;
+    tokio::spawn(service.low_disk.clone().watch(
+        config.data_dir.clone(),
+        min_free,
+        std::time::Duration::from_secs(1),
+        stopped.clone(),
+    ));
+    tokio::spawn(crate::track::prune_every(
+        db.clone(),
+        config.tracking.retention,
+        stopped.clone(),
+    ));
+    let service = server::Current::new(service);
+    let routing = Arc::new(crate::config::Live::new(config.routing.clone()));
     let tracker = health::monitor::shared(&config.routing);
     let monitor = tokio::spawn(health::monitor::run(
         catalog.clone(),
         tracker.clone(),
-        config.routing.clone(),
+        routing.clone(),
         stopped.clone(),
     ));
     let manager = Arc::new(Manager {
         spool: spool.clone(),
         catalog: catalog.clone(),
         health: tracker.clone(),
-        config: config.routing.clone(),
+        config: routing.clone(),
         hello_name: config.router_name.clone(),
         deliverer: crate::deliver::Deliverer::new(
             config.routing.max_per_server,
             std::time::Duration::from_secs(10),
+            crate::deliver::tls::TlsClient::new(config.routing.tls_ca_file.as_deref())?,
         ),
         schedule: Default::default(),
         gate,
     });
     if let (Some(ha), Some(listener)) = (&ha, ha_listener) {
         ha.set_manager(manager.clone());
+        ha.set_local(&config.data_dir, &config.smtp.listen);
         tokio::spawn(crate::ha::run(ha.clone(), listener, stopped.clone()));
     }
     let metrics_tracker = tracker.clone();
+    let reloader = Arc::new(crate::reload::Reloader {
+        source,
+        running: std::sync::Mutex::new(config.clone()),
+        routing: routing.clone(),
+        smtp: service.clone(),
+        tracker: tracker.clone(),
+        manager: manager.clone(),
+    });
+    tokio::spawn(reload_on_sighup(reloader.clone(), stopped.clone()));
     let admin = Arc::new(cli::Context {
         catalog: catalog.clone(),
         spool: spool.clone(),
         tracker,
-        routing: config.routing.clone(),
+        routing,
+        reload: Some(reloader),
         live: true,
         ha,
     });
@@ -161,6 +187,36 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
     spool.durable().await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reloads the config on every SIGHUP until shutdown.
+async fn reload_on_sighup(
+    reloader: Arc<crate::reload::Reloader>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("SIGHUP cannot be caught: reload with `clustermail reload`");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the config");
+                    let r = reloader.clone();
+                    // Reads files: off the async workers. (Logged by `reload`.)
+                    let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+                }
+                _ = stopped.changed() => if *stopped.borrow() { return },
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (reloader, stopped.changed().await);
+    }
 }
 
 async fn wait_for_signal() {

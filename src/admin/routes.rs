@@ -184,7 +184,7 @@ pub fn explain(
         )?;
         return Ok(Exit::Invalid);
     };
-    let policy = ctx.routing.policy();
+    let policy = ctx.routing.get().policy();
     let routers = ctx
         .catalog
         .cluster(&entry.home.cluster)?
@@ -207,11 +207,12 @@ pub fn explain(
     if retry.decision != first.decision {
         writeln!(out, "held mail: {}", retry.reason)?;
     }
-    if let Some(relay) = &ctx.routing.fallback_relay {
+    let routing = ctx.routing.get();
+    if let Some(relay) = &routing.fallback_relay {
         writeln!(
             out,
             "fallback: mail held longer than {} goes to fallback relay {relay} (routing.fallback_relay)",
-            humantime::format_duration(ctx.routing.fallback_after)
+            humantime::format_duration(routing.fallback_after)
         )?;
     }
     Ok(Exit::Ok)

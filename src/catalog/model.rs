@@ -130,6 +130,27 @@ pub struct Server {
     /// it the server counts as busy. (No `skip_serializing_if`: bincode needs it.)
     #[serde(default)]
     pub availability_threshold: Option<u8>,
+    /// STARTTLS on deliveries to this server (`opportunistic`, `required`, `off`).
+    #[serde(default)]
+    pub tls: TlsPolicy,
+    /// The name its certificate is verified against under `tls = "required"`
+    /// (None: the host of `address`).
+    #[serde(default)]
+    pub tls_name: Option<String>,
+}
+
+/// STARTTLS on deliveries to a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsPolicy {
+    /// Used when offered, the certificate not verified (Postfix's `may`); a
+    /// failed handshake falls back to plain text.
+    #[default]
+    Opportunistic,
+    /// Must be offered and verified; otherwise a temporary failure of the server.
+    Required,
+    /// Never used.
+    Off,
 }
 
 /// A cluster's routers: the clustermail relays that take mail for this cluster's

@@ -984,6 +984,8 @@ mod tests {
                         address: format!("127.0.0.1:{}", 2000 + i),
                         state: AdminState::InService,
                         availability_threshold: None,
+                        tls: Default::default(),
+                        tls_name: None,
                     },
                     origin,
                 })

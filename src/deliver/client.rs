@@ -2,14 +2,20 @@
 //! the first address that answers, read the greeting, EHLO (HELO if refused) and
 //! what it advertises, send command lines (several at once under PIPELINING), read
 //! replies, and send the message data dot-stuffed in one pass. Every step has a
-//! timeout; the caller chooses it (the final reply has its own).
+//! timeout; the caller chooses it (the final reply has its own). STARTTLS
+//! (RFC 3207) follows the server's `tls` setting (`TlsRequest`); a connection
+//! says which TLS version it uses (`Connection::tls`).
 //!
 //! Owns the wire format only: what a reply means for a recipient is decided by
 //! the transaction (`super::transaction`).
 
+use super::tls::{self, TlsClient};
+use crate::catalog::model::TlsPolicy;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 /// Longest reply line read (RFC 5321 says 512; servers send more).
@@ -42,6 +48,7 @@ pub struct Extensions {
     pub pipelining: bool,
     pub eight_bit_mime: bool,
     pub smtputf8: bool,
+    pub starttls: bool,
 }
 
 impl Extensions {
@@ -54,6 +61,7 @@ impl Extensions {
                 "PIPELINING" => e.pipelining = true,
                 "8BITMIME" => e.eight_bit_mime = true,
                 "SMTPUTF8" => e.smtputf8 = true,
+                "STARTTLS" => e.starttls = true,
                 _ => {}
             }
         }
@@ -61,10 +69,82 @@ impl Extensions {
     }
 }
 
+/// The TCP stream, in plain text or after STARTTLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// What a delivery asks of STARTTLS: the server's setting and the name its
+/// certificate is verified against.
+#[derive(Clone, Copy)]
+pub struct TlsRequest<'a> {
+    pub policy: TlsPolicy,
+    /// The server's `host:port`, whose host is the name when `name` is unset.
+    pub address: &'a str,
+    pub name: Option<&'a str>,
+    pub client: &'a TlsClient,
+}
+
+/// Why a connection could not be opened; `tls`: the TLS handshake failed (an
+/// opportunistic delivery then tries again in plain text).
+struct OpenError {
+    why: String,
+    tls: bool,
+}
+
+impl From<String> for OpenError {
+    fn from(why: String) -> OpenError {
+        OpenError { why, tls: false }
+    }
+}
+
 /// An open, greeted connection.
 pub struct Connection {
-    stream: BufReader<TcpStream>,
+    stream: BufReader<Stream>,
     pub extensions: Extensions,
+    /// The TLS version in use ("TLSv1.3"), None in plain text.
+    pub tls: Option<String>,
 }
 
 async fn within<T>(
@@ -81,13 +161,37 @@ async fn within<T>(
 }
 
 impl Connection {
-    /// Connects to the first of `addrs` that accepts, reads the greeting and says
-    /// EHLO `hello` (HELO when EHLO is refused).
+    /// Connects to the first of `addrs` that accepts, reads the greeting, says
+    /// EHLO `hello` (HELO when EHLO is refused) and starts TLS as `tls` asks: an
+    /// opportunistic handshake that fails is retried once in plain text (as
+    /// Postfix's `may`); under `required` it fails the connection.
     pub async fn open(
         addrs: &[SocketAddr],
         hello: &str,
         timeout: Duration,
+        tls: TlsRequest<'_>,
     ) -> Result<Connection, String> {
+        match Connection::open_once(addrs, hello, timeout, tls).await {
+            Err(e) if e.tls && tls.policy == TlsPolicy::Opportunistic => {
+                tracing::info!(server = %tls.address, why = %e.why, "opportunistic TLS failed: delivering in plain text");
+                let plain = TlsRequest {
+                    policy: TlsPolicy::Off,
+                    ..tls
+                };
+                Connection::open_once(addrs, hello, timeout, plain)
+                    .await
+                    .map_err(|e| e.why)
+            }
+            other => other.map_err(|e| e.why),
+        }
+    }
+
+    async fn open_once(
+        addrs: &[SocketAddr],
+        hello: &str,
+        timeout: Duration,
+        tls: TlsRequest<'_>,
+    ) -> Result<Connection, OpenError> {
         let mut why = String::from("no address");
         let mut stream = None;
         for addr in addrs {
@@ -112,24 +216,86 @@ impl Connection {
             .set_nodelay(true)
             .map_err(|e| format!("connect: {e}"))?;
         let mut conn = Connection {
-            stream: BufReader::new(stream),
+            stream: BufReader::new(Stream::Plain(stream)),
             extensions: Extensions::default(),
+            tls: None,
         };
         let greeting = conn.reply(timeout, "greeting").await?;
         if greeting.code != 220 {
-            return Err(format!("greeting: {greeting}"));
+            return Err(format!("greeting: {greeting}").into());
         }
-        let ehlo = conn.command(&format!("EHLO {hello}"), timeout).await?;
+        conn.hello(hello, timeout).await?;
+        match tls.policy {
+            TlsPolicy::Off => Ok(conn),
+            TlsPolicy::Opportunistic if !conn.extensions.starttls => Ok(conn),
+            TlsPolicy::Required if !conn.extensions.starttls => {
+                Err("TLS is required but the server does not offer STARTTLS"
+                    .to_string()
+                    .into())
+            }
+            _ => conn.starttls(hello, timeout, tls).await,
+        }
+    }
+
+    /// EHLO (HELO when EHLO is refused), reading the extensions.
+    async fn hello(&mut self, hello: &str, timeout: Duration) -> Result<(), String> {
+        let ehlo = self.command(&format!("EHLO {hello}"), timeout).await?;
         if ehlo.code == 250 {
-            conn.extensions = Extensions::parse(&ehlo);
+            self.extensions = Extensions::parse(&ehlo);
         } else if ehlo.code >= 500 && ehlo.code != 554 {
-            let helo = conn.command(&format!("HELO {hello}"), timeout).await?;
+            let helo = self.command(&format!("HELO {hello}"), timeout).await?;
             if helo.code != 250 {
                 return Err(format!("HELO: {helo}"));
             }
         } else {
             return Err(format!("EHLO: {ehlo}"));
         }
+        Ok(())
+    }
+
+    /// STARTTLS, the handshake (verified under `required`) and EHLO again. A
+    /// refused STARTTLS leaves an opportunistic connection in plain text.
+    async fn starttls(
+        mut self,
+        hello: &str,
+        timeout: Duration,
+        tls: TlsRequest<'_>,
+    ) -> Result<Connection, OpenError> {
+        let required = tls.policy == TlsPolicy::Required;
+        let reply = self.command("STARTTLS", timeout).await?;
+        if reply.code != 220 {
+            if required {
+                return Err(format!("TLS is required but STARTTLS was refused: {reply}").into());
+            }
+            return Ok(self);
+        }
+        // Anything already buffered was sent before the handshake: a plain-text
+        // injection (CVE-2011-0411), never read as if it came over TLS.
+        if !self.stream.buffer().is_empty() {
+            return Err("STARTTLS: the server sent data before the TLS handshake"
+                .to_string()
+                .into());
+        }
+        let Stream::Plain(tcp) = self.stream.into_inner() else {
+            return Err("STARTTLS: already in TLS".to_string().into());
+        };
+        let name = tls::server_name(tls.address, tls.name)?;
+        let connector = tokio_rustls::TlsConnector::from(tls.client.config(required));
+        let handshake = within(timeout, "TLS handshake", async {
+            connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS handshake: {e}"))
+        })
+        .await;
+        let stream = handshake.map_err(|why| OpenError { why, tls: true })?;
+        let version = stream.get_ref().1.protocol_version().map(tls::version_name);
+        let mut conn = Connection {
+            stream: BufReader::new(Stream::Tls(Box::new(stream))),
+            extensions: Extensions::default(),
+            tls: version.or_else(|| Some("TLS".into())),
+        };
+        conn.hello(hello, timeout).await?;
         Ok(conn)
     }
 
@@ -137,10 +303,11 @@ impl Connection {
     pub async fn send(&mut self, bytes: &[u8], timeout: Duration) -> Result<(), String> {
         let stream = self.stream.get_mut();
         within(timeout, "write", async {
-            stream
-                .write_all(bytes)
-                .await
-                .map_err(|e| format!("write: {e}"))
+            let written = async {
+                stream.write_all(bytes).await?;
+                stream.flush().await
+            };
+            written.await.map_err(|e| format!("write: {e}"))
         })
         .await
     }
@@ -209,7 +376,12 @@ impl Connection {
                 }
             }
         }
-        Ok(())
+        // TLS keeps the last record until flushed.
+        match tokio::time::timeout(timeout, stream.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err((format!("data: {e}"), true)),
+            Err(_) => Err(("data: not taken (flush)".into(), true)),
+        }
     }
 
     /// Says QUIT, not waiting long for the answer.
@@ -273,16 +445,24 @@ mod tests {
                 .unwrap();
             let _ = s.read(&mut buf).await;
         });
+        let tls = super::TlsClient::new(None).unwrap();
+        let req = TlsRequest {
+            policy: TlsPolicy::Opportunistic,
+            address: "127.0.0.1:25",
+            name: None,
+            client: &tls,
+        };
         let conn = Connection::open(
             &[closed_addr, open_addr],
             "me.test",
             Duration::from_secs(10),
+            req,
         )
         .await
         .unwrap();
         assert!(conn.extensions.pipelining && conn.extensions.smtputf8);
         assert!(!conn.extensions.eight_bit_mime);
-        let none = Connection::open(&[closed_addr], "me.test", Duration::from_secs(10)).await;
+        let none = Connection::open(&[closed_addr], "me.test", Duration::from_secs(10), req).await;
         assert!(none.is_err());
     }
 

@@ -4,14 +4,17 @@
 //! they are (only dot-stuffed); addresses are sent as inbound accepted them
 //! (`path`); each recipient gets its own [`Outcome`] (`transaction`). Connections
 //! are reused per destination, and concurrency is limited per destination
-//! ([`Deliverer`]) as well as globally (the queue manager).
+//! ([`Deliverer`]) as well as globally (the queue manager). STARTTLS follows
+//! each server's `tls` setting (`tls`).
 
 pub mod client;
 pub mod mx;
 pub mod path;
+pub mod tls;
 pub mod transaction;
 
-use client::Connection;
+use crate::catalog::model::TlsPolicy;
+use client::{Connection, TlsRequest};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -73,6 +76,9 @@ impl Outcome {
 pub struct Sent {
     pub outcomes: Vec<Outcome>,
     pub response: Option<Duration>,
+    /// The TLS version of the (last) connection used ("TLSv1.3"); None: plain
+    /// text or no connection.
+    pub tls: Option<String>,
 }
 
 /// One message for one server.
@@ -89,6 +95,22 @@ pub struct Transaction<'a> {
     pub timeout: Duration,
     /// For the reply to the final "." (`routing.final_reply_timeout`).
     pub final_timeout: Duration,
+    /// The server's STARTTLS setting and the name its certificate must carry.
+    pub tls: TlsPolicy,
+    pub tls_name: Option<&'a str>,
+}
+
+impl Transaction<'_> {
+    /// Kept connections are told apart by address and TLS setting: one opened
+    /// for a server with another setting is never used.
+    fn pool_key(&self) -> String {
+        format!(
+            "{} {:?} {}",
+            self.server_address,
+            self.tls,
+            self.tls_name.unwrap_or("")
+        )
+    }
 }
 
 /// Delivers transactions with connection reuse and a concurrency limit per
@@ -100,13 +122,15 @@ pub struct Deliverer {
     idle: Duration,
     limits: Mutex<HashMap<String, Arc<Semaphore>>>,
     pool: Mutex<HashMap<String, Vec<(Connection, Instant)>>>,
+    tls: std::sync::RwLock<tls::TlsClient>,
 }
 
 impl Deliverer {
-    pub fn new(per_server: usize, idle: Duration) -> Deliverer {
+    pub fn new(per_server: usize, idle: Duration, tls: tls::TlsClient) -> Deliverer {
         Deliverer {
             per_server: per_server.max(1),
             idle,
+            tls: std::sync::RwLock::new(tls),
             limits: Mutex::new(HashMap::new()),
             pool: Mutex::new(HashMap::new()),
         }
@@ -143,11 +167,18 @@ impl Deliverer {
     /// normally), else a new one. A kept connection the server has closed
     /// meanwhile fails at MAIL, before the data: `send` then takes a fresh one.
     async fn connection(&self, t: &Transaction<'_>) -> Result<(Connection, bool), String> {
-        if let Some(conn) = self.pooled(t.server_address) {
+        if let Some(conn) = self.pooled(&t.pool_key()) {
             return Ok((conn, true));
         }
         let addrs = mx::addresses(t.server_address).await?;
-        let conn = Connection::open(&addrs, t.hello_name, t.timeout).await;
+        let client = self.tls.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let tls = TlsRequest {
+            policy: t.tls,
+            address: t.server_address,
+            name: t.tls_name,
+            client: &client,
+        };
+        let conn = Connection::open(&addrs, t.hello_name, t.timeout, tls).await;
         conn.map(|c| (c, false))
             .map_err(|e| format!("{}: {e}", t.server_address))
     }
@@ -162,11 +193,13 @@ impl Deliverer {
         let n = t.recipients.len();
         let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
         let mut response = None;
+        let mut tls = None;
         let Ok(_permit) = self.limit(t.server_address).acquire_owned().await else {
             let why = Outcome::Unusable("delivery limiter closed".into());
             return Sent {
                 outcomes: vec![why; n],
                 response,
+                tls,
             };
         };
         // Each round either settles a recipient or stops: at most n + 1 rounds.
@@ -183,6 +216,7 @@ impl Deliverer {
             if !pooled {
                 fresh_tries += 1;
             }
+            tls = conn.tls.clone();
             let rcpts: Vec<&str> = open.iter().map(|&i| t.recipients[i].as_str()).collect();
             match transaction::run(&mut conn, t, &rcpts).await {
                 Err(transaction::BeforeData(why)) if !pooled => {
@@ -199,7 +233,7 @@ impl Deliverer {
                         outcomes[i] = o;
                     }
                     if ended.reusable {
-                        self.keep(t.server_address, conn);
+                        self.keep(&t.pool_key(), conn);
                     }
                     if !progress {
                         break;
@@ -215,7 +249,13 @@ impl Deliverer {
                 .map(|o| o.unwrap_or_else(|| left.clone()))
                 .collect(),
             response,
+            tls,
         }
+    }
+
+    /// Uses these CA certificates from now on (a reload).
+    pub fn set_tls(&self, tls: tls::TlsClient) {
+        *self.tls.write().unwrap_or_else(|e| e.into_inner()) = tls;
     }
 
     /// Says QUIT on every kept connection (at shutdown).

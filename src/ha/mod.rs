@@ -22,7 +22,9 @@
 //! that takes over from a lost MASTER promotes its shadows into its queue.
 
 mod handshake;
+pub mod hook;
 pub mod link;
+pub mod local;
 pub mod push;
 pub mod shadow;
 mod shadow_store;
@@ -121,6 +123,11 @@ pub struct Ha {
     pub shadow: shadow::Shadow,
     /// As SLAVE: the MASTER's shadow copies held here ([`shadow_store`]).
     shadows: shadow_store::Store,
+    /// `ha.on_change`, run on every effective-mode change (see [`hook`]).
+    hook: Option<hook::Hook>,
+    /// What local service monitoring checks ([`local`]): the data directory and
+    /// this unit's SMTP address; unset: the disk and the store only.
+    local: Mutex<(std::path::PathBuf, Option<String>)>,
 }
 
 const EPOCH: &[u8] = b"ha.epoch";
@@ -155,8 +162,43 @@ impl Ha {
             catalog_lock: Mutex::new(()),
             shadow: shadow::Shadow::new(config.shadow),
             shadows: shadow_store::Store::open(db)?,
+            local: Mutex::new((std::path::PathBuf::from("."), None)),
+            hook: config
+                .on_change
+                .clone()
+                .map(|p| hook::Hook::new(p, config.on_change_timeout)),
             config,
         })
+    }
+
+    /// What the local service checks look at: the data directory and this
+    /// unit's own SMTP listener (`smtp.listen`).
+    pub fn set_local(&self, data_dir: &std::path::Path, smtp_listen: &[String]) {
+        *self.local.lock().unwrap_or_else(|e| e.into_inner()) =
+            (data_dir.to_path_buf(), local::self_address(smtp_listen));
+    }
+
+    /// Local service monitoring: why this unit cannot serve, if it cannot (free
+    /// space, store writes, and as MASTER its own SMTP greeting).
+    async fn local_problem(&self) -> Option<String> {
+        let (dir, smtp) = self.local.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let min_free = self.config.min_free_disk.0;
+        if let Some(p) = local::disk_problem(&dir, min_free, "ha.min_free_disk") {
+            return Some(p);
+        }
+        if let Some(p) = local::store_problem(&self.meta).await {
+            return Some(p);
+        }
+        match smtp {
+            Some(a) if self.mode() == Mode::Master => {
+                local::smtp_problem(
+                    &a,
+                    self.config.heartbeat_interval.max(Duration::from_secs(1)),
+                )
+                .await
+            }
+            _ => None,
+        }
     }
 
     /// The queue manager, so that a push never takes a message being delivered.
@@ -212,6 +254,14 @@ impl Ha {
             s.event(format!("{} -> {} (epoch {epoch}): {}", c.from, c.to, c.why));
             drop(s);
             tracing::warn!(from = %c.from, to = %c.to, epoch, why = %c.why, "HA mode changed");
+            if let Some(h) = &self.hook {
+                h.changed(hook::Event {
+                    new: c.to.to_string(),
+                    old: c.from.to_string(),
+                    epoch,
+                    why: c.why,
+                });
+            }
         }
     }
 
@@ -357,6 +407,12 @@ impl Ha {
                 }
             }
         }
+        let problem = self.local_problem().await;
+        let change = self.unit().local(problem);
+        if change.is_some() {
+            crate::metrics::METRICS.ha_local_failures.inc();
+        }
+        self.changed(change);
         // With shadows, a FAILED unit's mail may be promoted on the peer: pushed
         // (the same-message rule drops those), never delivered from here.
         let shadowed = self.config.shadow != crate::config::ShadowMode::Off;

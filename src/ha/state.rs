@@ -120,6 +120,10 @@ pub struct Unit {
     pub smtp_when_inactive: bool,
     /// Why the mode last changed.
     pub why: String,
+    /// Why this unit cannot serve (local service monitoring), while it cannot.
+    pub local_fault: Option<String>,
+    /// Local checks failed in a row.
+    pub local_failures: u32,
 }
 
 /// A change of mode, for the log.
@@ -144,7 +148,27 @@ impl Unit {
             unlinked_masters: 0,
             smtp_when_inactive: true,
             why: "starting: waiting for the peer".into(),
+            local_fault: None,
+            local_failures: 0,
         }
+    }
+
+    /// The local service checks of one interval (None: all passed). A MASTER that
+    /// fails them `heartbeat_lost` times in a row gives up as `on_failure` says,
+    /// so that the peer takes over; while they fail no unit takes MASTER on its
+    /// own (an administrator's `set-mode master` still does).
+    pub fn local(&mut self, fault: Option<String>) -> Option<Change> {
+        let Some(why) = fault else {
+            self.local_failures = 0;
+            self.local_fault = None;
+            return None;
+        };
+        self.local_failures = self.local_failures.saturating_add(1);
+        self.local_fault = Some(why.clone());
+        if self.mode == Mode::Master && self.local_failures >= self.lost_after {
+            return self.failed(&format!("this unit cannot serve: {why}"));
+        }
+        None
     }
 
     fn set(&mut self, to: Mode, why: impl Into<String>) -> Option<Change> {
@@ -161,7 +185,21 @@ impl Unit {
         })
     }
 
+    /// MASTER by the state machine: not while the local checks fail.
     fn become_master(&mut self, peer: Option<&PeerView>, why: impl Into<String>) -> Option<Change> {
+        if self.mode != Mode::Master {
+            if let Some(fault) = &self.local_fault {
+                self.why = format!(
+                    "would take MASTER ({}) but cannot serve: {fault}",
+                    why.into()
+                );
+                return None;
+            }
+        }
+        self.take_master(peer, why)
+    }
+
+    fn take_master(&mut self, peer: Option<&PeerView>, why: impl Into<String>) -> Option<Change> {
         self.epoch = self.epoch.max(peer.map_or(0, |p| p.epoch)) + 1;
         self.set(Mode::Master, why)
     }
@@ -341,7 +379,7 @@ impl Unit {
     /// `ha set-mode master|slave` (the way out of OFF).
     pub fn set_mode(&mut self, master: bool, peer: Option<&PeerView>) -> Option<Change> {
         if master {
-            self.become_master(peer, "set by the administrator")
+            self.take_master(peer, "set by the administrator")
         } else {
             self.set(Mode::Slave, "set by the administrator")
         }

@@ -89,6 +89,14 @@ impl Ha {
             u.why
         )?;
         writeln!(out, "master epoch:  {}", u.epoch)?;
+        match &u.local_fault {
+            None => writeln!(out, "local checks:  ok (SMTP, store, free disk)")?,
+            Some(why) => writeln!(
+                out,
+                "local checks:  FAILING ({} in a row): {why}",
+                u.local_failures
+            )?,
+        }
         if let Some((e, since)) = &s.auth_alarm {
             writeln!(
                 out,

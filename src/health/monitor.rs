@@ -4,7 +4,7 @@
 use super::probe::probe;
 use super::{Probe, Tracker};
 use crate::catalog::Catalog;
-use crate::config::RoutingConfig;
+use crate::config::{Live, RoutingConfig};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 use tokio::sync::watch;
@@ -50,17 +50,36 @@ pub async fn probe_all(catalog: &Catalog, tracker: &SharedTracker, config: &Rout
     }
 }
 
+/// Sets the tracker's thresholds from the config (at start and on a reload).
+pub fn tune(tracker: &SharedTracker, config: &RoutingConfig) {
+    let mut t = tracker.lock().unwrap_or_else(|e| e.into_inner());
+    t.rise = config.rise.max(1);
+    t.busy_threshold = config.busy_threshold;
+    t.availability_threshold = config.availability_threshold.min(100);
+}
+
+/// Probes every `probe_interval` (read again after each round: a reload takes
+/// effect at the next one) until shutdown.
 pub async fn run(
     catalog: Arc<Catalog>,
     tracker: SharedTracker,
-    config: RoutingConfig,
+    config: Arc<Live<RoutingConfig>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(config.probe_interval);
+    let mut interval = config.get().probe_interval;
+    let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => probe_all(&catalog, &tracker, &config).await,
+            _ = tick.tick() => {
+                let now = config.get();
+                probe_all(&catalog, &tracker, &now).await;
+                if now.probe_interval != interval {
+                    interval = now.probe_interval;
+                    tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                }
+            }
             _ = shutdown.changed() => if *shutdown.borrow() { return },
         }
     }

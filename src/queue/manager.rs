@@ -28,7 +28,7 @@ mod deliver;
 use super::claim::Holder;
 use super::{dsn, Envelope, QueueId, RecipientState, Spool};
 use crate::catalog::Catalog;
-use crate::config::RoutingConfig;
+use crate::config::{Live, RoutingConfig};
 use crate::health::monitor::SharedTracker;
 use anyhow::{anyhow, Result};
 use std::sync::Arc;
@@ -46,7 +46,8 @@ pub struct Manager {
     pub spool: Spool,
     pub catalog: Arc<Catalog>,
     pub health: SharedTracker,
-    pub config: RoutingConfig,
+    /// Replaced by a reload; each delivery reads it once.
+    pub config: Arc<Live<RoutingConfig>>,
     /// Our name in EHLO.
     pub hello_name: String,
     pub deliverer: crate::deliver::Deliverer,
@@ -64,7 +65,7 @@ impl Manager {
     /// when `hold_undeliverable` is set.
     fn failed(&self, reply: String) -> RecipientState {
         let at = now_ms();
-        if self.config.hold_undeliverable {
+        if self.config.get().hold_undeliverable {
             RecipientState::Undeliverable { reply, at }
         } else {
             RecipientState::Failed { reply, at }
@@ -74,10 +75,11 @@ impl Manager {
     /// The wait before retry number `attempts` of a held recipient.
     pub fn backoff(&self, attempts: u32) -> Duration {
         let doublings = attempts.saturating_sub(1).min(30);
-        self.config
+        let config = self.config.get();
+        config
             .retry_initial
             .saturating_mul(1u32 << doublings)
-            .min(self.config.retry_max)
+            .min(config.retry_max)
     }
 
     /// Runs until shutdown: a pass whenever a message arrives, one falls due, or a
@@ -89,7 +91,9 @@ impl Manager {
         mut shutdown: watch::Receiver<bool>,
         shutdown_wait: Duration,
     ) {
-        let limit = Arc::new(Semaphore::new(self.config.max_deliveries));
+        // Fixed for the run: a reload reports a change as needing a restart.
+        let max_deliveries = self.config.get().max_deliveries;
+        let limit = Arc::new(Semaphore::new(max_deliveries));
         loop {
             let next = match self.pass(&limit).await {
                 Ok(next) => next,
@@ -108,7 +112,7 @@ impl Manager {
                 _ = self.spool.arrival() => {}
                 _ = shutdown.changed() => if *shutdown.borrow() {
                     // Every delivery in flight holds a permit: all back means all done.
-                    let all = self.config.max_deliveries as u32;
+                    let all = max_deliveries as u32;
                     if tokio::time::timeout(shutdown_wait, limit.acquire_many(all)).await.is_err() {
                         tracing::warn!("deliveries still in flight at shutdown: they will be retried");
                     }
@@ -212,7 +216,7 @@ impl Manager {
             return Err(anyhow!("{id}: envelope without message octets"));
         };
         let now = now_ms();
-        let lifetime = self.config.max_queue_lifetime;
+        let lifetime = self.config.get().max_queue_lifetime;
         let received = env.received_at;
         let due: Vec<usize> = (0..env.recipients.len())
             .filter(|&i| {
@@ -234,10 +238,12 @@ impl Manager {
             let r = &mut env.recipients[i];
             let why = format!(
                 "4.4.7 expired after {} in the queue; last error: {}",
-                humantime::format_duration(self.config.max_queue_lifetime),
+                humantime::format_duration(self.config.get().max_queue_lifetime),
                 r.last_error.as_deref().unwrap_or("none")
             );
             tracing::warn!(%id, rcpt = %r.address, "expired");
+            let end = crate::track::What::Failed { reply: why.clone() };
+            crate::track::event(self.spool.db(), id, &r.address, end);
             r.state = self.failed(why);
         }
         let (external, catalog): (Vec<usize>, Vec<usize>) = due
@@ -295,7 +301,7 @@ impl Manager {
     /// When a recipient of `env` not yet warned is owed its delay report (ms
     /// since the epoch); None when `routing.delay_warning` is off.
     fn warn_at(&self, env: &Envelope) -> Option<u64> {
-        let after = self.config.delay_warning;
+        let after = self.config.get().delay_warning;
         (!after.is_zero()).then(|| env.received_at + after.as_millis() as u64)
     }
 
@@ -317,7 +323,7 @@ impl Manager {
             return Ok(());
         }
         if let Some(sender) = env.sender.clone() {
-            let lifetime = self.config.max_queue_lifetime;
+            let lifetime = self.config.get().max_queue_lifetime;
             let delays: Vec<dsn::Delay> = owed
                 .iter()
                 .map(|&i| {

@@ -77,6 +77,8 @@ mod tests {
             address: "127.0.0.1:25".into(),
             state: AdminState::InService,
             availability_threshold: None,
+            tls: Default::default(),
+            tls_name: None,
         })
     }
 

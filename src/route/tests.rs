@@ -11,6 +11,8 @@ fn server(name: &str, state: AdminState) -> Arc<Server> {
         address: "127.0.0.1:25".into(),
         state,
         availability_threshold: None,
+        tls: Default::default(),
+        tls_name: None,
     })
 }
 
@@ -392,6 +394,8 @@ fn mail_for_another_cluster_goes_to_its_router() {
         address: "127.0.0.1:25".into(),
         state: AdminState::InService,
         availability_threshold: None,
+        tls: Default::default(),
+        tls_name: None,
     });
     let e = Lookup {
         mailbox: Mailbox {
@@ -462,6 +466,8 @@ fn a_mailbox_may_override_the_failover_setting() {
             address: "127.0.0.1:25".into(),
             state: AdminState::InService,
             availability_threshold: None,
+            tls: Default::default(),
+            tls_name: None,
         })
     };
     let entry = |failover| Lookup {

@@ -85,6 +85,14 @@ pub fn inactive(name: &str) -> Reply {
         format!("{name} Not the active unit of its HA pair, try the other"),
     )
 }
+/// The data disk is below `smtp.min_free_disk`: new mail is refused for now.
+pub fn low_disk(name: &str) -> Reply {
+    Reply::new(
+        452,
+        "4.3.1",
+        format!("{name} Insufficient system storage, try again later"),
+    )
+}
 pub fn shutting_down(name: &str) -> Reply {
     Reply::new(
         421,

@@ -5,6 +5,10 @@
 //! Shutdown: when the shutdown signal fires, listeners stop accepting; an idle
 //! session (no transaction) is told `421 4.3.2` at once, a session inside a
 //! transaction may finish it (bounded by `shutdown_grace`) and is told 421 after.
+//!
+//! Reload: [`Current`] holds the service new connections get; a reload puts a
+//! [`Service::reconfigured`] one there (new limits, certificates), sharing the
+//! connection counts, while sessions in progress keep the one they started with.
 
 use super::conn::{Conn, Line};
 use super::limits::{self, Budget, Reservation};
@@ -31,7 +35,7 @@ use tokio_rustls::TlsAcceptor;
 pub struct Service {
     pub settings: Settings,
     pub config: SmtpConfig,
-    pub policy: Box<dyn RecipientPolicy + Send + Sync>,
+    pub policy: Arc<dyn RecipientPolicy + Send + Sync>,
     pub spool: Spool,
     pub tls: Option<TlsAcceptor>,
     /// Closed while this router is not the active unit of its HA pair: new
@@ -40,10 +44,30 @@ pub struct Service {
     pub close_when_inactive: bool,
     /// The HA unit, when in a pair (shadow copies: [`crate::ha::shadow`]).
     pub ha: std::sync::OnceLock<Arc<crate::ha::Ha>>,
+    /// Set while the data disk is below `smtp.min_free_disk`.
+    pub low_disk: crate::ha::local::LowDisk,
     connections: Arc<Semaphore>,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// Message data held by all sessions (`smtp.max_data_in_flight`).
     budget: Arc<Budget>,
+}
+
+/// The service new connections get (replaced by a reload).
+#[derive(Clone)]
+pub struct Current(Arc<std::sync::RwLock<Arc<Service>>>);
+
+impl Current {
+    pub fn new(service: Arc<Service>) -> Current {
+        Current(Arc::new(std::sync::RwLock::new(service)))
+    }
+
+    pub fn get(&self) -> Arc<Service> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set(&self, service: Arc<Service>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = service;
+    }
 }
 
 impl Service {
@@ -56,33 +80,73 @@ impl Service {
         gate: crate::ha::Gate,
         close_when_inactive: bool,
     ) -> Result<Arc<Service>> {
-        let tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(c), Some(k)) => Some(super::tls::acceptor(c, k)?),
-            _ => None,
-        };
+        let (settings, tls) = tuned(router_name, config, max_hops)?;
         Ok(Arc::new(Service {
-            settings: Settings {
-                name: router_name.to_string(),
-                max_message_size: config.max_message_size,
-                max_recipients: config.max_recipients,
-                max_errors: config.max_errors,
-                long_lines: config.long_lines,
-                bare_line_endings: config.bare_line_endings,
-                tls_available: tls.is_some(),
-                max_hops,
-            },
+            settings,
             config: config.clone(),
-            policy: Box::new(CatalogPolicy { catalog }),
+            policy: Arc::new(CatalogPolicy { catalog }),
             spool,
             tls,
             gate,
             close_when_inactive,
             ha: Default::default(),
+            low_disk: Default::default(),
             connections: Arc::new(Semaphore::new(config.max_connections)),
-            per_ip: Mutex::new(HashMap::new()),
+            per_ip: Arc::new(Mutex::new(HashMap::new())),
             budget: Budget::new(config.max_data_in_flight.0),
         }))
     }
+
+    /// This service with new settings, limits and certificates (read again from
+    /// their files), sharing its queue, gate, connection counts and data budget.
+    /// The sizes of the connection limit (`max_connections`) and of the budget
+    /// (`max_data_in_flight`) stay as they were.
+    pub fn reconfigured(
+        &self,
+        router_name: &str,
+        config: &SmtpConfig,
+        max_hops: usize,
+    ) -> Result<Arc<Service>> {
+        let (settings, tls) = tuned(router_name, config, max_hops)?;
+        Ok(Arc::new(Service {
+            settings,
+            config: config.clone(),
+            policy: self.policy.clone(),
+            spool: self.spool.clone(),
+            tls,
+            gate: self.gate.clone(),
+            close_when_inactive: self.close_when_inactive,
+            low_disk: self.low_disk.clone(),
+            // The HA unit (shadow copies) carries over: a reload never turns them off.
+            ha: self.ha.clone(),
+            connections: self.connections.clone(),
+            per_ip: self.per_ip.clone(),
+            budget: self.budget.clone(),
+        }))
+    }
+}
+
+/// The session settings and the STARTTLS acceptor (certificates read now).
+fn tuned(
+    router_name: &str,
+    config: &SmtpConfig,
+    max_hops: usize,
+) -> Result<(Settings, Option<TlsAcceptor>)> {
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(c), Some(k)) => Some(super::tls::acceptor(c, k)?),
+        _ => None,
+    };
+    let settings = Settings {
+        name: router_name.to_string(),
+        max_message_size: config.max_message_size,
+        max_recipients: config.max_recipients,
+        max_errors: config.max_errors,
+        long_lines: config.long_lines,
+        bare_line_endings: config.bare_line_endings,
+        tls_available: tls.is_some(),
+        max_hops,
+    };
+    Ok((settings, tls))
 }
 
 /// Binds every configured address (before anything else starts, so a port in use
@@ -108,7 +172,7 @@ pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>> {
 /// Serves until `shutdown` turns true, then waits (up to the grace period) for the
 /// sessions still running.
 pub async fn serve(
-    service: Arc<Service>,
+    current: Current,
     listeners: Vec<TcpListener>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
@@ -116,7 +180,7 @@ pub async fn serve(
     for l in listeners {
         tracing::info!(addr = %l.local_addr()?, "SMTP listening");
         accepting.push(tokio::spawn(accept_loop(
-            service.clone(),
+            current.clone(),
             l,
             shutdown.clone(),
         )));
@@ -124,6 +188,7 @@ pub async fn serve(
     for a in accepting {
         let _ = a.await;
     }
+    let service = current.get();
     // Every live connection holds a permit: all permits back means all sessions ended.
     let max = service.config.max_connections as u32;
     let grace = service.config.shutdown_grace;
@@ -139,11 +204,9 @@ pub async fn serve(
     Ok(())
 }
 
-async fn accept_loop(
-    service: Arc<Service>,
-    listener: TcpListener,
-    mut shutdown: watch::Receiver<bool>,
-) {
+async fn accept_loop(current: Current, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    // Gate and listening mode are the same in every reloaded service.
+    let service = current.get();
     let addr = listener.local_addr().ok();
     let mut listener = Some(listener);
     let mut gate = service.gate.subscribe();
@@ -185,7 +248,7 @@ async fn accept_loop(
             _ = gate.changed(), if service.close_when_inactive => {}
             accepted = l.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let service = service.clone();
+                    let service = current.get();
                     let shutdown = shutdown.clone();
                     tokio::spawn(async move { connection(service, stream, peer, shutdown).await });
                 }
@@ -358,6 +421,10 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     "4.3.0",
                     "No shadow copy can be made now, try again later",
                 ))
+            }
+            // Too little free disk for new mail: 452 4.3.1 now, not a failed write.
+            Ok(Line::Command(l)) if service.low_disk.is_low() && is_mail(&l) => {
+                Action::Reply(reply::low_disk(name))
             }
             Ok(Line::Command(l)) => session.command(&l, service.policy.as_ref()),
             Err(e) => return ended(conn, name, peer, &tx, e).await,
@@ -584,9 +651,11 @@ async fn accept(service: &Service, m: Message, peer: SocketAddr) -> Reply {
     let rcpts: Vec<&str> = env.recipients.iter().map(|r| r.address.as_str()).collect();
     let rcpts = rcpts.join(",");
     let from = env.sender.as_deref().unwrap_or("<>");
+    let message_id = crate::track::message_id(&message);
     match service.accept_durable(&env, message).await {
         Ok(()) => {
             crate::metrics::METRICS.messages_accepted.inc();
+            crate::track::accepted(service.spool.db(), &env, message_id);
             let r = Reply::new(250, "2.0.0", format!("Ok: queued as {id_text}"));
             tracing::info!(id = %id_text, %peer, helo = %env.helo, from = %from, rcpts = %rcpts, size = env.size, reply = %r, "message accepted");
             r

@@ -59,6 +59,7 @@ impl Manager {
         recipients: &'a [String],
         message: &'a [u8],
     ) -> Transaction<'a> {
+        let config = self.config.get();
         Transaction {
             server_address: address,
             hello_name: &self.hello_name,
@@ -67,8 +68,45 @@ impl Manager {
             message,
             eight_bit: env.eight_bit,
             smtputf8: env.smtputf8,
-            timeout: self.config.delivery_timeout,
-            final_timeout: self.config.final_reply_timeout,
+            timeout: config.delivery_timeout,
+            final_timeout: config.final_reply_timeout,
+            tls: Default::default(),
+            tls_name: None,
+        }
+    }
+
+    /// A delivery attempt's log line and tracking record (with the recipient's
+    /// end when the attempt settled it).
+    fn attempted(&self, id: QueueId, rcpt: &str, at: &Attempted<'_>, o: &Outcome) {
+        use crate::track::{event, What};
+        log_attempt(id, rcpt, at, o);
+        let db = self.spool.db();
+        let attempt = What::Attempt {
+            server: at.server.to_string(),
+            decision: at.kind.to_string(),
+            outcome: o.name().to_string(),
+            reply: o.reply().to_string(),
+            tls: at.tls.map(str::to_string),
+        };
+        event(db, id, rcpt, attempt);
+        match o {
+            Outcome::Delivered(_) => event(
+                db,
+                id,
+                rcpt,
+                What::Delivered {
+                    server: at.server.to_string(),
+                },
+            ),
+            Outcome::Permanent(reply) => event(
+                db,
+                id,
+                rcpt,
+                What::Failed {
+                    reply: reply.clone(),
+                },
+            ),
+            _ => {}
         }
     }
 
@@ -101,23 +139,26 @@ impl Manager {
                     .iter()
                     .map(|&i| env.recipients[i].address.clone())
                     .collect();
-                let sent = self
-                    .deliverer
-                    .send(&self.transaction(env, &address, &recipients, message))
-                    .await;
-                if self.config.fallback_relay.as_deref() != Some(server.as_str()) {
+                // A catalog server's STARTTLS setting (a next hop: opportunistic).
+                let srv = self.catalog.server(&server);
+                let mut t = self.transaction(env, &address, &recipients, message);
+                if let Some(srv) = &srv {
+                    t.tls = srv.tls;
+                    t.tls_name = srv.tls_name.as_deref();
+                }
+                let sent = self.deliverer.send(&t).await;
+                if self.config.get().fallback_relay.as_deref() != Some(server.as_str()) {
                     self.feed_health(&server, &sent);
                 }
                 for (&i, outcome) in idxs.iter().zip(sent.outcomes) {
                     let (kind, reason) = round.decided.get(&i).cloned().unwrap_or_default();
-                    log_attempt(
-                        env.id,
-                        &env.recipients[i].address,
-                        &server,
+                    let at = Attempted {
+                        server: &server,
                         kind,
-                        &reason,
-                        &outcome,
-                    );
+                        why: &reason,
+                        tls: sent.tls.as_deref(),
+                    };
+                    self.attempted(env.id, &env.recipients[i].address, &at, &outcome);
                     if self.settle(&mut env.recipients[i], &server, outcome) {
                         skip.entry(i).or_default().push(server.clone());
                         open.push(i);
@@ -186,7 +227,8 @@ impl Manager {
         skip: &mut BTreeMap<usize, Vec<String>>,
     ) -> Result<Round> {
         let (id, env_received) = (env.id, env.received_at);
-        let policy = self.config.policy();
+        let config = self.config.get();
+        let policy = config.policy();
         let mut round = Round::default();
         for &i in open {
             let r = &mut env.recipients[i];
@@ -218,9 +260,15 @@ impl Manager {
                 continue;
             }
             let age = std::time::Duration::from_millis(now_ms().saturating_sub(env_received));
-            let relay = self.config.fallback_relay.as_deref();
-            let route = route::fallback(route, age, relay, self.config.fallback_after, skipped);
+            let relay = config.fallback_relay.as_deref();
+            let route = route::fallback(route, age, relay, config.fallback_after, skipped);
             let kind = count_decision(id, &r.address, &route, relay);
+            if let Decision::Hold = route.decision {
+                let held = crate::track::What::Held {
+                    why: route.reason.clone(),
+                };
+                crate::track::event(self.spool.db(), id, &r.address, held);
+            }
             round.decided.insert(i, (kind, route.reason.clone()));
             r.last_route = Some(route.why());
             match route.decision {
@@ -246,7 +294,7 @@ impl Manager {
     /// expires, or when the server is resumed.
     fn pause(&self, r: &mut Recipient, server: &str, id: QueueId, received_at: u64) {
         r.state = RecipientState::Paused;
-        r.next_attempt = r.deadline(received_at, self.config.max_queue_lifetime) + 1;
+        r.next_attempt = r.deadline(received_at, self.config.get().max_queue_lifetime) + 1;
         r.last_route = Some(format!(
             "wait: server {server} is paused by an administrator (no failover)"
         ));
@@ -279,7 +327,8 @@ impl Manager {
         for i in due {
             let address = env.recipients[i].address.clone();
             let domain = address.rsplit_once('@').map_or("", |(_, d)| d).to_string();
-            let targets = match mx::destinations(&domain, self.config.relay_host.as_deref()).await {
+            let relay_host = self.config.get().relay_host.clone();
+            let targets = match mx::destinations(&domain, relay_host.as_deref()).await {
                 Destinations::Hosts(t) => t,
                 Destinations::Fail(reply) => {
                     tracing::info!(id = %env.id, rcpt = %address, decision = %"external", outcome = %"failed", reply = %reply, "delivery attempt");
@@ -298,10 +347,16 @@ impl Manager {
                     .deliverer
                     .send(&self.transaction(env, &target, &recipients, message))
                     .await;
-                let Some(outcome) = sent.outcomes.into_iter().next() else {
+                let Some(outcome) = sent.outcomes.first().cloned() else {
                     continue;
                 };
-                log_attempt(env.id, &address, &target, "external", "", &outcome);
+                let at = Attempted {
+                    server: &target,
+                    kind: "external",
+                    why: "",
+                    tls: sent.tls.as_deref(),
+                };
+                self.attempted(env.id, &address, &at, &outcome);
                 let r = &mut env.recipients[i];
                 if let Step::Elsewhere(why) = next_step(outcome.clone()) {
                     r.last_error = Some(format!("{target}: {why}"));
@@ -318,10 +373,7 @@ impl Manager {
             if !r.state.is_final() {
                 r.last_route = Some(format!(
                     "outside the catalog: via {}",
-                    self.config
-                        .relay_host
-                        .as_deref()
-                        .unwrap_or("the domain's MX hosts")
+                    relay_host.as_deref().unwrap_or("the domain's MX hosts")
                 ));
             }
             self.spool.update(env).await?;
@@ -365,14 +417,25 @@ fn count_decision(
     }
 }
 
-/// The `delivery attempt` log line: a warning when the server failed or left the
-/// outcome unknown.
-fn log_attempt(id: QueueId, rcpt: &str, server: &str, kind: &str, why: &str, o: &Outcome) {
+/// Where and how a recipient's delivery was attempted, for its log line.
+struct Attempted<'a> {
+    server: &'a str,
+    kind: &'a str,
+    why: &'a str,
+    /// The TLS version used; None: plain text.
+    tls: Option<&'a str>,
+}
+
+/// The `delivery attempt` log line (with `tls=TLSv1.3` or `tls=none`): a warning
+/// when the server failed or left the outcome unknown.
+fn log_attempt(id: QueueId, rcpt: &str, a: &Attempted<'_>, o: &Outcome) {
     let (outcome, reply) = (o.name(), o.reply());
+    let (server, kind, why) = (a.server, a.kind, a.why);
+    let tls = a.tls.unwrap_or("none");
     if matches!(o, Outcome::Unusable(_) | Outcome::Unconfirmed(_)) {
-        tracing::warn!(%id, %rcpt, %server, decision = %kind, %why, %outcome, %reply, "delivery attempt");
+        tracing::warn!(%id, %rcpt, %server, decision = %kind, %why, %outcome, %reply, %tls, "delivery attempt");
     } else {
-        tracing::info!(%id, %rcpt, %server, decision = %kind, %why, %outcome, %reply, "delivery attempt");
+        tracing::info!(%id, %rcpt, %server, decision = %kind, %why, %outcome, %reply, %tls, "delivery attempt");
     }
 }
 
