@@ -286,6 +286,31 @@ fn refused(r: Refused, err: &mut dyn Write) -> Result<Exit> {
     Ok(exit)
 }
 
+/// One action on one message (`queue delete|release|bounce|hold|unhold|retry
+/// ID`): parses `text`, runs `act`, and prints what `said` makes of its result,
+/// or why it was refused.
+async fn act_on<T, F>(
+    text: &str,
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+    act: impl FnOnce(QueueId) -> F,
+    said: impl FnOnce(QueueId, T) -> String,
+) -> Result<Exit>
+where
+    F: std::future::Future<Output = std::result::Result<T, Refused>>,
+{
+    let Some(id) = parse_id(text, err)? else {
+        return Ok(Exit::Invalid);
+    };
+    match act(id).await {
+        Ok(v) => {
+            writeln!(out, "{}", said(id, v))?;
+            Ok(Exit::Ok)
+        }
+        Err(r) => refused(r, err),
+    }
+}
+
 /// `queue retry ID|--all`: makes every open recipient due now and wakes the
 /// queue manager. Held recipients stay held: their retry goes to the home only.
 pub async fn retry(
@@ -319,16 +344,14 @@ pub async fn retry(
         writeln!(err, "give a queue id or --all")?;
         return Ok(Exit::Invalid);
     };
-    let Some(id) = parse_id(text, err)? else {
-        return Ok(Exit::Invalid);
-    };
-    match control.retry(id, wait).await {
-        Ok(due) => {
-            writeln!(out, "{} message(s) due for delivery now", usize::from(due))?;
-            Ok(Exit::Ok)
-        }
-        Err(r) => refused(r, err),
-    }
+    act_on(
+        text,
+        out,
+        err,
+        |id| control.retry(id, wait),
+        |_, due| format!("{} message(s) due for delivery now", usize::from(due)),
+    )
+    .await
 }
 
 /// `queue delete ID`: drops a message (no bounce).
@@ -339,16 +362,14 @@ pub async fn delete(
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> Result<Exit> {
-    let Some(id) = parse_id(id, err)? else {
-        return Ok(Exit::Invalid);
-    };
-    match control.delete(id, wait).await {
-        Ok(()) => {
-            writeln!(out, "{id} deleted")?;
-            Ok(Exit::Ok)
-        }
-        Err(r) => refused(r, err),
-    }
+    act_on(
+        id,
+        out,
+        err,
+        |id| control.delete(id, wait),
+        |id, ()| format!("{id} deleted"),
+    )
+    .await
 }
 
 /// `queue release ID`: undeliverable recipients are routed again, with a new
@@ -361,16 +382,14 @@ pub async fn release(
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> Result<Exit> {
-    let Some(id) = parse_id(id, err)? else {
-        return Ok(Exit::Invalid);
-    };
-    match control.release(id, lifetime, wait).await {
-        Ok(n) => {
-            writeln!(out, "{id}: {n} recipient(s) released for delivery")?;
-            Ok(Exit::Ok)
-        }
-        Err(r) => refused(r, err),
-    }
+    act_on(
+        id,
+        out,
+        err,
+        |id| control.release(id, lifetime, wait),
+        |id, n| format!("{id}: {n} recipient(s) released for delivery"),
+    )
+    .await
 }
 
 /// `queue bounce ID`: undeliverable recipients fail now; the bounce goes out.
@@ -381,16 +400,14 @@ pub async fn bounce(
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> Result<Exit> {
-    let Some(id) = parse_id(id, err)? else {
-        return Ok(Exit::Invalid);
-    };
-    match control.bounce(id, wait).await {
-        Ok(n) => {
-            writeln!(out, "{id}: {n} recipient(s) will bounce")?;
-            Ok(Exit::Ok)
-        }
-        Err(r) => refused(r, err),
-    }
+    act_on(
+        id,
+        out,
+        err,
+        |id| control.bounce(id, wait),
+        |id, n| format!("{id}: {n} recipient(s) will bounce"),
+    )
+    .await
 }
 
 /// `queue hold ID`: the message is never attempted until `queue unhold`; it
@@ -402,16 +419,14 @@ pub async fn hold(
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> Result<Exit> {
-    let Some(id) = parse_id(id, err)? else {
-        return Ok(Exit::Invalid);
-    };
-    match control.hold(id, wait).await {
-        Ok(_) => {
-            writeln!(out, "{id}: on hold (held by an administrator)")?;
-            Ok(Exit::Ok)
-        }
-        Err(r) => refused(r, err),
-    }
+    act_on(
+        id,
+        out,
+        err,
+        |id| control.hold(id, wait),
+        |id, _| format!("{id}: on hold (held by an administrator)"),
+    )
+    .await
 }
 
 /// `queue unhold ID`: released from the administrator's hold, due now.
@@ -422,14 +437,12 @@ pub async fn unhold(
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> Result<Exit> {
-    let Some(id) = parse_id(id, err)? else {
-        return Ok(Exit::Invalid);
-    };
-    match control.unhold(id, wait).await {
-        Ok(_) => {
-            writeln!(out, "{id}: released from hold, due now")?;
-            Ok(Exit::Ok)
-        }
-        Err(r) => refused(r, err),
-    }
+    act_on(
+        id,
+        out,
+        err,
+        |id| control.unhold(id, wait),
+        |id, _| format!("{id}: released from hold, due now"),
+    )
+    .await
 }
