@@ -7,7 +7,7 @@
 mod common;
 use common::{expect, Client, RecordingSink, Router, Scratch};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Over the spool's threshold for keeping a body in sled (256 KiB).
@@ -129,35 +129,13 @@ fn a_large_message_accepted_then_killed_is_delivered_once_and_leaves_no_file() {
     assert_eq!(subjects(&m1), ["big-one"], "delivered once");
 }
 
-/// `clustermail serve` with the flush-failure hook armed by `trigger`.
-fn serve(s: &Scratch, port: u16, trigger: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(s.path().join("serve.log"))
-        .expect("log");
-    let child = s
-        .cmd()
-        .env("RUST_LOG", "info")
-        .env("CLUSTERMAIL_TEST_FAIL_FLUSH", trigger)
-        .arg("serve")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn serve");
-    wait_until("the router to listen", 20, || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
-    child
-}
-
 #[test]
 fn a_large_message_answered_451_is_never_delivered_and_its_file_goes() {
     let m1 = RecordingSink::start("m1");
     let (s, port, config) = router_for(&m1);
     s.write("clustermail.toml", &config);
     let trigger = s.path().join("fail-flush");
-    let mut router = serve(&s, port, &trigger);
+    let mut router = common::serve_failing_flush(&s, port, &trigger);
     std::fs::write(&trigger, "").expect("arm the hook");
     expect(&send_big(port, "refused"), 451, "4.3.0");
     // Its removal could not be made durable either: the file stays until a start.
@@ -166,7 +144,7 @@ fn a_large_message_answered_451_is_never_delivered_and_its_file_goes() {
     let _ = router.kill();
     let _ = router.wait();
     std::fs::remove_file(&trigger).expect("disarm the hook");
-    let mut router = serve(&s, port, &trigger);
+    let mut router = common::serve_failing_flush(&s, port, &trigger);
     expect(&send_big(port, "accepted"), 250, "2.0.0");
     assert_eq!(m1.wait_for(1, 30).len(), 1);
     std::thread::sleep(Duration::from_millis(1500));

@@ -130,31 +130,6 @@ fn an_fdatasync_of_the_store_comes_between_the_end_of_data_and_the_250() {
     }
 }
 
-/// `clustermail serve` with the flush-failure test hook armed by `trigger`; its
-/// log is appended to `serve.log`.
-fn serve(s: &Scratch, port: u16, trigger: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(s.path().join("serve.log"))
-        .expect("log");
-    let child = s
-        .cmd()
-        .env("RUST_LOG", "info")
-        .env("CLUSTERMAIL_TEST_FAIL_FLUSH", trigger)
-        .arg("serve")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn serve");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "router did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
-}
-
 fn send(port: u16, subject: &str) -> common::Reply {
     let mut c = Client::hello(port);
     expect(&c.cmd("MAIL FROM:<sender@x.test>"), 250, "2.1.0");
@@ -197,7 +172,7 @@ fn a_message_answered_451_after_a_failed_flush_is_never_delivered() {
         ),
     );
     let trigger = s.path().join("fail-flush");
-    let mut router = serve(&s, port, &trigger);
+    let mut router = common::serve_failing_flush(&s, port, &trigger);
     std::fs::write(&trigger, "").expect("arm the hook");
     expect(&send(port, "refused"), 451, "4.3.0");
     std::fs::remove_file(&trigger).expect("disarm the hook");
@@ -210,7 +185,7 @@ fn a_message_answered_451_after_a_failed_flush_is_never_delivered() {
     // A crash, then a restart: the refused message is not in the store either.
     let _ = router.kill();
     let _ = router.wait();
-    let mut router = serve(&s, port, &trigger);
+    let mut router = common::serve_failing_flush(&s, port, &trigger);
     std::thread::sleep(Duration::from_millis(2000));
     let list = s.ok(&["queue", "list"]);
     assert!(list.ends_with("0 message(s)\n"), "{list}");

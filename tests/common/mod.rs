@@ -614,3 +614,37 @@ fn sink_session(
         }
     }
 }
+
+/// `clustermail serve` in `s` with the flush-failure test hook
+/// (`CLUSTERMAIL_TEST_FAIL_FLUSH`) armed by the file `trigger`; its log is
+/// appended to `serve.log`. Returns once it listens on `port`.
+pub fn serve_failing_flush(
+    s: &Scratch,
+    port: u16,
+    trigger: &std::path::Path,
+) -> std::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(s.path().join("serve.log"))
+        .expect("log");
+    let child = s
+        .cmd()
+        .env("RUST_LOG", "info")
+        .env("CLUSTERMAIL_TEST_FAIL_FLUSH", trigger)
+        .arg("serve")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn serve");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "router did not listen:\n{}",
+            std::fs::read_to_string(s.path().join("serve.log")).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}
