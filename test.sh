@@ -31,8 +31,18 @@ fi
 # The outbound TLS tests' mailbox server (tests/common/tls_mailbox.py).
 if ! python3 -c 'import aiosmtpd' 2>/dev/null; then
     echo "test.sh: installing aiosmtpd (pip)" >&2
+    # A fresh Debian python3 may come without pip.
+    if ! python3 -m pip --version >/dev/null 2>&1 &&
+        [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq python3-pip >/dev/null
+    fi
     python3 -m pip install -q aiosmtpd 2>/dev/null ||
-        python3 -m pip install -q --break-system-packages aiosmtpd
+        python3 -m pip install -q --break-system-packages aiosmtpd || {
+        echo "test.sh: the tests need Python's aiosmtpd: pip install aiosmtpd" >&2
+        exit 1
+    }
 fi
 
 exec cargo test "$@"
