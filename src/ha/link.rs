@@ -156,8 +156,20 @@ impl Link {
         if len < TAG || len - TAG > MAX_FRAME {
             bail!("HA frame of {len} octets is outside the limits");
         }
-        let mut buf = vec![0u8; len];
-        self.stream.read_exact(&mut buf).await?;
+        // The buffer grows with the octets that really arrive: a forged header
+        // announcing MAX_FRAME costs nothing until that much data is sent (and the
+        // tag check below refuses it then).
+        let mut buf = Vec::with_capacity(len.min(1 << 20));
+        (&mut self.stream)
+            .take(len as u64)
+            .read_to_end(&mut buf)
+            .await?;
+        if buf.len() != len {
+            bail!(
+                "HA link closed inside a frame ({} of {len} octets)",
+                buf.len()
+            );
+        }
         let them = if self.me == b'c' { b's' } else { b'c' };
         let payload = self
             .keys
@@ -275,6 +287,23 @@ mod tests {
             let got = server_reads(&mut c, &mut s, &frame, 1).await;
             assert!(refused(&got[0]), "octet {i}: {:?}", got[0].as_ref().err());
         }
+    }
+
+    #[tokio::test]
+    async fn a_header_announcing_a_huge_frame_then_closing_is_an_error_not_an_allocation() {
+        let (mut c, mut s) = linked().await;
+        let mut raw = ((MAX_FRAME + TAG) as u32).to_be_bytes().to_vec();
+        raw.extend_from_slice(b"only a few octets");
+        c.stream.write_all(&raw).await.unwrap();
+        c.stream.shutdown().await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(10), s.recv())
+            .await
+            .unwrap();
+        let e = r.expect_err("a truncated frame is refused");
+        assert!(
+            e.to_string().contains("closed inside a frame (17 of"),
+            "{e}"
+        );
     }
 
     #[tokio::test]
