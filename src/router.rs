@@ -70,7 +70,7 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
     };
     let gate = ha
         .as_ref()
-        .map_or_else(crate::ha::Gate::open, |h| h.gate.clone());
+        .map_or_else(crate::gate::Gate::open, |h| h.gate.clone());
     let service = server::Service::new(
         &config.router_name,
         &config.smtp,

@@ -57,7 +57,7 @@ pub struct Manager {
     pub schedule: std::sync::Mutex<super::schedule::Schedule>,
     /// Closed while this router is not the active unit of its HA pair: no new
     /// deliveries start (those in flight finish).
-    pub gate: crate::ha::Gate,
+    pub gate: crate::gate::Gate,
 }
 
 impl Manager {

@@ -40,7 +40,7 @@ pub struct Service {
     pub tls: Option<TlsAcceptor>,
     /// Closed while this router is not the active unit of its HA pair: new
     /// sessions get 421 4.3.2, or with `close_when_inactive` nobody listens.
-    pub gate: crate::ha::Gate,
+    pub gate: crate::gate::Gate,
     pub close_when_inactive: bool,
     /// The HA unit, when in a pair (shadow copies: [`crate::ha::shadow`]).
     pub ha: std::sync::OnceLock<Arc<crate::ha::Ha>>,
@@ -77,7 +77,7 @@ impl Service {
         max_hops: usize,
         catalog: Arc<Catalog>,
         spool: Spool,
-        gate: crate::ha::Gate,
+        gate: crate::gate::Gate,
         close_when_inactive: bool,
     ) -> Result<Arc<Service>> {
         let (settings, tls) = tuned(router_name, config, max_hops)?;
