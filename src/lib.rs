@@ -15,6 +15,7 @@ pub mod gate;
 pub mod ha;
 pub mod health;
 pub mod logging;
+pub mod message;
 pub mod metrics;
 pub mod queue;
 pub mod reload;
