@@ -446,3 +446,19 @@ pub async fn unhold(
     )
     .await
 }
+
+impl From<&crate::cli::ListArgs> for Page {
+    fn from(a: &crate::cli::ListArgs) -> Page {
+        Page {
+            filter: crate::queue::view::Filter {
+                server: a.server.clone(),
+                state: a.state.clone(),
+                from: a.from.clone(),
+                to: a.to.clone(),
+                older_than_ms: a.older_than.map(|d| d.as_millis() as u64),
+            },
+            after: a.after,
+            limit: a.limit,
+        }
+    }
+}
