@@ -37,95 +37,8 @@ pub async fn execute(
     err: &mut (dyn Write + Send),
 ) -> Result<Exit> {
     match command {
-        Command::Catalog { command } => {
-            let cat = &ctx.catalog;
-            match command {
-                CatalogCommand::Import {
-                    files,
-                    replace,
-                    merge: _,
-                    dry_run,
-                } => {
-                    let mode = if replace { Mode::Replace } else { Mode::Merge };
-                    tokio::task::block_in_place(|| {
-                        admin::catalog::import(cat, &files, mode, dry_run, out, err)
-                    })
-                }
-                CatalogCommand::Validate { files } => {
-                    tokio::task::block_in_place(|| admin::catalog::validate(cat, &files, out, err))
-                }
-                CatalogCommand::Export {
-                    format,
-                    only,
-                    output,
-                } => tokio::task::block_in_place(|| {
-                    admin::catalog::export(cat, format, only, output.as_deref(), out)
-                }),
-                CatalogCommand::List {
-                    what,
-                    cluster,
-                    server,
-                } => admin::catalog::list(cat, what, cluster.as_deref(), server.as_deref(), out),
-                CatalogCommand::Show { address } => admin::catalog::show(cat, &address, out, err),
-                CatalogCommand::SetState {
-                    mailbox: Some(address),
-                    server,
-                    state,
-                } => tokio::task::block_in_place(|| {
-                    admin::catalog::set_mailbox_state(cat, &address, &server, &state, out, err)
-                }),
-                CatalogCommand::SetState {
-                    mailbox: None,
-                    server,
-                    state,
-                } => match parse_state(&state) {
-                    Ok(state) => admin::catalog::set_state(cat, &server, state, out),
-                    Err(e) => {
-                        writeln!(err, "{e}")?;
-                        Ok(Exit::Invalid)
-                    }
-                },
-            }
-        }
-        Command::Queue { command } => match command {
-            QueueCommand::List(args) => admin::queue::list_page(
-                &ctx.spool,
-                Some(&ctx.catalog),
-                &admin::queue::Page::from(&args),
-                out,
-            ),
-            QueueCommand::Summary => admin::queue::summary(&ctx.spool, Some(&ctx.catalog), out),
-            QueueCommand::Hold { id, wait } => {
-                let control = Control::new(ctx.spool.clone());
-                admin::queue::hold(&control, &id, wait.duration, out, err).await
-            }
-            QueueCommand::Unhold { id, wait } => {
-                let control = Control::new(ctx.spool.clone());
-                admin::queue::unhold(&control, &id, wait.duration, out, err).await
-            }
-            QueueCommand::Show { id, raw } => admin::queue::show(&ctx.spool, &id, raw, out, err),
-            QueueCommand::Retry { id, all, wait } => {
-                let control = Control::new(ctx.spool.clone());
-                admin::queue::retry(&control, id.as_deref(), all, wait.duration, out, err).await
-            }
-            QueueCommand::Delete { id, wait } => {
-                let control = Control::new(ctx.spool.clone());
-                let exit = admin::queue::delete(&control, &id, wait.duration, out, err).await;
-                if let (Ok(Exit::Ok), Ok(qid)) = (&exit, id.parse::<crate::queue::QueueId>()) {
-                    crate::track::event(ctx.spool.db(), qid, "", crate::track::What::Deleted);
-                }
-                exit
-            }
-            QueueCommand::Release { id, wait } => {
-                let control = Control::new(ctx.spool.clone());
-                let lifetime = ctx.routing.get().max_queue_lifetime;
-                admin::queue::release(&control, &id, lifetime, wait.duration, out, err).await
-            }
-            QueueCommand::Bounce { id, wait } => {
-                let control = Control::new(ctx.spool.clone());
-                admin::queue::bounce(&control, &id, wait.duration, out, err).await
-            }
-        },
+        Command::Catalog { command } => catalog_command(ctx, command, out, err),
+        Command::Queue { command } => queue_command(ctx, command, out, err).await,
         Command::Servers {
             command: Some(command),
         } => {
@@ -188,46 +101,159 @@ pub async fn execute(
                 }
             },
         },
-        Command::Ha { command } => {
-            let Some(ha) = &ctx.ha else {
-                writeln!(
-                    err,
-                    "{}",
-                    if ctx.live {
-                        "this router is not one of an HA pair (no [ha] in its config)"
-                    } else {
-                        "the router is not running: HA status and modes exist only in a running router"
-                    }
-                )?;
-                return Ok(Exit::Failed);
-            };
-            match command {
-                HaCommand::Status => {
-                    ha.write_status(out)?;
-                    Ok(Exit::Ok)
-                }
-                HaCommand::SetMode { mode } => {
-                    let said = ha.set_mode(matches!(mode, HaSetMode::Master)).await;
-                    writeln!(out, "{said}")?;
-                    Ok(Exit::Ok)
-                }
-                HaCommand::Restore => match ha.restore().await {
-                    Ok(msg) => {
-                        writeln!(out, "{msg}")?;
-                        Ok(Exit::Ok)
-                    }
-                    Err(why) => {
-                        writeln!(err, "refused: {why}")?;
-                        Ok(Exit::Failed)
-                    }
-                },
-            }
-        }
+        Command::Ha { command } => ha_command(ctx, command, out, err).await,
         Command::Web { command } => web_command(ctx, command, out, err),
         Command::Serve | Command::Demo { .. } | Command::Config { .. } => {
             writeln!(err, "not a store command")?;
             Ok(Exit::Invalid)
         }
+    }
+}
+
+/// `catalog …`.
+fn catalog_command(
+    ctx: &Context,
+    command: CatalogCommand,
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+) -> Result<Exit> {
+    let cat = &ctx.catalog;
+    match command {
+        CatalogCommand::Import {
+            files,
+            replace,
+            merge: _,
+            dry_run,
+        } => {
+            let mode = if replace { Mode::Replace } else { Mode::Merge };
+            tokio::task::block_in_place(|| {
+                admin::catalog::import(cat, &files, mode, dry_run, out, err)
+            })
+        }
+        CatalogCommand::Validate { files } => {
+            tokio::task::block_in_place(|| admin::catalog::validate(cat, &files, out, err))
+        }
+        CatalogCommand::Export {
+            format,
+            only,
+            output,
+        } => tokio::task::block_in_place(|| {
+            admin::catalog::export(cat, format, only, output.as_deref(), out)
+        }),
+        CatalogCommand::List {
+            what,
+            cluster,
+            server,
+        } => admin::catalog::list(cat, what, cluster.as_deref(), server.as_deref(), out),
+        CatalogCommand::Show { address } => admin::catalog::show(cat, &address, out, err),
+        CatalogCommand::SetState {
+            mailbox: Some(address),
+            server,
+            state,
+        } => tokio::task::block_in_place(|| {
+            admin::catalog::set_mailbox_state(cat, &address, &server, &state, out, err)
+        }),
+        CatalogCommand::SetState {
+            mailbox: None,
+            server,
+            state,
+        } => match parse_state(&state) {
+            Ok(state) => admin::catalog::set_state(cat, &server, state, out),
+            Err(e) => {
+                writeln!(err, "{e}")?;
+                Ok(Exit::Invalid)
+            }
+        },
+    }
+}
+
+/// `queue …`.
+async fn queue_command(
+    ctx: &Context,
+    command: QueueCommand,
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+) -> Result<Exit> {
+    match command {
+        QueueCommand::List(args) => admin::queue::list_page(
+            &ctx.spool,
+            Some(&ctx.catalog),
+            &admin::queue::Page::from(&args),
+            out,
+        ),
+        QueueCommand::Summary => admin::queue::summary(&ctx.spool, Some(&ctx.catalog), out),
+        QueueCommand::Hold { id, wait } => {
+            let control = Control::new(ctx.spool.clone());
+            admin::queue::hold(&control, &id, wait.duration, out, err).await
+        }
+        QueueCommand::Unhold { id, wait } => {
+            let control = Control::new(ctx.spool.clone());
+            admin::queue::unhold(&control, &id, wait.duration, out, err).await
+        }
+        QueueCommand::Show { id, raw } => admin::queue::show(&ctx.spool, &id, raw, out, err),
+        QueueCommand::Retry { id, all, wait } => {
+            let control = Control::new(ctx.spool.clone());
+            admin::queue::retry(&control, id.as_deref(), all, wait.duration, out, err).await
+        }
+        QueueCommand::Delete { id, wait } => {
+            let control = Control::new(ctx.spool.clone());
+            let exit = admin::queue::delete(&control, &id, wait.duration, out, err).await;
+            if let (Ok(Exit::Ok), Ok(qid)) = (&exit, id.parse::<crate::queue::QueueId>()) {
+                crate::track::event(ctx.spool.db(), qid, "", crate::track::What::Deleted);
+            }
+            exit
+        }
+        QueueCommand::Release { id, wait } => {
+            let control = Control::new(ctx.spool.clone());
+            let lifetime = ctx.routing.get().max_queue_lifetime;
+            admin::queue::release(&control, &id, lifetime, wait.duration, out, err).await
+        }
+        QueueCommand::Bounce { id, wait } => {
+            let control = Control::new(ctx.spool.clone());
+            admin::queue::bounce(&control, &id, wait.duration, out, err).await
+        }
+    }
+}
+
+/// `ha status|set-mode|restore`: only in a running router of a pair.
+async fn ha_command(
+    ctx: &Context,
+    command: HaCommand,
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+) -> Result<Exit> {
+    let Some(ha) = &ctx.ha else {
+        writeln!(
+            err,
+            "{}",
+            if ctx.live {
+                "this router is not one of an HA pair (no [ha] in its config)"
+            } else {
+                "the router is not running: HA status and modes exist only in a running router"
+            }
+        )?;
+        return Ok(Exit::Failed);
+    };
+    match command {
+        HaCommand::Status => {
+            ha.write_status(out)?;
+            Ok(Exit::Ok)
+        }
+        HaCommand::SetMode { mode } => {
+            let said = ha.set_mode(matches!(mode, HaSetMode::Master)).await;
+            writeln!(out, "{said}")?;
+            Ok(Exit::Ok)
+        }
+        HaCommand::Restore => match ha.restore().await {
+            Ok(msg) => {
+                writeln!(out, "{msg}")?;
+                Ok(Exit::Ok)
+            }
+            Err(why) => {
+                writeln!(err, "refused: {why}")?;
+                Ok(Exit::Failed)
+            }
+        },
     }
 }
 
