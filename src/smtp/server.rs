@@ -323,7 +323,7 @@ async fn connection(
         return refuse(stream, reply::inactive(&service.settings.name)).await;
     }
     let mut session = Session::new(service.settings.clone());
-    let mut conn = Conn::new(stream);
+    let mut conn = Conn::new(stream).with_write_timeout(service.config.command_timeout);
     conn.reply(&session.greeting());
     let outcome = drive(&service, &mut session, &mut conn, peer, shutdown.clone()).await;
     match outcome {
@@ -335,7 +335,8 @@ async fn connection(
             match tokio::time::timeout(service.config.command_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
                     session.tls_started();
-                    let mut conn = Conn::new(tls);
+                    let mut conn =
+                        Conn::new(tls).with_write_timeout(service.config.command_timeout);
                     if let Err(e) = drive(&service, &mut session, &mut conn, peer, shutdown).await {
                         log_io_end(peer, &e);
                     }
