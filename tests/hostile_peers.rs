@@ -122,3 +122,62 @@ fn refused_recipients_count_as_errors_and_a_harvester_is_cut_off() {
     let _ = c.read_to_end(&mut rest);
     assert!(rest.is_empty(), "closed after the 421: {rest:?}");
 }
+
+/// Sends one message from a client whose HELO is `helo`; its queue id.
+fn send_with_helo(port: u16, helo: &[u8], data: &[u8]) -> String {
+    let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut w = c.try_clone().unwrap();
+    let mut c = BufReader::new(c);
+    assert_eq!(reply(&mut c), Some(220));
+    w.write_all(b"EHLO ").unwrap();
+    w.write_all(helo).unwrap();
+    w.write_all(b"\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<u@c.test>\r\nDATA\r\n")
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(reply(&mut c), Some(250));
+    }
+    assert_eq!(reply(&mut c), Some(354));
+    w.write_all(data).unwrap();
+    w.write_all(b"\r\n.\r\n").unwrap();
+    let mut line = String::new();
+    c.read_line(&mut line).unwrap();
+    assert!(line.starts_with("250 "), "{line}");
+    let id = line
+        .split_whitespace()
+        .find(|w| w.len() == 16 && w.chars().all(|c| c.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no queue id in {line}"))
+        .to_string();
+    let _ = w.write_all(b"QUIT\r\n");
+    id
+}
+
+#[test]
+fn peer_text_shown_to_the_administrator_cannot_drive_a_terminal() {
+    let r = router("");
+    // An OSC title change and a screen clear in the HELO; a huge folded Message-ID.
+    let mut data = b"Message-ID: <a".to_vec();
+    for _ in 0..2000 {
+        data.extend_from_slice(b"\r\n b");
+    }
+    data.extend_from_slice(b">\r\nSubject: x\r\n\r\nbody");
+    let id = send_with_helo(r.port, b"\x1b]0;owned\x07\x1b[2J", &data);
+    for args in [
+        vec!["queue", "show", id.as_str()],
+        vec!["track", "--from", "s@x.test"],
+    ] {
+        let (code, out, err) = r.scratch.run(&args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(out.contains(&id), "{args:?}: {out}");
+        assert!(
+            !out.contains('\u{1b}') && !out.contains('\u{7}'),
+            "{args:?} printed raw control characters: {out:?}"
+        );
+        assert!(out.contains("\\u{1b}]0;owned"), "{args:?}: {out}");
+        assert!(
+            out.len() < 8000,
+            "{args:?}: the Message-ID is bounded: {} octets",
+            out.len()
+        );
+    }
+}

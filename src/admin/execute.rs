@@ -82,7 +82,7 @@ pub async fn execute(
             };
             let db = ctx.spool.db();
             let found = tokio::task::block_in_place(|| crate::track::find(db, &q))?;
-            crate::track::render(&found, out)?;
+            crate::track::render(&found, &mut crate::logging::TerminalSafe(out))?;
             Ok(Exit::Ok)
         }
         Command::Reload => match &ctx.reload {

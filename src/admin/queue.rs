@@ -230,6 +230,7 @@ pub fn show(
         out.write_all(&message)?;
         return Ok(Exit::Ok);
     }
+    let out = &mut crate::logging::TerminalSafe(out);
     writeln!(out, "id:        {}", env.id)?;
     writeln!(out, "sender:    <{}>", env.sender.as_deref().unwrap_or(""))?;
     writeln!(out, "client:    {} (HELO {})", env.client_ip, env.helo)?;

@@ -31,7 +31,10 @@ pub fn received(t: &Trace) -> String {
         .helo
         .chars()
         .map(|c| {
-            if c.is_control() || c == '(' || c == ')' {
+            // 8-bit text only in a message that asked for SMTPUTF8: a HELO in
+            // UTF-8 must not make a 7-bit message 8-bit (5.6.3 at a server
+            // without 8BITMIME, and a bounce).
+            if c.is_control() || c == '(' || c == ')' || (!t.smtputf8 && !c.is_ascii()) {
                 '?'
             } else {
                 c
@@ -57,6 +60,33 @@ pub fn received(t: &Trace) -> String {
 mod tests {
     use super::*;
     use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn a_utf8_helo_stays_out_of_a_message_without_smtputf8() {
+        let t = |smtputf8| {
+            received(&Trace {
+                helo: "café.test",
+                client_ip: "127.0.0.1".parse().unwrap(),
+                router: "mx.test",
+                esmtp: true,
+                tls: false,
+                smtputf8,
+                id: "1",
+                recipients: &[],
+                when: UNIX_EPOCH,
+            })
+        };
+        assert!(
+            t(false).starts_with("Received: from caf?.test ("),
+            "{}",
+            t(false)
+        );
+        assert!(
+            t(true).starts_with("Received: from café.test ("),
+            "{}",
+            t(true)
+        );
+    }
 
     #[test]
     fn received_header() {
