@@ -123,6 +123,10 @@ impl Link {
     /// The next frame to send, with `msg` sealed under our key and sequence number.
     fn seal(&mut self, msg: &Msg) -> Result<Vec<u8>> {
         let payload = bincode::serde::encode_to_vec(msg, bincode::config::standard())?;
+        self.seal_payload(&payload)
+    }
+
+    fn seal_payload(&mut self, payload: &[u8]) -> Result<Vec<u8>> {
         if payload.len() > MAX_FRAME {
             bail!("HA frame of {} octets is over the limit", payload.len());
         }
@@ -131,7 +135,7 @@ impl Link {
             .to_be_bytes();
         let mut frame = Vec::with_capacity(4 + payload.len() + TAG);
         frame.extend_from_slice(&header);
-        frame.extend_from_slice(&payload);
+        frame.extend_from_slice(payload);
         let tag = self
             .keys
             .seal
@@ -182,7 +186,10 @@ impl Link {
             .received
             .checked_add(1)
             .context("HA link sequence exhausted")?;
-        Ok(bincode::serde::decode_from_slice(payload, bincode::config::standard())?.0)
+        // The limit bounds what a length inside the payload may make the decoder
+        // allocate (bincode allocates a Vec's announced length before reading it).
+        let config = bincode::config::standard().with_limit::<MAX_FRAME>();
+        Ok(bincode::serde::decode_from_slice(payload, config)?.0)
     }
 
     /// Sends a request and waits for its answer.
@@ -304,6 +311,23 @@ mod tests {
             e.to_string().contains("closed inside a frame (17 of"),
             "{e}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_authentic_frame_announcing_a_huge_string_is_an_error_not_an_abort() {
+        let (mut c, mut s) = linked().await;
+        let mut payload = bincode::serde::encode_to_vec(
+            &Msg::Refused(String::new()),
+            bincode::config::standard(),
+        )
+        .unwrap();
+        // The string's length varint (0) becomes 2^40: u64 marker 253, little-endian.
+        payload.pop();
+        payload.push(253);
+        payload.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        let frame = c.seal_payload(&payload).unwrap();
+        let got = server_reads(&mut c, &mut s, &frame, 1).await;
+        assert!(got[0].is_err(), "{:?}", got[0].as_ref().ok());
     }
 
     #[tokio::test]

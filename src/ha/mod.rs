@@ -455,7 +455,12 @@ pub async fn run(ha: Arc<Ha>, listener: TcpListener, mut shutdown: watch::Receiv
                 let (stream, from) = tokio::select! {
                     r = listener.accept() => match r {
                         Ok(s) => s,
-                        Err(_) => continue,
+                        Err(e) => {
+                            // Out of file descriptors, most often: wait, don't spin.
+                            tracing::warn!(error = %e, "HA listener: accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
                     },
                     _ = shutdown.changed() => return,
                 };
