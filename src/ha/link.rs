@@ -316,11 +316,9 @@ mod tests {
     #[tokio::test]
     async fn an_authentic_frame_announcing_a_huge_string_is_an_error_not_an_abort() {
         let (mut c, mut s) = linked().await;
-        let mut payload = bincode::serde::encode_to_vec(
-            &Msg::Refused(String::new()),
-            bincode::config::standard(),
-        )
-        .unwrap();
+        let mut payload =
+            bincode::serde::encode_to_vec(Msg::Refused(String::new()), bincode::config::standard())
+                .unwrap();
         // The string's length varint (0) becomes 2^40: u64 marker 253, little-endian.
         payload.pop();
         payload.push(253);
