@@ -44,7 +44,10 @@ fn sessions_csrf_headers_and_escaping() {
     assert_eq!(a.header("x-frame-options"), Some("DENY"));
     assert!(a.header("cache-control").unwrap_or("").contains("no-store"));
     // A confirmation page whose decoded id would aim its form at another action.
-    for path in ["/queue/..%2F..%2Fha%2Fslave%23/retry", "/queue/..%2Fha%2Fmaster"] {
+    for path in [
+        "/queue/..%2F..%2Fha%2Fslave%23/retry",
+        "/queue/..%2Fha%2Fmaster",
+    ] {
         let a = http("GET", &c.url(path), &auth, None);
         assert_eq!(a.status, 404, "{path}: {}", a.body);
         assert!(!a.body.contains("/ha/"), "{path}: {}", a.body);

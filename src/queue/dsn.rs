@@ -253,7 +253,8 @@ mod tests {
             eight_bit: false,
         };
         // What a sender would write to end the headers part early and add its own.
-        let original = b"Subject: x\r\nX-A: y\r\n--000000000000002B/mx.test\r\nX-B: z\r\n\r\nbody\r\n";
+        let original =
+            b"Subject: x\r\nX-A: y\r\n--000000000000002B/mx.test\r\nX-B: z\r\n\r\nbody\r\n";
         let failure = [Failure {
             address: "bob@x.test",
             reply: "550 5.1.1 no such user",
