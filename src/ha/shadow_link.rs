@@ -79,6 +79,9 @@ struct Batch {
     number: u64,
     puts: usize,
     dones: Vec<Done>,
+    /// When it was handed to the connection (sealing and writing took `sending`).
+    sent: Instant,
+    sending: Duration,
     /// Answered by then, or the connection is given up.
     deadline: Instant,
 }
@@ -222,6 +225,7 @@ impl Ha {
         // in the SMTP data budget for that time.
         let charge = self.shadow.charge(octets as u64);
         let msg = Msg::Shadow { batch: number, ops };
+        let start = Instant::now();
         let sent = tokio::time::timeout(self.shadow_timeout(), c.writer.send(&msg)).await;
         drop(msg);
         drop(charge);
@@ -235,6 +239,8 @@ impl Ha {
             number,
             puts,
             dones,
+            sent: start,
+            sending: start.elapsed(),
             deadline: Instant::now() + self.shadow_timeout(),
         });
         self.shadow.set_in_flight(c.in_flight.len());
@@ -276,6 +282,14 @@ impl Ha {
         let Some(b) = c.in_flight.pop_front().filter(|b| b.number == batch) else {
             return Err(format!("shadow answer for batch {batch} out of order"));
         };
+        tracing::debug!(
+            batch,
+            copies = b.puts,
+            send_us = b.sending.as_micros() as u64,
+            round_trip_us = b.sent.elapsed().as_micros() as u64,
+            in_flight = c.in_flight.len(),
+            "HA shadow: batch confirmed"
+        );
         METRICS.shadowed.add(b.puts as u64);
         METRICS.held.store(held, Ordering::Relaxed);
         METRICS.oldest.store(oldest, Ordering::Relaxed);

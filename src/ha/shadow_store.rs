@@ -215,7 +215,7 @@ impl Ha {
     async fn read_shadows(self: &Arc<Self>, mut reader: LinkReader, tx: mpsc::Sender<Due>) {
         while let Ok(msg) = reader.recv().await {
             let due = match msg {
-                Msg::Shadow { batch, ops } => (batch, self.apply_shadows(&ops)),
+                Msg::Shadow { batch, ops } => (batch, self.apply_shadows(batch, &ops)),
                 other => (0, Err(format!("unexpected request {other:?}"))),
             };
             let failed = due.1.is_err();
@@ -226,16 +226,32 @@ impl Ha {
     }
 
     /// Keeps and drops shadows; the flush that makes them durable, started.
-    fn apply_shadows(self: &Arc<Self>, ops: &[Op]) -> Result<JoinHandle<Result<()>>, String> {
+    fn apply_shadows(
+        self: &Arc<Self>,
+        batch: u64,
+        ops: &[Op],
+    ) -> Result<JoinHandle<Result<()>>, String> {
         if self.mode() != Mode::Slave {
             return Err(format!("this unit is {}, not SLAVE", self.mode()));
         }
+        let (start, ops_len) = (std::time::Instant::now(), ops.len());
         self.shadows
             .apply(ops)
             .map_err(|e| format!("shadow store: {e:#}"))?;
+        let applied = start.elapsed();
         // The spool's group commit: one fdatasync for every write of the store.
         let spool = self.spool.clone();
-        Ok(tokio::spawn(async move { spool.durable().await }))
+        Ok(tokio::spawn(async move {
+            let r = spool.durable().await;
+            tracing::debug!(
+                batch,
+                ops = ops_len,
+                apply_us = applied.as_micros() as u64,
+                durable_us = (start.elapsed() - applied).as_micros() as u64,
+                "HA shadow: batch durable"
+            );
+            r
+        }))
     }
 
     /// Answers the batches in order, each once durable; a failed one is
