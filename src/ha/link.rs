@@ -131,6 +131,14 @@ impl Link {
         seal(&self.keys.seal, self.me, &mut self.sent, msg)
     }
 
+    /// A frame of these payload octets (tests: payloads no `Msg` encodes to).
+    #[cfg(test)]
+    fn seal_payload(&mut self, payload: &[u8]) -> Result<Vec<u8>> {
+        let mut frame = vec![0u8; 4];
+        frame.extend_from_slice(payload);
+        seal_frame(&self.keys.seal, self.me, &mut self.sent, frame)
+    }
+
     pub async fn recv(&mut self) -> Result<Msg> {
         let them = if self.me == b'c' { b's' } else { b'c' };
         recv(&mut self.stream, &self.keys.open, them, &mut self.received).await
@@ -193,7 +201,15 @@ fn seal(key: &LessSafeKey, me: u8, sent: &mut u64, msg: &Msg) -> Result<Vec<u8>>
     let mut frame = Vec::with_capacity(4 + size.0 + TAG);
     frame.extend_from_slice(&[0u8; 4]);
     bincode::serde::encode_into_std_write(msg, &mut frame, bincode::config::standard())?;
+    seal_frame(key, me, sent, frame)
+}
+
+/// Seals `frame` (four octets for the length, then the payload) in place.
+fn seal_frame(key: &LessSafeKey, me: u8, sent: &mut u64, mut frame: Vec<u8>) -> Result<Vec<u8>> {
     let len = frame.len() - 4;
+    if len > MAX_FRAME {
+        bail!("HA frame of {len} octets is over the limit");
+    }
     let header = u32::try_from(len + TAG)
         .context("HA frame too large")?
         .to_be_bytes();
@@ -220,8 +236,17 @@ async fn recv(
     if len < TAG || len - TAG > MAX_FRAME {
         bail!("HA frame of {len} octets is outside the limits");
     }
-    let mut buf = vec![0u8; len];
-    stream.read_exact(&mut buf).await?;
+    // The buffer grows with the octets that really arrive: a forged header
+    // announcing MAX_FRAME costs nothing until that much data is sent (and the
+    // tag check below refuses it then).
+    let mut buf = Vec::with_capacity(len.min(1 << 20));
+    stream.take(len as u64).read_to_end(&mut buf).await?;
+    if buf.len() != len {
+        bail!(
+            "HA link closed inside a frame ({} of {len} octets)",
+            buf.len()
+        );
+    }
     let payload = key
         .open_in_place(nonce(them, *received), Aad::from(header), &mut buf)
         .map_err(|_| {
@@ -230,7 +255,10 @@ async fn recv(
     *received = received
         .checked_add(1)
         .context("HA link sequence exhausted")?;
-    Ok(bincode::serde::decode_from_slice(payload, bincode::config::standard())?.0)
+    // The limit bounds what a length inside the payload may make the decoder
+    // allocate (bincode allocates a Vec's announced length before reading it).
+    let config = bincode::config::standard().with_limit::<MAX_FRAME>();
+    Ok(bincode::serde::decode_from_slice(payload, config)?.0)
 }
 
 /// The receiving half of a [`Link`] ([`Link::split`]).
@@ -380,6 +408,38 @@ mod tests {
             let got = server_reads(&mut c, &mut s, &frame, 1).await;
             assert!(refused(&got[0]), "octet {i}: {:?}", got[0].as_ref().err());
         }
+    }
+
+    #[tokio::test]
+    async fn a_header_announcing_a_huge_frame_then_closing_is_an_error_not_an_allocation() {
+        let (mut c, mut s) = linked().await;
+        let mut raw = ((MAX_FRAME + TAG) as u32).to_be_bytes().to_vec();
+        raw.extend_from_slice(b"only a few octets");
+        c.stream.write_all(&raw).await.unwrap();
+        c.stream.shutdown().await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(10), s.recv())
+            .await
+            .unwrap();
+        let e = r.expect_err("a truncated frame is refused");
+        assert!(
+            e.to_string().contains("closed inside a frame (17 of"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_authentic_frame_announcing_a_huge_string_is_an_error_not_an_abort() {
+        let (mut c, mut s) = linked().await;
+        let mut payload =
+            bincode::serde::encode_to_vec(Msg::Refused(String::new()), bincode::config::standard())
+                .unwrap();
+        // The string's length varint (0) becomes 2^40: u64 marker 253, little-endian.
+        payload.pop();
+        payload.push(253);
+        payload.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        let frame = c.seal_payload(&payload).unwrap();
+        let got = server_reads(&mut c, &mut s, &frame, 1).await;
+        assert!(got[0].is_err(), "{:?}", got[0].as_ref().ok());
     }
 
     #[tokio::test]
