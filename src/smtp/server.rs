@@ -49,7 +49,7 @@ pub struct Service {
     connections: Arc<Semaphore>,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// Message data held by all sessions (`smtp.max_data_in_flight`).
-    budget: Arc<Budget>,
+    pub(crate) budget: Arc<Budget>,
 }
 
 /// The service new connections get (replaced by a reload).
