@@ -12,6 +12,7 @@
 //! | `h\0<server key>\0<start>`  | a chunk of the server index (`index.rs`) |
 //! | `d\0<domain>`               | how many addresses (primary or alias) it has |
 //! | `~rule`                     | the local-part rule the keys were made with |
+//! | `~meta\0<key>`              | a caller's sync metadata (`Catalog::apply`) |
 //!
 //! An alias carries a copy of its mailbox's record, so every lookup is one read.
 //!
@@ -414,21 +415,48 @@ impl Catalog {
         if plan.is_noop() {
             return Ok(plan.report);
         }
+        self.commit(&tree, &resolved, &plan, mode, progress)?;
+        Ok(plan.report)
+    }
+
+    /// Writes `plan` atomically (one batch, or a shadow tree switched in) and bumps
+    /// the serial when it changes the catalog. The caller holds [`WRITER`].
+    pub(super) fn commit(
+        &self,
+        tree: &sled::Tree,
+        resolved: &Resolved,
+        plan: &Plan,
+        mode: Mode,
+        progress: &indicatif::ProgressBar,
+    ) -> Result<()> {
         progress.set_length(resolved.mailboxes.len() as u64);
         let shadow = mode == Mode::Replace || plan.key_estimate > BATCH_LIMIT;
         if shadow {
-            self.apply_shadow(&tree, &resolved, &plan, mode, progress)?;
+            self.apply_shadow(tree, resolved, plan, mode, progress)?;
         } else {
             let mut batch = sled::Batch::default();
-            plan.write(&tree, &mut batch, self.rule)?;
-            tree.apply_batch(batch).map_err(anyhow::Error::from)?;
-            self.db.flush().map_err(anyhow::Error::from)?;
+            plan.write(tree, &mut batch, self.rule)?;
+            tree.apply_batch(batch)?;
+            self.db.flush()?;
             let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
             live.servers = Arc::new(load_servers(&live.tree)?);
         }
         progress.finish_and_clear();
-        self.bump_serial()?;
-        Ok(plan.report)
+        if !plan.changes_nothing() {
+            self.bump_serial()?;
+        }
+        Ok(())
+    }
+
+    /// The live tree and its servers, for a writer holding [`WRITER`].
+    pub(super) fn writer_view(&self) -> (sled::Tree, Arc<HashMap<String, Arc<Server>>>) {
+        self.live_tree()
+    }
+
+    /// A value stored by [`Catalog::apply`] or [`Catalog::replace_all`] under `key`.
+    pub fn sync_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let (tree, _) = self.live_tree();
+        Ok(tree.get(meta_key(key))?.map(|v| v.to_vec()))
     }
 
     /// A number that changes with every write to the catalog (import, set-state),
@@ -447,7 +475,7 @@ impl Catalog {
         Ok(())
     }
 
-    fn apply_shadow(
+    pub(super) fn apply_shadow(
         &self,
         old: &sled::Tree,
         resolved: &Resolved,
@@ -481,6 +509,9 @@ impl Catalog {
             let out = &new;
             out.insert(RULE_KEY, rule_tag(self.rule))?;
             out.insert(FORMAT_KEY, FORMAT)?;
+            for (k, v) in &plan.meta {
+                out.insert(meta_key(k), v.as_slice())?;
+            }
             for c in &resolved.clusters {
                 out.insert(key(b'c', &[&server_key(&c.name)]), encode(c)?)?;
             }
@@ -565,7 +596,17 @@ impl Catalog {
     }
 }
 
-static WRITER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// One catalog writer at a time (import, apply, replace_all, set-state).
+pub(super) static WRITER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Where a caller's sync metadata (e.g. a directory's sync cookie) is kept: in the
+/// catalog tree itself, so it is written in the same batch or shadow tree as the
+/// changes it describes.
+fn meta_key(key: &str) -> Vec<u8> {
+    let mut k = b"~meta\0".to_vec();
+    k.extend_from_slice(key.as_bytes());
+    k
+}
 
 fn rule_tag(rule: LocalPartMatch) -> &'static [u8] {
     match rule {
@@ -626,16 +667,23 @@ fn remove_mailbox(batch: &mut sled::Batch, m: &Mailbox, rule: LocalPartMatch) {
 }
 
 /// The catalog as it is, as validation sees it.
-struct TreeView<'a> {
-    tree: &'a sled::Tree,
-    servers: &'a HashMap<String, Arc<Server>>,
-    rule: LocalPartMatch,
+pub(super) struct TreeView<'a> {
+    pub(super) tree: &'a sled::Tree,
+    pub(super) servers: &'a HashMap<String, Arc<Server>>,
+    pub(super) rule: LocalPartMatch,
 }
 
 impl TreeView<'_> {
-    fn mailbox(&self, primary_key: &str) -> Result<Option<Mailbox>> {
+    pub(super) fn mailbox(&self, primary_key: &str) -> Result<Option<Mailbox>> {
         self.tree
             .get(key(b'm', &[primary_key]))?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    pub(super) fn cluster(&self, cluster_key: &str) -> Result<Option<Cluster>> {
+        self.tree
+            .get(key(b'c', &[cluster_key]))?
             .map(|v| decode(&v))
             .transpose()
     }
@@ -666,26 +714,37 @@ impl View for TreeView<'_> {
 }
 
 /// The changes an import makes, computed before anything is written.
-struct Plan {
-    report: ImportReport,
-    /// Clusters to write, and (replace) cluster keys to remove.
-    clusters: Vec<Cluster>,
-    removed_clusters: Vec<String>,
-    /// Servers to write, and (replace) server keys to remove.
-    servers: Vec<Server>,
-    removed_servers: Vec<String>,
+#[derive(Default)]
+pub(super) struct Plan {
+    pub(super) report: ImportReport,
+    /// Clusters to write, and cluster keys to remove.
+    pub(super) clusters: Vec<Cluster>,
+    pub(super) removed_clusters: Vec<String>,
+    /// Servers to write, and server keys to remove.
+    pub(super) servers: Vec<Server>,
+    pub(super) removed_servers: Vec<String>,
     /// Mailboxes to write, with the record they replace.
-    mailboxes: Vec<(Mailbox, Option<Mailbox>)>,
-    key_estimate: usize,
+    pub(super) mailboxes: Vec<(Mailbox, Option<Mailbox>)>,
+    /// Mailboxes a merge removes (a replace drops what it does not rewrite).
+    pub(super) removed_mailboxes: Vec<Mailbox>,
+    /// The caller's sync metadata, written with the changes (see [`meta_key`]).
+    pub(super) meta: Vec<(String, Vec<u8>)>,
+    pub(super) key_estimate: usize,
 }
 
 impl Plan {
-    fn is_noop(&self) -> bool {
+    pub(super) fn is_noop(&self) -> bool {
+        self.changes_nothing() && self.meta.is_empty()
+    }
+
+    /// Whether the catalog's records stay as they are (metadata aside).
+    fn changes_nothing(&self) -> bool {
         self.clusters.is_empty()
             && self.removed_clusters.is_empty()
             && self.servers.is_empty()
             && self.removed_servers.is_empty()
             && self.mailboxes.is_empty()
+            && self.removed_mailboxes.is_empty()
             && self.report.mailboxes.removed == 0
     }
 
@@ -709,6 +768,9 @@ impl Plan {
         for s in &self.servers {
             batch.insert(key(b's', &[&server_key(&s.name)]), encode(s)?);
         }
+        for (k, v) in &self.meta {
+            batch.insert(meta_key(k), v.as_slice());
+        }
         // All removals before any write: a name may move from one mailbox of the
         // import to another, and the later removal must not undo the earlier write.
         let mut edit = index::Edit::new(tree);
@@ -720,6 +782,9 @@ impl Plan {
             for name in old.iter().flat_map(|o| o.names()) {
                 *domains.entry(domain_of(name).to_lowercase()).or_default() -= 1;
             }
+        }
+        for name in self.removed_mailboxes.iter().flat_map(|o| o.names()) {
+            *domains.entry(domain_of(name).to_lowercase()).or_default() -= 1;
         }
         for (d, delta) in domains.into_iter().filter(|(_, d)| *d != 0) {
             let k = key(b'd', &[&d]);
@@ -736,7 +801,8 @@ impl Plan {
                 n => batch.insert(k, &(n as u64).to_be_bytes()),
             }
         }
-        for old in self.mailboxes.iter().filter_map(|(_, old)| old.as_ref()) {
+        let replaced = self.mailboxes.iter().filter_map(|(_, old)| old.as_ref());
+        for old in replaced.chain(&self.removed_mailboxes) {
             remove_mailbox(batch, old, rule);
             let primary = address_key(&old.address, rule);
             for s in std::iter::once(&old.home).chain(&old.replicas) {
@@ -755,7 +821,7 @@ impl Plan {
     }
 }
 
-fn plan(view: &TreeView, resolved: &Resolved, mode: Mode) -> Result<Plan> {
+pub(super) fn plan(view: &TreeView, resolved: &Resolved, mode: Mode) -> Result<Plan> {
     let mut report = ImportReport::default();
     let mut clusters = Vec::new();
     let mut seen_clusters = BTreeSet::new();
@@ -853,6 +919,7 @@ fn plan(view: &TreeView, resolved: &Resolved, mode: Mode) -> Result<Plan> {
         removed_servers,
         mailboxes,
         key_estimate,
+        ..Plan::default()
     })
 }
 
