@@ -10,8 +10,10 @@
 //! error (a directory may delete an entry the catalog refused earlier).
 
 use super::files::{Input, Origin, Place, Row};
+use super::import::WRITER;
 use super::model::{address_key, server_key, Cluster, LocalPartMatch, Mailbox, Server};
-use super::store::{plan, Catalog, Mode, Plan, TreeView, WRITER};
+use super::plan::{plan, Mode, Plan, TreeView};
+use super::store::Catalog;
 use super::validate::{resolve, Resolved, View};
 use anyhow::Result;
 use std::collections::{BTreeMap, HashMap};
