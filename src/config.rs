@@ -518,7 +518,7 @@ impl Default for SmtpConfig {
             max_recipients: 100,
             max_connections: 1000,
             max_connections_per_ip: 100,
-            max_errors: 10,
+            max_errors: 20,
             long_lines: LongLines::Reject,
             bare_line_endings: BareLineEndings::Normalize,
             command_timeout: Duration::from_secs(300),

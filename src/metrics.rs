@@ -292,23 +292,59 @@ pub fn render(m: &Metrics, sources: &Sources) -> String {
     out
 }
 
+/// The metrics endpoint's state: what it reads, and its last answer.
+struct Scrapes {
+    sources: std::sync::Arc<Sources>,
+    /// One scrape renders at a time (the queue gauges scan the store, off the async
+    /// workers); scrapes that waited meanwhile share the next rendering started
+    /// after they arrived (never an older one). With when that rendering started.
+    last: tokio::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<String>)>>,
+}
+
+impl Scrapes {
+    async fn text(&self) -> std::sync::Arc<String> {
+        let arrived = std::time::Instant::now();
+        let mut last = self.last.lock().await;
+        if let Some((started, text)) = last.as_ref() {
+            if *started >= arrived {
+                return text.clone();
+            }
+        }
+        let started = std::time::Instant::now();
+        let sources = self.sources.clone();
+        let text = tokio::task::spawn_blocking(move || render(&METRICS, &sources))
+            .await
+            .unwrap_or_else(|e| format!("# metrics could not be rendered: {e}\n"));
+        let text = std::sync::Arc::new(text);
+        *last = Some((started, text.clone()));
+        text
+    }
+}
+
 /// Serves `GET /metrics` on `listener` until shutdown (on the console's HTTP
 /// stack, but on its own listener and without authentication).
 pub async fn serve(listener: TcpListener, sources: Sources, shutdown: watch::Receiver<bool>) {
+    use axum::extract::State;
     use axum::http::header;
-    let sources = std::sync::Arc::new(sources);
+    let scrapes = std::sync::Arc::new(Scrapes {
+        sources: std::sync::Arc::new(sources),
+        last: tokio::sync::Mutex::new(None),
+    });
     let app = axum::Router::new()
         .route(
             "/metrics",
-            axum::routing::get(|axum::extract::State(s): axum::extract::State<std::sync::Arc<Sources>>| async move {
+            axum::routing::get(|State(s): State<std::sync::Arc<Scrapes>>| async move {
                 (
-                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-                    render(&METRICS, &s),
+                    [(
+                        header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    s.text().await.as_str().to_owned(),
                 )
             }),
         )
         .fallback(|| async { (axum::http::StatusCode::NOT_FOUND, "try /metrics\n") })
-        .with_state(sources)
+        .with_state(scrapes)
         // One scrape, one connection: simple scrapers read to EOF.
         .layer(tower_http::set_header::SetResponseHeaderLayer::overriding(
             header::CONNECTION,

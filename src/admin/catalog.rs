@@ -4,6 +4,7 @@ use super::Exit;
 use crate::catalog::{
     self, files, AdminState, Catalog, Format, ImportError, Mailbox, Mode, ReplicaState, Server,
 };
+use crate::cli::{Only, What};
 use anyhow::Result;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -95,13 +96,6 @@ pub fn validate(
     }
 }
 
-/// What `export` writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Only {
-    Servers,
-    Mailboxes,
-}
-
 /// `catalog export`: the whole catalog (or one part) in a format `import` reads back.
 pub fn export(
     cat: &Catalog,
@@ -138,13 +132,6 @@ pub fn export(
         None => files::write(out, format, &clusters, &servers, &mailboxes)?,
     }
     Ok(Exit::Ok)
-}
-
-/// What `list` lists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum What {
-    Servers,
-    Mailboxes,
 }
 
 /// `catalog list servers|mailboxes [--cluster C] [--server S]`.

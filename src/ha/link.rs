@@ -123,6 +123,10 @@ impl Link {
     /// The next frame to send, with `msg` sealed under our key and sequence number.
     fn seal(&mut self, msg: &Msg) -> Result<Vec<u8>> {
         let payload = bincode::serde::encode_to_vec(msg, bincode::config::standard())?;
+        self.seal_payload(&payload)
+    }
+
+    fn seal_payload(&mut self, payload: &[u8]) -> Result<Vec<u8>> {
         if payload.len() > MAX_FRAME {
             bail!("HA frame of {} octets is over the limit", payload.len());
         }
@@ -131,7 +135,7 @@ impl Link {
             .to_be_bytes();
         let mut frame = Vec::with_capacity(4 + payload.len() + TAG);
         frame.extend_from_slice(&header);
-        frame.extend_from_slice(&payload);
+        frame.extend_from_slice(payload);
         let tag = self
             .keys
             .seal
@@ -156,8 +160,20 @@ impl Link {
         if len < TAG || len - TAG > MAX_FRAME {
             bail!("HA frame of {len} octets is outside the limits");
         }
-        let mut buf = vec![0u8; len];
-        self.stream.read_exact(&mut buf).await?;
+        // The buffer grows with the octets that really arrive: a forged header
+        // announcing MAX_FRAME costs nothing until that much data is sent (and the
+        // tag check below refuses it then).
+        let mut buf = Vec::with_capacity(len.min(1 << 20));
+        (&mut self.stream)
+            .take(len as u64)
+            .read_to_end(&mut buf)
+            .await?;
+        if buf.len() != len {
+            bail!(
+                "HA link closed inside a frame ({} of {len} octets)",
+                buf.len()
+            );
+        }
         let them = if self.me == b'c' { b's' } else { b'c' };
         let payload = self
             .keys
@@ -170,7 +186,10 @@ impl Link {
             .received
             .checked_add(1)
             .context("HA link sequence exhausted")?;
-        Ok(bincode::serde::decode_from_slice(payload, bincode::config::standard())?.0)
+        // The limit bounds what a length inside the payload may make the decoder
+        // allocate (bincode allocates a Vec's announced length before reading it).
+        let config = bincode::config::standard().with_limit::<MAX_FRAME>();
+        Ok(bincode::serde::decode_from_slice(payload, config)?.0)
     }
 
     /// Sends a request and waits for its answer.
@@ -275,6 +294,38 @@ mod tests {
             let got = server_reads(&mut c, &mut s, &frame, 1).await;
             assert!(refused(&got[0]), "octet {i}: {:?}", got[0].as_ref().err());
         }
+    }
+
+    #[tokio::test]
+    async fn a_header_announcing_a_huge_frame_then_closing_is_an_error_not_an_allocation() {
+        let (mut c, mut s) = linked().await;
+        let mut raw = ((MAX_FRAME + TAG) as u32).to_be_bytes().to_vec();
+        raw.extend_from_slice(b"only a few octets");
+        c.stream.write_all(&raw).await.unwrap();
+        c.stream.shutdown().await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(10), s.recv())
+            .await
+            .unwrap();
+        let e = r.expect_err("a truncated frame is refused");
+        assert!(
+            e.to_string().contains("closed inside a frame (17 of"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_authentic_frame_announcing_a_huge_string_is_an_error_not_an_abort() {
+        let (mut c, mut s) = linked().await;
+        let mut payload =
+            bincode::serde::encode_to_vec(Msg::Refused(String::new()), bincode::config::standard())
+                .unwrap();
+        // The string's length varint (0) becomes 2^40: u64 marker 253, little-endian.
+        payload.pop();
+        payload.push(253);
+        payload.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        let frame = c.seal_payload(&payload).unwrap();
+        let got = server_reads(&mut c, &mut s, &frame, 1).await;
+        assert!(got[0].is_err(), "{:?}", got[0].as_ref().ok());
     }
 
     #[tokio::test]

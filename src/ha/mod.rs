@@ -50,35 +50,7 @@ use sync::CatalogVersion;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// Open while this router may take and deliver mail: always when it runs alone,
-/// only as MASTER in a pair. Changes can be waited for ([`Gate::subscribe`]).
-#[derive(Clone, Debug)]
-pub struct Gate(Arc<watch::Sender<bool>>);
-
-impl Gate {
-    pub fn open() -> Gate {
-        Gate(Arc::new(watch::Sender::new(true)))
-    }
-    pub fn closed() -> Gate {
-        Gate(Arc::new(watch::Sender::new(false)))
-    }
-    pub fn is_active(&self) -> bool {
-        *self.0.borrow()
-    }
-    pub fn subscribe(&self) -> watch::Receiver<bool> {
-        self.0.subscribe()
-    }
-    fn set(&self, active: bool) {
-        self.0
-            .send_if_modified(|v| std::mem::replace(v, active) != active);
-    }
-}
-
-impl Default for Gate {
-    fn default() -> Self {
-        Gate::open()
-    }
-}
+pub use crate::gate::Gate;
 
 /// A heartbeat: what a unit says of itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -483,7 +455,12 @@ pub async fn run(ha: Arc<Ha>, listener: TcpListener, mut shutdown: watch::Receiv
                 let (stream, from) = tokio::select! {
                     r = listener.accept() => match r {
                         Ok(s) => s,
-                        Err(_) => continue,
+                        Err(e) => {
+                            // Out of file descriptors, most often: wait, don't spin.
+                            tracing::warn!(error = %e, "HA listener: accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
                     },
                     _ = shutdown.changed() => return,
                 };

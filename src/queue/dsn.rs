@@ -5,7 +5,7 @@
 //! sent to the null sender.
 
 use super::{Envelope, QueueId};
-use crate::smtp::trace::rfc5322_date;
+use crate::message::date::rfc5322_date;
 use std::time::{Duration, UNIX_EPOCH};
 
 /// A failed recipient as reported: address and the final reply.
