@@ -43,6 +43,15 @@ fn sessions_csrf_headers_and_escaping() {
     assert!(!csp.contains("unsafe-inline"), "{csp}");
     assert_eq!(a.header("x-frame-options"), Some("DENY"));
     assert!(a.header("cache-control").unwrap_or("").contains("no-store"));
+    // A confirmation page whose decoded id would aim its form at another action.
+    for path in [
+        "/queue/..%2F..%2Fha%2Fslave%23/retry",
+        "/queue/..%2Fha%2Fmaster",
+    ] {
+        let a = http("GET", &c.url(path), &auth, None);
+        assert_eq!(a.status, 404, "{path}: {}", a.body);
+        assert!(!a.body.contains("/ha/"), "{path}: {}", a.body);
+    }
     assert!(!a.body.contains("<script>"), "no inline script");
 
     // Attacker-controlled text is escaped.

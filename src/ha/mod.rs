@@ -17,7 +17,7 @@
 //! delivered by both units. Catalogs carry versions comparable across the units
 //! ([`sync`]).
 //!
-//! Shadow redundancy ([`shadow`], [`shadow_store`]): with `ha.shadow` on, the
+//! Shadow redundancy ([`shadow`], [`shadow_link`], [`shadow_store`]): with `ha.shadow` on, the
 //! MASTER says 250 only once the SLAVE also holds a durable shadow copy; a SLAVE
 //! that takes over from a lost MASTER promotes its shadows into its queue.
 
@@ -27,6 +27,7 @@ pub mod link;
 pub mod local;
 pub mod push;
 pub mod shadow;
+mod shadow_link;
 mod shadow_store;
 pub mod state;
 mod status;
@@ -299,8 +300,6 @@ impl Ha {
                 }
                 self.answer_push(envelope, message).await
             }
-            Msg::ShadowSync(held) => self.answer_shadow_sync(held).await,
-            Msg::Shadow(ops) => self.answer_shadow(ops).await,
             // Any mode: a unit about to become MASTER takes a newer catalog first.
             Msg::CatalogPull => match tokio::task::block_in_place(|| self.export_catalog()) {
                 Ok((version, toml)) => Msg::Catalog { version, toml },
@@ -487,6 +486,11 @@ pub async fn run(ha: Arc<Ha>, listener: TcpListener, mut shutdown: watch::Receiv
                         }
                     };
                     while let Ok(msg) = link.recv().await {
+                        if let Msg::ShadowSync(held) = msg {
+                            // The rest of this connection is pipelined shadow batches.
+                            ha.serve_shadows(link, held).await;
+                            return;
+                        }
                         let answer = ha.answer(msg).await;
                         if link.send(&answer).await.is_err() {
                             return;
@@ -497,7 +501,7 @@ pub async fn run(ha: Arc<Ha>, listener: TcpListener, mut shutdown: watch::Receiv
         })
     };
     if ha.shadow.mode != crate::config::ShadowMode::Off {
-        tokio::spawn(shadow::run(ha.clone(), shutdown.clone()));
+        tokio::spawn(shadow_link::run(ha.clone(), shutdown.clone()));
     }
     let mut link = None;
     let mut tick = tokio::time::interval(ha.config.heartbeat_interval);

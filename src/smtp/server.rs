@@ -49,7 +49,7 @@ pub struct Service {
     connections: Arc<Semaphore>,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// Message data held by all sessions (`smtp.max_data_in_flight`).
-    budget: Arc<Budget>,
+    pub(crate) budget: Arc<Budget>,
 }
 
 /// The service new connections get (replaced by a reload).
@@ -601,6 +601,16 @@ async fn read_bdat<S: AsyncRead + AsyncWrite + Unpin>(
     tx.bdat_octets += size;
     Ok(match session.bdat_chunk(octets, last) {
         Ok(None) => Session::chunk_reply(size),
+        // Normalizing bare line endings may have grown the body past what its
+        // chunks reserved: the budget covers what is held until the 250.
+        Ok(Some(m))
+            if !tx
+                .bdat
+                .as_mut()
+                .is_some_and(|h| h.ensure(m.body.len() as u64)) =>
+        {
+            over_budget(peer)
+        }
         Ok(Some(m)) => accept(service, m, peer).await,
         Err(r) => r,
     })

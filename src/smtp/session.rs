@@ -4,7 +4,7 @@
 
 use super::address::Mailbox;
 use super::command::{self, Body, Command};
-use super::data::{check_body, normalize_line_endings, BodyCheck, DataDecoder};
+use super::data::{check_body, normalize_line_endings, normalized_len, BodyCheck, DataDecoder};
 use super::reply::{self, Reply};
 use crate::config::{BareLineEndings, LongLines};
 
@@ -411,10 +411,11 @@ impl Session {
         if self.settings.bare_line_endings == BareLineEndings::Normalize {
             // On the whole message: a CR ending one chunk and the LF starting the
             // next are one CRLF.
-            body = normalize_line_endings(&body);
-            if body.len() as u64 > self.settings.max_message_size {
+            // Checked before it grows: a body of bare LFs doubles.
+            if normalized_len(&body) as u64 > self.settings.max_message_size {
                 return Err(too_big(self.settings.max_message_size));
             }
+            normalize_line_endings(&mut body);
         }
         self.message(tx, body).map(Some)
     }

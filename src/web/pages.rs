@@ -283,6 +283,10 @@ async fn message(
     Extension(a): Extension<Auth>,
     Path(id): Path<String>,
 ) -> Response {
+    // Only a queue id, written as the queue writes it, goes into the page and its links.
+    let Ok(id) = id.parse::<crate::queue::QueueId>().map(|q| q.to_string()) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
     let (show, env) = actions::queue_show(&state.ctx, &id).await;
     let item = env.map(|e| actions::item(&e, crate::queue::manager::now_ms()));
     let title = format!("Message {id}");
@@ -300,6 +304,11 @@ async fn confirm_queue(
     Path((id, action)): Path<(String, String)>,
 ) -> Response {
     let Some(act) = QueueAction::parse(&action) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    // The form posts to a path built from `id`: a decoded `..%2F` must not turn it
+    // into another action's path.
+    let Ok(id) = id.parse::<crate::queue::QueueId>().map(|q| q.to_string()) else {
         return StatusCode::NOT_FOUND.into_response();
     };
     let body = views::confirm(
