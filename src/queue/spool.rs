@@ -93,7 +93,9 @@ pub struct Removed(pub QueueId);
 /// A message entered or left the queue (for the HA shadow copies, `ha::shadow`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
-    /// Queued without a shadow of its own (a bounce, a pushed message).
+    /// Joined the queue (every message, told once it is durable; the HA shadow
+    /// copies in the background those its session did not copy: bounces, pushed
+    /// messages, mail accepted while degraded).
     Queued(QueueId),
     /// Gone: delivered, bounced, deleted, pushed away or refused.
     Removed(QueueId),
