@@ -5,7 +5,7 @@
 
 use crate::admin::catalog::{Only, What};
 use crate::admin::{self, Exit};
-use crate::catalog::{AdminState, Catalog, Format, Mode};
+use crate::catalog::{AdminState, Catalog, Mode};
 use crate::config::RoutingConfig;
 use crate::health::monitor::SharedTracker;
 use crate::queue::control::Control;
@@ -310,10 +310,15 @@ pub enum CatalogCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
-    /// Write the catalog in a format `import` reads back.
+    /// Write the catalog in a format `import` reads back, or as LDIF entries
+    /// for an LDAP directory (`--format ldif --base-dn DN`, for `ldapadd`).
     Export {
         #[arg(long, short, value_enum, default_value = "toml")]
-        format: Format,
+        format: admin::catalog::ExportFormat,
+        /// The directory's catalog base DN (with `--format ldif`): entries are
+        /// written under `ou=clusters`, `ou=servers`, `ou=mailboxes` of it.
+        #[arg(long, value_name = "DN")]
+        base_dn: Option<String>,
         /// Export only servers or only mailboxes (CSV holds mailboxes only).
         #[arg(long, value_enum)]
         only: Option<Only>,
@@ -334,6 +339,9 @@ pub enum CatalogCommand {
     },
     /// Show the mailbox owning ADDRESS: home, replicas, clusters, admin states.
     Show { address: String },
+    /// The LDAP directory sync ([directory]): connected or not, last change,
+    /// entries not applied and why.
+    SyncStatus,
     /// Set a server's admin state: in-service, out-of-service or restricted; or
     /// with --mailbox the state of that mailbox's copy on SERVER: in-service,
     /// out-of-service or pending-delete (a replica only).
@@ -344,6 +352,17 @@ pub enum CatalogCommand {
         server: String,
         state: String,
     },
+}
+
+impl CatalogCommand {
+    /// The name of a command that writes the catalog (None: it only reads).
+    pub fn writes(&self) -> Option<&'static str> {
+        match self {
+            CatalogCommand::Import { dry_run: false, .. } => Some("catalog import"),
+            CatalogCommand::SetState { .. } => Some("catalog set-state"),
+            _ => None,
+        }
+    }
 }
 
 pub fn parse_state(s: &str) -> Result<AdminState, String> {
@@ -401,6 +420,9 @@ pub struct Context {
     pub live: bool,
     /// The HA unit, when the running router is one of a pair.
     pub ha: Option<Arc<crate::ha::Ha>>,
+    /// `[directory]`: the catalog is a replica of an LDAP directory, which is
+    /// its source of truth (imports and set-state are refused).
+    pub directory: Option<crate::directory::DirectoryConfig>,
 }
 
 /// Runs a store command; output goes to `out`, problems to `err`.
@@ -413,7 +435,14 @@ pub async fn execute(
     match command {
         Command::Catalog { command } => {
             let cat = &ctx.catalog;
+            if let (Some(_), Some(what)) = (&ctx.directory, command.writes()) {
+                writeln!(err, "{}", crate::directory::refusal(what))?;
+                return Ok(Exit::Invalid);
+            }
             match command {
+                CatalogCommand::SyncStatus => {
+                    admin::directory::sync_status(cat, ctx.directory.as_ref(), ctx.spool.db(), out)
+                }
                 CatalogCommand::Import {
                     files,
                     replace,
@@ -430,10 +459,18 @@ pub async fn execute(
                 }
                 CatalogCommand::Export {
                     format,
+                    base_dn,
                     only,
                     output,
                 } => tokio::task::block_in_place(|| {
-                    admin::catalog::export(cat, format, only, output.as_deref(), out)
+                    admin::catalog::export(
+                        cat,
+                        format,
+                        base_dn.as_deref(),
+                        only,
+                        output.as_deref(),
+                        out,
+                    )
                 }),
                 CatalogCommand::List {
                     what,

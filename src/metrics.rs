@@ -289,6 +289,7 @@ pub fn render(m: &Metrics, sources: &Sources) -> String {
             tracker.health(&s.name).index
         );
     }
+    crate::directory::status::render_metrics(&mut out);
     out
 }
 
