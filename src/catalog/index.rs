@@ -8,7 +8,7 @@
 //! it held when it was cut. So the chunk for an address is always the last chunk
 //! key at or before `h\0<server>\0<address>`: one range read.
 
-use super::store::{decode, encode};
+use super::codec::{decode, encode};
 use anyhow::Result;
 use std::collections::BTreeMap;
 

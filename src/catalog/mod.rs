@@ -2,16 +2,26 @@
 //! peers hold replicas (the equivalent of Domino's cluster database directory).
 //!
 //! `model` holds the records and address rules, `files` the import/export formats,
-//! `validate` the invariants, `store` the sled layout and atomic imports.
+//! `validate` the invariants; `store` opens the sled layout and reads it, `plan`
+//! computes what an import changes, `import` writes it atomically, `change` applies
+//! record-at-a-time changes (`Catalog::apply`, for a directory sync); `index` is the
+//! server → mailboxes index, `codec` the record and key encoding, `db` the sled store.
 
 pub mod change;
+mod codec;
+mod db;
 pub mod files;
+mod import;
 pub mod index;
 pub mod model;
+mod plan;
 pub mod store;
 pub mod validate;
 
 pub use change::{ApplyReport, Change, Rejected};
+pub use db::{open_db, store_path};
 pub use files::{read_files, Format, Input, Problem};
+pub use import::ImportError;
 pub use model::{AdminState, Cluster, LocalPartMatch, Mailbox, ReplicaState, Server};
-pub use store::{open_db, store_path, Catalog, Counts, ImportError, ImportReport, Lookup, Mode};
+pub use plan::{Counts, ImportReport, Mode};
+pub use store::{Catalog, Lookup, StaleFormat};

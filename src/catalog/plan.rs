@@ -1,0 +1,327 @@
+//! The import plan: what an import (or `Catalog::apply`) changes, computed from the
+//! validated input and the catalog as it is before anything is written, and how a
+//! merge writes it into one sled batch (records, aliases, domain counts, server index).
+
+use super::codec::{alias_record, alias_value, decode, domain_of, encode, key, meta_key};
+use super::index::{self, HOME, REPLICA};
+use super::model::{address_key, server_key, Cluster, LocalPartMatch, Mailbox, Server};
+use super::validate::{Resolved, View};
+use anyhow::{anyhow, Result};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+/// Import mode: upsert, or make the catalog equal to the files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Merge,
+    Replace,
+}
+
+/// Added / updated / removed / unchanged, for servers or mailboxes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub added: u64,
+    pub updated: u64,
+    pub removed: u64,
+    pub unchanged: u64,
+}
+
+impl std::fmt::Display for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} added, {} updated, {} removed, {} unchanged",
+            self.added, self.updated, self.removed, self.unchanged
+        )
+    }
+}
+
+/// What an import did (or, for a dry run, would do).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ImportReport {
+    pub clusters: Counts,
+    pub servers: Counts,
+    pub mailboxes: Counts,
+}
+
+pub(super) fn write_mailbox(
+    batch: &mut sled::Batch,
+    m: &Mailbox,
+    rule: LocalPartMatch,
+) -> Result<()> {
+    let primary = address_key(&m.address, rule);
+    let record = encode(m)?;
+    if !m.aliases.is_empty() {
+        let value = alias_value(&primary, &record);
+        for alias in &m.aliases {
+            batch.insert(key(b'a', &[&address_key(alias, rule)]), value.as_slice());
+        }
+    }
+    batch.insert(key(b'm', &[&primary]), record);
+    Ok(())
+}
+
+pub(super) fn remove_mailbox(batch: &mut sled::Batch, m: &Mailbox, rule: LocalPartMatch) {
+    let primary = address_key(&m.address, rule);
+    batch.remove(key(b'm', &[&primary]));
+    for alias in &m.aliases {
+        batch.remove(key(b'a', &[&address_key(alias, rule)]));
+    }
+}
+
+/// The catalog as it is, as validation sees it.
+pub(super) struct TreeView<'a> {
+    pub(super) tree: &'a sled::Tree,
+    pub(super) servers: &'a HashMap<String, Arc<Server>>,
+    pub(super) rule: LocalPartMatch,
+}
+
+impl TreeView<'_> {
+    pub(super) fn mailbox(&self, primary_key: &str) -> Result<Option<Mailbox>> {
+        self.tree
+            .get(key(b'm', &[primary_key]))?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    pub(super) fn cluster(&self, cluster_key: &str) -> Result<Option<Cluster>> {
+        self.tree
+            .get(key(b'c', &[cluster_key]))?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+}
+
+impl View for TreeView<'_> {
+    fn server(&self, key: &str) -> Option<Server> {
+        self.servers.get(key).map(|s| (**s).clone())
+    }
+
+    fn owner(&self, k: &str) -> Option<String> {
+        if let Ok(Some(_)) = self.tree.get(key(b'm', &[k])) {
+            return Some(k.to_string());
+        }
+        match self.tree.get(key(b'a', &[k])) {
+            Ok(Some(v)) => Some(String::from_utf8_lossy(alias_record(&v).0).into_owned()),
+            _ => None,
+        }
+    }
+
+    fn mailboxes_on(&self, server_key: &str) -> Vec<Mailbox> {
+        index::postings(self.tree, server_key)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(primary, _)| self.mailbox(&primary).ok().flatten())
+            .collect()
+    }
+}
+
+/// The changes an import makes, computed before anything is written.
+#[derive(Default)]
+pub(super) struct Plan {
+    pub(super) report: ImportReport,
+    /// Clusters to write, and cluster keys to remove.
+    pub(super) clusters: Vec<Cluster>,
+    pub(super) removed_clusters: Vec<String>,
+    /// Servers to write, and server keys to remove.
+    pub(super) servers: Vec<Server>,
+    pub(super) removed_servers: Vec<String>,
+    /// Mailboxes to write, with the record they replace.
+    pub(super) mailboxes: Vec<(Mailbox, Option<Mailbox>)>,
+    /// Mailboxes a merge removes (a replace drops what it does not rewrite).
+    pub(super) removed_mailboxes: Vec<Mailbox>,
+    /// The caller's sync metadata, written with the changes (see [`meta_key`]).
+    pub(super) meta: Vec<(String, Vec<u8>)>,
+    pub(super) key_estimate: usize,
+}
+
+impl Plan {
+    pub(super) fn is_noop(&self) -> bool {
+        self.changes_nothing() && self.meta.is_empty()
+    }
+
+    /// Whether the catalog's records stay as they are (metadata aside).
+    pub(super) fn changes_nothing(&self) -> bool {
+        self.clusters.is_empty()
+            && self.removed_clusters.is_empty()
+            && self.servers.is_empty()
+            && self.removed_servers.is_empty()
+            && self.mailboxes.is_empty()
+            && self.removed_mailboxes.is_empty()
+            && self.report.mailboxes.removed == 0
+    }
+
+    /// Writes a merge's changes over the catalog `tree` as it is (a replace rebuilds
+    /// instead); index chunks are read from `tree`.
+    pub(super) fn write(
+        &self,
+        tree: &sled::Tree,
+        batch: &mut sled::Batch,
+        rule: LocalPartMatch,
+    ) -> Result<()> {
+        for k in &self.removed_clusters {
+            batch.remove(key(b'c', &[k]));
+        }
+        for c in &self.clusters {
+            batch.insert(key(b'c', &[&server_key(&c.name)]), encode(c)?);
+        }
+        for k in &self.removed_servers {
+            batch.remove(key(b's', &[k]));
+        }
+        for s in &self.servers {
+            batch.insert(key(b's', &[&server_key(&s.name)]), encode(s)?);
+        }
+        for (k, v) in &self.meta {
+            batch.insert(meta_key(k), v.as_slice());
+        }
+        // All removals before any write: a name may move from one mailbox of the
+        // import to another, and the later removal must not undo the earlier write.
+        let mut edit = index::Edit::new(tree);
+        let mut domains: HashMap<String, i64> = HashMap::new();
+        for (new, old) in &self.mailboxes {
+            for name in new.names() {
+                *domains.entry(domain_of(name).to_lowercase()).or_default() += 1;
+            }
+            for name in old.iter().flat_map(|o| o.names()) {
+                *domains.entry(domain_of(name).to_lowercase()).or_default() -= 1;
+            }
+        }
+        for name in self.removed_mailboxes.iter().flat_map(|o| o.names()) {
+            *domains.entry(domain_of(name).to_lowercase()).or_default() -= 1;
+        }
+        for (d, delta) in domains.into_iter().filter(|(_, d)| *d != 0) {
+            let k = key(b'd', &[&d]);
+            let now = match tree.get(&k)? {
+                Some(v) => u64::from_be_bytes(
+                    v.as_ref()
+                        .try_into()
+                        .map_err(|_| anyhow!("corrupt domain count"))?,
+                ),
+                None => 0,
+            };
+            match (now as i64).saturating_add(delta) {
+                n if n <= 0 => batch.remove(k),
+                n => batch.insert(k, &(n as u64).to_be_bytes()),
+            }
+        }
+        let replaced = self.mailboxes.iter().filter_map(|(_, old)| old.as_ref());
+        for old in replaced.chain(&self.removed_mailboxes) {
+            remove_mailbox(batch, old, rule);
+            let primary = address_key(&old.address, rule);
+            for s in std::iter::once(&old.home).chain(&old.replicas) {
+                edit.remove(&server_key(s), &primary)?;
+            }
+        }
+        for (new, _) in &self.mailboxes {
+            write_mailbox(batch, new, rule)?;
+            let primary = address_key(&new.address, rule);
+            edit.add(&server_key(&new.home), &primary, HOME)?;
+            for r in &new.replicas {
+                edit.add(&server_key(r), &primary, REPLICA)?;
+            }
+        }
+        edit.write(batch)
+    }
+}
+
+pub(super) fn plan(view: &TreeView, resolved: &Resolved, mode: Mode) -> Result<Plan> {
+    let mut report = ImportReport::default();
+    let mut clusters = Vec::new();
+    let mut seen_clusters = BTreeSet::new();
+    for c in &resolved.clusters {
+        let k = server_key(&c.name);
+        seen_clusters.insert(k.clone());
+        match view
+            .tree
+            .get(key(b'c', &[&k]))?
+            .map(|v| decode::<Cluster>(&v))
+            .transpose()?
+        {
+            None => report.clusters.added += 1,
+            Some(old) if old == *c => {
+                report.clusters.unchanged += 1;
+                continue;
+            }
+            Some(_) => report.clusters.updated += 1,
+        }
+        clusters.push(c.clone());
+    }
+    let mut removed_clusters = Vec::new();
+    if mode == Mode::Replace {
+        for r in view.tree.scan_prefix(b"c\0") {
+            let k = String::from_utf8_lossy(&r?.0[2..]).into_owned();
+            if !seen_clusters.contains(&k) {
+                removed_clusters.push(k);
+            }
+        }
+        report.clusters.removed = removed_clusters.len() as u64;
+    }
+    let mut servers = Vec::new();
+    let mut seen_servers = BTreeSet::new();
+    for s in &resolved.servers {
+        let k = server_key(&s.name);
+        seen_servers.insert(k.clone());
+        match view.servers.get(&k) {
+            None => report.servers.added += 1,
+            Some(old) if **old == *s => {
+                report.servers.unchanged += 1;
+                continue;
+            }
+            Some(_) => report.servers.updated += 1,
+        }
+        servers.push(s.clone());
+    }
+    let mut removed_servers = Vec::new();
+    if mode == Mode::Replace {
+        removed_servers = view
+            .servers
+            .keys()
+            .filter(|k| !seen_servers.contains(*k))
+            .cloned()
+            .collect();
+        report.servers.removed = removed_servers.len() as u64;
+    }
+
+    let catalog_empty = view.tree.scan_prefix(b"m\0").next().is_none();
+    let mut mailboxes = Vec::new();
+    for m in &resolved.mailboxes {
+        let old = if catalog_empty {
+            None
+        } else {
+            view.mailbox(&address_key(&m.address, view.rule))?
+        };
+        match &old {
+            None => report.mailboxes.added += 1,
+            Some(o) if o == m => {
+                report.mailboxes.unchanged += 1;
+                continue;
+            }
+            Some(_) => report.mailboxes.updated += 1,
+        }
+        mailboxes.push((m.clone(), old));
+    }
+    if mode == Mode::Replace && !catalog_empty {
+        // Every input row is distinct, so the rows of the catalog not matched are removed.
+        let before = view.tree.scan_prefix(b"m\0").count() as u64;
+        report.mailboxes.removed = before - report.mailboxes.updated - report.mailboxes.unchanged;
+    }
+    let key_estimate = servers.len()
+        + removed_servers.len()
+        + mailboxes
+            .iter()
+            .map(|(m, o)| {
+                2 * (2 + m.aliases.len() + m.replicas.len())
+                    + o.as_ref().map_or(0, |o| o.aliases.len())
+            })
+            .sum::<usize>();
+    Ok(Plan {
+        report,
+        clusters,
+        removed_clusters,
+        servers,
+        removed_servers,
+        mailboxes,
+        key_estimate,
+        ..Plan::default()
+    })
+}
