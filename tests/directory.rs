@@ -164,18 +164,38 @@ fn seed(slapd: &Slapd, m1: u16, m2: u16) {
 }
 
 fn router(slapd: &Slapd) -> Router {
+    router_metrics(slapd).0
+}
+
+/// A router syncing from `slapd`, and the port of its metrics endpoint.
+fn router_metrics(slapd: &Slapd) -> (Router, u16) {
     let s = Scratch::new();
     let pw = s.write("ldap.pw", &format!("{ROOT_PW}\n"));
     let port = common::free_port();
+    let metrics = common::free_port();
     let config = format!(
-        "router_name = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n\
+        "router_name = \"mx.test\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\n\
+         [smtp]\nlisten = [\"127.0.0.1:{port}\"]\n\
          [routing]\nprobe_interval = \"200ms\"\nprobe_timeout = \"500ms\"\nrise = 1\n\
          retry_initial = \"300ms\"\nretry_max = \"600ms\"\n\
          [directory]\nurl = \"{}\"\nbase_dn = \"{BASE}\"\nbind_dn = \"{ROOT_DN}\"\npassword_file = \"{}\"\n",
         slapd.url(),
         pw.display()
     );
-    Router::start_config(s, &config, port)
+    (Router::start_config(s, &config, port), metrics)
+}
+
+/// The value of the metric `name` (no labels) on the endpoint at `port`.
+fn metric(port: u16, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in {body}"))
 }
 
 /// The RCPT reply code for `addr` (a fresh session each time).
@@ -222,6 +242,19 @@ fn mailbox_ldif(addr: &str, home: &str) -> String {
 
 fn sync_status(r: &Router) -> String {
     r.scratch.ok(&["catalog", "sync-status"])
+}
+
+/// Polls `catalog sync-status` until it shows `needle`; returns it.
+fn wait_status(r: &Router, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = sync_status(r);
+        if status.contains(needle) {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "never {needle:?}:\n{status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -333,8 +366,10 @@ fn an_invalid_entry_is_reported_the_others_applied_and_it_waits_to_become_valid(
     let m2 = RecordingSink::start("m2");
     let slapd = Slapd::start();
     seed(&slapd, m1.port, m2.port);
-    let r = router(&slapd);
+    let (r, metrics) = router_metrics(&slapd);
     wait_rcpt(&r, "a@example.test", 250, 30);
+    assert_eq!(metric(metrics, "clustermail_directory_connected"), 1.0);
+    assert_eq!(metric(metrics, "clustermail_directory_rejected_entries"), 0.0);
     // One batch: a mailbox homed on an unknown server, and a good one.
     slapd.ldif(
         "ldapadd",
@@ -346,8 +381,11 @@ fn an_invalid_entry_is_reported_the_others_applied_and_it_waits_to_become_valid(
     );
     wait_rcpt(&r, "good@example.test", 250, 10);
     assert_eq!(rcpt(&r, "bad@example.test"), 550);
-    let status = sync_status(&r);
-    assert!(status.contains("rejected:     1"), "{status}");
+    // (The report follows the catalog write by a moment.)
+    let status = wait_status(&r, "rejected:     1");
+    assert_eq!(metric(metrics, "clustermail_directory_rejected_entries"), 1.0);
+    let age = metric(metrics, "clustermail_directory_last_change_age_seconds");
+    assert!((0.0..60.0).contains(&age), "{age}");
     assert!(
         status.contains("mail=bad@example.test,ou=mailboxes"),
         "{status}"
@@ -373,8 +411,7 @@ fn an_invalid_entry_is_reported_the_others_applied_and_it_waits_to_become_valid(
         &format!("dn: cn=m9,ou=servers,{BASE}\nobjectClass: clustermailServer\ncn: m9\nclustermailCluster: c\nclustermailAddress: 127.0.0.1:{}\n", m2.port),
     );
     wait_rcpt(&r, "bad@example.test", 250, 10);
-    let status = sync_status(&r);
-    assert!(status.contains("rejected:     0"), "{status}");
+    wait_status(&r, "rejected:     0");
 }
 
 #[test]
@@ -384,7 +421,8 @@ fn routers_keep_routing_without_the_directory_and_resume_from_their_cookie() {
     let mut slapd = Slapd::start();
     seed(&slapd, m1.port, m2.port);
     slapd.ldif("ldapadd", &mailbox_ldif("doomed@example.test", "m1"));
-    let mut routers = [router(&slapd), router(&slapd)];
+    let (first, metrics) = router_metrics(&slapd);
+    let mut routers = [first, router(&slapd)];
     for r in &routers {
         wait_rcpt(r, "a@example.test", 250, 30);
         wait_rcpt(r, "doomed@example.test", 250, 30);
@@ -392,16 +430,13 @@ fn routers_keep_routing_without_the_directory_and_resume_from_their_cookie() {
     // The directory goes away: both keep routing on their last synced catalog.
     slapd.down();
     for r in &routers {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sync_status(r).contains("NOT CONNECTED") {
-            assert!(Instant::now() < deadline, "{}", sync_status(r));
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_status(r, "NOT CONNECTED");
         assert_eq!(rcpt(r, "a@example.test"), 250);
         send(r, "a@example.test", "no-directory");
         assert!(r.scratch.ok(&["servers"]).contains("NOT CONNECTED"));
     }
     assert_eq!(m1.wait_for(2, 20).len(), 2);
+    assert_eq!(metric(metrics, "clustermail_directory_connected"), 0.0);
     // Back; router 2 is down while an entry is added; it sees it after its
     // restart (resuming from its cookie), as router 1 does at once.
     slapd.up();
