@@ -5,13 +5,14 @@
 # and the propagation delay of C changes: each a mailbox added with ldapadd, timed
 # from ldapadd's return until BOTH routers answer 250 to RCPT for it (p50/p99/max).
 # usage: bench/directory.sh [MAILBOXES] [CHANGES]     (default 100000 1000)
-# Needs slapd and ldap-utils (apt-get install slapd ldap-utils).
+# Needs slapd and ldap-utils (apt-get install slapd ldap-utils). SKIP_BUILD=1: use the
+# release binary as built (or BIN=PATH). A router whose data dir passes 2 GB stops the bench.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-100000}
 C=${2:-1000}
-BIN=$PWD/target/release/clustermail
-cargo build --release --quiet
+BIN=${BIN:-$PWD/target/release/clustermail}
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet
 TMP=$(mktemp -d /tmp/clustermail-directory.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
@@ -101,12 +102,17 @@ initial_sync() {
     router "$1"
     read -r smtp metrics <"$TMP/$1/ports"
     wait_port "$metrics"
-    for _ in $(seq 6000); do
-        age=$(metric "$metrics" clustermail_directory_last_change_age_seconds)
+    for i in $(seq 6000); do
+        age=$(metric "$metrics" clustermail_directory_last_change_age_seconds || true)
         [ -n "$age" ] && [ "$age" != "-1.000" ] && break
+        if ((i % 20 == 0)) && [ "$(du -sm "$TMP/$1/data" | cut -f1)" -gt 2048 ]; then
+            echo "router $1: data dir over 2 GB during the initial sync; stopping" >&2
+            exit 1
+        fi
         sleep 0.05
     done
-    printf "initial sync, %s: %.1f s (process start to %s mailboxes routable)\n" "$1" "$(since "$T0")" "$N"
+    printf "initial sync, %s: %.1f s (process start to %s mailboxes routable); data dir %s MB\n" \
+        "$1" "$(since "$T0")" "$N" "$(du -sm "$TMP/$1/data" | cut -f1)"
 }
 initial_sync r1
 initial_sync r2
@@ -150,3 +156,4 @@ pct = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000
 print(f"propagation over {c} adds (ldapadd return -> RCPT 250 on both routers): "
       f"p50 {pct(0.50):.1f} ms, p99 {pct(0.99):.1f} ms, max {lat[-1] * 1000:.1f} ms")
 EOF
+for r in r1 r2; do printf "data dir %s after the changes: %s MB\n" "$r" "$(du -sm "$TMP/$r/data" | cut -f1)"; done

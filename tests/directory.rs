@@ -189,8 +189,13 @@ fn router_metrics(slapd: &Slapd) -> (Router, u16) {
 fn metric(port: u16, name: &str) -> f64 {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
     let mut body = String::new();
     let _ = s.read_to_string(&mut body);
     body.lines()
@@ -369,7 +374,10 @@ fn an_invalid_entry_is_reported_the_others_applied_and_it_waits_to_become_valid(
     let (r, metrics) = router_metrics(&slapd);
     wait_rcpt(&r, "a@example.test", 250, 30);
     assert_eq!(metric(metrics, "clustermail_directory_connected"), 1.0);
-    assert_eq!(metric(metrics, "clustermail_directory_rejected_entries"), 0.0);
+    assert_eq!(
+        metric(metrics, "clustermail_directory_rejected_entries"),
+        0.0
+    );
     // One batch: a mailbox homed on an unknown server, and a good one.
     slapd.ldif(
         "ldapadd",
@@ -383,7 +391,10 @@ fn an_invalid_entry_is_reported_the_others_applied_and_it_waits_to_become_valid(
     assert_eq!(rcpt(&r, "bad@example.test"), 550);
     // (The report follows the catalog write by a moment.)
     let status = wait_status(&r, "rejected:     1");
-    assert_eq!(metric(metrics, "clustermail_directory_rejected_entries"), 1.0);
+    assert_eq!(
+        metric(metrics, "clustermail_directory_rejected_entries"),
+        1.0
+    );
     let age = metric(metrics, "clustermail_directory_last_change_age_seconds");
     assert!((0.0..60.0).contains(&age), "{age}");
     assert!(

@@ -61,7 +61,7 @@ pub fn sync_status(
                 "never"
             }
         )?;
-        let local = Local::open(db, cat.rule(), None)?;
+        let (local, _) = Local::open(db, cat.rule(), None)?;
         local
             .all()?
             .into_iter()

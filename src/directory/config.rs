@@ -101,3 +101,35 @@ pub fn refusal(what: &str) -> String {
          directory instead (see README \"Many routers\")"
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    #[test]
+    fn one_url_or_several_and_errors_name_the_key() {
+        let c = Config::parse(
+            "[directory]\nurl = \"ldap://127.0.0.1:389\"\nbase_dn = \"dc=x,dc=test\"\n",
+        )
+        .expect("valid");
+        assert_eq!(c.directory.as_ref().unwrap().url, ["ldap://127.0.0.1:389"]);
+        let c = Config::parse(
+            "[directory]\nurl = [\"ldaps://a.test\", \"ldap://b.test:3389\"]\nbase_dn = \"dc=x\"\n",
+        )
+        .expect("valid");
+        assert_eq!(c.directory.as_ref().unwrap().url.len(), 2);
+        let toml = c.to_toml().unwrap();
+        assert!(toml.contains("[directory]"), "{toml}");
+        for (bad, key) in [
+            ("url = \"http://x\"\nbase_dn = \"dc=x\"\n", "directory.url"),
+            ("url = \"ldap://x\"\nbase_dn = \"x\"\n", "directory.base_dn"),
+            (
+                "url = \"ldap://x\"\nbase_dn = \"dc=x\"\npassword_file = \"/nonexistent\"\n",
+                "directory.password_file",
+            ),
+        ] {
+            let e = Config::parse(&format!("[directory]\n{bad}")).unwrap_err();
+            assert!(format!("{e:#}").contains(key), "{e:#}");
+        }
+    }
+}

@@ -60,6 +60,29 @@ pub struct Delta {
     pub full: bool,
     pub put: Vec<(Vec<u8>, Held)>,
     pub gone: Vec<Vec<u8>>,
+    /// Written without its entries (a full refresh, or a batch of more than
+    /// [`JOURNAL_MAX`]): a replay cannot redo it, the next sync is a full refresh.
+    pub truncated: bool,
+}
+
+/// Entries a journal holds at most: the journal is a catalog meta value
+/// rewritten with every batch, so it must stay small (a value of megabytes in
+/// the catalog's tree would be copied with every write near it).
+pub const JOURNAL_MAX: usize = 512;
+
+impl Delta {
+    /// The journal to write with this batch: the delta itself, or a marker.
+    pub fn journal(&self) -> Result<Vec<u8>> {
+        if self.full || self.put.len() + self.gone.len() > JOURNAL_MAX {
+            return encode(&Delta {
+                seq: self.seq,
+                full: self.full,
+                truncated: true,
+                ..Delta::default()
+            });
+        }
+        encode(self)
+    }
 }
 
 /// A batch planned: the catalog changes, the entry each came from, the delta.
@@ -98,23 +121,38 @@ pub struct Local {
 
 impl Local {
     /// Opens the state, replaying `journal` (the catalog's copy of the last
-    /// delta) when the tree missed it.
-    pub fn open(db: &sled::Db, rule: LocalPartMatch, journal: Option<&[u8]>) -> Result<Local> {
+    /// delta) when the tree missed it. The flag: the tree missed a batch that
+    /// cannot be replayed (a truncated journal), so the next sync must be a
+    /// full refresh.
+    pub fn open(
+        db: &sled::Db,
+        rule: LocalPartMatch,
+        journal: Option<&[u8]>,
+    ) -> Result<(Local, bool)> {
         let local = Local {
             tree: db.open_tree("directory")?,
             rule,
         };
-        if let Some(j) = journal {
-            let mut delta: Delta = decode(j).context("corrupt directory journal")?;
-            if delta.seq > local.seq() {
-                tracing::warn!(seq = delta.seq, "directory: replaying the last sync batch");
-                for (_, h) in &mut delta.put {
-                    h.waiting |= h.problem.is_none() && h.record.is_some();
-                }
-                local.commit(&delta, &HashMap::new())?;
-            }
+        let Some(j) = journal else {
+            return Ok((local, false));
+        };
+        let mut delta: Delta = decode(j).context("corrupt directory journal")?;
+        if delta.seq <= local.seq() {
+            return Ok((local, false));
         }
-        Ok(local)
+        if delta.truncated {
+            tracing::warn!(
+                seq = delta.seq,
+                "directory: the last sync batch is not in the local state; a full refresh follows"
+            );
+            return Ok((local, true));
+        }
+        tracing::warn!(seq = delta.seq, "directory: replaying the last sync batch");
+        for (_, h) in &mut delta.put {
+            h.waiting |= h.problem.is_none() && h.record.is_some();
+        }
+        local.commit(&delta, &HashMap::new())?;
+        Ok((local, false))
     }
 
     pub fn seq(&self) -> u64 {
@@ -391,10 +429,8 @@ mod tests {
     fn open() -> (tempfile::TempDir, Local) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
-        (
-            dir,
-            Local::open(&db, LocalPartMatch::CaseInsensitive, None).unwrap(),
-        )
+        let local = Local::open(&db, LocalPartMatch::CaseInsensitive, None).unwrap();
+        (dir, local.0)
     }
 
     #[test]
@@ -447,17 +483,40 @@ mod tests {
     fn rejected_entries_wait_and_a_lost_commit_is_replayed() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
-        let local = Local::open(&db, LocalPartMatch::CaseInsensitive, None).unwrap();
+        let (local, _) = Local::open(&db, LocalPartMatch::CaseInsensitive, None).unwrap();
         let p = local.plan(vec![up("u1", "a@x.test")], false).unwrap();
         let rejected = HashMap::from([(b"u1".to_vec(), "unknown home".to_string())]);
         local.commit(&p.delta, &rejected).unwrap();
         assert_eq!(waiting(&local).changes.len(), 1);
         // A batch applied to the catalog whose local commit was lost.
         let p = local.plan(vec![up("u2", "b@x.test")], false).unwrap();
-        let journal = encode(&p.delta).unwrap();
+        let journal = p.delta.journal().unwrap();
         drop(local);
-        let local = Local::open(&db, LocalPartMatch::CaseInsensitive, Some(&journal)).unwrap();
+        let (local, full) =
+            Local::open(&db, LocalPartMatch::CaseInsensitive, Some(&journal)).unwrap();
+        assert!(!full);
         assert!(local.held(b"u2").unwrap().is_some());
         assert_eq!(waiting(&local).changes.len(), 2);
+    }
+
+    #[test]
+    fn journals_stay_small_and_a_lost_big_batch_asks_for_a_full_refresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let (local, _) = Local::open(&db, LocalPartMatch::CaseInsensitive, None).unwrap();
+        let events = (0..JOURNAL_MAX + 1)
+            .map(|i| up(&format!("u{i}"), &format!("m{i}@x.test")))
+            .collect();
+        let p = local.plan(events, false).unwrap();
+        let journal = p.delta.journal().unwrap();
+        assert!(journal.len() < 64, "{} bytes", journal.len());
+        drop(local);
+        let (local, full) =
+            Local::open(&db, LocalPartMatch::CaseInsensitive, Some(&journal)).unwrap();
+        assert!(
+            full,
+            "a lost batch that cannot be replayed needs a full refresh"
+        );
+        assert!(local.all().unwrap().is_empty());
     }
 }

@@ -4,7 +4,7 @@
 //! (applied as soon as a later change makes them valid).
 
 use super::entry::Record;
-use super::journal::{encode, Delta, Event, Local, Plan, COOKIE, JOURNAL};
+use super::journal::{Delta, Event, Local, Plan, COOKIE, JOURNAL};
 use super::status::{RejectedEntry, STATUS};
 use crate::catalog::model::LocalPartMatch;
 use crate::catalog::{ApplyReport, Catalog, Change};
@@ -44,6 +44,9 @@ pub struct Syncer {
     rejected: BTreeMap<Vec<u8>, RejectedEntry>,
     /// Entries to offer again.
     waiting: HashSet<Vec<u8>>,
+    /// The local state missed a batch it cannot replay: the next sync must be
+    /// a full refresh (cleared by one).
+    needs_full: bool,
 }
 
 /// Puts in dependency order (clusters, servers, mailboxes) for a full refresh;
@@ -62,10 +65,11 @@ impl Syncer {
     /// entries again.
     pub fn open(replica: Arc<dyn Replica>, db: &sled::Db, rule: LocalPartMatch) -> Result<Syncer> {
         let journal = replica.sync_meta(JOURNAL)?;
-        let local = Local::open(db, rule, journal.as_deref())?;
+        let (local, needs_full) = Local::open(db, rule, journal.as_deref())?;
         let mut s = Syncer {
             replica,
             local,
+            needs_full,
             rejected: BTreeMap::new(),
             waiting: HashSet::new(),
         };
@@ -77,8 +81,11 @@ impl Syncer {
         Ok(s)
     }
 
-    /// The cookie of the last batch applied (None: never synced).
+    /// The cookie to resume from (None: never synced, or a full refresh is needed).
     pub fn cookie(&self) -> Result<Option<Vec<u8>>> {
+        if self.needs_full {
+            return Ok(None);
+        }
         self.replica.sync_meta(COOKIE)
     }
 
@@ -138,7 +145,7 @@ impl Syncer {
         if changes.is_empty() && delta.put.is_empty() && delta.gone.is_empty() && cookie.is_none() {
             return Ok(0);
         }
-        let journal = encode(&delta)?;
+        let journal = delta.journal()?;
         let mut meta: Vec<(&str, &[u8])> = vec![(JOURNAL, &journal)];
         if let Some(c) = cookie {
             meta.push((COOKIE, c));
@@ -160,6 +167,7 @@ impl Syncer {
         }
         self.local.commit(&delta, &rejected)?;
         if full {
+            self.needs_full = false;
             self.rejected.clear();
             self.waiting.clear();
         }
