@@ -13,6 +13,10 @@
 # load into the MASTER, with ha.shadow = "off" and then "preferred" (the 250 waits
 # for the SLAVE's durable shadow copy): the cost of shadow copies, in the same run.
 #
+# A unit that does not end cleanly when stopped (a crash, e.g. SIGABRT) is reported
+# with the end of its log, and the temp dir (logs, data, any core dump) is kept;
+# KEEP_TMP=1 keeps it always.
+#
 # usage: bench/relay.sh [--pair] [MESSAGES] [SESSIONS...]     (default: 20000 20 100)
 #        CLUSTERMAIL_BIN=path/to/clustermail bench/relay.sh ...   (another build, e.g.
 #        an older commit's, instead of building this tree's release binary)
@@ -29,7 +33,7 @@ PROBES=200
 if [ -n "${CLUSTERMAIL_BIN:-}" ]; then
     BIN=$CLUSTERMAIL_BIN
 else
-    BIN=target/release/clustermail
+    BIN=$PWD/target/release/clustermail
     cargo build --release --quiet
 fi
 TMP=$(mktemp -d /tmp/clustermail-bench.XXXXXX)
@@ -38,7 +42,11 @@ PIDS=()
 cleanup() {
     for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
     [ -f "$TMP/pf/etc/main.cf" ] && postfix -c "$TMP/pf/etc" stop >/dev/null 2>&1 || true
-    [ -n "${KEEP_TMP:-}" ] || rm -rf "$TMP"
+    if [ -n "${KEEP_TMP:-}" ] || [ -n "${UNIT_DIED:-}" ]; then
+        echo "temp dir kept: $TMP" >&2
+    else
+        rm -rf "$TMP"
+    fi
 }
 trap cleanup EXIT
 
@@ -115,9 +123,30 @@ unit_up() {
         "listen = \"127.0.0.1:$ha\"" "peer = \"127.0.0.1:$peer_ha\"" \
         "peer_smtp = \"127.0.0.1:$peer_smtp\"" "password = \"bench-pair-secret\"" \
         "heartbeat_interval = \"200ms\"" "shadow = \"$shadow\""
-    RUST_LOG=warn $BIN --config "$dir/clustermail.toml" serve 2>"$dir/serve.log" &
+    # In its own directory, core dumps allowed: a unit that aborts leaves its
+    # core there (with core_pattern "core") besides its log.
+    (cd "$dir" && ulimit -c unlimited 2>/dev/null; RUST_LOG=warn exec "$BIN" --config "$dir/clustermail.toml" serve 2>"$dir/serve.log") &
     UNIT=$!
     PIDS+=("$UNIT")
+}
+
+# unit_down PID DIR: stops a unit (SIGTERM: a clean shutdown exits 0); any other
+# end (a signal such as SIGABRT before the stop, an error) is reported with the
+# end of its log, and the temp dir is kept.
+unit_down() {
+    local pid=$1 dir=$2 rc=0
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || rc=$?
+    if [ "$rc" != 0 ]; then
+        UNIT_DIED=1
+        if [ "$rc" -gt 128 ]; then
+            echo "    UNIT $dir ENDED BY SIGNAL $((rc - 128)) ($(kill -l $((rc - 128)) 2>/dev/null || echo ?)); its log:" >&2
+        else
+            echo "    UNIT $dir EXITED WITH STATUS $rc; its log:" >&2
+        fi
+        tail -n 20 "$dir/serve.log" >&2
+        ls "$dir"/core* 2>/dev/null >&2 || true
+    fi
 }
 
 # wait_mode DIR MODE: until the unit's `ha status` says it (at most 20 s).
@@ -147,7 +176,9 @@ pair_row() {
     printf "    (shadow copies %s in %s round trips; accepted without: %s)\n" \
         "$(metric "$m1" clustermail_shadow_copies_total)" "$(metric "$m1" clustermail_shadow_round_trips_total)" \
         "$(metric "$m1" clustermail_shadow_unshadowed_total)"
-    kill "$a" "$b"; wait "$a" "$b" 2>/dev/null || true
+    [ "$shadow" = off ] || "$BIN" --config "$d1/clustermail.toml" ha status | sed -n 's/^shadow: */    (MASTER: /p' | sed 's/$/)/'
+    unit_down "$a" "$d1"
+    unit_down "$b" "$d2"
     kill "$SINK"; wait "$SINK" 2>/dev/null || true
 }
 

@@ -1,20 +1,10 @@
-//! The command line, shared by the `clustermail` binary and the router's admin
-//! socket (which parses the same arguments), and [`execute`], which runs the
-//! commands that need the store against either a running router's objects or the
-//! store opened directly.
+//! The command-line grammar: every command and option of the `clustermail` binary,
+//! parsed by the binary and, from the arguments a remote CLI sends, by the router's
+//! admin socket. Types only; `admin::execute` runs the commands.
 
-use crate::admin::catalog::{Only, What};
-use crate::admin::{self, Exit};
-use crate::catalog::{AdminState, Catalog, Mode};
-use crate::config::RoutingConfig;
-use crate::health::monitor::SharedTracker;
-use crate::queue::control::Control;
-use crate::queue::Spool;
-use anyhow::Result;
+use crate::catalog::{AdminState, Format};
 use clap::{Parser, Subcommand};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -258,22 +248,6 @@ pub struct ListArgs {
     pub after: Option<crate::queue::QueueId>,
 }
 
-impl ListArgs {
-    pub fn page(&self) -> admin::queue::Page {
-        admin::queue::Page {
-            filter: crate::queue::view::Filter {
-                server: self.server.clone(),
-                state: self.state.clone(),
-                from: self.from.clone(),
-                to: self.to.clone(),
-                older_than_ms: self.older_than.map(|d| d.as_millis() as u64),
-            },
-            after: self.after,
-            limit: self.limit,
-        }
-    }
-}
-
 /// How long a queue command waits for a delivery of its message in progress.
 #[derive(clap::Args, Debug, Clone, Copy)]
 pub struct Wait {
@@ -310,11 +284,12 @@ pub enum CatalogCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
-    /// Write the catalog in a format `import` reads back, or as LDIF entries
-    /// for an LDAP directory (`--format ldif --base-dn DN`, for `ldapadd`).
+    /// Write the catalog in a format `import` reads back.
+    /// Write the catalog as LDIF entries for an LDAP directory with `--format
+    /// ldif --base-dn DN` (for `ldapadd`).
     Export {
         #[arg(long, short, value_enum, default_value = "toml")]
-        format: admin::catalog::ExportFormat,
+        format: ExportFormat,
         /// The directory's catalog base DN (with `--format ldif`): entries are
         /// written under `ou=clusters`, `ou=servers`, `ou=mailboxes` of it.
         #[arg(long, value_name = "DN")]
@@ -352,17 +327,6 @@ pub enum CatalogCommand {
         server: String,
         state: String,
     },
-}
-
-impl CatalogCommand {
-    /// The name of a command that writes the catalog (None: it only reads).
-    pub fn writes(&self) -> Option<&'static str> {
-        match self {
-            CatalogCommand::Import { dry_run: false, .. } => Some("catalog import"),
-            CatalogCommand::SetState { .. } => Some("catalog set-state"),
-            _ => None,
-        }
-    }
 }
 
 pub fn parse_state(s: &str) -> Result<AdminState, String> {
@@ -407,274 +371,47 @@ impl Command {
     }
 }
 
-/// What a store command runs against.
-pub struct Context {
-    pub catalog: Arc<Catalog>,
-    pub spool: Spool,
-    pub tracker: SharedTracker,
-    /// The routing settings (a running router's current ones: a reload replaces them).
-    pub routing: Arc<crate::config::Live<RoutingConfig>>,
-    /// Re-reads the config file (`clustermail reload`): only in a running router.
-    pub reload: Option<Arc<crate::reload::Reloader>>,
-    /// The router is running (availability is live, not probed for this command).
-    pub live: bool,
-    /// The HA unit, when the running router is one of a pair.
-    pub ha: Option<Arc<crate::ha::Ha>>,
-    /// `[directory]`: the catalog is a replica of an LDAP directory, which is
-    /// its source of truth (imports and set-state are refused).
-    pub directory: Option<crate::directory::DirectoryConfig>,
+/// What `catalog export` writes the catalog as: a catalog file format, or LDIF
+/// entries for an LDAP directory (`ldapadd`; see README "Many routers").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    Toml,
+    Json,
+    Csv,
+    Ldif,
 }
 
-/// Runs a store command; output goes to `out`, problems to `err`.
-pub async fn execute(
-    ctx: &Context,
-    command: Command,
-    out: &mut (dyn Write + Send),
-    err: &mut (dyn Write + Send),
-) -> Result<Exit> {
-    match command {
-        Command::Catalog { command } => {
-            let cat = &ctx.catalog;
-            if let (Some(_), Some(what)) = (&ctx.directory, command.writes()) {
-                writeln!(err, "{}", crate::directory::refusal(what))?;
-                return Ok(Exit::Invalid);
-            }
-            match command {
-                CatalogCommand::SyncStatus => {
-                    admin::directory::sync_status(cat, ctx.directory.as_ref(), ctx.spool.db(), out)
-                }
-                CatalogCommand::Import {
-                    files,
-                    replace,
-                    merge: _,
-                    dry_run,
-                } => {
-                    let mode = if replace { Mode::Replace } else { Mode::Merge };
-                    tokio::task::block_in_place(|| {
-                        admin::catalog::import(cat, &files, mode, dry_run, out, err)
-                    })
-                }
-                CatalogCommand::Validate { files } => {
-                    tokio::task::block_in_place(|| admin::catalog::validate(cat, &files, out, err))
-                }
-                CatalogCommand::Export {
-                    format,
-                    base_dn,
-                    only,
-                    output,
-                } => tokio::task::block_in_place(|| {
-                    admin::catalog::export(
-                        cat,
-                        format,
-                        base_dn.as_deref(),
-                        only,
-                        output.as_deref(),
-                        out,
-                    )
-                }),
-                CatalogCommand::List {
-                    what,
-                    cluster,
-                    server,
-                } => admin::catalog::list(cat, what, cluster.as_deref(), server.as_deref(), out),
-                CatalogCommand::Show { address } => admin::catalog::show(cat, &address, out, err),
-                CatalogCommand::SetState {
-                    mailbox: Some(address),
-                    server,
-                    state,
-                } => tokio::task::block_in_place(|| {
-                    admin::catalog::set_mailbox_state(cat, &address, &server, &state, out, err)
-                }),
-                CatalogCommand::SetState {
-                    mailbox: None,
-                    server,
-                    state,
-                } => match parse_state(&state) {
-                    Ok(state) => admin::catalog::set_state(cat, &server, state, out),
-                    Err(e) => {
-                        writeln!(err, "{e}")?;
-                        Ok(Exit::Invalid)
-                    }
-                },
-            }
-        }
-        Command::Queue { command } => match command {
-            QueueCommand::List(args) => {
-                admin::queue::list_page(&ctx.spool, Some(&ctx.catalog), &args.page(), out)
-            }
-            QueueCommand::Summary => admin::queue::summary(&ctx.spool, Some(&ctx.catalog), out),
-            QueueCommand::Hold { id, wait } => {
-                let control = Control::new(ctx.spool.clone());
-                admin::queue::hold(&control, &id, wait.duration, out, err).await
-            }
-            QueueCommand::Unhold { id, wait } => {
-                let control = Control::new(ctx.spool.clone());
-                admin::queue::unhold(&control, &id, wait.duration, out, err).await
-            }
-            QueueCommand::Show { id, raw } => admin::queue::show(&ctx.spool, &id, raw, out, err),
-            QueueCommand::Retry { id, all, wait } => {
-                let control = Control::new(ctx.spool.clone());
-                admin::queue::retry(&control, id.as_deref(), all, wait.duration, out, err).await
-            }
-            QueueCommand::Delete { id, wait } => {
-                let control = Control::new(ctx.spool.clone());
-                let exit = admin::queue::delete(&control, &id, wait.duration, out, err).await;
-                if let (Ok(Exit::Ok), Ok(qid)) = (&exit, id.parse::<crate::queue::QueueId>()) {
-                    crate::track::event(ctx.spool.db(), qid, "", crate::track::What::Deleted);
-                }
-                exit
-            }
-            QueueCommand::Release { id, wait } => {
-                let control = Control::new(ctx.spool.clone());
-                let lifetime = ctx.routing.get().max_queue_lifetime;
-                admin::queue::release(&control, &id, lifetime, wait.duration, out, err).await
-            }
-            QueueCommand::Bounce { id, wait } => {
-                let control = Control::new(ctx.spool.clone());
-                admin::queue::bounce(&control, &id, wait.duration, out, err).await
-            }
-        },
-        Command::Servers {
-            command: Some(command),
-        } => {
-            let control = Control::new(ctx.spool.clone());
-            match command {
-                ServersCommand::Pause { name } => {
-                    admin::routes::pause(ctx, &control, &name, out, err).await
-                }
-                ServersCommand::Resume { name, wait } => {
-                    admin::routes::resume(ctx, &control, &name, wait.duration, out, err).await
-                }
-            }
-        }
-        Command::Servers { command: None } => {
-            if !ctx.live {
-                crate::health::monitor::probe_all(&ctx.catalog, &ctx.tracker, &ctx.routing.get())
-                    .await;
-            }
-            admin::routes::servers(ctx, out)
-        }
-        Command::Route {
-            command: RouteCommand::Explain { address },
-        } => {
-            if !ctx.live {
-                crate::health::monitor::probe_all(&ctx.catalog, &ctx.tracker, &ctx.routing.get())
-                    .await;
-            }
-            admin::routes::explain(ctx, &address, out, err)
-        }
-        Command::Track {
-            message_id,
-            from,
-            to,
-            since,
-        } => {
-            let q = crate::track::Query {
-                message_id,
-                from,
-                to,
-                since,
-            };
-            let db = ctx.spool.db();
-            let found = tokio::task::block_in_place(|| crate::track::find(db, &q))?;
-            crate::track::render(&found, out)?;
-            Ok(Exit::Ok)
-        }
-        Command::Reload => match &ctx.reload {
-            None => {
-                writeln!(err, "the router is not running: there is nothing to reload")?;
-                Ok(Exit::Failed)
-            }
-            Some(r) => match r.reload() {
-                Ok(report) => {
-                    write!(out, "{report}")?;
-                    Ok(Exit::Ok)
-                }
-                Err(e) => {
-                    writeln!(err, "{e}")?;
-                    Ok(Exit::Invalid)
-                }
-            },
-        },
-        Command::Ha { command } => {
-            let Some(ha) = &ctx.ha else {
-                writeln!(
-                    err,
-                    "{}",
-                    if ctx.live {
-                        "this router is not one of an HA pair (no [ha] in its config)"
-                    } else {
-                        "the router is not running: HA status and modes exist only in a running router"
-                    }
-                )?;
-                return Ok(Exit::Failed);
-            };
-            match command {
-                HaCommand::Status => {
-                    ha.write_status(out)?;
-                    Ok(Exit::Ok)
-                }
-                HaCommand::SetMode { mode } => {
-                    let said = ha.set_mode(matches!(mode, HaSetMode::Master)).await;
-                    writeln!(out, "{said}")?;
-                    Ok(Exit::Ok)
-                }
-                HaCommand::Restore => match ha.restore().await {
-                    Ok(msg) => {
-                        writeln!(out, "{msg}")?;
-                        Ok(Exit::Ok)
-                    }
-                    Err(why) => {
-                        writeln!(err, "refused: {why}")?;
-                        Ok(Exit::Failed)
-                    }
-                },
-            }
-        }
-        Command::Web { command } => web_command(ctx, command, out, err),
-        Command::Serve | Command::Demo { .. } | Command::Config { .. } => {
-            writeln!(err, "not a store command")?;
-            Ok(Exit::Invalid)
+impl From<Format> for ExportFormat {
+    fn from(f: Format) -> ExportFormat {
+        match f {
+            Format::Toml => ExportFormat::Toml,
+            Format::Json => ExportFormat::Json,
+            Format::Csv => ExportFormat::Csv,
         }
     }
 }
 
-/// `web set-password|create-token|revoke-token`, against the store's `web` tree.
-fn web_command(
-    ctx: &Context,
-    command: WebCommand,
-    out: &mut (dyn Write + Send),
-    err: &mut (dyn Write + Send),
-) -> Result<Exit> {
-    let store = crate::web::auth::Store::open(ctx.spool.db())?;
-    match command {
-        WebCommand::SetPassword { user, password } => {
-            let Some(password) = password.filter(|p| !p.is_empty()) else {
-                writeln!(err, "give the new password on stdin")?;
-                return Ok(Exit::Invalid);
-            };
-            match tokio::task::block_in_place(|| store.set_password(&user, &password)) {
-                Ok(()) => writeln!(out, "password of console user {user} set")?,
-                Err(e) => {
-                    writeln!(err, "{e:#}")?;
-                    return Ok(Exit::Invalid);
-                }
-            }
-        }
-        WebCommand::CreateToken { name } => match store.create_token(&name) {
-            Ok(token) => writeln!(out, "{token}")?,
-            Err(e) => {
-                writeln!(err, "{e:#}")?;
-                return Ok(Exit::Invalid);
-            }
-        },
-        WebCommand::RevokeToken { name } => {
-            if !store.revoke_token(&name)? {
-                writeln!(err, "no API token named {name}")?;
-                return Ok(Exit::Invalid);
-            }
-            writeln!(out, "API token {name} revoked")?;
+impl CatalogCommand {
+    /// The name of a command that writes the catalog (None: it only reads).
+    pub fn writes(&self) -> Option<&'static str> {
+        match self {
+            CatalogCommand::Import { dry_run: false, .. } => Some("catalog import"),
+            CatalogCommand::SetState { .. } => Some("catalog set-state"),
+            _ => None,
         }
     }
-    Ok(Exit::Ok)
+}
+
+/// What `catalog export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Only {
+    Servers,
+    Mailboxes,
+}
+
+/// What `catalog list` lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum What {
+    Servers,
+    Mailboxes,
 }

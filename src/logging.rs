@@ -83,6 +83,33 @@ impl<W: fmt::Write> fmt::Write for EscapeControls<W> {
     }
 }
 
+/// An `io::Write` for text shown to an administrator's terminal (`queue show`,
+/// `track`): [`unsafe_in_log`] characters other than the line ends are escaped, so
+/// text a peer chose (a HELO, a server's reply, a Message-ID) cannot move the
+/// cursor, retitle the window or forge a line. Writes must be whole UTF-8 strings
+/// (as `write!` makes them).
+pub struct TerminalSafe<W>(pub W);
+
+impl<W: std::io::Write> std::io::Write for TerminalSafe<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        let mut escaped = String::with_capacity(text.len());
+        for (i, line) in text.split('\n').enumerate() {
+            if i > 0 {
+                escaped.push('\n');
+            }
+            fmt::Write::write_str(&mut EscapeControls(&mut escaped), line)
+                .map_err(|_| std::io::Error::other("formatting"))?;
+        }
+        self.0.write_all(escaped.as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// Writes JSON log lines with DEL, C1 controls and the other [`unsafe_in_log`]
 /// characters as `\uXXXX` (raw C0 controls never occur: JSON escapes them, and
 /// the line's own end is kept).

@@ -141,7 +141,7 @@ fn store_command(
     );
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        let ctx = cli::Context {
+        let ctx = clustermail::admin::Context {
             catalog: Arc::new(if replacing {
                 Catalog::open_for_replace(&db, config.local_part_match)?
             } else {
@@ -155,7 +155,7 @@ fn store_command(
             ha: None,
             directory: config.directory.clone(),
         };
-        let exit = cli::execute(&ctx, command, out, err).await;
+        let exit = clustermail::admin::execute(&ctx, command, out, err).await;
         ctx.spool.durable().await?;
         exit
     })

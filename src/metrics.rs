@@ -148,6 +148,17 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 /// The Prometheus text exposition (format 0.0.4) of everything.
 pub fn render(m: &Metrics, sources: &Sources) -> String {
     let mut out = String::new();
+    counters(&mut out, m);
+    crate::ha::shadow::render_metrics(&mut out);
+    decisions_and_replies(&mut out, m);
+    queue(&mut out, sources);
+    servers(&mut out, sources);
+    crate::directory::status::render_metrics(&mut out);
+    out
+}
+
+/// The plain counters.
+fn counters(out: &mut String, m: &Metrics) {
     for (name, help, c) in [
         (
             "clustermail_messages_accepted_total",
@@ -185,13 +196,16 @@ pub fn render(m: &Metrics, sources: &Sources) -> String {
             &m.smtp_data_refused,
         ),
     ] {
-        family(&mut out, name, "counter", help);
+        family(out, name, "counter", help);
         let _ = writeln!(out, "{name} {}", c.get());
     }
-    crate::ha::shadow::render_metrics(&mut out);
+}
+
+/// Routing decisions, SMTP replies, data in flight.
+fn decisions_and_replies(out: &mut String, m: &Metrics) {
     let name = "clustermail_routing_decisions_total";
     family(
-        &mut out,
+        out,
         name,
         "counter",
         "Routing decisions of delivery attempts, by decision.",
@@ -206,7 +220,7 @@ pub fn render(m: &Metrics, sources: &Sources) -> String {
     }
     let name = "clustermail_smtp_replies_total";
     family(
-        &mut out,
+        out,
         name,
         "counter",
         "SMTP replies sent to clients, by code.",
@@ -217,26 +231,29 @@ pub fn render(m: &Metrics, sources: &Sources) -> String {
 
     let name = "clustermail_smtp_data_in_flight_bytes";
     family(
-        &mut out,
+        out,
         name,
         "gauge",
         "Octets of message data held by SMTP sessions (budget: smtp.max_data_in_flight).",
     );
     let _ = writeln!(out, "{name} {}", m.smtp_data_in_flight.get());
+}
 
+/// The queue's size and age (a scan of the store: rendered off the async workers).
+fn queue(out: &mut String, sources: &Sources) {
     let (messages, oldest) = match sources.spool.oldest() {
         Ok(oldest) => (sources.spool.len(), oldest),
         Err(_) => (0, None),
     };
     family(
-        &mut out,
+        out,
         "clustermail_queue_messages",
         "gauge",
         "Messages in the queue.",
     );
     let _ = writeln!(out, "clustermail_queue_messages {messages}");
     family(
-        &mut out,
+        out,
         "clustermail_queue_oldest_age_seconds",
         "gauge",
         "Age of the oldest queued message (0 when empty).",
@@ -247,7 +264,10 @@ pub fn render(m: &Metrics, sources: &Sources) -> String {
         .as_millis() as u64;
     let age = oldest.map_or(0.0, |id| now_ms.saturating_sub(id.millis()) as f64 / 1000.0);
     let _ = writeln!(out, "clustermail_queue_oldest_age_seconds {age:.3}");
+}
 
+/// Each server's availability and availability index.
+fn servers(out: &mut String, sources: &Sources) {
     let tracker = sources
         .tracker
         .lock()
@@ -256,7 +276,7 @@ pub fn render(m: &Metrics, sources: &Sources) -> String {
     let servers = sources.catalog.servers(None);
     let name = "clustermail_server_availability";
     family(
-        &mut out,
+        out,
         name,
         "gauge",
         "1 for the server's current availability (up, busy, down), 0 for the others.",
@@ -276,7 +296,7 @@ pub fn render(m: &Metrics, sources: &Sources) -> String {
     }
     let name = "clustermail_server_availability_index";
     family(
-        &mut out,
+        out,
         name,
         "gauge",
         "Availability index 0-100 (100: answering as fast as its baseline).",
@@ -289,27 +309,61 @@ pub fn render(m: &Metrics, sources: &Sources) -> String {
             tracker.health(&s.name).index
         );
     }
-    crate::directory::status::render_metrics(&mut out);
-    out
+}
+
+/// The metrics endpoint's state: what it reads, and its last answer.
+struct Scrapes {
+    sources: std::sync::Arc<Sources>,
+    /// One scrape renders at a time (the queue gauges scan the store, off the async
+    /// workers); scrapes that waited meanwhile share the next rendering started
+    /// after they arrived (never an older one). With when that rendering started.
+    last: tokio::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<String>)>>,
+}
+
+impl Scrapes {
+    async fn text(&self) -> std::sync::Arc<String> {
+        let arrived = std::time::Instant::now();
+        let mut last = self.last.lock().await;
+        if let Some((started, text)) = last.as_ref() {
+            if *started >= arrived {
+                return text.clone();
+            }
+        }
+        let started = std::time::Instant::now();
+        let sources = self.sources.clone();
+        let text = tokio::task::spawn_blocking(move || render(&METRICS, &sources))
+            .await
+            .unwrap_or_else(|e| format!("# metrics could not be rendered: {e}\n"));
+        let text = std::sync::Arc::new(text);
+        *last = Some((started, text.clone()));
+        text
+    }
 }
 
 /// Serves `GET /metrics` on `listener` until shutdown (on the console's HTTP
 /// stack, but on its own listener and without authentication).
 pub async fn serve(listener: TcpListener, sources: Sources, shutdown: watch::Receiver<bool>) {
+    use axum::extract::State;
     use axum::http::header;
-    let sources = std::sync::Arc::new(sources);
+    let scrapes = std::sync::Arc::new(Scrapes {
+        sources: std::sync::Arc::new(sources),
+        last: tokio::sync::Mutex::new(None),
+    });
     let app = axum::Router::new()
         .route(
             "/metrics",
-            axum::routing::get(|axum::extract::State(s): axum::extract::State<std::sync::Arc<Sources>>| async move {
+            axum::routing::get(|State(s): State<std::sync::Arc<Scrapes>>| async move {
                 (
-                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-                    render(&METRICS, &s),
+                    [(
+                        header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    s.text().await.as_str().to_owned(),
                 )
             }),
         )
         .fallback(|| async { (axum::http::StatusCode::NOT_FOUND, "try /metrics\n") })
-        .with_state(sources)
+        .with_state(scrapes)
         // One scrape, one connection: simple scrapers read to EOF.
         .layer(tower_http::set_header::SetResponseHeaderLayer::overriding(
             header::CONNECTION,

@@ -289,10 +289,24 @@ fn next_hop(cx: &Ctx, routers: &[String]) -> Option<Route> {
     })
 }
 
-/// The home is not usable: a replica, the busy home, or hold.
-fn fail_over(cx: &Ctx, mut home: Considered) -> Route {
+/// Which replica (if any) takes the mail when the home is not usable.
+struct Choice<'a> {
+    /// The replicas in the order they are tried, with their index in the
+    /// mailbox's preference order and their availability.
+    order: Vec<(usize, &'a Arc<Server>, Availability)>,
+    /// Whether this mailbox fails over at all, and on this attempt.
+    failover: bool,
+    may_fail_over: bool,
+    /// No replica is up but the home is only busy: it still takes the mail.
+    busy_home: bool,
+    /// The chosen replica (index in preference order).
+    chosen: Option<usize>,
+}
+
+/// An up replica if there is one; else a busy server still takes the mail when
+/// it is the only one reachable: the home first, then a busy replica.
+fn choose<'a>(cx: &Ctx<'a>, home_avail: Availability) -> Choice<'a> {
     let (entry, policy) = (cx.entry, cx.policy);
-    let home_avail = home.availability;
     let failover = entry.mailbox.failover.unwrap_or(policy.failover);
     let may_fail_over = failover && (cx.attempt == Attempt::First || policy.retry_failover);
     // Replicas in the order they are tried: this router's own mailbox server first
@@ -312,25 +326,41 @@ fn fail_over(cx: &Ctx, mut home: Considered) -> Route {
             && !cx.skipped(r)
             && avail != Availability::Down
     };
-    // An up replica if there is one; else a busy server still takes the mail when it
-    // is the only one reachable: the home first, then a busy replica.
-    let up_replica = order
-        .iter()
-        .find(|(_, r, a)| target(r, *a) && *a == Availability::Up)
-        .map(|(i, _, _)| *i);
+    let first = |want: Availability| {
+        order
+            .iter()
+            .find(|(_, r, a)| target(r, *a) && *a == want)
+            .map(|(i, _, _)| *i)
+    };
+    let up_replica = first(Availability::Up);
     let busy_home = up_replica.is_none()
         && home_avail == Availability::Busy
         && entry.home.state != AdminState::OutOfService
         && !cx.skipped(&entry.home);
-    let busy_replica = if up_replica.is_none() && !busy_home {
-        order
-            .iter()
-            .find(|(_, r, a)| target(r, *a) && *a == Availability::Busy)
-            .map(|(i, _, _)| *i)
-    } else {
-        None
+    let chosen = match (up_replica, busy_home) {
+        (Some(i), _) => Some(i),
+        (None, true) => None,
+        (None, false) => first(Availability::Busy),
     };
-    let chosen = up_replica.or(busy_replica);
+    Choice {
+        order,
+        failover,
+        may_fail_over,
+        busy_home,
+        chosen,
+    }
+}
+
+/// The home is not usable: a replica, the busy home, or hold.
+fn fail_over(cx: &Ctx, mut home: Considered) -> Route {
+    let (entry, policy) = (cx.entry, cx.policy);
+    let Choice {
+        order,
+        failover,
+        may_fail_over,
+        busy_home,
+        chosen,
+    } = choose(cx, home.availability);
     // Replicas tried after the chosen one were not needed; those before were passed over.
     let chosen_at = chosen.and_then(|c| order.iter().position(|(i, _, _)| *i == c));
     let mut replicas: Vec<Considered> = order

@@ -4,7 +4,6 @@
 
 use crate::admin::socket;
 use crate::catalog::{self, files, Catalog, Mode};
-use crate::cli;
 use crate::config::{Config, Source};
 use crate::health;
 use crate::queue::manager::Manager;
@@ -78,7 +77,7 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
     };
     let gate = ha
         .as_ref()
-        .map_or_else(crate::ha::Gate::open, |h| h.gate.clone());
+        .map_or_else(crate::gate::Gate::open, |h| h.gate.clone());
     let service = server::Service::new(
         &config.router_name,
         &config.smtp,
@@ -147,7 +146,7 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
         manager: manager.clone(),
     });
     tokio::spawn(reload_on_sighup(reloader.clone(), stopped.clone()));
-    let admin = Arc::new(cli::Context {
+    let admin = Arc::new(crate::admin::Context {
         catalog: catalog.clone(),
         spool: spool.clone(),
         tracker,

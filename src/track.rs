@@ -16,6 +16,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// The most events kept per message (a message retried for days stays bounded:
 /// the oldest attempts go first).
 const MAX_EVENTS: usize = 200;
+/// The longest text kept from a peer (a Message-ID, a server's reply, a HELO):
+/// RFC 5322's line limit. A record is rewritten at every event, so what a sender
+/// puts in it must stay small.
+const MAX_TEXT: usize = 998;
 /// How often old records are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
@@ -126,12 +130,51 @@ pub fn message_id(message: &[u8]) -> Option<String> {
         }
         let mut v = value.trim().to_string();
         while let Some(next) = lines.peek().filter(|l| l.starts_with([' ', '\t'])) {
-            v.push_str(next.trim());
+            if v.len() <= MAX_TEXT {
+                v.push_str(next.trim());
+            }
             lines.next();
         }
-        return (!v.is_empty()).then_some(v);
+        return (!v.is_empty()).then(|| clip(v));
     }
     None
+}
+
+/// `s`, cut to [`MAX_TEXT`] octets (on a character boundary) with an ellipsis.
+fn clip(mut s: String) -> String {
+    if s.len() > MAX_TEXT {
+        let mut end = MAX_TEXT;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+impl What {
+    /// The same event with its peer text clipped.
+    fn clipped(self) -> What {
+        match self {
+            What::Attempt {
+                server,
+                decision,
+                outcome,
+                reply,
+                tls,
+            } => What::Attempt {
+                server,
+                decision,
+                outcome,
+                reply: clip(reply),
+                tls,
+            },
+            What::Held { why } => What::Held { why: clip(why) },
+            What::Failed { reply } => What::Failed { reply: clip(reply) },
+            other => other,
+        }
+    }
 }
 
 /// At accept, once the message is queued (`message_id`: from [`message_id`]).
@@ -139,7 +182,7 @@ pub fn accepted(db: &sled::Db, env: &Envelope, message_id: Option<String>) {
     let a = Accepted {
         at: env.received_at,
         client: env.client_ip.to_string(),
-        helo: env.helo.clone(),
+        helo: clip(env.helo.clone()),
         from: env.sender.clone().unwrap_or_default(),
         to: env.recipients.iter().map(|r| r.address.clone()).collect(),
         size: env.size,
@@ -153,7 +196,7 @@ pub fn event(db: &sled::Db, id: QueueId, rcpt: &str, what: What) {
     let e = Event {
         at: now_ms(),
         rcpt: rcpt.to_string(),
-        what,
+        what: what.clipped(),
     };
     change(db, &id.to_string(), |r| r.events.push(e.clone()));
 }
@@ -344,6 +387,19 @@ mod tests {
         let left = find(&db, &Query::default()).unwrap();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].id, id.to_string());
+    }
+
+    #[test]
+    fn a_huge_folded_message_id_is_clipped_on_a_character_boundary() {
+        let mut m = "Message-ID: <é".to_string();
+        for _ in 0..100_000 {
+            m.push_str("\r\n é");
+        }
+        m.push_str(">\r\n\r\nbody");
+        let id = message_id(m.as_bytes()).unwrap();
+        assert!(id.len() <= MAX_TEXT + '…'.len_utf8(), "{}", id.len());
+        assert!(id.starts_with("<éé") && id.ends_with('…'), "{id}");
+        assert_eq!(clip("short".into()), "short");
     }
 
     #[test]

@@ -136,6 +136,25 @@ fn data_past_the_budget_gets_452_and_every_path_gives_the_budget_back() {
 }
 
 #[test]
+fn a_bdat_body_that_grows_when_its_line_endings_are_normalized_is_charged_for_its_growth() {
+    let (r, m) = router("max_data_in_flight = \"2MiB\"");
+    // 1.6 MB of bare LFs fits the budget as sent, not as stored (2.4 MB of CRLFs).
+    let mut c = Client::hello(r.port);
+    expect(&c.cmd("MAIL FROM:<s@x.test>"), 250, "2.1.0");
+    expect(&c.cmd("RCPT TO:<u@c.test>"), 250, "2.1.5");
+    c.send_raw(b"BDAT 1600000 LAST\r\n");
+    c.send_raw(&b"x\n".repeat(800_000));
+    expect(&c.reply(), 452, "4.3.1");
+    wait_metric(m, IN_FLIGHT, |v| v == 0);
+    // Half of it fits as stored: accepted.
+    expect(&c.cmd("MAIL FROM:<s@x.test>"), 250, "2.1.0");
+    expect(&c.cmd("RCPT TO:<u@c.test>"), 250, "2.1.5");
+    c.send_raw(b"BDAT 800000 LAST\r\n");
+    c.send_raw(&b"x\n".repeat(400_000));
+    expect(&c.reply(), 250, "2.0.0");
+}
+
+#[test]
 fn a_transaction_ends_at_its_deadline_however_busy_the_client_keeps_it() {
     let (r, _) = router("transaction_timeout = \"2s\"");
     // Data trickling a byte every 100 ms: every read is far inside data_timeout (3m).

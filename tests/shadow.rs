@@ -345,3 +345,57 @@ fn required_refuses_without_the_slave_and_preferred_accepts_degraded() {
     assert!(a.log().contains("HA shadow: DEGRADED"), "{}", a.log());
     assert!(home.wait_for(2, 30).len() == 2);
 }
+
+#[test]
+fn concurrent_messages_have_several_shadow_batches_in_flight_and_all_are_answered() {
+    let p = ports();
+    let home = RecordingSink::start("m1");
+    let (a, b) = shadow_pair(&p, home.port, "preferred", 1000);
+    let sessions = 20;
+    let mut sent = 0;
+    // Each message's 250 comes after its batch is durable on the SLAVE; with
+    // sessions finishing DATA while a batch is on its way, the next batches go
+    // without waiting for its answer (rounds repeated on a slow machine).
+    for round in 0..5 {
+        let senders: Vec<_> = (0..sessions)
+            .map(|i| {
+                let port = p.smtp[0];
+                std::thread::spawn(move || {
+                    for j in 0..3 {
+                        send(port, &format!("r{round}-s{i}-{j}"));
+                    }
+                })
+            })
+            .collect();
+        for s in senders {
+            s.join().expect("sender");
+        }
+        sent += sessions * 3;
+        if most_in_flight(&a) >= 2 {
+            break;
+        }
+    }
+    let s = status(&a);
+    assert!(most_in_flight(&a) >= 2, "never two batches in flight: {s}");
+    assert!(s.contains("0 batches in flight"), "all answered: {s}");
+    assert!(s.contains("shadow:        preferred, ok"), "{s}");
+    assert!(
+        s.contains(&format!("; {sent} copies confirmed in ")),
+        "one copy per message, none again in the background: {s}"
+    );
+    assert_eq!(home.wait_for(sent, 60).len(), sent);
+    // Released once delivered.
+    wait_until(30, "every shadow released", || {
+        shadow_count(&b, "held for the peer") == 0
+    });
+}
+
+/// The most shadow batches the MASTER had in flight at once (`ha status`).
+fn most_in_flight(a: &Router) -> u64 {
+    let s = status(a);
+    s.split("batches in flight (at most ")
+        .nth(1)
+        .and_then(|t| t.split(')').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}

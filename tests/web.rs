@@ -43,6 +43,15 @@ fn sessions_csrf_headers_and_escaping() {
     assert!(!csp.contains("unsafe-inline"), "{csp}");
     assert_eq!(a.header("x-frame-options"), Some("DENY"));
     assert!(a.header("cache-control").unwrap_or("").contains("no-store"));
+    // A confirmation page whose decoded id would aim its form at another action.
+    for path in [
+        "/queue/..%2F..%2Fha%2Fslave%23/retry",
+        "/queue/..%2Fha%2Fmaster",
+    ] {
+        let a = http("GET", &c.url(path), &auth, None);
+        assert_eq!(a.status, 404, "{path}: {}", a.body);
+        assert!(!a.body.contains("/ha/"), "{path}: {}", a.body);
+    }
     assert!(!a.body.contains("<script>"), "no inline script");
 
     // Attacker-controlled text is escaped.
@@ -128,6 +137,58 @@ fn wrong_passwords_are_limited_per_address() {
     assert!(
         !c.router.log().contains(&password),
         "the password is never logged"
+    );
+}
+
+#[test]
+fn concurrent_wrong_passwords_get_no_more_tries_than_sequential_ones() {
+    let c = Console::start();
+    let url = c.url("/login");
+    // A login form is small: one announcing 1 MiB is refused before it is read.
+    {
+        use std::io::{Read, Write};
+        let addr = url.trim_start_matches("http://").trim_end_matches("/login");
+        let mut t = std::net::TcpStream::connect(addr).unwrap();
+        t.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        t.write_all(
+            b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+              Content-Length: 1048576\r\n\r\nuser=admin&password=",
+        )
+        .unwrap();
+        let mut w = t.try_clone().unwrap();
+        // The body, as far as the server takes it (it may close before the end).
+        std::thread::spawn(move || {
+            let _ = w.write_all(&vec![b'x'; 1 << 20]);
+        });
+        let mut head = [0u8; 12];
+        t.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 413", "{}", String::from_utf8_lossy(&head));
+    }
+    let answers: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..32)
+            .map(|_| {
+                s.spawn(|| {
+                    http(
+                        "POST",
+                        &url,
+                        &[FORM],
+                        Some("user=admin&password=wrong-password"),
+                    )
+                    .status
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let tried = answers.iter().filter(|&&a| a == 401).count();
+    assert!(
+        tried <= 4,
+        "{tried} wrong passwords checked at once: {answers:?}"
+    );
+    assert!(
+        answers.iter().all(|&a| a == 401 || a == 429 || a == 503),
+        "{answers:?}"
     );
 }
 

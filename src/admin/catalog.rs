@@ -4,6 +4,7 @@ use super::Exit;
 use crate::catalog::{
     self, files, AdminState, Catalog, Format, ImportError, Mailbox, Mode, ReplicaState, Server,
 };
+use crate::cli::{ExportFormat, Only, What};
 use anyhow::Result;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -95,39 +96,6 @@ pub fn validate(
     }
 }
 
-/// What `export` writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Only {
-    Servers,
-    Mailboxes,
-}
-
-impl Only {
-    fn is_mailboxes(self) -> bool {
-        self == Only::Mailboxes
-    }
-}
-
-/// What `export` writes the catalog as: a catalog file format, or LDIF entries
-/// for an LDAP directory (`ldapadd`; see README "Many routers").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ExportFormat {
-    Toml,
-    Json,
-    Csv,
-    Ldif,
-}
-
-impl From<Format> for ExportFormat {
-    fn from(f: Format) -> ExportFormat {
-        match f {
-            Format::Toml => ExportFormat::Toml,
-            Format::Json => ExportFormat::Json,
-            Format::Csv => ExportFormat::Csv,
-        }
-    }
-}
-
 /// `catalog export`: the whole catalog (or one part) in a format `import` reads
 /// back, or as LDIF under `base_dn`.
 pub fn export(
@@ -149,7 +117,7 @@ pub fn export(
                 "--base-dn {base:?} is not a DN (e.g. dc=example,dc=com)"
             );
             return write_out(output, out, |w| {
-                crate::directory::write_ldif(w, cat, base, only.map(Only::is_mailboxes))
+                crate::directory::write_ldif(w, cat, base, only.map(|o| o == Only::Mailboxes))
             });
         }
         (ExportFormat::Ldif, None) => {
@@ -196,13 +164,6 @@ fn write_out(
         None => write(out)?,
     }
     Ok(Exit::Ok)
-}
-
-/// What `list` lists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum What {
-    Servers,
-    Mailboxes,
 }
 
 /// `catalog list servers|mailboxes [--cluster C] [--server S]`.

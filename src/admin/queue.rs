@@ -230,6 +230,7 @@ pub fn show(
         out.write_all(&message)?;
         return Ok(Exit::Ok);
     }
+    let out = &mut crate::logging::TerminalSafe(out);
     writeln!(out, "id:        {}", env.id)?;
     writeln!(out, "sender:    <{}>", env.sender.as_deref().unwrap_or(""))?;
     writeln!(out, "client:    {} (HELO {})", env.client_ip, env.helo)?;
@@ -445,4 +446,20 @@ pub async fn unhold(
         |id, _| format!("{id}: released from hold, due now"),
     )
     .await
+}
+
+impl From<&crate::cli::ListArgs> for Page {
+    fn from(a: &crate::cli::ListArgs) -> Page {
+        Page {
+            filter: crate::queue::view::Filter {
+                server: a.server.clone(),
+                state: a.state.clone(),
+                from: a.from.clone(),
+                to: a.to.clone(),
+                older_than_ms: a.older_than.map(|d| d.as_millis() as u64),
+            },
+            after: a.after,
+            limit: a.limit,
+        }
+    }
 }

@@ -3,7 +3,7 @@
 //! of a server, and what the router would do with mail now, and why.
 
 use super::Exit;
-use crate::cli::Context;
+use crate::admin::Context;
 use crate::queue::control::Control;
 use crate::route::{self, Attempt};
 use anyhow::Result;

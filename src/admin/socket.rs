@@ -13,7 +13,8 @@
 //! (`SO_PEERCRED`): only root and the router's own user are served, whatever the
 //! permissions of the file and its directories.
 
-use crate::cli::{self, Cli, Context};
+use crate::admin::Context;
+use crate::cli::Cli;
 use anyhow::{Context as _, Result};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
@@ -203,7 +204,7 @@ async fn handle(stream: tokio::net::UnixStream, ctx: &Context) -> Result<()> {
                 Ok(parsed) => {
                     let mut command = parsed.command;
                     command.absolutize(&req.cwd);
-                    match cli::execute(ctx, command, &mut out, &mut err).await {
+                    match crate::admin::execute(ctx, command, &mut out, &mut err).await {
                         Ok(exit) => exit as i32,
                         Err(e) => {
                             writeln!(err, "clustermail: {e:#}")?;

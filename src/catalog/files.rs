@@ -327,38 +327,12 @@ fn read_csv(input: &mut Input, file: u32, text: &str) {
             return;
         }
     };
-    let mut column = [None; 5];
-    for (i, name) in header.iter().enumerate() {
-        match CSV_COLUMNS
-            .iter()
-            .position(|c| c.eq_ignore_ascii_case(name))
-        {
-            Some(c) if column[c].is_none() => column[c] = Some(i),
-            Some(_) => {
-                input.problem(
-                    file,
-                    Place::Line(1),
-                    format!("column {name:?} appears twice"),
-                );
-                return;
-            }
-            None => {
-                input.problem(
-                    file,
-                    Place::Line(1),
-                    format!("unknown column {name:?} (expected address,home,replicas,aliases[,failover])"),
-                );
-                return;
-            }
+    let column = match csv_columns(&header) {
+        Ok(c) => c,
+        Err(e) => {
+            input.problem(file, Place::Line(1), e);
+            return;
         }
-    }
-    let (Some(addr_col), Some(home_col)) = (column[0], column[1]) else {
-        input.problem(
-            file,
-            Place::Line(1),
-            "the header needs at least the columns address and home",
-        );
-        return;
     };
     let mut record = csv::StringRecord::new();
     loop {
@@ -383,72 +357,95 @@ fn read_csv(input: &mut Input, file: u32, text: &str) {
             }
         }
         let line = record.position().map(|p| p.line()).unwrap_or(line);
-        if record.iter().all(str::is_empty) {
-            continue;
-        }
-        let get = |c: Option<usize>| c.and_then(|i| record.get(i)).unwrap_or("");
-        let list = |c: Option<usize>| -> Vec<String> {
-            get(c)
-                .split(';')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(String::from)
-                .collect()
-        };
-        let failover = match get(column[4]).to_ascii_lowercase().as_str() {
-            "" => None,
-            "true" | "yes" => Some(true),
-            "false" | "no" => Some(false),
-            other => {
-                input.problem(
+        match csv_mailbox(&record, &column) {
+            Ok(None) => {}
+            Ok(Some(mailbox)) => input.mailboxes.push(Row {
+                item: mailbox,
+                origin: Origin {
                     file,
-                    Place::Line(line),
-                    format!("failover must be true, false or empty, not {other:?}"),
-                );
-                continue;
-            }
-        };
-        let copies = std::iter::once(get(Some(home_col)).to_string())
-            .chain(list(column[2]))
-            .map(|c| named_state(&c))
-            .collect::<Result<Vec<_>, String>>();
-        let copies = match copies {
-            Ok(c) => c,
-            Err(e) => {
-                input.problem(file, Place::Line(line), e);
-                continue;
-            }
-        };
-        let ((home, home_state), replicas) = (copies[0].clone(), &copies[1..]);
-        let mailbox = Mailbox {
-            address: get(Some(addr_col)).to_string(),
-            home,
-            replicas: replicas.iter().map(|(n, _)| n.clone()).collect(),
-            aliases: list(column[3]),
-            failover,
-            home_state,
-            replica_states: replicas
-                .iter()
-                .filter(|(_, st)| !st.is_in_service())
-                .cloned()
-                .collect(),
-        };
-        if mailbox.address.is_empty() {
-            input.problem(file, Place::Line(line), "address is empty");
-            continue;
+                    place: Place::Line(line),
+                },
+            }),
+            Err(e) => input.problem(file, Place::Line(line), e),
         }
-        if mailbox.home.is_empty() {
-            input.problem(file, Place::Line(line), "home is empty");
-            continue;
-        }
-        input.mailboxes.push(Row {
-            item: mailbox,
-            origin: Origin {
-                file,
-                place: Place::Line(line),
-            },
-        });
     }
+}
+
+/// Where each of [`CSV_COLUMNS`] is in the header (address and home required).
+fn csv_columns(header: &csv::StringRecord) -> Result<[Option<usize>; 5], String> {
+    let mut column = [None; 5];
+    for (i, name) in header.iter().enumerate() {
+        match CSV_COLUMNS
+            .iter()
+            .position(|c| c.eq_ignore_ascii_case(name))
+        {
+            Some(c) if column[c].is_none() => column[c] = Some(i),
+            Some(_) => return Err(format!("column {name:?} appears twice")),
+            None => {
+                return Err(format!(
+                    "unknown column {name:?} (expected address,home,replicas,aliases[,failover])"
+                ))
+            }
+        }
+    }
+    if column[0].is_none() || column[1].is_none() {
+        return Err("the header needs at least the columns address and home".into());
+    }
+    Ok(column)
+}
+
+/// One CSV row as a mailbox (None for an empty row), or what is wrong with it.
+fn csv_mailbox(
+    record: &csv::StringRecord,
+    column: &[Option<usize>; 5],
+) -> Result<Option<Mailbox>, String> {
+    if record.iter().all(str::is_empty) {
+        return Ok(None);
+    }
+    let get = |c: Option<usize>| c.and_then(|i| record.get(i)).unwrap_or("");
+    let list = |c: Option<usize>| -> Vec<String> {
+        get(c)
+            .split(';')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    };
+    let failover = match get(column[4]).to_ascii_lowercase().as_str() {
+        "" => None,
+        "true" | "yes" => Some(true),
+        "false" | "no" => Some(false),
+        other => {
+            return Err(format!(
+                "failover must be true, false or empty, not {other:?}"
+            ))
+        }
+    };
+    let copies = std::iter::once(get(column[1]).to_string())
+        .chain(list(column[2]))
+        .map(|c| named_state(&c))
+        .collect::<Result<Vec<_>, String>>()?;
+    let ((home, home_state), replicas) = (copies[0].clone(), &copies[1..]);
+    let mailbox = Mailbox {
+        address: get(column[0]).to_string(),
+        home,
+        replicas: replicas.iter().map(|(n, _)| n.clone()).collect(),
+        aliases: list(column[3]),
+        failover,
+        home_state,
+        replica_states: replicas
+            .iter()
+            .filter(|(_, st)| !st.is_in_service())
+            .cloned()
+            .collect(),
+    };
+    if mailbox.address.is_empty() {
+        return Err("address is empty".into());
+    }
+    if mailbox.home.is_empty() {
+        return Err("home is empty".into());
+    }
+    Ok(Some(mailbox))
 }
 
 #[derive(Serialize)]

@@ -8,7 +8,7 @@
 //!
 //! Every violation is reported with the origin of the row that causes it.
 
-use super::files::{Input, Origin, Problem};
+use super::files::{Input, Origin, Problem, Row};
 use super::model::{
     address_key, check_address, check_name, check_server_address, server_key, Cluster,
     LocalPartMatch, Mailbox, ReplicaState, Server,
@@ -42,177 +42,236 @@ pub fn resolve(
 ) -> Result<Resolved, Vec<String>> {
     let Input {
         files,
-        clusters: cluster_rows,
-        servers: server_rows,
-        mailboxes: mailbox_rows,
-        problems: read_problems,
+        clusters,
+        servers,
+        mailboxes,
+        problems,
     } = input;
-    let locate = |o: Origin| Input::locate_in(&files, Some(o));
-    let mut problems = read_problems;
-    let mut report = |origin: Origin, message: String| {
-        problems.push(Problem {
-            origin: Some(origin),
-            message,
-        })
+    let mut c = Checker {
+        files: &files,
+        problems,
+        rule,
     };
-
-    // Clusters (their next-hop routers), by key.
-    let mut clusters: Vec<Cluster> = Vec::new();
-    let mut cluster_seen: HashMap<String, Origin> = HashMap::new();
-    for row in cluster_rows {
-        let c = &row.item;
-        let mut ok = true;
-        if let Err(e) = check_name("cluster", &c.name) {
-            report(row.origin, e);
-            ok = false;
-        }
-        for r in &c.routers {
-            if let Err(e) = check_server_address(r) {
-                report(row.origin, format!("router: {e}"));
-                ok = false;
-            }
-        }
-        if let Some(first) = cluster_seen.get(&server_key(&c.name)) {
-            report(
-                row.origin,
-                format!(
-                    "cluster {:?} is defined twice (first at {})",
-                    c.name,
-                    locate(*first)
-                ),
-            );
-            continue;
-        }
-        cluster_seen.insert(server_key(&c.name), row.origin);
-        if ok {
-            clusters.push(row.item);
-        }
-    }
-
-    // Servers from the input, by key.
-    let mut servers: HashMap<String, (Server, Origin)> = HashMap::new();
-    let mut server_order = Vec::new();
-    for row in server_rows {
-        let s = &row.item;
-        let mut ok = true;
-        for e in [
-            check_name("server", &s.name),
-            check_name("cluster", &s.cluster),
-            check_server_address(&s.address),
-            match s.availability_threshold {
-                Some(t) if t > 100 => Err(format!(
-                    "server {:?}: availability_threshold must be 0 to 100, not {t}",
-                    s.name
-                )),
-                _ => Ok(()),
-            },
-        ] {
-            if let Err(e) = e {
-                report(row.origin, e);
-                ok = false;
-            }
-        }
-        let key = server_key(&s.name);
-        if let Some((_, first)) = servers.get(&key) {
-            report(
-                row.origin,
-                format!(
-                    "server {:?} is defined twice (first at {})",
-                    s.name,
-                    locate(*first)
-                ),
-            );
-            continue;
-        }
-        if ok {
-            server_order.push(key.clone());
-            servers.insert(key, (row.item, row.origin));
-        }
-    }
-
+    let clusters = c.clusters(clusters);
+    let servers = c.servers(servers);
     let lookup_server = |name: &str| -> Option<Server> {
         let key = server_key(name);
-        match servers.get(&key) {
+        match servers.by_key.get(&key) {
             Some((s, _)) => Some(s.clone()),
             None => existing.and_then(|v| v.server(&key)),
         }
     };
+    let named = c.mailboxes(mailboxes, &lookup_server);
+    if let Some(view) = existing {
+        c.owned_in_the_catalog(view, &named);
+        c.servers_moved(view, &servers, &named, &lookup_server);
+    }
+    c.finish(Resolved {
+        clusters,
+        servers: {
+            let InputServers { mut by_key, order } = servers;
+            order
+                .into_iter()
+                .filter_map(|k| by_key.remove(&k).map(|(s, _)| s))
+                .collect()
+        },
+        mailboxes: named.mailboxes,
+    })
+}
 
-    // Mailboxes from the input: each on its own, then uniqueness of every name.
-    // `names` maps every address key (primary or alias) to its mailbox's index.
-    let mut mailboxes: Vec<Mailbox> = Vec::with_capacity(mailbox_rows.len());
-    let mut origins: Vec<Origin> = Vec::with_capacity(mailbox_rows.len());
-    let mut names: HashMap<String, u32> = HashMap::with_capacity(mailbox_rows.len() * 2);
-    for row in mailbox_rows {
-        let primary = address_key(&row.item.address, rule);
-        if let Some(&i) = names.get(&primary) {
-            let owner = &mailboxes[i as usize];
-            let message = if address_key(&owner.address, rule) == primary {
-                format!(
-                    "mailbox {:?} is defined twice (first at {})",
-                    row.item.address,
-                    locate(origins[i as usize])
-                )
-            } else {
-                format!(
-                    "address {:?} already belongs to mailbox {:?} (at {})",
-                    row.item.address,
-                    owner.address,
-                    locate(origins[i as usize])
-                )
-            };
-            report(row.origin, message);
-            continue;
-        }
-        let mailbox = match check_mailbox(row.item, rule, &lookup_server) {
-            Ok(m) => m,
-            Err(errors) => {
-                for e in errors {
-                    report(row.origin, e);
-                }
-                continue;
-            }
-        };
-        let index = mailboxes.len() as u32;
-        let mut clash = false;
-        for name in mailbox.names() {
-            let key = address_key(name, rule);
-            if let Some(&i) = names.get(&key) {
-                report(
-                    row.origin,
-                    format!(
-                        "address {name:?} already belongs to mailbox {:?} (at {})",
-                        mailboxes[i as usize].address,
-                        locate(origins[i as usize])
-                    ),
-                );
-                clash = true;
-            }
-        }
-        if clash {
-            continue;
-        }
-        for name in mailbox.names() {
-            names.insert(address_key(name, rule), index);
-        }
-        mailboxes.push(mailbox);
-        origins.push(row.origin);
+/// The problems found so far, and how to name where each row came from.
+struct Checker<'a> {
+    files: &'a [std::path::PathBuf],
+    problems: Vec<Problem>,
+    rule: LocalPartMatch,
+}
+
+/// The servers of the input, by key, in input order.
+struct InputServers {
+    by_key: HashMap<String, (Server, Origin)>,
+    order: Vec<String>,
+}
+
+/// The mailboxes of the input that passed their own checks, with every address
+/// key (primary or alias) mapped to its mailbox's index.
+struct Named {
+    mailboxes: Vec<Mailbox>,
+    origins: Vec<Origin>,
+    names: HashMap<String, u32>,
+}
+
+impl Named {
+    /// Whether the mailbox with this primary key is rewritten by this input.
+    fn rewrites(&self, primary: &str, rule: LocalPartMatch) -> bool {
+        self.names
+            .get(primary)
+            .is_some_and(|&i| address_key(&self.mailboxes[i as usize].address, rule) == primary)
+    }
+}
+
+impl Checker<'_> {
+    fn report(&mut self, origin: Origin, message: String) {
+        self.problems.push(Problem {
+            origin: Some(origin),
+            message,
+        })
     }
 
-    if let Some(view) = existing {
-        // Whether the mailbox with this primary key is rewritten by this input.
-        let rewritten = |primary: &str| {
-            names
-                .get(primary)
-                .is_some_and(|&i| address_key(&mailboxes[i as usize].address, rule) == primary)
+    fn locate(&self, o: Origin) -> String {
+        Input::locate_in(self.files, Some(o))
+    }
+
+    /// Clusters (their next-hop routers), each defined once.
+    fn clusters(&mut self, rows: Vec<Row<Cluster>>) -> Vec<Cluster> {
+        let mut clusters = Vec::new();
+        let mut seen: HashMap<String, Origin> = HashMap::new();
+        for row in rows {
+            let c = &row.item;
+            let mut ok = true;
+            if let Err(e) = check_name("cluster", &c.name) {
+                self.report(row.origin, e);
+                ok = false;
+            }
+            for r in &c.routers {
+                if let Err(e) = check_server_address(r) {
+                    self.report(row.origin, format!("router: {e}"));
+                    ok = false;
+                }
+            }
+            if let Some(first) = seen.get(&server_key(&c.name)) {
+                let m = format!(
+                    "cluster {:?} is defined twice (first at {})",
+                    c.name,
+                    self.locate(*first)
+                );
+                self.report(row.origin, m);
+                continue;
+            }
+            seen.insert(server_key(&c.name), row.origin);
+            if ok {
+                clusters.push(row.item);
+            }
+        }
+        clusters
+    }
+
+    /// Servers, each well formed and defined once.
+    fn servers(&mut self, rows: Vec<Row<Server>>) -> InputServers {
+        let mut out = InputServers {
+            by_key: HashMap::new(),
+            order: Vec::new(),
         };
-        // A name owned in the catalog by a mailbox this input does not rewrite.
-        for (key, &i) in &names {
+        for row in rows {
+            let s = &row.item;
+            let mut ok = true;
+            for e in [
+                check_name("server", &s.name),
+                check_name("cluster", &s.cluster),
+                check_server_address(&s.address),
+                match s.availability_threshold {
+                    Some(t) if t > 100 => Err(format!(
+                        "server {:?}: availability_threshold must be 0 to 100, not {t}",
+                        s.name
+                    )),
+                    _ => Ok(()),
+                },
+            ] {
+                if let Err(e) = e {
+                    self.report(row.origin, e);
+                    ok = false;
+                }
+            }
+            let key = server_key(&s.name);
+            if let Some((_, first)) = out.by_key.get(&key) {
+                let m = format!(
+                    "server {:?} is defined twice (first at {})",
+                    s.name,
+                    self.locate(*first)
+                );
+                self.report(row.origin, m);
+                continue;
+            }
+            if ok {
+                out.order.push(key.clone());
+                out.by_key.insert(key, (row.item, row.origin));
+            }
+        }
+        out
+    }
+
+    /// Mailboxes: each on its own, then uniqueness of every name in the input.
+    fn mailboxes(
+        &mut self,
+        rows: Vec<Row<Mailbox>>,
+        lookup_server: &dyn Fn(&str) -> Option<Server>,
+    ) -> Named {
+        let rule = self.rule;
+        let mut n = Named {
+            mailboxes: Vec::with_capacity(rows.len()),
+            origins: Vec::with_capacity(rows.len()),
+            names: HashMap::with_capacity(rows.len() * 2),
+        };
+        for row in rows {
+            let primary = address_key(&row.item.address, rule);
+            if let Some(&i) = n.names.get(&primary) {
+                let (owner, at) = (&n.mailboxes[i as usize], self.locate(n.origins[i as usize]));
+                let m = if address_key(&owner.address, rule) == primary {
+                    format!(
+                        "mailbox {:?} is defined twice (first at {at})",
+                        row.item.address
+                    )
+                } else {
+                    format!(
+                        "address {:?} already belongs to mailbox {:?} (at {at})",
+                        row.item.address, owner.address
+                    )
+                };
+                self.report(row.origin, m);
+                continue;
+            }
+            let mailbox = match check_mailbox(row.item, rule, lookup_server) {
+                Ok(m) => m,
+                Err(errors) => {
+                    for e in errors {
+                        self.report(row.origin, e);
+                    }
+                    continue;
+                }
+            };
+            let mut clash = false;
+            for name in mailbox.names() {
+                if let Some(&i) = n.names.get(&address_key(name, rule)) {
+                    let m = format!(
+                        "address {name:?} already belongs to mailbox {:?} (at {})",
+                        n.mailboxes[i as usize].address,
+                        self.locate(n.origins[i as usize])
+                    );
+                    self.report(row.origin, m);
+                    clash = true;
+                }
+            }
+            if clash {
+                continue;
+            }
+            let index = n.mailboxes.len() as u32;
+            for name in mailbox.names() {
+                n.names.insert(address_key(name, rule), index);
+            }
+            n.mailboxes.push(mailbox);
+            n.origins.push(row.origin);
+        }
+        n
+    }
+
+    /// A name owned in the catalog by a mailbox this input does not rewrite.
+    fn owned_in_the_catalog(&mut self, view: &dyn View, named: &Named) {
+        let rule = self.rule;
+        for (key, &i) in &named.names {
             if let Some(owner) = view.owner(key) {
-                let primary = address_key(&mailboxes[i as usize].address, rule);
-                if owner != primary && !rewritten(&owner) {
-                    report(
-                        origins[i as usize],
+                let primary = address_key(&named.mailboxes[i as usize].address, rule);
+                if owner != primary && !named.rewrites(&owner, rule) {
+                    self.report(
+                        named.origins[i as usize],
                         format!(
                             "address {key:?} already belongs to mailbox {owner:?} in the catalog"
                         ),
@@ -220,25 +279,33 @@ pub fn resolve(
                 }
             }
         }
-        // A server moved to another cluster must not break mailboxes left as they are.
-        for key in &server_order {
-            let (server, origin) = &servers[key];
-            let Some(old) = view.server(key) else {
-                continue;
-            };
-            if old.cluster == server.cluster {
-                continue;
+    }
+
+    /// A server moved to another cluster must not break mailboxes left as they are.
+    fn servers_moved(
+        &mut self,
+        view: &dyn View,
+        servers: &InputServers,
+        named: &Named,
+        lookup_server: &dyn Fn(&str) -> Option<Server>,
+    ) {
+        let rule = self.rule;
+        for key in &servers.order {
+            let (server, origin) = &servers.by_key[key];
+            match view.server(key) {
+                Some(old) if old.cluster != server.cluster => {}
+                _ => continue,
             }
             let mut broken = 0usize;
             for m in view.mailboxes_on(key) {
-                if rewritten(&address_key(&m.address, rule)) {
+                if named.rewrites(&address_key(&m.address, rule), rule) {
                     continue;
                 }
                 let address = m.address.clone();
-                if let Err(errors) = check_mailbox(m, rule, &lookup_server) {
+                if let Err(errors) = check_mailbox(m, rule, lookup_server) {
                     broken += 1;
                     if broken <= 5 {
-                        report(
+                        self.report(
                             *origin,
                             format!(
                                 "moving server {:?} to cluster {:?} breaks mailbox {address:?}: {}",
@@ -251,7 +318,7 @@ pub fn resolve(
                 }
             }
             if broken > 5 {
-                report(
+                self.report(
                     *origin,
                     format!("... and {} more mailboxes broken by that move", broken - 5),
                 );
@@ -259,21 +326,17 @@ pub fn resolve(
         }
     }
 
-    if problems.is_empty() {
-        Ok(Resolved {
-            clusters,
-            servers: server_order
-                .into_iter()
-                .filter_map(|k| servers.remove(&k).map(|(s, _)| s))
-                .collect(),
-            mailboxes,
-        })
-    } else {
+    /// The resolved input, or every problem as `FILE:LINE: problem`, in file order.
+    fn finish(self, resolved: Resolved) -> Result<Resolved, Vec<String>> {
+        let mut problems = self.problems;
+        if problems.is_empty() {
+            return Ok(resolved);
+        }
         // Stable sort: file order, then place; problems of one row stay in order.
         problems.sort_by_key(|p| p.origin.map(|o| (o.file, place_rank(o.place))));
         Err(problems
             .into_iter()
-            .map(|p| format!("{}: {}", Input::locate_in(&files, p.origin), p.message))
+            .map(|p| format!("{}: {}", Input::locate_in(self.files, p.origin), p.message))
             .collect())
     }
 }

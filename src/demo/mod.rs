@@ -101,7 +101,26 @@ pub async fn run(dir: &Path, out: &mut dyn Write, web: bool) -> Result<Vec<Lande
         out,
     };
     let maildir = dir.join("maildir");
+    let (mut servers, catalog_file) = start_servers(&mut t, dir, &maildir).await?;
+    let mut r = start_router(&mut t, dir, web).await?;
+    import_catalog(&mut t, &r.store, &catalog_file, &servers).await?;
+    let landed = script(&mut t, &mut servers, r.smtp, &r.store, &maildir).await;
+    if web && landed.is_ok() {
+        keep_running(&mut t, &r.console, &r.store, r.smtp).await?;
+    }
+    let counters = r.stop(&mut servers).await?;
+    let landed = landed?;
+    report(&mut t, &landed, &counters, &r.config_file)?;
+    Ok(landed)
+}
 
+/// The mailbox servers of the example catalog, each on a free loopback port with
+/// a Maildir of its own; the catalog rewritten with those ports, in `dir`.
+async fn start_servers(
+    t: &mut Timeline<'_>,
+    dir: &Path,
+    maildir: &Path,
+) -> Result<(Vec<MaildirServer>, std::path::PathBuf)> {
     // The example catalog, each server moved to a free loopback port.
     let input = files::read_text(
         "catalog/example.toml (built in)",
@@ -142,7 +161,22 @@ pub async fn run(dir: &Path, out: &mut dyn Write, web: bool) -> Result<Vec<Lande
         list.join(", ")
     ))?;
 
-    // The router: its own store, SMTP port and metrics port; quick probes and retries.
+    Ok((servers, catalog_file))
+}
+
+/// The demo's router, running in this process.
+struct DemoRouter {
+    smtp: u16,
+    metrics: u16,
+    console: String,
+    store: std::path::PathBuf,
+    config_file: std::path::PathBuf,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+/// The router: its own store, SMTP port and metrics port; quick probes and retries.
+async fn start_router(t: &mut Timeline<'_>, dir: &Path, web: bool) -> Result<DemoRouter> {
     let (smtp, metrics) = (free_port()?, free_port()?);
     let console = if web {
         format!("127.0.0.1:{}", free_port()?)
@@ -186,14 +220,32 @@ pub async fn run(dir: &Path, out: &mut dyn Write, web: bool) -> Result<Vec<Lande
         "router listening on 127.0.0.1:{smtp} (metrics on 127.0.0.1:{metrics}, config {})",
         config_file.display()
     ))?;
-    // The catalog, as an administrator imports it: through the admin socket.
+    Ok(DemoRouter {
+        smtp,
+        metrics,
+        console,
+        store,
+        config_file,
+        stop,
+        task: router,
+    })
+}
+
+/// The catalog, as an administrator imports it: through the admin socket; then
+/// waits until every server shows up.
+async fn import_catalog(
+    t: &mut Timeline<'_>,
+    store: &Path,
+    catalog_file: &Path,
+    servers: &[MaildirServer],
+) -> Result<()> {
     let file = catalog_file.display().to_string();
-    admin(&store, &["catalog", "import", "--replace", &file]).await?;
+    admin(store, &["catalog", "import", "--replace", &file]).await?;
     // Until the probes have seen the servers at their new addresses, routing would
     // act on what it knew of the old ones: wait, as an administrator would.
     let names: Vec<String> = servers.iter().map(|s| s.name.clone()).collect();
     let table = wait_until(|| async {
-        let table = admin(&store, &["servers"]).await.ok()?;
+        let table = admin(store, &["servers"]).await.ok()?;
         let up = |name: &String| {
             table.lines().any(|l| {
                 let mut f = l.split_whitespace();
@@ -209,27 +261,38 @@ pub async fn run(dir: &Path, out: &mut dyn Write, web: bool) -> Result<Vec<Lande
         catalog_file.display(),
         table.trim_end()
     ))?;
-    let landed = script(&mut t, &mut servers, smtp, &store, &maildir).await;
-    if web && landed.is_ok() {
-        keep_running(&mut t, &console, &store, smtp).await?;
-    }
+    Ok(())
+}
 
-    // Stop everything, whatever happened.
-    let counters = scrape(metrics).await.unwrap_or_default();
-    let _ = stop.send(true);
-    match tokio::time::timeout(Duration::from_secs(40), router).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => return Err(e.context("the router failed")),
-        Ok(Err(e)) => bail!("the router task failed: {e}"),
-        Err(_) => bail!("the router did not stop within 40 s"),
+impl DemoRouter {
+    /// Stops the router and the mailbox servers, whatever happened; the metrics
+    /// scraped just before.
+    async fn stop(&mut self, servers: &mut [MaildirServer]) -> Result<String> {
+        let counters = scrape(self.metrics).await.unwrap_or_default();
+        let _ = self.stop.send(true);
+        match tokio::time::timeout(Duration::from_secs(40), &mut self.task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => return Err(e.context("the router failed")),
+            Ok(Err(e)) => bail!("the router task failed: {e}"),
+            Err(_) => bail!("the router did not stop within 40 s"),
+        }
+        for s in servers.iter_mut() {
+            s.down().await;
+        }
+        Ok(counters)
     }
-    for s in &mut servers {
-        s.down().await;
-    }
-    let landed = landed?;
+}
+
+/// Where the mail landed, the metrics at the end, how to read the kept store.
+fn report(
+    t: &mut Timeline<'_>,
+    landed: &[Landed],
+    counters: &str,
+    config_file: &Path,
+) -> Result<()> {
     t.say("router and mailbox servers stopped")?;
     writeln!(t.out, "\nWhere the mail landed:")?;
-    for l in &landed {
+    for l in landed {
         writeln!(
             t.out,
             "  {:28} {:12} {}",
@@ -255,7 +318,7 @@ pub async fn run(dir: &Path, out: &mut dyn Write, web: bool) -> Result<Vec<Lande
          `route explain {MAILBOX}`) reads it.",
         config_file.display()
     )?;
-    Ok(landed)
+    Ok(())
 }
 
 /// `demo --web`: the console's URL and password, then waits for Ctrl-C.

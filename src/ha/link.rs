@@ -13,10 +13,11 @@
 
 use crate::queue::Envelope;
 use anyhow::{anyhow, bail, Context, Result};
-use ring::aead::{Aad, Nonce, NONCE_LEN};
+use ring::aead::{Aad, LessSafeKey, Nonce, NONCE_LEN};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use super::handshake::{self, Keys};
@@ -55,11 +56,16 @@ pub enum Msg {
     ShadowSync(Vec<crate::queue::QueueId>),
     /// The messages of a `ShadowSync` the SLAVE has no shadow of.
     ShadowMissing(Vec<crate::queue::QueueId>),
-    /// Shadow copies to keep and to drop, in order; answered `Shadowed` once durable.
-    Shadow(Vec<super::shadow::Op>),
-    /// The SLAVE's shadows are on disk: how many it holds, and the arrival time
-    /// (ms since the epoch) of the oldest (0: none).
-    Shadowed { held: u64, oldest: u64 },
+    /// Shadow copies to keep and to drop, in order; answered `Shadowed` with the
+    /// same batch number once durable. Several may be in flight on one
+    /// connection (numbered from 0 on each); they are answered in order.
+    Shadow {
+        batch: u64,
+        ops: Vec<super::shadow::Op>,
+    },
+    /// The SLAVE's shadows up to batch `batch` are on disk: how many it holds,
+    /// and the arrival time (ms since the epoch) of the oldest (0: none).
+    Shadowed { batch: u64, held: u64, oldest: u64 },
 }
 
 /// An authenticated connection.
@@ -122,55 +128,20 @@ impl Link {
 
     /// The next frame to send, with `msg` sealed under our key and sequence number.
     fn seal(&mut self, msg: &Msg) -> Result<Vec<u8>> {
-        let payload = bincode::serde::encode_to_vec(msg, bincode::config::standard())?;
-        if payload.len() > MAX_FRAME {
-            bail!("HA frame of {} octets is over the limit", payload.len());
-        }
-        let header = u32::try_from(payload.len() + TAG)
-            .context("HA frame too large")?
-            .to_be_bytes();
-        let mut frame = Vec::with_capacity(4 + payload.len() + TAG);
-        frame.extend_from_slice(&header);
-        frame.extend_from_slice(&payload);
-        let tag = self
-            .keys
-            .seal
-            .seal_in_place_separate_tag(
-                nonce(self.me, self.sent),
-                Aad::from(header),
-                &mut frame[4..],
-            )
-            .map_err(|_| anyhow!("HA frame could not be sealed"))?;
-        frame.extend_from_slice(tag.as_ref());
-        self.sent = self
-            .sent
-            .checked_add(1)
-            .context("HA link sequence exhausted")?;
-        Ok(frame)
+        seal(&self.keys.seal, self.me, &mut self.sent, msg)
+    }
+
+    /// A frame of these payload octets (tests: payloads no `Msg` encodes to).
+    #[cfg(test)]
+    fn seal_payload(&mut self, payload: &[u8]) -> Result<Vec<u8>> {
+        let mut frame = vec![0u8; 4];
+        frame.extend_from_slice(payload);
+        seal_frame(&self.keys.seal, self.me, &mut self.sent, frame)
     }
 
     pub async fn recv(&mut self) -> Result<Msg> {
-        let mut header = [0u8; 4];
-        self.stream.read_exact(&mut header).await?;
-        let len = u32::from_be_bytes(header) as usize;
-        if len < TAG || len - TAG > MAX_FRAME {
-            bail!("HA frame of {len} octets is outside the limits");
-        }
-        let mut buf = vec![0u8; len];
-        self.stream.read_exact(&mut buf).await?;
         let them = if self.me == b'c' { b's' } else { b'c' };
-        let payload = self
-            .keys
-            .open
-            .open_in_place(nonce(them, self.received), Aad::from(header), &mut buf)
-            .map_err(|_| {
-                anyhow!("HA frame failed authentication (tampered, replayed or out of order)")
-            })?;
-        self.received = self
-            .received
-            .checked_add(1)
-            .context("HA link sequence exhausted")?;
-        Ok(bincode::serde::decode_from_slice(payload, bincode::config::standard())?.0)
+        recv(&mut self.stream, &self.keys.open, them, &mut self.received).await
     }
 
     /// Sends a request and waits for its answer.
@@ -181,6 +152,142 @@ impl Link {
         })
         .await
         .map_err(|_| anyhow!("the peer did not answer within {} ms", timeout.as_millis()))?
+    }
+
+    /// Two halves that send and receive at once (requests pipelined: several
+    /// sent before the first answer), keeping the keys and sequence numbers.
+    pub fn split(self) -> (LinkReader, LinkWriter) {
+        let (read, write) = self.stream.into_split();
+        let them = if self.me == b'c' { b's' } else { b'c' };
+        let reader = LinkReader {
+            stream: read,
+            open: self.keys.open,
+            them,
+            received: self.received,
+        };
+        let writer = LinkWriter {
+            stream: write,
+            seal: self.keys.seal,
+            me: self.me,
+            sent: self.sent,
+        };
+        (reader, writer)
+    }
+}
+
+/// Counts the octets written to it.
+struct Count(usize);
+
+impl std::io::Write for Count {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The frame carrying `msg`, sealed under `key` with the sender's direction
+/// octet `me` and the sequence number `sent` (then counted).
+fn seal(key: &LessSafeKey, me: u8, sent: &mut u64, msg: &Msg) -> Result<Vec<u8>> {
+    // Encoded in place after the length, in a buffer of the right size: no
+    // second copy of a large payload, no spare capacity.
+    let mut size = Count(0);
+    bincode::serde::encode_into_std_write(msg, &mut size, bincode::config::standard())?;
+    if size.0 > MAX_FRAME {
+        bail!("HA frame of {} octets is over the limit", size.0);
+    }
+    let mut frame = Vec::with_capacity(4 + size.0 + TAG);
+    frame.extend_from_slice(&[0u8; 4]);
+    bincode::serde::encode_into_std_write(msg, &mut frame, bincode::config::standard())?;
+    seal_frame(key, me, sent, frame)
+}
+
+/// Seals `frame` (four octets for the length, then the payload) in place.
+fn seal_frame(key: &LessSafeKey, me: u8, sent: &mut u64, mut frame: Vec<u8>) -> Result<Vec<u8>> {
+    let len = frame.len() - 4;
+    if len > MAX_FRAME {
+        bail!("HA frame of {len} octets is over the limit");
+    }
+    let header = u32::try_from(len + TAG)
+        .context("HA frame too large")?
+        .to_be_bytes();
+    frame[..4].copy_from_slice(&header);
+    let tag = key
+        .seal_in_place_separate_tag(nonce(me, *sent), Aad::from(header), &mut frame[4..])
+        .map_err(|_| anyhow!("HA frame could not be sealed"))?;
+    frame.extend_from_slice(tag.as_ref());
+    *sent = sent.checked_add(1).context("HA link sequence exhausted")?;
+    Ok(frame)
+}
+
+/// Reads and opens the next frame of `stream`, sent by direction `them` with the
+/// sequence number `received` (then counted).
+async fn recv(
+    stream: &mut (impl AsyncRead + Unpin),
+    key: &LessSafeKey,
+    them: u8,
+    received: &mut u64,
+) -> Result<Msg> {
+    let mut header = [0u8; 4];
+    stream.read_exact(&mut header).await?;
+    let len = u32::from_be_bytes(header) as usize;
+    if len < TAG || len - TAG > MAX_FRAME {
+        bail!("HA frame of {len} octets is outside the limits");
+    }
+    // The buffer grows with the octets that really arrive: a forged header
+    // announcing MAX_FRAME costs nothing until that much data is sent (and the
+    // tag check below refuses it then).
+    let mut buf = Vec::with_capacity(len.min(1 << 20));
+    stream.take(len as u64).read_to_end(&mut buf).await?;
+    if buf.len() != len {
+        bail!(
+            "HA link closed inside a frame ({} of {len} octets)",
+            buf.len()
+        );
+    }
+    let payload = key
+        .open_in_place(nonce(them, *received), Aad::from(header), &mut buf)
+        .map_err(|_| {
+            anyhow!("HA frame failed authentication (tampered, replayed or out of order)")
+        })?;
+    *received = received
+        .checked_add(1)
+        .context("HA link sequence exhausted")?;
+    // The limit bounds what a length inside the payload may make the decoder
+    // allocate (bincode allocates a Vec's announced length before reading it).
+    let config = bincode::config::standard().with_limit::<MAX_FRAME>();
+    Ok(bincode::serde::decode_from_slice(payload, config)?.0)
+}
+
+/// The receiving half of a [`Link`] ([`Link::split`]).
+pub struct LinkReader {
+    stream: OwnedReadHalf,
+    open: LessSafeKey,
+    them: u8,
+    received: u64,
+}
+
+/// The sending half of a [`Link`] ([`Link::split`]).
+pub struct LinkWriter {
+    stream: OwnedWriteHalf,
+    seal: LessSafeKey,
+    me: u8,
+    sent: u64,
+}
+
+impl LinkReader {
+    pub async fn recv(&mut self) -> Result<Msg> {
+        recv(&mut self.stream, &self.open, self.them, &mut self.received).await
+    }
+}
+
+impl LinkWriter {
+    pub async fn send(&mut self, msg: &Msg) -> Result<()> {
+        let frame = seal(&self.seal, self.me, &mut self.sent, msg)?;
+        self.stream.write_all(&frame).await?;
+        Ok(())
     }
 }
 
@@ -226,6 +333,32 @@ mod tests {
         });
         assert!(matches!(answer.0.unwrap(), Msg::Stored));
         assert!(matches!(answer.1, Msg::Push { message, .. } if message == body));
+    }
+
+    #[tokio::test]
+    async fn split_halves_pipeline_requests_and_keep_the_sequence() {
+        let (mut c, mut s) = linked().await;
+        // A call on the whole link first: the halves go on from its numbers.
+        let (answer, _) = tokio::join!(c.call(&Msg::CatalogPull, Duration::from_secs(10)), async {
+            s.recv().await.unwrap();
+            s.send(&Msg::Stored).await.unwrap();
+        });
+        assert!(matches!(answer.unwrap(), Msg::Stored));
+        let (mut c_in, mut c_out) = c.split();
+        let (mut s_in, mut s_out) = s.split();
+        // Five requests out before the first answer is read.
+        for n in 0..5 {
+            c_out.send(&Msg::Refused(format!("q{n}"))).await.unwrap();
+        }
+        for n in 0..5 {
+            let got = s_in.recv().await.unwrap();
+            assert!(matches!(got, Msg::Refused(w) if w == format!("q{n}")));
+            s_out.send(&Msg::Refused(format!("a{n}"))).await.unwrap();
+        }
+        for n in 0..5 {
+            let got = c_in.recv().await.unwrap();
+            assert!(matches!(got, Msg::Refused(w) if w == format!("a{n}")));
+        }
     }
 
     #[tokio::test]
@@ -275,6 +408,38 @@ mod tests {
             let got = server_reads(&mut c, &mut s, &frame, 1).await;
             assert!(refused(&got[0]), "octet {i}: {:?}", got[0].as_ref().err());
         }
+    }
+
+    #[tokio::test]
+    async fn a_header_announcing_a_huge_frame_then_closing_is_an_error_not_an_allocation() {
+        let (mut c, mut s) = linked().await;
+        let mut raw = ((MAX_FRAME + TAG) as u32).to_be_bytes().to_vec();
+        raw.extend_from_slice(b"only a few octets");
+        c.stream.write_all(&raw).await.unwrap();
+        c.stream.shutdown().await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(10), s.recv())
+            .await
+            .unwrap();
+        let e = r.expect_err("a truncated frame is refused");
+        assert!(
+            e.to_string().contains("closed inside a frame (17 of"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_authentic_frame_announcing_a_huge_string_is_an_error_not_an_abort() {
+        let (mut c, mut s) = linked().await;
+        let mut payload =
+            bincode::serde::encode_to_vec(Msg::Refused(String::new()), bincode::config::standard())
+                .unwrap();
+        // The string's length varint (0) becomes 2^40: u64 marker 253, little-endian.
+        payload.pop();
+        payload.push(253);
+        payload.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        let frame = c.seal_payload(&payload).unwrap();
+        let got = server_reads(&mut c, &mut s, &frame, 1).await;
+        assert!(got[0].is_err(), "{:?}", got[0].as_ref().ok());
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@
 //! delivered by both units. Catalogs carry versions comparable across the units
 //! ([`sync`]).
 //!
-//! Shadow redundancy ([`shadow`], [`shadow_store`]): with `ha.shadow` on, the
+//! Shadow redundancy ([`shadow`], [`shadow_link`], [`shadow_store`]): with `ha.shadow` on, the
 //! MASTER says 250 only once the SLAVE also holds a durable shadow copy; a SLAVE
 //! that takes over from a lost MASTER promotes its shadows into its queue.
 
@@ -27,6 +27,7 @@ pub mod link;
 pub mod local;
 pub mod push;
 pub mod shadow;
+mod shadow_link;
 mod shadow_store;
 pub mod state;
 mod status;
@@ -50,35 +51,7 @@ use sync::CatalogVersion;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// Open while this router may take and deliver mail: always when it runs alone,
-/// only as MASTER in a pair. Changes can be waited for ([`Gate::subscribe`]).
-#[derive(Clone, Debug)]
-pub struct Gate(Arc<watch::Sender<bool>>);
-
-impl Gate {
-    pub fn open() -> Gate {
-        Gate(Arc::new(watch::Sender::new(true)))
-    }
-    pub fn closed() -> Gate {
-        Gate(Arc::new(watch::Sender::new(false)))
-    }
-    pub fn is_active(&self) -> bool {
-        *self.0.borrow()
-    }
-    pub fn subscribe(&self) -> watch::Receiver<bool> {
-        self.0.subscribe()
-    }
-    fn set(&self, active: bool) {
-        self.0
-            .send_if_modified(|v| std::mem::replace(v, active) != active);
-    }
-}
-
-impl Default for Gate {
-    fn default() -> Self {
-        Gate::open()
-    }
-}
+pub use crate::gate::Gate;
 
 /// A heartbeat: what a unit says of itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -331,8 +304,6 @@ impl Ha {
                 }
                 self.answer_push(envelope, message).await
             }
-            Msg::ShadowSync(held) => self.answer_shadow_sync(held).await,
-            Msg::Shadow(ops) => self.answer_shadow(ops).await,
             // Any mode: a unit about to become MASTER takes a newer catalog first.
             Msg::CatalogPull => match tokio::task::block_in_place(|| self.export_catalog()) {
                 Ok((version, toml)) => Msg::Catalog { version, toml },
@@ -487,7 +458,12 @@ pub async fn run(ha: Arc<Ha>, listener: TcpListener, mut shutdown: watch::Receiv
                 let (stream, from) = tokio::select! {
                     r = listener.accept() => match r {
                         Ok(s) => s,
-                        Err(_) => continue,
+                        Err(e) => {
+                            // Out of file descriptors, most often: wait, don't spin.
+                            tracing::warn!(error = %e, "HA listener: accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
                     },
                     _ = shutdown.changed() => return,
                 };
@@ -514,6 +490,11 @@ pub async fn run(ha: Arc<Ha>, listener: TcpListener, mut shutdown: watch::Receiv
                         }
                     };
                     while let Ok(msg) = link.recv().await {
+                        if let Msg::ShadowSync(held) = msg {
+                            // The rest of this connection is pipelined shadow batches.
+                            ha.serve_shadows(link, held).await;
+                            return;
+                        }
                         let answer = ha.answer(msg).await;
                         if link.send(&answer).await.is_err() {
                             return;
@@ -524,7 +505,7 @@ pub async fn run(ha: Arc<Ha>, listener: TcpListener, mut shutdown: watch::Receiv
         })
     };
     if ha.shadow.mode != crate::config::ShadowMode::Off {
-        tokio::spawn(shadow::run(ha.clone(), shutdown.clone()));
+        tokio::spawn(shadow_link::run(ha.clone(), shutdown.clone()));
     }
     let mut link = None;
     let mut tick = tokio::time::interval(ha.config.heartbeat_interval);

@@ -2,19 +2,26 @@
 //! the message is durable here **and** the SLAVE has a durable shadow copy, so a
 //! MASTER that loses its disk loses no acknowledged mail.
 //!
-//! Owns the accept hook ([`Service::accept_durable`]), the batching task
-//! ([`run`]) that keeps one dedicated shadow connection to the SLAVE, the
-//! degraded state, and the `clustermail_shadow_*` metrics. The SLAVE's side (the
-//! shadow tree, promotion at a takeover) is [`super::shadow_store`].
+//! Owns the accept hook ([`Service::accept_durable`]), the sessions' requests
+//! to the shadow task ([`super::shadow_link`], which keeps one dedicated,
+//! pipelined shadow connection to the SLAVE), the degraded state, and the
+//! `clustermail_shadow_*` metrics. The SLAVE's side (the shadow tree, promotion
+//! at a takeover) is [`super::shadow_store`].
 //!
 //! Batching: each accepting session hands its message to the task and waits on a
 //! oneshot while the local group commit runs ([`Spool::enqueue_confirmed`]). The
-//! task sends every message waiting at that moment in one [`Msg::Shadow`]; the
-//! SLAVE writes them and makes them durable with one group commit before
+//! task sends every message waiting at that moment in one [`Msg::Shadow`] batch,
+//! without waiting for the batches before it to be answered (a window); the
+//! SLAVE writes them and makes them durable with its group commit before
 //! answering. Releases (messages that left the queue: delivered, bounced,
 //! deleted, pushed, refused) ride on those batches and go at least every
 //! `ha.shadow_release_interval`. Bounces and pushed messages this unit queues get
 //! a shadow too, sent in the background (nobody waits for them).
+//!
+//! Memory: the session's buffer is shared with its shadow copy ([`Octets`]), not
+//! copied; it is counted in `smtp.max_data_in_flight` by the session's
+//! reservation until the 250. The encoded batch (a frame: a copy of its octets
+//! while it is written to the link) is counted in the same budget meanwhile.
 //!
 //! Reconciliation: each new shadow connection starts with the list of every
 //! message this unit holds ([`Msg::ShadowSync`]); the SLAVE drops its other
@@ -26,22 +33,35 @@
 //! without a shadow. `required`: such mail is refused (451 4.3.0) and never
 //! delivered, and new transactions are refused at MAIL while degraded.
 
-use super::link::{Link, Msg};
+#[cfg(doc)]
+use super::link::Msg;
 use super::state::Mode;
 use super::Ha;
 use crate::config::ShadowMode;
 use crate::metrics::Counter;
-use crate::queue::spool::Change;
 use crate::queue::{Envelope, QueueId, Spool};
+use crate::smtp::limits::{Budget, Reservation};
 use crate::smtp::server::Service;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
+
+/// A message's octets, shared by the session, the queue's write and the shadow
+/// copy: one buffer.
+pub type Octets = Arc<Vec<u8>>;
+
+/// An [`Octets`] handed to the queue (which drops it once written).
+struct Shared(Octets);
+
+impl AsRef<[u8]> for Shared {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
 
 /// One change to the SLAVE's shadows.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,7 +70,7 @@ pub enum Op {
     Put {
         envelope: Envelope,
         #[serde(with = "octets")]
-        message: Vec<u8>,
+        message: Octets,
     },
     /// The message left the MASTER's queue: drop its shadow.
     Drop(QueueId),
@@ -66,51 +86,62 @@ mod octets {
         s.serialize_bytes(v)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        struct Octets;
-        impl<'de> Visitor<'de> for Octets {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("octets")
-            }
-            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-            fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-                Ok(v)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
-                let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
-                while let Some(b) = seq.next_element()? {
-                    v.push(b);
-                }
-                Ok(v)
-            }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<super::Octets, D::Error> {
+        Ok(std::sync::Arc::new(d.deserialize_byte_buf(Octets)?))
+    }
+
+    struct Octets;
+    impl<'de> Visitor<'de> for Octets {
+        type Value = Vec<u8>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("octets")
         }
-        d.deserialize_byte_buf(Octets)
+        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+        fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+            while let Some(b) = seq.next_element()? {
+                v.push(b);
+            }
+            Ok(v)
+        }
     }
 }
 
-/// Most messages of one round trip waited for by sessions; of background ones.
-const MAX_BATCH: usize = 512;
-const MAX_BACKFILL: usize = 32;
-/// Octets of messages in one round trip, at most (one bigger message goes alone):
+/// Most messages of one batch waited for by sessions.
+pub(super) const MAX_BATCH: usize = 512;
+/// Octets of messages in one batch, at most (one bigger message goes alone):
 /// well under the link's frame limit.
-const MAX_BATCH_OCTETS: usize = 32 << 20;
+pub(super) const MAX_BATCH_OCTETS: usize = 32 << 20;
 
 impl Op {
-    fn octets(&self) -> usize {
+    pub(super) fn octets(&self) -> usize {
         match self {
             Op::Put { message, .. } => message.len(),
             Op::Drop(_) => 0,
         }
     }
+
+    /// The message a `Put` copies.
+    pub(super) fn put_id(&self) -> Option<QueueId> {
+        match self {
+            Op::Put { envelope, .. } => Some(envelope.id),
+            Op::Drop(_) => None,
+        }
+    }
 }
 
+/// Where a session waiting for its message's shadow gets the answer.
+pub(super) type Done = oneshot::Sender<Result<(), String>>;
+
 /// A session waiting for its message's shadow.
-struct Request {
-    op: Op,
-    done: oneshot::Sender<Result<(), String>>,
+pub(super) struct Request {
+    pub op: Op,
+    pub done: Done,
 }
 
 /// What `ha status` and the metrics show of the shadows.
@@ -122,6 +153,9 @@ pub(super) struct View {
     /// time (ms) of the oldest unreleased one (0: none).
     pub peer_held: u64,
     pub peer_oldest: u64,
+    /// As MASTER: batches sent and not yet answered; the most at once.
+    pub in_flight: usize,
+    pub most_in_flight: usize,
 }
 
 /// The MASTER's shadow state, owned by [`Ha`].
@@ -130,6 +164,8 @@ pub struct Shadow {
     requests: mpsc::Sender<Request>,
     inbox: Mutex<Option<mpsc::Receiver<Request>>>,
     view: Mutex<View>,
+    /// The SMTP service's data budget, once a session has used the hook.
+    budget: OnceLock<Arc<Budget>>,
 }
 
 impl Shadow {
@@ -140,7 +176,37 @@ impl Shadow {
             requests,
             inbox: Mutex::new(Some(inbox)),
             view: Mutex::new(View::default()),
+            budget: OnceLock::new(),
         }
+    }
+
+    /// The requests, for the shadow task (once).
+    pub(super) fn take_inbox(&self) -> Option<mpsc::Receiver<Request>> {
+        self.inbox.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// `octets` held by the shadow task, in the SMTP data budget while the
+    /// reservation lives.
+    pub(super) fn charge(&self, octets: u64) -> Option<Reservation> {
+        self.budget.get().map(|b| b.charge(octets))
+    }
+
+    /// Batches in flight now.
+    pub(super) fn set_in_flight(&self, n: usize) {
+        let mut v = self.view();
+        v.in_flight = n;
+        v.most_in_flight = v.most_in_flight.max(n);
+        drop(v);
+        METRICS.in_flight.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// The SLAVE's answer to a batch: its shadows, the oldest's arrival time.
+    pub(super) fn set_peer(&self, held: u64, oldest: u64, in_flight: usize) {
+        let mut v = self.view();
+        v.peer_held = held;
+        v.peer_oldest = oldest;
+        drop(v);
+        self.set_in_flight(in_flight);
     }
 
     pub(super) fn view(&self) -> std::sync::MutexGuard<'_, View> {
@@ -181,7 +247,7 @@ impl Shadow {
     }
 
     /// Sends one message's shadow through the task and waits for the SLAVE.
-    async fn put(&self, envelope: Envelope, message: Vec<u8>) -> Result<(), String> {
+    async fn put(&self, envelope: Envelope, message: Octets) -> Result<(), String> {
         let (done, answer) = oneshot::channel();
         let op = Op::Put { envelope, message };
         self.requests
@@ -204,6 +270,7 @@ pub struct ShadowMetrics {
     pub degraded: AtomicU64,
     pub held: AtomicU64,
     pub oldest: AtomicU64,
+    pub in_flight: AtomicU64,
 }
 
 pub static METRICS: ShadowMetrics = ShadowMetrics {
@@ -215,6 +282,7 @@ pub static METRICS: ShadowMetrics = ShadowMetrics {
     degraded: AtomicU64::new(0),
     held: AtomicU64::new(0),
     oldest: AtomicU64::new(0),
+    in_flight: AtomicU64::new(0),
 };
 
 /// The shadow families of the Prometheus text.
@@ -247,6 +315,11 @@ pub fn render_metrics(out: &mut String) {
             m.held.load(Ordering::Relaxed) as f64,
         ),
         (
+            "clustermail_shadow_in_flight",
+            "Shadow batches sent to the SLAVE and not yet confirmed durable (as MASTER).",
+            m.in_flight.load(Ordering::Relaxed) as f64,
+        ),
+        (
             "clustermail_shadow_oldest_age_seconds",
             "Age of the oldest unreleased shadow copy.",
             age,
@@ -260,10 +333,11 @@ impl Service {
     /// Queues an accepted message durably and, in an HA pair with `ha.shadow`
     /// on, with the SLAVE's shadow copy; Ok only then may the session say 250.
     /// Like [`Spool::enqueue`], an owned buffer is freed once the store has it
-    /// (the shadow's copy lives until the SLAVE has confirmed it).
+    /// and (shared, not copied) the shadow task has sent it to the SLAVE.
     pub async fn accept_durable(&self, env: &Envelope, message: Vec<u8>) -> Result<()> {
         match self.ha.get() {
             Some(ha) if ha.shadow.mode != ShadowMode::Off => {
+                ha.shadow.budget.get_or_init(|| self.budget.clone());
                 ha.accept_shadowed(&self.spool, env, message).await
             }
             _ => self.spool.enqueue(env, message).await,
@@ -279,29 +353,9 @@ impl Service {
     }
 }
 
-/// Messages that left the queue and messages to shadow in the background.
-#[derive(Default)]
-struct Pending {
-    releases: Vec<QueueId>,
-    backfill: VecDeque<QueueId>,
-}
-
-impl Pending {
-    fn note(&mut self, c: Change) {
-        match c {
-            Change::Queued(id) => self.backfill.push_back(id),
-            Change::Removed(id) => self.releases.push(id),
-        }
-    }
-    fn clear(&mut self) {
-        self.releases.clear();
-        self.backfill.clear();
-    }
-}
-
 impl Ha {
     /// Degraded or not (see [`Shadow::set_degraded`]), with its event.
-    fn shadow_degraded(&self, why: Option<&str>) {
+    pub(super) fn shadow_degraded(&self, why: Option<&str>) {
         if let Some(e) = self.shadow.set_degraded(why) {
             self.status().event(e);
         }
@@ -328,6 +382,7 @@ impl Ha {
 
     /// The accept hook's work: local flush and shadow copy at once.
     async fn accept_shadowed(&self, spool: &Spool, env: &Envelope, message: Vec<u8>) -> Result<()> {
+        let message: Octets = Arc::new(message);
         let copy = self.peer_is_slave().map(|()| message.clone());
         let confirm = async {
             let r = match copy {
@@ -344,75 +399,7 @@ impl Ha {
             tracing::info!(id = %env.id, why = %why, "HA shadow: message accepted without a shadow copy (degraded)");
             Ok(())
         };
-        spool.enqueue_confirmed(env, message, confirm).await
-    }
-
-    /// One round trip of the shadow connection. Err: the link is unusable (the
-    /// caller drops it and answers the waiting sessions with the reason).
-    async fn shadow_round(
-        &self,
-        link: &mut Option<Link>,
-        pending: &mut Pending,
-        puts: Vec<Op>,
-        release_due: bool,
-    ) -> Result<(), String> {
-        self.peer_is_slave()?;
-        let timeout = self.config.heartbeat_interval * self.config.heartbeat_lost.max(1);
-        if link.is_none() {
-            let mut l = Link::connect(&self.config.peer, &self.config.password, timeout)
-                .await
-                .map_err(|e| format!("shadow connection: {e:#}"))?;
-            let ids = self.spool.ids().map_err(|e| e.to_string())?;
-            match l.call(&Msg::ShadowSync(ids), timeout).await {
-                Ok(Msg::ShadowMissing(missing)) => {
-                    pending.clear();
-                    pending.backfill.extend(missing);
-                }
-                Ok(Msg::Refused(why)) => return Err(format!("the SLAVE refused: {why}")),
-                Ok(other) => return Err(format!("unexpected answer {other:?}")),
-                Err(e) => return Err(format!("shadow sync: {e:#}")),
-            }
-            *link = Some(l);
-        }
-        let mut ops = puts;
-        let mut octets: usize = ops.iter().map(Op::octets).sum();
-        while ops.len() < MAX_BATCH + MAX_BACKFILL && octets < MAX_BATCH_OCTETS {
-            let Some(id) = pending.backfill.pop_front() else {
-                break;
-            };
-            if let (Ok(Some(envelope)), Ok(Some(message))) =
-                (self.spool.envelope(id), self.spool.message(id))
-            {
-                octets += message.len();
-                ops.push(Op::Put { envelope, message });
-            }
-        }
-        if release_due || !ops.is_empty() {
-            ops.extend(pending.releases.drain(..).map(Op::Drop));
-        }
-        if ops.is_empty() {
-            self.shadow_degraded(None);
-            return Ok(());
-        }
-        let puts = ops.iter().filter(|o| matches!(o, Op::Put { .. })).count();
-        let l = link.as_mut().ok_or("no shadow connection")?;
-        match l.call(&Msg::Shadow(ops), timeout).await {
-            Ok(Msg::Shadowed { held, oldest }) => {
-                METRICS.round_trips.inc();
-                METRICS.shadowed.add(puts as u64);
-                METRICS.held.store(held, Ordering::Relaxed);
-                METRICS.oldest.store(oldest, Ordering::Relaxed);
-                let mut v = self.shadow.view();
-                v.peer_held = held;
-                v.peer_oldest = oldest;
-                drop(v);
-                self.shadow_degraded(None);
-                Ok(())
-            }
-            Ok(Msg::Refused(why)) => Err(format!("the SLAVE refused: {why}")),
-            Ok(other) => Err(format!("unexpected answer {other:?}")),
-            Err(e) => Err(format!("shadow copy: {e:#}")),
-        }
+        spool.enqueue_confirmed(env, Shared(message), confirm).await
     }
 
     /// `ha status`'s shadow lines.
@@ -436,13 +423,17 @@ impl Ha {
         };
         writeln!(
             out,
-            "shadow:        {mode}, {state}; {} held by the peer, oldest unreleased {}",
+            "shadow:        {mode}, {state}; {} held by the peer, oldest unreleased {}; {} batches in flight (at most {}); {} copies confirmed in {} batches",
             v.peer_held,
             if v.peer_oldest == 0 {
                 "-".into()
             } else {
                 age(v.peer_oldest)
-            }
+            },
+            v.in_flight,
+            v.most_in_flight,
+            METRICS.shadowed.get(),
+            METRICS.round_trips.get()
         )?;
         let (held, oldest) = self.shadows.stats();
         writeln!(
@@ -455,92 +446,10 @@ impl Ha {
     }
 }
 
-/// The shadow task: batches the sessions' shadows, the background ones and the
-/// releases over one connection to the SLAVE, until shutdown.
-pub(super) async fn run(ha: Arc<Ha>, mut shutdown: watch::Receiver<bool>) {
-    let inbox = ha
-        .shadow
-        .inbox
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
-    let Some(mut inbox) = inbox else {
-        return;
-    };
-    let Some(mut changes) = ha.spool.watch_changes() else {
-        tracing::error!("HA shadow: the queue's changes are already watched: no shadows");
-        return;
-    };
-    let mut link = None;
-    let mut pending = Pending::default();
-    let mut tick = tokio::time::interval(ha.config.shadow_release_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A request that did not fit in the last batch: first in the next.
-    let mut carried: Option<Request> = None;
-    loop {
-        let mut waiting = Vec::new();
-        let mut release_due = false;
-        if let Some(r) = carried.take() {
-            waiting.push(r);
-        } else {
-            tokio::select! {
-                r = inbox.recv() => match r {
-                    Some(r) => waiting.push(r),
-                    None => return,
-                },
-                Some(c) = changes.recv() => pending.note(c),
-                _ = tick.tick() => release_due = true,
-                _ = shutdown.changed() => if *shutdown.borrow() { return },
-            }
-        }
-        let mut octets: usize = waiting.iter().map(|r| r.op.octets()).sum();
-        while waiting.len() < MAX_BATCH {
-            let Ok(r) = inbox.try_recv() else { break };
-            octets += r.op.octets();
-            if octets > MAX_BATCH_OCTETS && !waiting.is_empty() {
-                carried = Some(r);
-                break;
-            }
-            waiting.push(r);
-        }
-        while let Ok(c) = changes.try_recv() {
-            pending.note(c);
-        }
-        if waiting.is_empty() && !release_due && pending.backfill.is_empty() {
-            continue;
-        }
-        if ha.mode() != Mode::Master {
-            // Nothing to shadow; a new MASTER reconciles on its first connection.
-            link = None;
-            pending.clear();
-            ha.shadow_degraded(None);
-            answer(waiting, Err("this unit is not MASTER".into()));
-            continue;
-        }
-        let (puts, dones): (Vec<Op>, Vec<_>) = waiting.into_iter().map(|r| (r.op, r.done)).unzip();
-        let r = ha
-            .shadow_round(&mut link, &mut pending, puts, release_due)
-            .await;
-        if let Err(why) = &r {
-            link = None;
-            pending.clear();
-            ha.shadow_degraded(Some(why));
-        }
-        for d in dones {
-            let _ = d.send(r.clone());
-        }
-    }
-}
-
-fn answer(waiting: Vec<Request>, r: Result<(), String>) {
-    for w in waiting {
-        let _ = w.done.send(r.clone());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ha::link::Msg;
     use crate::queue::Recipient;
 
     #[test]
@@ -560,19 +469,23 @@ mod tests {
         let ops = vec![
             Op::Put {
                 envelope: envelope.clone(),
-                message: message.clone(),
+                message: Arc::new(message.clone()),
             },
             Op::Drop(QueueId(9)),
         ];
         let cfg = bincode::config::standard();
-        let wire = bincode::serde::encode_to_vec(Msg::Shadow(ops), cfg).unwrap();
+        let wire = bincode::serde::encode_to_vec(Msg::Shadow { batch: 3, ops }, cfg).unwrap();
         assert!(wire.len() < message.len() + 200, "{} octets", wire.len());
         let (back, _): (Msg, usize) = bincode::serde::decode_from_slice(&wire, cfg).unwrap();
-        let Msg::Shadow(back) = back else {
+        let Msg::Shadow {
+            batch: 3,
+            ops: back,
+        } = back
+        else {
             panic!("{back:?}")
         };
         assert!(
-            matches!(&back[0], Op::Put { envelope: e, message: m } if *e == envelope && *m == message)
+            matches!(&back[0], Op::Put { envelope: e, message: m } if *e == envelope && **m == message)
         );
         assert!(matches!(back[1], Op::Drop(QueueId(9))));
     }

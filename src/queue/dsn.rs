@@ -5,7 +5,7 @@
 //! sent to the null sender.
 
 use super::{Envelope, QueueId};
-use crate::smtp::trace::rfc5322_date;
+use crate::message::date::rfc5322_date;
 use std::time::{Duration, UNIX_EPOCH};
 
 /// A failed recipient as reported: address and the final reply.
@@ -137,6 +137,16 @@ pub fn build_delayed(
 }
 
 /// The `multipart/report` around `entries`.
+/// 16 random hex digits (from the OS; the time if there is no random source).
+fn unguessable() -> String {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        b = (crate::queue::manager::now_ms() ^ 0x9e37_79b9_7f4a_7c15).to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 fn report(
     router: &str,
     dsn_id: QueueId,
@@ -146,7 +156,9 @@ fn report(
     entries: &[Entry],
 ) -> Vec<u8> {
     let now = std::time::SystemTime::now();
-    let boundary = format!("{dsn_id}/{router}");
+    // Unguessable: the original's headers go inside the report, and a sender who
+    // could predict the boundary could end the part there and add parts of its own.
+    let boundary = format!("{dsn_id}/{}/{router}", unguessable());
     let parsed = mail_parser::MessageParser::default().parse(original);
     let (headers, subject) = match &parsed {
         Some(m) => {
@@ -225,6 +237,33 @@ mod tests {
         assert_eq!(status_of("permanent error (550): 5.7.1 denied"), "5.7.1");
         assert_eq!(status_of("554 no"), "5.0.0");
         assert_eq!(status_of("4.4.7 expired"), "4.4.7");
+    }
+
+    #[test]
+    fn headers_naming_the_old_predictable_boundary_add_no_part() {
+        let env = Envelope {
+            id: QueueId(42),
+            sender: Some("alice@east.example.com".into()),
+            recipients: vec![Recipient::new("bob@x.test".into(), "bob@x.test".into())],
+            client_ip: "127.0.0.1".parse().unwrap(),
+            helo: "h".into(),
+            received_at: 0,
+            size: 0,
+            smtputf8: false,
+            eight_bit: false,
+        };
+        // What a sender would write to end the headers part early and add its own.
+        let original =
+            b"Subject: x\r\nX-A: y\r\n--000000000000002B/mx.test\r\nX-B: z\r\n\r\nbody\r\n";
+        let failure = [Failure {
+            address: "bob@x.test",
+            reply: "550 5.1.1 no such user",
+        }];
+        let dsn = build("mx.test", QueueId(43), &env, original, &failure);
+        let m = mail_parser::MessageParser::default().parse(&dsn).unwrap();
+        assert_eq!(m.parts.len(), 4, "{}", String::from_utf8_lossy(&dsn));
+        let again = build("mx.test", QueueId(43), &env, original, &failure);
+        assert_ne!(dsn, again, "each report has its own boundary");
     }
 
     #[test]

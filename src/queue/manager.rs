@@ -57,7 +57,7 @@ pub struct Manager {
     pub schedule: std::sync::Mutex<super::schedule::Schedule>,
     /// Closed while this router is not the active unit of its HA pair: no new
     /// deliveries start (those in flight finish).
-    pub gate: crate::ha::Gate,
+    pub gate: crate::gate::Gate,
 }
 
 impl Manager {
@@ -355,7 +355,7 @@ impl Manager {
         dsn_id: QueueId,
         body: Vec<u8>,
     ) -> Result<()> {
-        let header = crate::smtp::trace::received(&crate::smtp::trace::Trace {
+        let header = crate::message::trace::received(&crate::message::trace::Trace {
             helo: &self.hello_name,
             client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
             router: &self.hello_name,

@@ -29,9 +29,14 @@ pub struct Conn<S> {
     start: usize,
     end: usize,
     out: Vec<u8>,
+    /// How long a write of replies may wait for the client to read them.
+    write_timeout: Duration,
 }
 
 const READ_CHUNK: usize = 16 * 1024;
+
+/// RFC 5321 §4.5.3.2.7's five minutes, unless the driver says otherwise.
+const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn timed_out() -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, "timeout")
@@ -45,7 +50,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             start: 0,
             end: 0,
             out: Vec::with_capacity(512),
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
         }
+    }
+
+    /// A client that does not read its replies for this long is dropped (a
+    /// write waits for the client's window; without a bound, a client that never
+    /// reads would hold its connection forever, whatever the command timeout).
+    pub fn with_write_timeout(mut self, d: Duration) -> Conn<S> {
+        self.write_timeout = d;
+        self
     }
 
     pub fn into_inner(self) -> S {
@@ -70,10 +84,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         self.out.extend_from_slice(r.to_wire().as_bytes());
     }
 
+    /// Writes the pending replies, within the write timeout.
     pub async fn flush(&mut self) -> io::Result<()> {
         if !self.out.is_empty() {
-            self.stream.write_all(&self.out).await?;
-            self.stream.flush().await?;
+            let write = async {
+                self.stream.write_all(&self.out).await?;
+                self.stream.flush().await
+            };
+            tokio::time::timeout(self.write_timeout, write)
+                .await
+                .map_err(|_| timed_out())??;
             self.out.clear();
         }
         Ok(())

@@ -187,23 +187,51 @@ impl DataDecoder {
     }
 }
 
-/// Every bare CR and bare LF of `body` as CRLF (BDAT content: no terminator, no
-/// dot-stuffing, so nothing else changes).
-pub fn normalize_line_endings(body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + body.len() / 64);
-    let mut i = 0;
-    while i < body.len() {
-        match body[i] {
-            b'\r' if body.get(i + 1) == Some(&b'\n') => {
-                out.extend_from_slice(b"\r\n");
-                i += 1;
-            }
-            b'\r' | b'\n' => out.extend_from_slice(b"\r\n"),
-            b => out.push(b),
-        }
-        i += 1;
+/// The length of `body` once every bare CR or LF is a CRLF.
+pub fn normalized_len(body: &[u8]) -> usize {
+    let mut n = body.len();
+    for (i, &b) in body.iter().enumerate() {
+        let bare = match b {
+            b'\r' => body.get(i + 1) != Some(&b'\n'),
+            b'\n' => i == 0 || body[i - 1] != b'\r',
+            _ => false,
+        };
+        n += usize::from(bare);
     }
-    out
+    n
+}
+
+/// Makes every bare CR or LF a CRLF, in place: the buffer grows to its
+/// [`normalized_len`] and is rewritten from the end, so no second copy of the
+/// message is ever held.
+pub fn normalize_line_endings(body: &mut Vec<u8>) {
+    let (old, new) = (body.len(), normalized_len(body));
+    if new == old {
+        return;
+    }
+    body.resize(new, 0);
+    // `r` reads the original octets backwards, `w` writes behind them; w >= r
+    // always (the gap is the bare line endings still to come), so nothing unread
+    // is overwritten.
+    let (mut r, mut w) = (old, new);
+    while r > 0 {
+        let b = body[r - 1];
+        if b == b'\n' || b == b'\r' {
+            // A CRLF (the LF with its CR), or a bare CR or LF: a CRLF.
+            r -= if b == b'\n' && r >= 2 && body[r - 2] == b'\r' {
+                2
+            } else {
+                1
+            };
+            body[w - 2] = b'\r';
+            body[w - 1] = b'\n';
+            w -= 2;
+        } else {
+            body[w - 1] = b;
+            r -= 1;
+            w -= 1;
+        }
+    }
 }
 
 /// What [`check_body`] found in a message.
@@ -336,10 +364,46 @@ mod tests {
         let (body, done) = normalize_all(b"a\n.\r\nb\r\n.\r\n");
         assert_eq!(body, b"a\r\n.\r\nb\r\n");
         assert_eq!(done, Some(11));
-        assert_eq!(
-            normalize_line_endings(b"a\rb\nc\r\n\r\r\n\n\r"),
-            b"a\r\nb\r\nc\r\n\r\n\r\n\r\n\r\n"
-        );
+        let mut v = b"a\rb\nc\r\n\r\r\n\n\r".to_vec();
+        normalize_line_endings(&mut v);
+        assert_eq!(v, b"a\r\nb\r\nc\r\n\r\n\r\n\r\n\r\n");
+    }
+
+    /// In place, against the obvious forward copy, over inputs of CR, LF and 'x'.
+    #[test]
+    fn in_place_normalization_matches_a_forward_copy() {
+        fn forward(body: &[u8]) -> Vec<u8> {
+            let mut out = Vec::new();
+            let mut i = 0;
+            while i < body.len() {
+                match body[i] {
+                    b'\r' if body.get(i + 1) == Some(&b'\n') => {
+                        out.extend_from_slice(b"\r\n");
+                        i += 1;
+                    }
+                    b'\r' | b'\n' => out.extend_from_slice(b"\r\n"),
+                    b => out.push(b),
+                }
+                i += 1;
+            }
+            out
+        }
+        for n in 0..6u32 {
+            for code in 0..3u32.pow(n) {
+                let mut c = code;
+                let body: Vec<u8> = (0..n)
+                    .map(|_| {
+                        let b = [b'\r', b'\n', b'x'][(c % 3) as usize];
+                        c /= 3;
+                        b
+                    })
+                    .collect();
+                let mut v = body.clone();
+                normalize_line_endings(&mut v);
+                assert_eq!(v, forward(&body), "{body:?}");
+                assert_eq!(normalized_len(&body), v.len(), "{body:?}");
+            }
+        }
     }
 
     /// The smuggling oracle of `fuzz/fuzz_targets/data.rs`, over pseudo-random

@@ -9,6 +9,9 @@
 //! a reservation cannot grow, the data is read to its end and discarded, and the
 //! transaction gets `452 4.3.1`: memory stays bounded and the session in sync.
 //!
+//! Data held outside the sessions (an HA shadow batch being sent) is
+//! [`Budget::charge`]d to the same budget while it lives.
+//!
 //! Fairness: a transaction's first `small` octets may use the whole budget, growth
 //! past them only up to seven eighths of it, so big messages in flight always leave
 //! room for small ones ([`fits`]).
@@ -99,6 +102,19 @@ impl Budget {
     fn give_back(&self, n: u64) {
         self.used.fetch_sub(n, Ordering::AcqRel);
         METRICS.smtp_data_in_flight.sub(n);
+    }
+
+    /// Counts `n` octets of message data held outside any session (the HA
+    /// shadow copy's encoded batch while it is sent) until the reservation is
+    /// dropped. Taken even past the limit: the octets exist already; sessions
+    /// see that much less room meanwhile.
+    pub fn charge(self: &Arc<Budget>, n: u64) -> Reservation {
+        self.used.fetch_add(n, Ordering::AcqRel);
+        METRICS.smtp_data_in_flight.add(n);
+        Reservation {
+            budget: self.clone(),
+            held: n,
+        }
     }
 
     /// A reservation for a new message (its first [`INITIAL`] octets and the
@@ -201,6 +217,19 @@ mod tests {
         drop(r);
         drop(small);
         assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn a_charge_counts_past_the_limit_and_leaves_less_room_until_dropped() {
+        let b = Budget::new(1 << 20);
+        let c = b.charge(1000 << 10);
+        assert_eq!(b.used(), 1000 << 10);
+        assert!(b.reserve().is_none(), "the charge leaves no room");
+        let over = b.charge(1 << 20);
+        assert_eq!(b.used(), (1000 << 10) + (1 << 20));
+        drop((c, over));
+        assert_eq!(b.used(), 0);
+        assert!(b.reserve().is_some());
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! - `server`: listeners, limits, timeouts, STARTTLS, durable accept, shutdown.
 //! - `limits`: the memory budget for message data shared by all sessions, and
 //!   the open-files limit.
-//! - `policy`: the catalog-backed relay policy; `trace`: the Received header.
+//! - `policy`: the catalog-backed relay policy.
 
 pub mod address;
 pub mod command;
@@ -20,4 +20,3 @@ pub mod reply;
 pub mod server;
 pub mod session;
 pub mod tls;
-pub mod trace;

@@ -15,9 +15,9 @@ use super::limits::{self, Budget, Reservation};
 use super::policy::CatalogPolicy;
 use super::reply::{self, Reply};
 use super::session::{Action, Message, RecipientPolicy, Session, Settings};
-use super::trace::{received, Trace};
 use crate::catalog::Catalog;
 use crate::config::SmtpConfig;
+use crate::message::trace::{received, Trace};
 use crate::queue::{Envelope, QueueId, Recipient, Spool};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
@@ -40,7 +40,7 @@ pub struct Service {
     pub tls: Option<TlsAcceptor>,
     /// Closed while this router is not the active unit of its HA pair: new
     /// sessions get 421 4.3.2, or with `close_when_inactive` nobody listens.
-    pub gate: crate::ha::Gate,
+    pub gate: crate::gate::Gate,
     pub close_when_inactive: bool,
     /// The HA unit, when in a pair (shadow copies: [`crate::ha::shadow`]).
     pub ha: std::sync::OnceLock<Arc<crate::ha::Ha>>,
@@ -49,7 +49,7 @@ pub struct Service {
     connections: Arc<Semaphore>,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// Message data held by all sessions (`smtp.max_data_in_flight`).
-    budget: Arc<Budget>,
+    pub(crate) budget: Arc<Budget>,
 }
 
 /// The service new connections get (replaced by a reload).
@@ -77,7 +77,7 @@ impl Service {
         max_hops: usize,
         catalog: Arc<Catalog>,
         spool: Spool,
-        gate: crate::ha::Gate,
+        gate: crate::gate::Gate,
         close_when_inactive: bool,
     ) -> Result<Arc<Service>> {
         let (settings, tls) = tuned(router_name, config, max_hops)?;
@@ -323,7 +323,7 @@ async fn connection(
         return refuse(stream, reply::inactive(&service.settings.name)).await;
     }
     let mut session = Session::new(service.settings.clone());
-    let mut conn = Conn::new(stream);
+    let mut conn = Conn::new(stream).with_write_timeout(service.config.command_timeout);
     conn.reply(&session.greeting());
     let outcome = drive(&service, &mut session, &mut conn, peer, shutdown.clone()).await;
     match outcome {
@@ -335,7 +335,8 @@ async fn connection(
             match tokio::time::timeout(service.config.command_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
                     session.tls_started();
-                    let mut conn = Conn::new(tls);
+                    let mut conn =
+                        Conn::new(tls).with_write_timeout(service.config.command_timeout);
                     if let Err(e) = drive(&service, &mut session, &mut conn, peer, shutdown).await {
                         log_io_end(peer, &e);
                     }
@@ -600,6 +601,16 @@ async fn read_bdat<S: AsyncRead + AsyncWrite + Unpin>(
     tx.bdat_octets += size;
     Ok(match session.bdat_chunk(octets, last) {
         Ok(None) => Session::chunk_reply(size),
+        // Normalizing bare line endings may have grown the body past what its
+        // chunks reserved: the budget covers what is held until the 250.
+        Ok(Some(m))
+            if !tx
+                .bdat
+                .as_mut()
+                .is_some_and(|h| h.ensure(m.body.len() as u64)) =>
+        {
+            over_budget(peer)
+        }
         Ok(Some(m)) => accept(service, m, peer).await,
         Err(r) => r,
     })

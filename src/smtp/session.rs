@@ -4,7 +4,7 @@
 
 use super::address::Mailbox;
 use super::command::{self, Body, Command};
-use super::data::{check_body, normalize_line_endings, BodyCheck, DataDecoder};
+use super::data::{check_body, normalize_line_endings, normalized_len, BodyCheck, DataDecoder};
 use super::reply::{self, Reply};
 use crate::config::{BareLineEndings, LongLines};
 
@@ -138,6 +138,17 @@ impl Session {
             ));
         }
         Action::Reply(r)
+    }
+
+    /// A refused RCPT: counted in the transaction (DATA with no recipient then
+    /// says 554) and, as in Postfix's hard error limit, as a client error: a
+    /// client guessing mailboxes is cut off after `max_errors` refusals without
+    /// a message given (a message accepted starts the count again).
+    fn refuse_recipient(&mut self, r: Reply) -> Action {
+        if let Some(tx) = self.tx.as_mut() {
+            tx.refused += 1;
+        }
+        self.error(r)
     }
 
     /// The command line was over 512 octets (the driver skipped the rest of it).
@@ -300,8 +311,7 @@ impl Session {
             return Action::Reply(Reply::new(452, "4.5.3", "Too many recipients"));
         }
         if !to.is_ascii() && !tx.smtputf8 {
-            tx.refused += 1;
-            return Action::Reply(Reply::new(
+            return self.refuse_recipient(Reply::new(
                 553,
                 "5.6.7",
                 "Non-ASCII recipient address needs SMTPUTF8",
@@ -322,22 +332,16 @@ impl Session {
                 tx.recipients.push((to.to_string(), mailbox));
                 Action::Reply(r)
             }
-            Verdict::UnknownUser => {
-                tx.refused += 1;
-                Action::Reply(Reply::new(
-                    550,
-                    "5.1.1",
-                    format!("<{to}>: no such mailbox here"),
-                ))
-            }
-            Verdict::RelayDenied(why) => {
-                tx.refused += 1;
-                Action::Reply(Reply::new(
-                    550,
-                    "5.7.1",
-                    format!("<{to}>: relaying denied: {why}"),
-                ))
-            }
+            Verdict::UnknownUser => self.refuse_recipient(Reply::new(
+                550,
+                "5.1.1",
+                format!("<{to}>: no such mailbox here"),
+            )),
+            Verdict::RelayDenied(why) => self.refuse_recipient(Reply::new(
+                550,
+                "5.7.1",
+                format!("<{to}>: relaying denied: {why}"),
+            )),
             Verdict::TempFail => Action::Reply(Reply::new(
                 451,
                 "4.3.0",
@@ -407,10 +411,11 @@ impl Session {
         if self.settings.bare_line_endings == BareLineEndings::Normalize {
             // On the whole message: a CR ending one chunk and the LF starting the
             // next are one CRLF.
-            body = normalize_line_endings(&body);
-            if body.len() as u64 > self.settings.max_message_size {
+            // Checked before it grows: a body of bare LFs doubles.
+            if normalized_len(&body) as u64 > self.settings.max_message_size {
                 return Err(too_big(self.settings.max_message_size));
             }
+            normalize_line_endings(&mut body);
         }
         self.message(tx, body).map(Some)
     }
@@ -419,7 +424,7 @@ impl Session {
         Reply::new(250, "2.0.0", format!("{size} octets received"))
     }
 
-    fn message(&self, tx: Transaction, body: Vec<u8>) -> Result<Message, Reply> {
+    fn message(&mut self, tx: Transaction, body: Vec<u8>) -> Result<Message, Reply> {
         let check = check_body(&body);
         if check.bare_line_ending && self.settings.bare_line_endings == BareLineEndings::Reject {
             return Err(Reply::new(
@@ -445,6 +450,8 @@ impl Session {
                 ),
             ));
         }
+        // A message given: the client's errors so far are forgiven.
+        self.errors = 0;
         Ok(Message {
             sender: tx.sender.map(|m| m.to_string()),
             recipients: tx.recipients,

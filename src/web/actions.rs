@@ -1,12 +1,13 @@
 //! The one adapter between the console and the router's administration code:
 //! every page and API call goes through here, and every action runs the same
-//! command the CLI and the admin socket run ([`cli::execute`]), its text captured.
+//! command the CLI and the admin socket run ([`crate::admin::execute`]), its text captured.
 //! Re-point a function here and both the HTML pages and the API follow.
 
 use crate::admin::routes::ServerRow;
+use crate::admin::Context;
 use crate::admin::Exit;
 use crate::catalog::{AdminState, Format};
-use crate::cli::{self, CatalogCommand, Command, Context, HaCommand, HaSetMode, QueueCommand};
+use crate::cli::{self, CatalogCommand, Command, HaCommand, HaSetMode, QueueCommand};
 use crate::queue::{Envelope, QueueId, RecipientState};
 use anyhow::Result;
 use serde::Serialize;
@@ -34,7 +35,7 @@ impl Outcome {
 /// Runs `command` as the CLI would against the running router.
 pub async fn run(ctx: &Context, command: Command) -> Outcome {
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let exit = match cli::execute(ctx, command, &mut out, &mut err).await {
+    let exit = match crate::admin::execute(ctx, command, &mut out, &mut err).await {
         Ok(e) => e as i32,
         Err(e) => {
             err.extend_from_slice(format!("clustermail: {e:#}\n").as_bytes());

@@ -12,7 +12,7 @@ mod pages;
 pub mod stats;
 mod views;
 
-use crate::cli::Context;
+use crate::admin::Context;
 use crate::config::WebConfig;
 use anyhow::{Context as _, Result};
 use axum::extract::{ConnectInfo, Request};

@@ -15,6 +15,7 @@ use maud::Markup;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 const STYLE: &str = include_str!("static/style.css");
 const SCRIPT: &str = include_str!("static/app.js");
@@ -25,6 +26,8 @@ pub fn public() -> Router<AppState> {
         .route("/login", get(login_form).post(login))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/static/{file}", get(asset))
+        // Nothing public takes more than a login form.
+        .layer(axum::extract::DefaultBodyLimit::max(8 << 10))
 }
 
 /// Pages behind the login.
@@ -79,6 +82,9 @@ struct Login {
     password: String,
 }
 
+/// Password checks running at once (each holds argon2's memory).
+static CHECKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
 async fn login(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -88,6 +94,21 @@ async fn login(
     if let Some(wait) = state.limiter.blocked(ip) {
         return too_many(wait);
     }
+    // The try is counted before the password is checked, so requests sent at once
+    // get no more tries than requests sent one after the other.
+    let n = state.limiter.failed(ip);
+    if n > auth::MAX_FAILURES {
+        return too_many(state.limiter.blocked(ip).unwrap_or(Duration::from_secs(1)));
+    }
+    // Each check costs argon2's memory (19 MiB): only a few at once.
+    let Ok(_checking) = CHECKS.try_acquire() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "too many logins at once, try again",
+        )
+            .into_response();
+    };
     let ok = {
         let (store, user, password) = (state.store.clone(), form.user.clone(), form.password);
         tokio::task::spawn_blocking(move || store.verify_password(&user, &password))
@@ -95,8 +116,8 @@ async fn login(
             .unwrap_or(false)
     };
     if !ok {
-        let n = state.limiter.failed(ip);
-        tracing::warn!(%ip, user = %form.user, failures = n, "web console: wrong user or password");
+        let user: String = form.user.chars().take(64).collect();
+        tracing::warn!(%ip, user = %user, failures = n, "web console: wrong user or password");
         if let Some(wait) = state.limiter.blocked(ip) {
             return too_many(wait);
         }
@@ -262,6 +283,10 @@ async fn message(
     Extension(a): Extension<Auth>,
     Path(id): Path<String>,
 ) -> Response {
+    // Only a queue id, written as the queue writes it, goes into the page and its links.
+    let Ok(id) = id.parse::<crate::queue::QueueId>().map(|q| q.to_string()) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
     let (show, env) = actions::queue_show(&state.ctx, &id).await;
     let item = env.map(|e| actions::item(&e, crate::queue::manager::now_ms()));
     let title = format!("Message {id}");
@@ -279,6 +304,11 @@ async fn confirm_queue(
     Path((id, action)): Path<(String, String)>,
 ) -> Response {
     let Some(act) = QueueAction::parse(&action) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    // The form posts to a path built from `id`: a decoded `..%2F` must not turn it
+    // into another action's path.
+    let Ok(id) = id.parse::<crate::queue::QueueId>().map(|q| q.to_string()) else {
         return StatusCode::NOT_FOUND.into_response();
     };
     let body = views::confirm(

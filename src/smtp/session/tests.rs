@@ -178,6 +178,31 @@ fn errors_are_counted_and_close_the_session() {
 }
 
 #[test]
+fn refused_recipients_are_errors_until_a_message_is_given() {
+    let mut s = session();
+    s.settings.max_errors = 4;
+    say(&mut s, "EHLO c");
+    say(&mut s, "MAIL FROM:<a@x.test>");
+    for _ in 0..3 {
+        assert_eq!(say(&mut s, "RCPT TO:<nobody@ours.test>"), (550, "5.1.1"));
+    }
+    assert_eq!(say(&mut s, "RCPT TO:<alice@ours.test>").0, 250);
+    assert_eq!(say(&mut s, "DATA").0, 354);
+    assert!(s
+        .data_received(b"Subject: x\r\n\r\nhi\r\n".to_vec(), false)
+        .is_ok());
+    // The message was given: three more refusals are not yet four errors.
+    say(&mut s, "MAIL FROM:<a@x.test>");
+    for _ in 0..3 {
+        assert_eq!(say(&mut s, "RCPT TO:<x@elsewhere.test>"), (550, "5.7.1"));
+    }
+    assert!(matches!(
+        s.command(b"RCPT TO:<y@elsewhere.test>", &Policy),
+        Action::Close(r) if r.code == 421
+    ));
+}
+
+#[test]
 fn utf8_addresses_need_smtputf8() {
     let mut s = session();
     say(&mut s, "EHLO c");

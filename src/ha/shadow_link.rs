@@ -1,0 +1,446 @@
+//! Shadow redundancy, the MASTER's shadow connection to the SLAVE: the task
+//! ([`run`]) that batches the sessions' shadows, the background ones and the
+//! releases, and keeps up to [`WINDOW`] batches in flight on one connection.
+//!
+//! Pipelining: a batch is sent as soon as sessions are waiting and the window
+//! has room, without waiting for the answer to the one before; each batch
+//! carries its number and the SLAVE answers them in order, once durable (its
+//! group commit: one fdatasync covers every batch received meanwhile, see
+//! [`super::shadow_store`]). The answers are matched to the oldest batch in
+//! flight by number: a gap, a refusal, a lost connection or an answer later than
+//! the round trip timeout fails every batch in flight (their sessions get the
+//! reason; the unit is degraded) and the connection is dropped. The next one
+//! starts with the reconciliation ([`Msg::ShadowSync`]), as before pipelining.
+//!
+//! Releases (messages that left the queue) ride on the next batch, and go at
+//! least every `ha.shadow_release_interval`; a release never overtakes its
+//! message's copy (one ordered connection, applied in order by the SLAVE).
+
+use super::link::{Link, LinkReader, LinkWriter, Msg};
+use super::shadow::{Done, Op, Request, MAX_BATCH, MAX_BATCH_OCTETS, METRICS};
+use super::state::Mode;
+use super::Ha;
+use crate::queue::spool::Change;
+use crate::queue::QueueId;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+/// Batches in flight on the shadow connection, at most.
+pub(super) const WINDOW: usize = 4;
+/// Most background copies (mail accepted while degraded) in one batch.
+const MAX_BACKFILL: usize = 32;
+
+/// Messages that left the queue and messages to shadow in the background.
+#[derive(Default)]
+struct Pending {
+    releases: Vec<QueueId>,
+    backfill: VecDeque<QueueId>,
+    /// The release interval passed while the window was full.
+    release_due: bool,
+    /// Messages whose session sent their copy on this connection, and when:
+    /// their entry into the queue (told after the copy is confirmed) needs no
+    /// copy in the background.
+    shadowed: HashMap<QueueId, Instant>,
+}
+
+/// How long a copied message's entry into the queue is waited for (it never
+/// comes when the local flush failed).
+const SHADOWED_KEPT: Duration = Duration::from_secs(60);
+
+impl Pending {
+    fn note(&mut self, c: Change) {
+        match c {
+            Change::Queued(id) => {
+                if self.shadowed.remove(&id).is_none() {
+                    self.backfill.push_back(id)
+                }
+            }
+            Change::Removed(id) => self.releases.push(id),
+        }
+    }
+    /// Forgets the connection's state: a new one starts with the reconciliation.
+    fn clear(&mut self) {
+        self.releases.clear();
+        self.backfill.clear();
+        self.release_due = false;
+        self.shadowed.clear();
+    }
+    fn forget_old(&mut self) {
+        self.shadowed.retain(|_, at| at.elapsed() < SHADOWED_KEPT);
+    }
+}
+
+/// A batch sent and not yet answered.
+struct Batch {
+    number: u64,
+    puts: usize,
+    dones: Vec<Done>,
+    /// When it was handed to the connection (sealing and writing took `sending`).
+    sent: Instant,
+    sending: Duration,
+    /// Answered by then, or the connection is given up.
+    deadline: Instant,
+}
+
+/// The shadow connection: its sending half, the answers its reader task hands
+/// over, and the batches in flight (oldest first).
+struct Conn {
+    writer: LinkWriter,
+    answers: mpsc::Receiver<Result<Msg, String>>,
+    reader: tokio::task::JoinHandle<()>,
+    next: u64,
+    in_flight: VecDeque<Batch>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Conn {
+    fn new(link: Link) -> Conn {
+        let (reader, writer) = link.split();
+        let (tx, answers) = mpsc::channel(WINDOW + 1);
+        Conn {
+            writer,
+            answers,
+            reader: tokio::spawn(read_answers(reader, tx)),
+            next: 0,
+            in_flight: VecDeque::new(),
+        }
+    }
+
+    fn room(&self) -> bool {
+        self.in_flight.len() < WINDOW
+    }
+}
+
+/// The reader task: every answer of the connection, until it fails.
+async fn read_answers(mut reader: LinkReader, tx: mpsc::Sender<Result<Msg, String>>) {
+    loop {
+        let r = reader
+            .recv()
+            .await
+            .map_err(|e| format!("shadow copy: {e:#}"));
+        let failed = r.is_err();
+        if tx.send(r).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// What woke the task.
+enum Event {
+    Request(Request),
+    Answer(Result<Msg, String>),
+    Late,
+    Change(Change),
+    Tick,
+    Stop,
+}
+
+/// The next answer of the connection (never, without one).
+async fn next_answer(conn: &mut Option<Conn>) -> Result<Msg, String> {
+    match conn {
+        Some(c) => c
+            .answers
+            .recv()
+            .await
+            .unwrap_or_else(|| Err("shadow connection closed".into())),
+        None => std::future::pending().await,
+    }
+}
+
+impl Ha {
+    /// The round trip timeout of the shadow connection.
+    fn shadow_timeout(&self) -> Duration {
+        self.config.heartbeat_interval * self.config.heartbeat_lost.max(1)
+    }
+
+    /// A new shadow connection, reconciled: `pending`'s backfill becomes the
+    /// messages the SLAVE lacks.
+    async fn shadow_connect(&self, pending: &mut Pending) -> Result<Conn, String> {
+        let timeout = self.shadow_timeout();
+        let mut l = Link::connect(&self.config.peer, &self.config.password, timeout)
+            .await
+            .map_err(|e| format!("shadow connection: {e:#}"))?;
+        let ids = self.spool.ids().map_err(|e| e.to_string())?;
+        match l.call(&Msg::ShadowSync(ids), timeout).await {
+            Ok(Msg::ShadowMissing(missing)) => {
+                pending.clear();
+                pending.backfill.extend(missing);
+                Ok(Conn::new(l))
+            }
+            Ok(Msg::Refused(why)) => Err(format!("the SLAVE refused: {why}")),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(format!("shadow sync: {e:#}")),
+        }
+    }
+
+    /// Sends one batch: the sessions' `puts`, background copies, and the
+    /// releases when it carries copies or `release_due`. Err: the connection
+    /// is unusable (the caller fails it and answers `dones` with the reason).
+    async fn shadow_send(
+        &self,
+        conn: &mut Option<Conn>,
+        pending: &mut Pending,
+        puts: Vec<Op>,
+        dones: Vec<Done>,
+        release_due: bool,
+    ) -> Result<(), (String, Vec<Done>)> {
+        if let Err(why) = self.peer_is_slave() {
+            return Err((why, dones));
+        }
+        if conn.is_none() {
+            match self.shadow_connect(pending).await {
+                Ok(c) => *conn = Some(c),
+                Err(why) => return Err((why, dones)),
+            }
+        }
+        let mut ops = puts;
+        self.backfill(pending, &mut ops);
+        if release_due || pending.release_due || !ops.is_empty() {
+            ops.extend(pending.releases.drain(..).map(Op::Drop));
+            pending.release_due = false;
+        }
+        let Some(c) = conn.as_mut() else {
+            return Err(("no shadow connection".into(), dones));
+        };
+        if ops.is_empty() {
+            if c.in_flight.is_empty() {
+                self.shadow_degraded(None);
+            }
+            return Ok(());
+        }
+        let number = c.next;
+        c.next += 1;
+        let puts = ops.iter().filter(|o| matches!(o, Op::Put { .. })).count();
+        let octets: usize = ops.iter().map(Op::octets).sum();
+        // The frame is a copy of the batch's octets while it is written: counted
+        // in the SMTP data budget for that time.
+        let charge = self.shadow.charge(octets as u64);
+        let msg = Msg::Shadow { batch: number, ops };
+        let start = Instant::now();
+        let sent = tokio::time::timeout(self.shadow_timeout(), c.writer.send(&msg)).await;
+        drop(msg);
+        drop(charge);
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err((format!("shadow copy: {e:#}"), dones)),
+            Err(_) => return Err(("shadow copy: sending timed out".into(), dones)),
+        }
+        METRICS.round_trips.inc();
+        c.in_flight.push_back(Batch {
+            number,
+            puts,
+            dones,
+            sent: start,
+            sending: start.elapsed(),
+            deadline: Instant::now() + self.shadow_timeout(),
+        });
+        self.shadow.set_in_flight(c.in_flight.len());
+        Ok(())
+    }
+
+    /// Background copies into `ops`, within the batch limits.
+    fn backfill(&self, pending: &mut Pending, ops: &mut Vec<Op>) {
+        let mut octets: usize = ops.iter().map(Op::octets).sum();
+        let most = ops.len() + MAX_BACKFILL;
+        while ops.len() < most && octets < MAX_BATCH_OCTETS {
+            let Some(id) = pending.backfill.pop_front() else {
+                break;
+            };
+            if let (Ok(Some(envelope)), Ok(Some(message))) =
+                (self.spool.envelope(id), self.spool.message(id))
+            {
+                octets += message.len();
+                ops.push(Op::Put {
+                    envelope,
+                    message: Arc::new(message),
+                });
+            }
+        }
+    }
+
+    /// An answer of the connection: the oldest batch in flight is durable on
+    /// the SLAVE. Err: the connection is unusable.
+    fn shadow_answered(&self, c: &mut Conn, answer: Result<Msg, String>) -> Result<(), String> {
+        let (batch, held, oldest) = match answer? {
+            Msg::Shadowed {
+                batch,
+                held,
+                oldest,
+            } => (batch, held, oldest),
+            Msg::Refused(why) => return Err(format!("the SLAVE refused: {why}")),
+            other => return Err(format!("unexpected answer {other:?}")),
+        };
+        let Some(b) = c.in_flight.pop_front().filter(|b| b.number == batch) else {
+            return Err(format!("shadow answer for batch {batch} out of order"));
+        };
+        tracing::debug!(
+            batch,
+            copies = b.puts,
+            send_us = b.sending.as_micros() as u64,
+            round_trip_us = b.sent.elapsed().as_micros() as u64,
+            in_flight = c.in_flight.len(),
+            "HA shadow: batch confirmed"
+        );
+        METRICS.shadowed.add(b.puts as u64);
+        METRICS.held.store(held, Ordering::Relaxed);
+        METRICS.oldest.store(oldest, Ordering::Relaxed);
+        self.shadow.set_peer(held, oldest, c.in_flight.len());
+        self.shadow_degraded(None);
+        for d in b.dones {
+            let _ = d.send(Ok(()));
+        }
+        Ok(())
+    }
+
+    /// Drops the connection: every session waiting on it gets `why`.
+    fn shadow_drop(&self, conn: &mut Option<Conn>, pending: &mut Pending, why: &str) {
+        if let Some(mut c) = conn.take() {
+            let n = c.in_flight.len();
+            for d in c.in_flight.drain(..).flat_map(|b| b.dones) {
+                let _ = d.send(Err(why.to_string()));
+            }
+            tracing::debug!(in_flight = n, why, "HA shadow: connection dropped");
+        }
+        self.shadow.set_in_flight(0);
+        pending.clear();
+    }
+
+    /// The connection failed: dropped, and the unit degraded.
+    fn shadow_failed(&self, conn: &mut Option<Conn>, pending: &mut Pending, why: &str) {
+        self.shadow_drop(conn, pending, why);
+        self.shadow_degraded(Some(why));
+    }
+}
+
+/// The shadow task, until shutdown.
+pub(super) async fn run(ha: Arc<Ha>, mut shutdown: watch::Receiver<bool>) {
+    let Some(mut inbox) = ha.shadow.take_inbox() else {
+        return;
+    };
+    let Some(mut changes) = ha.spool.watch_changes() else {
+        tracing::error!("HA shadow: the queue's changes are already watched: no shadows");
+        return;
+    };
+    let mut conn: Option<Conn> = None;
+    let mut pending = Pending::default();
+    let mut tick = tokio::time::interval(ha.config.shadow_release_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A request that did not fit in the last batch: first in the next.
+    let mut carried: Option<Request> = None;
+    loop {
+        let room = conn.as_ref().is_none_or(Conn::room);
+        let late = conn
+            .as_ref()
+            .and_then(|c| c.in_flight.front())
+            .map(|b| b.deadline);
+        let event = match carried.take() {
+            Some(r) if room => Event::Request(r),
+            c => {
+                carried = c;
+                tokio::select! {
+                    r = inbox.recv(), if room && carried.is_none() => match r {
+                        Some(r) => Event::Request(r),
+                        None => Event::Stop,
+                    },
+                    a = next_answer(&mut conn) => Event::Answer(a),
+                    _ = tokio::time::sleep_until(late.unwrap_or_else(Instant::now)), if late.is_some() => Event::Late,
+                    Some(c) = changes.recv() => Event::Change(c),
+                    _ = tick.tick() => Event::Tick,
+                    _ = shutdown.changed() => if *shutdown.borrow() { Event::Stop } else { continue },
+                }
+            }
+        };
+        let mut waiting = Vec::new();
+        let mut release_due = false;
+        match event {
+            Event::Stop => return,
+            Event::Request(r) => waiting.push(r),
+            Event::Answer(a) => {
+                if let Some(c) = conn.as_mut() {
+                    if let Err(why) = ha.shadow_answered(c, a) {
+                        ha.shadow_failed(&mut conn, &mut pending, &why);
+                    }
+                }
+                continue;
+            }
+            Event::Late => {
+                let why = format!(
+                    "shadow copy: the SLAVE did not answer within {} ms",
+                    ha.shadow_timeout().as_millis()
+                );
+                ha.shadow_failed(&mut conn, &mut pending, &why);
+                continue;
+            }
+            Event::Change(c) => pending.note(c),
+            Event::Tick => {
+                release_due = true;
+                pending.forget_old();
+            }
+        }
+        if !waiting.is_empty() {
+            carried = gather(&mut inbox, &mut waiting);
+        }
+        while let Ok(c) = changes.try_recv() {
+            pending.note(c);
+        }
+        if !conn.as_ref().is_none_or(Conn::room) {
+            // Only a tick or a change can get here with the window full.
+            pending.release_due |= release_due;
+            continue;
+        }
+        if waiting.is_empty() && !release_due && pending.backfill.is_empty() {
+            continue;
+        }
+        if ha.mode() != Mode::Master {
+            // Nothing to shadow; a new MASTER reconciles on its first connection.
+            ha.shadow_drop(&mut conn, &mut pending, "this unit is not MASTER");
+            ha.shadow_degraded(None);
+            for w in waiting {
+                let _ = w.done.send(Err("this unit is not MASTER".into()));
+            }
+            continue;
+        }
+        let ids: Vec<QueueId> = waiting.iter().filter_map(|r| r.op.put_id()).collect();
+        let (puts, dones): (Vec<Op>, Vec<Done>) =
+            waiting.into_iter().map(|r| (r.op, r.done)).unzip();
+        match ha
+            .shadow_send(&mut conn, &mut pending, puts, dones, release_due)
+            .await
+        {
+            Ok(()) => {
+                let now = Instant::now();
+                pending.shadowed.extend(ids.into_iter().map(|id| (id, now)));
+            }
+            Err((why, dones)) => {
+                ha.shadow_failed(&mut conn, &mut pending, &why);
+                for d in dones {
+                    let _ = d.send(Err(why.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Every request waiting now into `waiting`, within the batch limits; the first
+/// one that does not fit is returned (it goes first in the next batch).
+fn gather(inbox: &mut mpsc::Receiver<Request>, waiting: &mut Vec<Request>) -> Option<Request> {
+    let mut octets: usize = waiting.iter().map(|r| r.op.octets()).sum();
+    while waiting.len() < MAX_BATCH {
+        let Ok(r) = inbox.try_recv() else { break };
+        octets += r.op.octets();
+        if octets > MAX_BATCH_OCTETS && !waiting.is_empty() {
+            return Some(r);
+        }
+        waiting.push(r);
+    }
+    None
+}
