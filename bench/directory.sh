@@ -117,9 +117,9 @@ initial_sync() {
 initial_sync r1
 initial_sync r2
 
-python3 - "$C" "$LP" "$BASE" "$ROOT" "$PW" "$(cut -d' ' -f1 "$TMP/r1/ports")" "$(cut -d' ' -f1 "$TMP/r2/ports")" "$TMP" <<'EOF'
+python3 - "$C" "$LP" "$BASE" "$ROOT" "$PW" "$(cut -d' ' -f1 "$TMP/r1/ports")" "$(cut -d' ' -f1 "$TMP/r2/ports")" "$N" <<'EOF'
 import smtplib, subprocess, sys, time
-c, lp, base, root, pw, p1, p2, tmp = sys.argv[1:]
+c, lp, base, root, pw, p1, p2, n = sys.argv[1:]
 c = int(c)
 
 class Poller:
@@ -137,7 +137,8 @@ class Poller:
         return code
 
 routers = [Poller(p1), Poller(p2)]
-assert all(r.rcpt("user0@example.test") == 250 for r in routers), "initial sync incomplete"
+for probe in ("user0@example.test", f"user{int(n) - 1}@example.test"):
+    assert all(r.rcpt(probe) == 250 for r in routers), f"initial sync incomplete: {probe}"
 lat = []
 for i in range(c):
     addr = f"new{i}@example.test"
