@@ -9,10 +9,15 @@
 //! RCPT TO for random addresses (every RCPT is a catalog lookup): RCPT replies/s,
 //! RCPT p50/p99 and the router's RSS.
 //!
+//! Also times a `--dry-run` of the same import, and merging 1 and 10,000 mailboxes
+//! into the full catalog (as `catalog import` and as `Catalog::apply`, the
+//! directory sync's path). Ends with a table of every figure beside its goal
+//! (issue 16).
+//!
 //! Run: `cargo build --release && cargo run --release --bin catalog-bench -- [MAILBOXES] [LOOKUPS]`
 //! (`CACHE_MB=N` sets sled's page cache for the lookup phase; default 64 as in config.)
 
-use clustermail::catalog::{self, Catalog, LocalPartMatch, Mode};
+use clustermail::catalog::{self, Catalog, Change, LocalPartMatch, Mailbox, Mode};
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -69,6 +74,176 @@ impl Drop for TempDir {
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p) as usize]
+}
+
+/// Resets this process's peak RSS (VmHWM), so each phase reports its own.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// A measured figure and its goal (issue 16), for the closing table.
+struct Figure {
+    name: &'static str,
+    value: f64,
+    unit: &'static str,
+    /// The value must be below this (`at_least`: at least this).
+    goal: f64,
+    at_least: bool,
+}
+
+/// Prints `@fig NAME VALUE` for the parent process to collect.
+fn report_figure(name: &str, value: f64) {
+    println!("@fig {name} {value}");
+}
+
+/// The goals of issue 16, by figure name: (label, unit, goal, at_least).
+const GOALS: &[(&str, &str, &str, f64, bool)] = &[
+    ("import", "import --replace, 1M mailboxes", "s", 10.0, false),
+    ("import_rss", "import peak RSS", "MB", 1024.0, false),
+    ("dry_run", "import --replace --dry-run", "s", 5.0, false),
+    (
+        "lookup_p50",
+        "lookup p50 (address or alias, mixed case)",
+        "µs",
+        2.0,
+        false,
+    ),
+    ("lookup_p99", "lookup p99", "µs", 20.0, false),
+    (
+        "lookup_ratio",
+        "lookups/s ÷ same-run HashMap",
+        "",
+        0.3,
+        true,
+    ),
+    (
+        "serve_start",
+        "serve start-up (open to SMTP listening)",
+        "s",
+        2.0,
+        false,
+    ),
+    (
+        "serve_rss",
+        "serve RSS after the RCPT lookups",
+        "MB",
+        300.0,
+        false,
+    ),
+    (
+        "merge_1",
+        "merge 1 mailbox (catalog import)",
+        "ms",
+        100.0,
+        false,
+    ),
+    (
+        "merge_10k",
+        "merge 10,000 mailboxes (catalog import)",
+        "ms",
+        1000.0,
+        false,
+    ),
+    (
+        "apply_1",
+        "apply 1 mailbox (Catalog::apply)",
+        "ms",
+        100.0,
+        false,
+    ),
+    (
+        "apply_10k",
+        "apply 10,000 mailboxes (Catalog::apply)",
+        "ms",
+        1000.0,
+        false,
+    ),
+];
+
+fn figures(values: &HashMap<String, f64>) -> Vec<Figure> {
+    GOALS
+        .iter()
+        .map(|&(key, name, unit, goal, at_least)| Figure {
+            name,
+            value: values.get(key).copied().unwrap_or(f64::NAN),
+            unit,
+            goal,
+            at_least,
+        })
+        .collect()
+}
+
+fn print_table(n: usize, figures: &[Figure]) {
+    println!("\ncatalog-bench, {n} mailboxes: figure | measured | goal | met");
+    for f in figures {
+        let met = if f.at_least {
+            f.value >= f.goal
+        } else {
+            f.value < f.goal
+        };
+        println!(
+            "{:<44} | {:>10.2} {:<2} | {} {} {:<2} | {}",
+            f.name,
+            f.value,
+            f.unit,
+            if f.at_least { ">=" } else { "<" },
+            f.goal,
+            f.unit,
+            if met { "yes" } else { "NO" }
+        );
+    }
+}
+
+/// `count` new mailboxes numbered from `first`, homed like the generated ones.
+fn extra_mailboxes(first: usize, count: usize) -> Vec<Mailbox> {
+    (first..first + count)
+        .map(|i| Mailbox {
+            address: format!("extra{i}@d{}.example.com", i % 50),
+            home: "c0s0".into(),
+            replicas: vec!["c0s1".into()],
+            aliases: vec![format!("extra-alias{i}@d{}.example.com", i % 50)],
+            failover: None,
+            home_state: Default::default(),
+            replica_states: vec![],
+        })
+        .collect()
+}
+
+/// Times a merge of `mailboxes` through `catalog import` (a CSV file) in ms.
+fn time_merge(cat: &Catalog, dir: &std::path::Path, mailboxes: &[Mailbox]) -> anyhow::Result<f64> {
+    let csv = dir.join(format!("merge-{}.csv", mailboxes.len()));
+    let mut w = std::io::BufWriter::new(std::fs::File::create(&csv)?);
+    writeln!(w, "address,home,replicas,aliases")?;
+    for m in mailboxes {
+        writeln!(
+            w,
+            "{},{},{},{}",
+            m.address,
+            m.home,
+            m.replicas.join(";"),
+            m.aliases.join(";")
+        )?;
+    }
+    drop(w);
+    let t = Instant::now();
+    let input = catalog::read_files(&[csv]);
+    let report = cat
+        .import(input, Mode::Merge, false, &indicatif::ProgressBar::hidden())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    anyhow::ensure!(report.mailboxes.added == mailboxes.len() as u64);
+    Ok(ms)
+}
+
+/// Times `Catalog::apply` of `mailboxes` (one batch, with a sync cookie) in ms.
+fn time_apply(cat: &Catalog, mailboxes: Vec<Mailbox>) -> anyhow::Result<f64> {
+    let n = mailboxes.len();
+    let changes = mailboxes.into_iter().map(Change::PutMailbox).collect();
+    let t = Instant::now();
+    let report = cat.apply(changes, &[("bench.cookie", b"1")])?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    anyhow::ensure!(report.applied == n && report.rejected.is_empty());
+    Ok(ms)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -130,10 +305,30 @@ fn main() -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     );
 
+    let mut values: HashMap<String, f64> = HashMap::new();
     let db = catalog::open_db(&dir.path().join("data"), 64 << 20)?;
     let cat = Catalog::open(&db, LocalPartMatch::CaseInsensitive)?;
+    let files = [servers, csv];
     let t = Instant::now();
-    let input = catalog::read_files(&[servers, csv]);
+    let input = catalog::read_files(&files);
+    let report = cat
+        .import(
+            input,
+            Mode::Replace,
+            true,
+            &indicatif::ProgressBar::hidden(),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    values.insert("dry_run".into(), t.elapsed().as_secs_f64());
+    println!(
+        "dry run: {:.2} s, {} mailboxes to add; peak RSS {:.0} MB",
+        t.elapsed().as_secs_f64(),
+        report.mailboxes.added,
+        peak_rss_mb()
+    );
+    reset_peak_rss();
+    let t = Instant::now();
+    let input = catalog::read_files(&files);
     let read = t.elapsed();
     let report = cat
         .import(
@@ -151,25 +346,53 @@ fn main() -> anyhow::Result<()> {
         report.mailboxes.added,
         peak_rss_mb()
     );
+    values.insert("import".into(), import.as_secs_f64());
+    values.insert("import_rss".into(), peak_rss_mb());
+    for (key, first, count) in [("merge_1", 0, 1), ("merge_10k", 1, 10_000)] {
+        let ms = time_merge(&cat, dir.path(), &extra_mailboxes(first, count))?;
+        println!("{key}: {ms:.1} ms");
+        values.insert(key.into(), ms);
+    }
+    for (key, first, count) in [("apply_1", 20_000, 1), ("apply_10k", 20_001, 10_000)] {
+        let ms = time_apply(&cat, extra_mailboxes(first, count))?;
+        println!("{key}: {ms:.1} ms");
+        values.insert(key.into(), ms);
+    }
 
     drop(cat);
     drop(db);
     // Lookups run in a fresh process, as a router serving from this catalog would:
     // its RSS is not inflated by what the import allocated and freed.
-    let status = std::process::Command::new(std::env::current_exe()?)
+    let out = std::process::Command::new(std::env::current_exe()?)
         .args([
             "--lookups",
             &dir.path().join("data").display().to_string(),
             &n.to_string(),
             &lookups.to_string(),
         ])
-        .status()?;
-    anyhow::ensure!(status.success(), "lookup phase failed: {status}");
-    serving_phase(dir.path(), n, lookups.min(400_000))
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        match line.strip_prefix("@fig ").and_then(|f| f.split_once(' ')) {
+            Some((k, v)) => {
+                values.insert(k.into(), v.parse().unwrap_or(f64::NAN));
+            }
+            None => println!("{line}"),
+        }
+    }
+    anyhow::ensure!(out.status.success(), "lookup phase failed: {}", out.status);
+    serving_phase(dir.path(), n, lookups.min(400_000), &mut values)?;
+    print_table(n, &figures(&values));
+    Ok(())
 }
 
 /// RCPT lookups through a running router: `rcpts` RCPT commands over 20 sessions.
-fn serving_phase(dir: &std::path::Path, n: usize, rcpts: usize) -> anyhow::Result<()> {
+fn serving_phase(
+    dir: &std::path::Path,
+    n: usize,
+    rcpts: usize,
+    values: &mut HashMap<String, f64>,
+) -> anyhow::Result<()> {
     use std::io::{BufRead, BufReader};
     let exe = std::env::current_exe()?.with_file_name("clustermail");
     anyhow::ensure!(
@@ -185,7 +408,7 @@ fn serving_phase(dir: &std::path::Path, n: usize, rcpts: usize) -> anyhow::Resul
         &config,
         format!(
             "data_dir = {:?}\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\nmax_connections_per_ip = 1000\n\
-             [routing]\nprobe_interval = \"1h\"\n",
+             [routing]\nprobe_interval = \"1h\"\n[web]\nlisten = \"\"\n",
             dir.join("data").display().to_string()
         ),
     )?;
@@ -214,6 +437,7 @@ fn serving_phase(dir: &std::path::Path, n: usize, rcpts: usize) -> anyhow::Resul
             .unwrap_or(0.0)
             / 1024.0
     };
+    values.insert("serve_start".into(), started.elapsed().as_secs_f64());
     println!(
         "serving: router listening after {:.2} s, RSS {:.0} MB",
         started.elapsed().as_secs_f64(),
@@ -290,6 +514,7 @@ fn serving_phase(dir: &std::path::Path, n: usize, rcpts: usize) -> anyhow::Resul
         rss("VmRSS:"),
         rss("VmHWM:")
     );
+    values.insert("serve_rss".into(), rss("VmRSS:"));
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &router.id().to_string()])
         .status();
@@ -372,5 +597,8 @@ fn lookup_phase(data: &std::path::Path, n: usize, lookups: usize) -> anyhow::Res
         catalog_rate / base_rate
     );
     println!("lookup process peak RSS: {:.0} MB", peak_rss_mb());
+    report_figure("lookup_p50", percentile(&lat, 0.5).as_secs_f64() * 1e6);
+    report_figure("lookup_p99", percentile(&lat, 0.99).as_secs_f64() * 1e6);
+    report_figure("lookup_ratio", catalog_rate / base_rate);
     Ok(())
 }

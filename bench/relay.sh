@@ -20,6 +20,7 @@
 # usage: bench/relay.sh [--pair] [MESSAGES] [SESSIONS...]     (default: 20000 20 100)
 #        CLUSTERMAIL_BIN=path/to/clustermail bench/relay.sh ...   (another build, e.g.
 #        an older commit's, instead of building this tree's release binary)
+#        PATHS="2" bench/relay.sh ...   (only these paths of 1 2 3: quick A/B runs)
 # needs: postfix (smtp-source, smtp-sink, postfix), python3; run as root (Postfix).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,8 @@ MESSAGES=${1:-20000}
 shift || true
 SESSIONS=${*:-20 100}
 SIZE=10240
+PATHS=${PATHS:-1 2 3}
+has_path() { [[ " $PATHS " == *" $1 "* ]]; }
 PROBES=200
 if [ -n "${CLUSTERMAIL_BIN:-}" ]; then
     BIN=$CLUSTERMAIL_BIN
@@ -201,12 +204,16 @@ printf "machine: %s cores, %s\n" "$(nproc)" "$(grep -m1 'model name' /proc/cpuin
 for S in $SESSIONS; do
     printf "\nsessions = %s\n  %-30s %9s %8s %8s %8s %10s %8s\n" "$S" path "msg/s" "e2e s" "p50 ms" "p99 ms" "CPU us/msg" "RSS MB"
 
+    RATE_direct=0 RATE_clustermail=0 RATE_postfix=0
     # 1. Directly into the sink.
+    if has_path 1; then
     SP=$(free_port); start_sink "$SP"
     run "1 smtp-sink directly" "$SP" "$S" "echo $SINK" "true" direct
     kill "$SINK"; wait "$SINK" 2>/dev/null || true
+    fi
 
     # 2. Through clustermail.
+    if has_path 2; then
     SP=$(free_port); start_sink "$SP"
     CP=$(free_port); MP=$(free_port); D="$TMP/cm-$S"
     router_config "$D" "$CP" "$MP" "$SP"
@@ -218,8 +225,10 @@ for S in $SESSIONS; do
     HWM=$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$CM/status")
     kill "$CM"; wait "$CM" 2>/dev/null || true
     kill "$SINK"; wait "$SINK" 2>/dev/null || true
+    fi
 
     # 3. Through a private Postfix instance relaying to the sink.
+    [ "$PATHS" = "1 2 3" ] || continue
     SP=$(free_port); start_sink "$SP"
     PP=$(free_port); PF="$TMP/pf"; rm -rf "$PF"; mkdir -p "$PF/etc" "$PF/spool" "$PF/data"
     chown postfix "$PF/data"

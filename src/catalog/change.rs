@@ -292,17 +292,6 @@ impl<'a> Overlay<'a> {
                 _ => {}
             }
         }
-        let names = |m: &Mailbox| 2 * (2 + m.aliases.len() + m.replicas.len());
-        plan.key_estimate = plan.servers.len()
-            + plan.removed_servers.len()
-            + plan.clusters.len()
-            + plan.removed_clusters.len()
-            + plan
-                .mailboxes
-                .iter()
-                .map(|(m, o)| names(m) + o.as_ref().map_or(0, names))
-                .sum::<usize>()
-            + plan.removed_mailboxes.iter().map(names).sum::<usize>();
         Ok(plan)
     }
 

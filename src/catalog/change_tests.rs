@@ -236,27 +236,46 @@ fn apply_writes_its_changes_and_meta_together_in_small_and_large_batches() {
         cat.sync_meta("cookie").unwrap().as_deref(),
         Some(&b"c1"[..])
     );
-    // Too many keys for one batch: written through a shadow tree, meta included.
-    let many: Vec<Change> = (0..13_000)
-        .map(|i| Change::PutMailbox(mailbox(&format!("n{i}@e.test"), "a", &["b"], &[])))
+    // 10,000 mailboxes (20,000 keys and some index chunks): still one batch.
+    let batch: Vec<Change> = (0..10_000)
+        .map(|i| {
+            let alias = format!("b{i}@e.test");
+            Change::PutMailbox(mailbox(&format!("m{i}@e.test"), "a", &["b"], &[&alias]))
+        })
         .collect();
-    let r = cat.apply(many, &[("cookie", b"c2")]).unwrap();
+    let r = cat.apply(batch, &[("cookie", b"c2")]).unwrap();
+    assert_eq!((r.applied, r.rejected.len()), (10_000, 0));
+    let live = |db: &sled::Db| -> Vec<Vec<u8>> {
+        let names = db.tree_names().into_iter().map(|n| n.to_vec());
+        names.filter(|n| n.starts_with(b"catalog-")).collect()
+    };
+    assert_eq!(live(&db), [b"catalog-1".to_vec()], "no shadow tree");
+    assert_eq!(home_of(&cat, "B9999@e.test").as_deref(), Some("a"));
+    // Too many keys for one batch (13,000 x 4 names): through a shadow tree, meta included.
+    let many: Vec<Change> = (0..13_000)
+        .map(|i| {
+            let aliases: Vec<String> = (1..4).map(|a| format!("n{i}.{a}@e.test")).collect();
+            let aliases: Vec<&str> = aliases.iter().map(String::as_str).collect();
+            Change::PutMailbox(mailbox(&format!("n{i}@e.test"), "a", &["b"], &aliases))
+        })
+        .collect();
+    let r = cat.apply(many, &[("cookie", b"c3")]).unwrap();
     assert_eq!((r.applied, r.rejected.len()), (13_000, 0));
     drop(cat);
-    let trees = db
-        .tree_names()
-        .iter()
-        .filter(|n| n.starts_with(b"catalog-"))
-        .count();
-    assert_eq!(trees, 1, "the shadow tree replaced the old one");
+    assert_eq!(
+        live(&db),
+        [b"catalog-2".to_vec()],
+        "the shadow tree replaced the old one"
+    );
     let cat = Catalog::open(&db, LocalPartMatch::CaseInsensitive).unwrap();
     assert_eq!(
         cat.sync_meta("cookie").unwrap().as_deref(),
-        Some(&b"c2"[..])
+        Some(&b"c3"[..])
     );
-    assert_eq!(home_of(&cat, "N12999@e.test").as_deref(), Some("a"));
+    assert_eq!(home_of(&cat, "N12999.3@e.test").as_deref(), Some("a"));
+    assert_eq!(home_of(&cat, "m9999@e.test").as_deref(), Some("a"));
     assert_eq!(home_of(&cat, "al@d.test").as_deref(), Some("a"));
-    assert_eq!(cat.mailboxes(None, Some("b")).unwrap().len(), 13_000);
+    assert_eq!(cat.mailboxes(None, Some("b")).unwrap().len(), 23_000);
     assert!(cat.sync_meta("other").unwrap().is_none());
 }
 

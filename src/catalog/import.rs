@@ -17,7 +17,8 @@ use super::validate::{resolve, Resolved};
 use anyhow::Result;
 use std::sync::Arc;
 
-/// Changes beyond this many keys go through a shadow tree instead of one batch.
+/// Merges writing more keys than this go through a shadow tree instead of one batch
+/// (sled holds a batch in memory and blocks other writers of the store while it applies).
 const BATCH_LIMIT: usize = 50_000;
 
 /// Why an import did not apply.
@@ -80,16 +81,21 @@ impl Catalog {
         progress: &indicatif::ProgressBar,
     ) -> Result<()> {
         progress.set_length(resolved.mailboxes.len() as u64);
-        let shadow = mode == Mode::Replace || plan.key_estimate > BATCH_LIMIT;
-        if shadow {
-            self.apply_shadow(tree, resolved, plan, mode, progress)?;
-        } else {
-            let mut batch = sled::Batch::default();
-            plan.write(tree, &mut batch, self.rule)?;
+        // A merge is one batch (built in memory, reading the index chunks it edits)
+        // unless it writes too many keys; then it goes through a shadow copy, which
+        // costs the whole catalog (measured: 10,000 mailboxes into 1,000,000 took
+        // 68 s that way, when the estimate counted every posting as keys).
+        let mut batch = sled::Batch::default();
+        let batched =
+            mode == Mode::Merge && plan.write(tree, &mut batch, self.rule)? <= BATCH_LIMIT;
+        if batched {
             tree.apply_batch(batch)?;
             self.db.flush()?;
             let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
             live.servers = Arc::new(load_servers(&live.tree)?);
+        } else {
+            drop(batch);
+            self.apply_shadow(tree, resolved, plan, mode, progress)?;
         }
         progress.finish_and_clear();
         if !plan.changes_nothing() {

@@ -146,7 +146,9 @@ impl<'a> Edit<'a> {
     }
 
     /// Puts every touched chunk into `batch`: rewritten, or removed when empty.
-    pub fn write(self, batch: &mut sled::Batch) -> Result<()> {
+    /// Returns how many chunks that is.
+    pub fn write(self, batch: &mut sled::Batch) -> Result<usize> {
+        let touched = self.chunks.len();
         for (k, chunk) in self.chunks {
             if chunk.is_empty() {
                 batch.remove(k);
@@ -154,7 +156,7 @@ impl<'a> Edit<'a> {
                 batch.insert(k, encode(&chunk)?);
             }
         }
-        Ok(())
+        Ok(touched)
     }
 }
 

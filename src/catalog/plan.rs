@@ -132,7 +132,6 @@ pub(super) struct Plan {
     pub(super) removed_mailboxes: Vec<Mailbox>,
     /// The caller's sync metadata, written with the changes (see [`meta_key`]).
     pub(super) meta: Vec<(String, Vec<u8>)>,
-    pub(super) key_estimate: usize,
 }
 
 impl Plan {
@@ -152,13 +151,14 @@ impl Plan {
     }
 
     /// Writes a merge's changes over the catalog `tree` as it is (a replace rebuilds
-    /// instead); index chunks are read from `tree`.
+    /// instead); index chunks are read from `tree`. Returns how many keys the batch
+    /// writes or removes (a key written twice counts twice).
     pub(super) fn write(
         &self,
         tree: &sled::Tree,
         batch: &mut sled::Batch,
         rule: LocalPartMatch,
-    ) -> Result<()> {
+    ) -> Result<usize> {
         for k in &self.removed_clusters {
             batch.remove(key(b'c', &[k]));
         }
@@ -174,9 +174,39 @@ impl Plan {
         for (k, v) in &self.meta {
             batch.insert(meta_key(k), v.as_slice());
         }
+        let mut keys = self.removed_clusters.len()
+            + self.clusters.len()
+            + self.removed_servers.len()
+            + self.servers.len()
+            + self.meta.len();
+        keys += self.write_domain_counts(tree, batch)?;
         // All removals before any write: a name may move from one mailbox of the
         // import to another, and the later removal must not undo the earlier write.
         let mut edit = index::Edit::new(tree);
+        let replaced = self.mailboxes.iter().filter_map(|(_, old)| old.as_ref());
+        for old in replaced.chain(&self.removed_mailboxes) {
+            remove_mailbox(batch, old, rule);
+            keys += 1 + old.aliases.len();
+            let primary = address_key(&old.address, rule);
+            for s in std::iter::once(&old.home).chain(&old.replicas) {
+                edit.remove(&server_key(s), &primary)?;
+            }
+        }
+        for (new, _) in &self.mailboxes {
+            write_mailbox(batch, new, rule)?;
+            keys += 1 + new.aliases.len();
+            let primary = address_key(&new.address, rule);
+            edit.add(&server_key(&new.home), &primary, HOME)?;
+            for r in &new.replicas {
+                edit.add(&server_key(r), &primary, REPLICA)?;
+            }
+        }
+        Ok(keys + edit.write(batch)?)
+    }
+
+    /// Adjusts the per-domain address counts by the names this plan adds and
+    /// removes; returns how many keys that writes.
+    fn write_domain_counts(&self, tree: &sled::Tree, batch: &mut sled::Batch) -> Result<usize> {
         let mut domains: HashMap<String, i64> = HashMap::new();
         for (new, old) in &self.mailboxes {
             for name in new.names() {
@@ -189,6 +219,7 @@ impl Plan {
         for name in self.removed_mailboxes.iter().flat_map(|o| o.names()) {
             *domains.entry(domain_of(name).to_lowercase()).or_default() -= 1;
         }
+        let mut written = 0;
         for (d, delta) in domains.into_iter().filter(|(_, d)| *d != 0) {
             let k = key(b'd', &[&d]);
             let now = match tree.get(&k)? {
@@ -203,24 +234,9 @@ impl Plan {
                 n if n <= 0 => batch.remove(k),
                 n => batch.insert(k, &(n as u64).to_be_bytes()),
             }
+            written += 1;
         }
-        let replaced = self.mailboxes.iter().filter_map(|(_, old)| old.as_ref());
-        for old in replaced.chain(&self.removed_mailboxes) {
-            remove_mailbox(batch, old, rule);
-            let primary = address_key(&old.address, rule);
-            for s in std::iter::once(&old.home).chain(&old.replicas) {
-                edit.remove(&server_key(s), &primary)?;
-            }
-        }
-        for (new, _) in &self.mailboxes {
-            write_mailbox(batch, new, rule)?;
-            let primary = address_key(&new.address, rule);
-            edit.add(&server_key(&new.home), &primary, HOME)?;
-            for r in &new.replicas {
-                edit.add(&server_key(r), &primary, REPLICA)?;
-            }
-        }
-        edit.write(batch)
+        Ok(written)
     }
 }
 
@@ -305,15 +321,6 @@ pub(super) fn plan(view: &TreeView, resolved: &Resolved, mode: Mode) -> Result<P
         let before = view.tree.scan_prefix(b"m\0").count() as u64;
         report.mailboxes.removed = before - report.mailboxes.updated - report.mailboxes.unchanged;
     }
-    let key_estimate = servers.len()
-        + removed_servers.len()
-        + mailboxes
-            .iter()
-            .map(|(m, o)| {
-                2 * (2 + m.aliases.len() + m.replicas.len())
-                    + o.as_ref().map_or(0, |o| o.aliases.len())
-            })
-            .sum::<usize>();
     Ok(Plan {
         report,
         clusters,
@@ -321,7 +328,6 @@ pub(super) fn plan(view: &TreeView, resolved: &Resolved, mode: Mode) -> Result<P
         servers,
         removed_servers,
         mailboxes,
-        key_estimate,
         ..Plan::default()
     })
 }

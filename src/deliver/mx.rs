@@ -9,6 +9,12 @@ use hickory_resolver::TokioResolver;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::OnceLock;
 
+/// MX hosts tried per attempt, and addresses tried per host (Postfix tries five
+/// addresses in all): a domain listing fifty MX hosts of sixteen unreachable
+/// addresses each would otherwise hold a delivery slot for hours.
+pub const MAX_MX_HOSTS: usize = 5;
+pub const MAX_ADDRESSES: usize = 5;
+
 /// The answer to one DNS question, as far as routing cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Found<T> {
@@ -50,6 +56,7 @@ pub fn mx_decision(domain: &str, mx: Found<(u16, String)>) -> Destinations {
                     hosts.push(h);
                 }
             }
+            hosts.truncate(MAX_MX_HOSTS);
             Destinations::Hosts(hosts)
         }
         // No MX: the domain itself (implicit MX).
@@ -99,7 +106,8 @@ pub async fn destinations(domain: &str, relay: Option<&str>) -> Destinations {
     mx_decision(domain, found)
 }
 
-/// Every address of `host:port` (an IP, `[IPv6]`, or a DNS name).
+/// The addresses of `host:port` (an IP, `[IPv6]`, or a DNS name), at most
+/// [`MAX_ADDRESSES`], in the resolver's order.
 pub async fn addresses(address: &str) -> Result<Vec<SocketAddr>, String> {
     let (host, port) = address
         .rsplit_once(':')
@@ -113,7 +121,11 @@ pub async fn addresses(address: &str) -> Result<Vec<SocketAddr>, String> {
         .lookup_ip(host)
         .await
         .map_err(|e| format!("{host}: {e}"))?;
-    let all: Vec<SocketAddr> = ips.iter().map(|ip| SocketAddr::new(ip, port)).collect();
+    let all: Vec<SocketAddr> = ips
+        .iter()
+        .take(MAX_ADDRESSES)
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect();
     if all.is_empty() {
         return Err(format!("{host}: no address"));
     }
@@ -140,6 +152,25 @@ mod tests {
                 "b.example:25".into(),
                 "c.example:25".into()
             ])
+        );
+    }
+
+    #[test]
+    fn at_most_five_mx_hosts_the_most_preferred() {
+        let mx = Found::Records(
+            (0..50u16)
+                .rev()
+                .map(|i| (i, format!("h{i}.example.")))
+                .collect(),
+        );
+        let Hosts(hosts) = mx_decision("x.example", mx) else {
+            panic!("hosts expected");
+        };
+        assert_eq!(
+            hosts,
+            (0..5)
+                .map(|i| format!("h{i}.example:25"))
+                .collect::<Vec<_>>()
         );
     }
 

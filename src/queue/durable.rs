@@ -7,7 +7,9 @@
 //! (the record pointing to the file: never on disk before the file is);
 //! (1) `sled::Db::flush`, which
 //! writes sled's log but on Linux ends in `sync_file_range` — no disk cache flush,
-//! no metadata — then (2) a real `fdatasync` of the log file (`store/db`), of every
+//! no metadata — then (2) a real `fdatasync` of every body segment written since
+//! the last round (and of their directory when one was created, see `segments`),
+//! of the log file (`store/db`), of every
 //! blob file sled wrote since the last round (values over its blob threshold live
 //! in `store/blobs/<lsn>`) and, when there are new blobs, `fsync` of the `blobs`
 //! directory for their entries; and `fsync` of the store directory when its entries
@@ -22,6 +24,7 @@ use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokio::sync::oneshot;
 
 pub const FAIL_FLUSH_ENV: &str = "CLUSTERMAIL_TEST_FAIL_FLUSH";
@@ -67,10 +70,12 @@ struct Syncer {
     synced: HashSet<OsString>,
     /// The test hook's trigger file, when armed by the environment.
     fail_when: Option<PathBuf>,
+    /// The body segments (see `segments`).
+    segments: Arc<super::segments::Segments>,
 }
 
 impl Syncer {
-    fn open(store: &Path) -> std::io::Result<Syncer> {
+    fn open(store: &Path, segments: Arc<super::segments::Segments>) -> std::io::Result<Syncer> {
         let log = File::open(store.join("db"))?;
         let blobs = store.join("blobs");
         File::open(store.join("conf"))?.sync_all()?;
@@ -85,6 +90,7 @@ impl Syncer {
             bodies: super::bodies::dir_of(store),
             synced: HashSet::new(),
             fail_when: std::env::var_os(FAIL_FLUSH_ENV).map(PathBuf::from),
+            segments,
         };
         // Entries and blobs from before this open: synced once, like everything new.
         s.sync_blobs()?;
@@ -92,8 +98,10 @@ impl Syncer {
         Ok(s)
     }
 
-    /// fdatasync of the log, new blob files and (if any) the blob directory.
+    /// fdatasync of the segments written, the log, new blob files and (if any)
+    /// the blob directory.
     fn sync(&mut self) -> std::io::Result<()> {
+        self.segments.sync()?;
         self.log.sync_data()?;
         self.sync_blobs()?;
         self.sync_store_dir()?;
@@ -180,11 +188,15 @@ impl Syncer {
     }
 }
 
-/// Starts the flusher thread for the sled store in directory `store`; it ends
-/// when every sender is gone.
-pub fn start(db: sled::Db, store: &Path) -> anyhow::Result<std::sync::mpsc::Sender<Request>> {
-    let mut syncer =
-        Syncer::open(store).map_err(|e| anyhow::anyhow!("store {}: {e}", store.display()))?;
+/// Starts the flusher thread for the sled store in directory `store` and its
+/// body `segments`; it ends when every sender is gone.
+pub fn start(
+    db: sled::Db,
+    store: &Path,
+    segments: Arc<super::segments::Segments>,
+) -> anyhow::Result<std::sync::mpsc::Sender<Request>> {
+    let mut syncer = Syncer::open(store, segments)
+        .map_err(|e| anyhow::anyhow!("store {}: {e}", store.display()))?;
     let (tx, rx) = std::sync::mpsc::channel::<Request>();
     std::thread::Builder::new()
         .name("queue-flusher".into())
@@ -224,7 +236,8 @@ mod tests {
         db.insert(b"small", vec![1u8; 100]).unwrap();
         db.insert(b"big1", vec![2u8; 50_000]).unwrap();
         db.flush().unwrap();
-        let mut syncer = Syncer::open(dir.path()).unwrap();
+        let (segments, _) = super::super::segments::Segments::open(dir.path(), []).unwrap();
+        let mut syncer = Syncer::open(dir.path(), Arc::new(segments)).unwrap();
         assert_eq!(syncer.synced.len(), 1, "the blob written before the open");
         db.insert(b"big2", vec![3u8; 50_000]).unwrap();
         db.flush().unwrap();

@@ -29,6 +29,10 @@ use tokio_rustls::TlsAcceptor;
 
 /// The session cookie's name.
 pub const COOKIE: &str = "cm_session";
+/// Connections open at once on one HTTP listener (console or metrics).
+const MAX_HTTP_CONNECTIONS: usize = 256;
+/// The longest a request may take, its body included (a catalog upload).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// Largest request body (a catalog upload).
 const MAX_BODY: usize = 64 << 20;
 
@@ -283,6 +287,7 @@ pub async fn serve_http(
     app: axum::Router,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -295,10 +300,16 @@ pub async fn serve_http(
             },
             _ = shutdown.changed() => if *shutdown.borrow() { return } else { continue },
         };
+        // Past the cap a connection is closed at once: descriptors stay for SMTP.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "http: connection refused: {MAX_HTTP_CONNECTIONS} open");
+            continue;
+        };
         let app = app.clone();
         let tls = tls.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             match tls {
                 None => connection(stream, peer, app, shutdown).await,
                 Some(acceptor) => {
@@ -329,7 +340,15 @@ async fn connection<S>(
         let app = app.clone();
         async move {
             use tower::ServiceExt;
-            app.oneshot(req.map(axum::body::Body::new)).await
+            // The whole request, its body included: a body trickled in for ever
+            // does not hold the connection for ever.
+            let answer = app.oneshot(req.map(axum::body::Body::new));
+            match tokio::time::timeout(REQUEST_TIMEOUT, answer).await {
+                Ok(r) => r,
+                Err(_) => {
+                    Ok((StatusCode::REQUEST_TIMEOUT, "request took too long\n").into_response())
+                }
+            }
         }
     });
     let conn = hyper::server::conn::http1::Builder::new()
