@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command, and what .ci/run runs: installs the real peers the tests talk to
 # when they are missing (Postfix's smtp-sink/smtp-source, swaks, strace, chromium and
-# chromium-driver), then runs the suite.
+# chromium-driver, slapd and ldap-utils), then runs the suite.
 # As root on Debian it installs them with apt-get; otherwise it names the packages and stops.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -14,6 +14,9 @@ command -v python3 >/dev/null || need+=(python3)
 # The web console's browser test drives headless Chromium through WebDriver.
 command -v chromium >/dev/null || need+=(chromium)
 command -v chromedriver >/dev/null || need+=(chromium-driver)
+# The directory tests run their own OpenLDAP server (tests/directory.rs).
+[ -x /usr/sbin/slapd ] || need+=(slapd)
+command -v ldapadd >/dev/null || need+=(ldap-utils)
 
 if ((${#need[@]})); then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -285,9 +285,15 @@ pub enum CatalogCommand {
         files: Vec<PathBuf>,
     },
     /// Write the catalog in a format `import` reads back.
+    /// Write the catalog as LDIF entries for an LDAP directory with `--format
+    /// ldif --base-dn DN` (for `ldapadd`).
     Export {
         #[arg(long, short, value_enum, default_value = "toml")]
-        format: Format,
+        format: ExportFormat,
+        /// The directory's catalog base DN (with `--format ldif`): entries are
+        /// written under `ou=clusters`, `ou=servers`, `ou=mailboxes` of it.
+        #[arg(long, value_name = "DN")]
+        base_dn: Option<String>,
         /// Export only servers or only mailboxes (CSV holds mailboxes only).
         #[arg(long, value_enum)]
         only: Option<Only>,
@@ -308,6 +314,9 @@ pub enum CatalogCommand {
     },
     /// Show the mailbox owning ADDRESS: home, replicas, clusters, admin states.
     Show { address: String },
+    /// The LDAP directory sync ([directory]): connected or not, last change,
+    /// entries not applied and why.
+    SyncStatus,
     /// Set a server's admin state: in-service, out-of-service or restricted; or
     /// with --mailbox the state of that mailbox's copy on SERVER: in-service,
     /// out-of-service or pending-delete (a replica only).
@@ -358,6 +367,37 @@ impl Command {
                 } => fix(o),
                 _ => {}
             }
+        }
+    }
+}
+
+/// What `catalog export` writes the catalog as: a catalog file format, or LDIF
+/// entries for an LDAP directory (`ldapadd`; see README "Many routers").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    Toml,
+    Json,
+    Csv,
+    Ldif,
+}
+
+impl From<Format> for ExportFormat {
+    fn from(f: Format) -> ExportFormat {
+        match f {
+            Format::Toml => ExportFormat::Toml,
+            Format::Json => ExportFormat::Json,
+            Format::Csv => ExportFormat::Csv,
+        }
+    }
+}
+
+impl CatalogCommand {
+    /// The name of a command that writes the catalog (None: it only reads).
+    pub fn writes(&self) -> Option<&'static str> {
+        match self {
+            CatalogCommand::Import { dry_run: false, .. } => Some("catalog import"),
+            CatalogCommand::SetState { .. } => Some("catalog set-state"),
+            _ => None,
         }
     }
 }

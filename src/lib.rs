@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod deliver;
 pub mod demo;
+pub mod directory;
 pub mod gate;
 pub mod ha;
 pub mod health;

@@ -153,6 +153,7 @@ fn store_command(
             reload: None,
             live: false,
             ha: None,
+            directory: config.directory.clone(),
         };
         let exit = clustermail::admin::execute(&ctx, command, out, err).await;
         ctx.spool.durable().await?;

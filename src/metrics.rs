@@ -153,6 +153,7 @@ pub fn render(m: &Metrics, sources: &Sources) -> String {
     decisions_and_replies(&mut out, m);
     queue(&mut out, sources);
     servers(&mut out, sources);
+    crate::directory::status::render_metrics(&mut out);
     out
 }
 

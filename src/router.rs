@@ -39,7 +39,15 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
     };
     let listeners = server::bind(&config.listen_addrs()?).await?;
     let catalog = Arc::new(Catalog::open(&db, config.local_part_match)?);
-    if catalog.servers(None).is_empty() {
+    if let Some(dir) = &config.directory {
+        let syncer =
+            crate::directory::sync::Syncer::open(catalog.clone(), &db, config.local_part_match)?;
+        tokio::spawn(crate::directory::consumer::run(
+            dir.clone(),
+            syncer,
+            stopped.clone(),
+        ));
+    } else if catalog.servers(None).is_empty() {
         let input = files::read_text(
             "catalog/example.toml (built in)",
             files::Format::Toml,
@@ -84,6 +92,9 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
     )?;
     if let Some(ha) = &ha {
         let _ = service.ha.set(ha.clone());
+        if config.directory.is_some() {
+            ha.set_catalog_from_directory();
+        }
     }
     let min_free = config.smtp.min_free_disk.0;
     tokio::spawn(service.low_disk.clone().watch(
@@ -143,6 +154,7 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
         reload: Some(reloader),
         live: true,
         ha,
+        directory: config.directory.clone(),
     });
     let stats = Arc::new(crate::web::stats::Stats::new());
     tokio::spawn(crate::web::stats::run(

@@ -277,6 +277,11 @@ fn every_config_key_is_documented_in_the_readme() {
         "ha.heartbeat_lost",
         "ha.on_failure",
         "ha.inactive_smtp",
+        "directory.url",
+        "directory.base_dn",
+        "directory.bind_dn",
+        "directory.password_file",
+        "directory.tls_ca_file",
     ];
     let undocumented: Vec<&str> = keys
         .iter()

@@ -4,7 +4,7 @@ use super::Exit;
 use crate::catalog::{
     self, files, AdminState, Catalog, Format, ImportError, Mailbox, Mode, ReplicaState, Server,
 };
-use crate::cli::{Only, What};
+use crate::cli::{ExportFormat, Only, What};
 use anyhow::Result;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -96,14 +96,35 @@ pub fn validate(
     }
 }
 
-/// `catalog export`: the whole catalog (or one part) in a format `import` reads back.
+/// `catalog export`: the whole catalog (or one part) in a format `import` reads
+/// back, or as LDIF under `base_dn`.
 pub fn export(
     cat: &Catalog,
-    format: Format,
+    format: ExportFormat,
+    base_dn: Option<&str>,
     only: Option<Only>,
     output: Option<&Path>,
     out: &mut dyn Write,
 ) -> Result<Exit> {
+    let format = match (format, base_dn) {
+        (ExportFormat::Toml, None) => Format::Toml,
+        (ExportFormat::Json, None) => Format::Json,
+        (ExportFormat::Csv, None) => Format::Csv,
+        (ExportFormat::Ldif, Some(base)) => {
+            let base = base.trim();
+            anyhow::ensure!(
+                base.contains('='),
+                "--base-dn {base:?} is not a DN (e.g. dc=example,dc=com)"
+            );
+            return write_out(output, out, |w| {
+                crate::directory::write_ldif(w, cat, base, only.map(|o| o == Only::Mailboxes))
+            });
+        }
+        (ExportFormat::Ldif, None) => {
+            anyhow::bail!("--format ldif needs --base-dn DN (the directory's catalog base)")
+        }
+        (_, Some(_)) => anyhow::bail!("--base-dn goes with --format ldif only"),
+    };
     let only = match (format, only) {
         (Format::Csv, Some(Only::Servers)) => {
             anyhow::bail!("CSV holds mailboxes only; export servers as toml or json")
@@ -121,15 +142,26 @@ pub fn export(
     } else {
         cat.mailboxes(None, None)?
     };
+    write_out(output, out, |w| {
+        files::write(w, format, &clusters, &servers, &mailboxes)
+    })
+}
+
+/// Runs `write` into `output` (atomically: a `.partial` file renamed) or `out`.
+fn write_out(
+    output: Option<&Path>,
+    out: &mut dyn Write,
+    write: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<Exit> {
     match output {
         Some(path) => {
             let tmp = path.with_extension("partial");
             let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-            files::write(&mut f, format, &clusters, &servers, &mailboxes)?;
+            write(&mut f)?;
             f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
             std::fs::rename(&tmp, path)?;
         }
-        None => files::write(out, format, &clusters, &servers, &mailboxes)?,
+        None => write(out)?,
     }
     Ok(Exit::Ok)
 }

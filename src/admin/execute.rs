@@ -27,6 +27,9 @@ pub struct Context {
     pub live: bool,
     /// The HA unit, when the running router is one of a pair.
     pub ha: Option<Arc<crate::ha::Ha>>,
+    /// `[directory]`: the catalog is a replica of an LDAP directory, which is
+    /// its source of truth (imports and set-state are refused).
+    pub directory: Option<crate::directory::DirectoryConfig>,
 }
 
 /// Runs a store command; output goes to `out`, problems to `err`.
@@ -118,7 +121,14 @@ fn catalog_command(
     err: &mut (dyn Write + Send),
 ) -> Result<Exit> {
     let cat = &ctx.catalog;
+    if let (Some(_), Some(what)) = (&ctx.directory, command.writes()) {
+        writeln!(err, "{}", crate::directory::refusal(what))?;
+        return Ok(Exit::Invalid);
+    }
     match command {
+        CatalogCommand::SyncStatus => {
+            admin::directory::sync_status(cat, ctx.directory.as_ref(), ctx.spool.db(), out)
+        }
         CatalogCommand::Import {
             files,
             replace,
@@ -135,10 +145,18 @@ fn catalog_command(
         }
         CatalogCommand::Export {
             format,
+            base_dn,
             only,
             output,
         } => tokio::task::block_in_place(|| {
-            admin::catalog::export(cat, format, only, output.as_deref(), out)
+            admin::catalog::export(
+                cat,
+                format,
+                base_dn.as_deref(),
+                only,
+                output.as_deref(),
+                out,
+            )
         }),
         CatalogCommand::List {
             what,

@@ -4,6 +4,7 @@
 //! Each prints for people on stdout, problems on stderr, and returns an [`Exit`].
 
 pub mod catalog;
+pub mod directory;
 pub mod execute;
 pub mod queue;
 pub mod routes;

@@ -110,6 +110,9 @@ pub fn servers(ctx: &Context, out: &mut dyn Write) -> Result<Exit> {
             "(router not running: availability from a probe made just now)"
         )?;
     }
+    if let Some(line) = crate::directory::status::summary_line() {
+        writeln!(out, "{line}")?;
+    }
     Ok(Exit::Ok)
 }
 

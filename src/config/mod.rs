@@ -51,6 +51,9 @@ pub struct Config {
     /// Active-passive pair of routers; absent: this router runs alone.
     pub ha: Option<HaConfig>,
     pub web: WebConfig,
+    /// LDAP directory the catalog is synced from; absent: catalog files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub directory: Option<crate::directory::DirectoryConfig>,
 }
 
 /// `[web]`: the web console (dashboard, queue, servers, HA) and its JSON API.
@@ -108,6 +111,7 @@ impl Default for Config {
             routing: RoutingConfig::default(),
             tracking: TrackingConfig::default(),
             ha: None,
+            directory: None,
             web: WebConfig::default(),
         }
     }
@@ -264,6 +268,9 @@ impl Config {
                     bail!("ha.on_change: {} is not a file", hook.display());
                 }
             }
+        }
+        if let Some(d) = &self.directory {
+            d.check().map_err(anyhow::Error::msg)?;
         }
         if let Some(m) = &self.metrics_listen {
             m.parse::<SocketAddr>().map_err(|_| {

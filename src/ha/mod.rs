@@ -92,6 +92,9 @@ pub struct Ha {
     pruned: Mutex<Option<Instant>>,
     /// Held while a copy of the peer's catalog is imported (see [`sync`]).
     catalog_lock: Mutex<()>,
+    /// `[directory]`: each unit syncs its catalog from the directory; the HA
+    /// catalog sync is refused both ways.
+    catalog_from_directory: std::sync::atomic::AtomicBool,
     /// As MASTER: the shadow copies made on the SLAVE ([`shadow`]).
     pub shadow: shadow::Shadow,
     /// As SLAVE: the MASTER's shadow copies held here ([`shadow_store`]).
@@ -133,6 +136,7 @@ impl Ha {
             tombstones: Tombstones::open(db, "ha.pushed", tombstone::KEEP)?,
             pruned: Mutex::new(None),
             catalog_lock: Mutex::new(()),
+            catalog_from_directory: Default::default(),
             shadow: shadow::Shadow::new(config.shadow),
             shadows: shadow_store::Store::open(db)?,
             local: Mutex::new((std::path::PathBuf::from("."), None)),

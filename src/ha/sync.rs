@@ -105,8 +105,24 @@ impl Ha {
         }
     }
 
+    /// With `[directory]` the catalog is synced from the directory by each
+    /// unit: the HA catalog sync is refused both ways.
+    pub fn set_catalog_from_directory(&self) {
+        self.catalog_from_directory
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn directory_refusal(&self) -> Option<String> {
+        self.catalog_from_directory
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .then(|| crate::directory::refusal("the HA catalog sync"))
+    }
+
     /// The catalog as TOML, with its version.
     pub(super) fn export_catalog(&self) -> Result<(CatalogVersion, String)> {
+        if let Some(why) = self.directory_refusal() {
+            anyhow::bail!(why);
+        }
         let version = self.catalog_version();
         let mut out = Vec::new();
         files::write(
@@ -121,6 +137,10 @@ impl Ha {
 
     /// Copies the peer's catalog (whole: `--replace`) and its version.
     pub(super) async fn pull_catalog(&self, l: &mut Link) -> Result<()> {
+        if let Some(why) = self.directory_refusal() {
+            self.status().catalog_error = Some(why);
+            return Ok(());
+        }
         match l.call(&Msg::CatalogPull, Duration::from_secs(60)).await? {
             Msg::Catalog { version, toml } => {
                 let input = files::read_text("the peer's catalog", files::Format::Toml, &toml);

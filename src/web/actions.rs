@@ -202,7 +202,8 @@ pub async fn catalog_export(ctx: &Context, format: Format) -> Outcome {
         ctx,
         Command::Catalog {
             command: CatalogCommand::Export {
-                format,
+                format: format.into(),
+                base_dn: None,
                 only: None,
                 output: None,
             },
