@@ -88,8 +88,11 @@ fn open_sled(path: &std::path::Path, cache_bytes: u64) -> Result<sled::Db> {
         .segment_size(segment_size(path))
         .open()
         .map_err(|e| match e {
+            // sled wraps the lock's EWOULDBLOCK in an error of its own words.
             sled::Error::Io(io)
-                if io.kind() == std::io::ErrorKind::WouldBlock || io.raw_os_error() == Some(11) =>
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.raw_os_error() == Some(11)
+                    || io.to_string().contains("could not acquire lock") =>
             {
                 anyhow!(
                     "the store {} is in use by another process (is `clustermail serve` running?)",
@@ -103,6 +106,23 @@ fn open_sled(path: &std::path::Path, cache_bytes: u64) -> Result<sled::Db> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Opens the store again once the last one is closed: sled's background
+    /// threads let go of its file lock a moment after the handle is dropped.
+    fn reopen(data: &std::path::Path) -> sled::Db {
+        for _ in 0..200 {
+            match open_db(data, 1 << 20) {
+                Ok(db) => return db,
+                Err(e)
+                    if format!("{e:#}").contains("lock") || format!("{e:#}").contains("in use") =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                Err(e) => panic!("{e:#}"),
+            }
+        }
+        panic!("the store stayed locked for 10 s")
+    }
 
     #[test]
     fn a_store_made_with_the_old_segment_size_still_opens() {
@@ -139,7 +159,7 @@ mod tests {
             let open = if f.is_dir() { 0o777 } else { 0o666 };
             std::fs::set_permissions(f, std::fs::Permissions::from_mode(open)).unwrap();
         }
-        drop(open_db(&data, 1 << 20).unwrap());
+        drop(reopen(&data));
         assert_eq!(mode(&store), 0o700);
         assert_eq!(mode(&store.join("conf")), 0o600);
         assert_eq!(mode(&store.join("db")), 0o600);
