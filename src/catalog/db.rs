@@ -136,7 +136,8 @@ mod tests {
             old.insert(b"k", b"v".as_slice()).unwrap();
             old.flush().unwrap();
         }
-        let db = open_db(dir.path(), 1 << 20).expect("opens with its own segment size");
+        // Opens with its own segment size.
+        let db = reopen(dir.path());
         assert_eq!(db.get(b"k").unwrap().as_deref(), Some(b"v".as_slice()));
         drop(db);
         // A new store gets the large segments.
