@@ -14,7 +14,7 @@
 use super::QueueId;
 use std::fs::File;
 use std::io::{ErrorKind, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Bodies larger than this (octets) go to a file; smaller ones stay in sled.
@@ -39,12 +39,7 @@ impl Bodies {
     /// Opens (creating, 0700) the body directory of the sled store in `store`.
     pub fn open(store: &Path) -> std::io::Result<Bodies> {
         let dir = dir_of(store);
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => File::open(store)?.sync_all()?,
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        super::durable::private_dir(store, &dir)?;
         Ok(Bodies { dir })
     }
 

@@ -239,9 +239,9 @@ mod tests {
         assert_eq!(status_of("4.4.7 expired"), "4.4.7");
     }
 
-    #[test]
-    fn headers_naming_the_old_predictable_boundary_add_no_part() {
-        let env = Envelope {
+    /// Message 42 from alice@east.example.com to bob@x.test.
+    fn alice_to_bob() -> Envelope {
+        Envelope {
             id: QueueId(42),
             sender: Some("alice@east.example.com".into()),
             recipients: vec![Recipient::new("bob@x.test".into(), "bob@x.test".into())],
@@ -251,7 +251,12 @@ mod tests {
             size: 0,
             smtputf8: false,
             eight_bit: false,
-        };
+        }
+    }
+
+    #[test]
+    fn headers_naming_the_old_predictable_boundary_add_no_part() {
+        let env = alice_to_bob();
         // What a sender would write to end the headers part early and add its own.
         let original =
             b"Subject: x\r\nX-A: y\r\n--000000000000002B/mx.test\r\nX-B: z\r\n\r\nbody\r\n";
@@ -268,17 +273,7 @@ mod tests {
 
     #[test]
     fn a_report_parses_back_with_its_parts() {
-        let env = Envelope {
-            id: QueueId(42),
-            sender: Some("alice@east.example.com".into()),
-            recipients: vec![Recipient::new("bob@x.test".into(), "bob@x.test".into())],
-            client_ip: "127.0.0.1".parse().unwrap(),
-            helo: "h".into(),
-            received_at: 0,
-            size: 0,
-            smtputf8: false,
-            eight_bit: false,
-        };
+        let env = alice_to_bob();
         let original = b"Received: from a\r\nSubject: Lunch?\r\nMessage-ID: <m1@x.test>\r\n\r\nsecret body\r\n";
         let dsn = build(
             "mx.test",

@@ -188,6 +188,18 @@ impl Syncer {
     }
 }
 
+/// Makes `dir` (in `parent`), private (0700), and durable: a new directory's
+/// entry is fsync'd in its parent before anything is written into it.
+pub fn private_dir(parent: &Path, dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => File::open(parent)?.sync_all()?,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// Starts the flusher thread for the sled store in directory `store` and its
 /// body `segments`; it ends when every sender is gone.
 pub fn start(

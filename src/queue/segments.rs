@@ -25,7 +25,7 @@ use super::QueueId;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::ErrorKind;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -104,12 +104,7 @@ impl Segments {
         placed: impl IntoIterator<Item = (QueueId, Place)>,
     ) -> std::io::Result<(Segments, usize)> {
         let dir = dir_of(store);
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => File::open(store)?.sync_all()?,
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        super::durable::private_dir(store, &dir)?;
         let mut state = State::default();
         for (id, p) in placed {
             state.live.entry(p.segment).or_default().insert(id);
