@@ -3,8 +3,8 @@
 //! harvester, a huge Message-ID.
 
 mod common;
-use common::{Router, Scratch};
-use std::io::{BufRead, BufReader, Read, Write};
+use common::{expect, Client, Router, Scratch};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -26,19 +26,6 @@ fn router(extra_smtp: &str) -> Router {
         "router_name = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n{extra_smtp}\n"
     );
     Router::start_config(s, &config, port)
-}
-
-/// Reads one (possibly multi-line) reply; its code, or None at EOF / error.
-fn reply(r: &mut BufReader<TcpStream>) -> Option<u16> {
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line).ok()? == 0 {
-            return None;
-        }
-        if line.as_bytes().get(3) != Some(&b'-') {
-            return line.get(..3)?.parse().ok();
-        }
-    }
 }
 
 #[test]
@@ -64,10 +51,7 @@ fn a_client_that_never_reads_its_replies_loses_its_connection_after_the_command_
     // The one slot of 127.0.0.1 is held by `stuck` until the router gives up on it.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let c = TcpStream::connect(("127.0.0.1", r.port)).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut c = BufReader::new(c);
-        let code = reply(&mut c);
+        let code = Client::connect(r.port).try_reply().map(|r| r.code);
         if code == Some(220) {
             break;
         }
@@ -85,24 +69,14 @@ fn a_client_that_never_reads_its_replies_loses_its_connection_after_the_command_
 #[test]
 fn refused_recipients_count_as_errors_and_a_harvester_is_cut_off() {
     let r = router("max_errors = 5");
-    let c = TcpStream::connect(("127.0.0.1", r.port)).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut w = c.try_clone().unwrap();
-    let mut c = BufReader::new(c);
-    assert_eq!(reply(&mut c), Some(220));
-    w.write_all(b"EHLO harvester.test\r\nMAIL FROM:<h@x.test>\r\n")
-        .unwrap();
-    assert_eq!(reply(&mut c), Some(250));
-    assert_eq!(reply(&mut c), Some(250));
+    let mut c = Client::greeted(r.port);
+    assert_eq!(c.cmd("EHLO harvester.test").code, 250);
+    expect(&c.cmd("MAIL FROM:<h@x.test>"), 250, "2.1.0");
     let mut codes = Vec::new();
     for i in 0..20 {
-        if w.write_all(format!("RCPT TO:<guess{i}@c.test>\r\n").as_bytes())
-            .is_err()
-        {
-            break;
-        }
-        match reply(&mut c) {
-            Some(code) => codes.push(code),
+        c.send_raw(format!("RCPT TO:<guess{i}@c.test>\r\n").as_bytes());
+        match c.try_reply() {
+            Some(reply) => codes.push(reply.code),
             None => break,
         }
         if codes.last() == Some(&421) {
@@ -118,38 +92,25 @@ fn refused_recipients_count_as_errors_and_a_harvester_is_cut_off() {
         codes.iter().filter(|&&c| c == 550).count() <= 5,
         "{codes:?}"
     );
-    let mut rest = Vec::new();
-    let _ = c.read_to_end(&mut rest);
-    assert!(rest.is_empty(), "closed after the 421: {rest:?}");
+    assert!(c.closed(), "closed after the 421");
 }
 
 /// Sends one message from a client whose HELO is `helo`; its queue id.
 fn send_with_helo(port: u16, helo: &[u8], data: &[u8]) -> String {
-    let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut w = c.try_clone().unwrap();
-    let mut c = BufReader::new(c);
-    assert_eq!(reply(&mut c), Some(220));
-    w.write_all(b"EHLO ").unwrap();
-    w.write_all(helo).unwrap();
-    w.write_all(b"\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<u@c.test>\r\nDATA\r\n")
-        .unwrap();
-    for _ in 0..3 {
-        assert_eq!(reply(&mut c), Some(250));
-    }
-    assert_eq!(reply(&mut c), Some(354));
-    w.write_all(data).unwrap();
-    w.write_all(b"\r\n.\r\n").unwrap();
-    let mut line = String::new();
-    c.read_line(&mut line).unwrap();
-    assert!(line.starts_with("250 "), "{line}");
-    let id = line
-        .split_whitespace()
+    let mut c = Client::greeted(port);
+    c.send_raw(&[b"EHLO ", helo, b"\r\n"].concat());
+    assert_eq!(c.reply().code, 250);
+    expect(&c.cmd("MAIL FROM:<s@x.test>"), 250, "2.1.0");
+    expect(&c.cmd("RCPT TO:<u@c.test>"), 250, "2.1.5");
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send_raw(data);
+    let done = c.cmd("\r\n.");
+    expect(&done, 250, "2.0.0");
+    let text = done.text();
+    text.split_whitespace()
         .find(|w| w.len() == 16 && w.chars().all(|c| c.is_ascii_hexdigit()))
-        .unwrap_or_else(|| panic!("no queue id in {line}"))
-        .to_string();
-    let _ = w.write_all(b"QUIT\r\n");
-    id
+        .unwrap_or_else(|| panic!("no queue id in {text}"))
+        .to_string()
 }
 
 #[test]

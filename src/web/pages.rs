@@ -278,13 +278,21 @@ async fn queue(
     }
 }
 
+/// A queue id from a path, written as the queue writes it: only that goes into a
+/// page and the paths its links and forms are built from (a decoded `..%2F`
+/// must not turn a form's path into another action's).
+fn canonical_id(id: &str) -> Option<String> {
+    id.parse::<crate::queue::QueueId>()
+        .ok()
+        .map(|q| q.to_string())
+}
+
 async fn message(
     State(state): State<AppState>,
     Extension(a): Extension<Auth>,
     Path(id): Path<String>,
 ) -> Response {
-    // Only a queue id, written as the queue writes it, goes into the page and its links.
-    let Ok(id) = id.parse::<crate::queue::QueueId>().map(|q| q.to_string()) else {
+    let Some(id) = canonical_id(&id) else {
         return StatusCode::NOT_FOUND.into_response();
     };
     let (show, env) = actions::queue_show(&state.ctx, &id).await;
@@ -306,9 +314,7 @@ async fn confirm_queue(
     let Some(act) = QueueAction::parse(&action) else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    // The form posts to a path built from `id`: a decoded `..%2F` must not turn it
-    // into another action's path.
-    let Ok(id) = id.parse::<crate::queue::QueueId>().map(|q| q.to_string()) else {
+    let Some(id) = canonical_id(&id) else {
         return StatusCode::NOT_FOUND.into_response();
     };
     let body = views::confirm(
