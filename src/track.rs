@@ -193,12 +193,24 @@ pub fn accepted(db: &sled::Db, env: &Envelope, message_id: Option<String>) {
 
 /// Records an event for `rcpt` of message `id`.
 pub fn event(db: &sled::Db, id: QueueId, rcpt: &str, what: What) {
-    let e = Event {
-        at: now_ms(),
-        rcpt: rcpt.to_string(),
-        what: what.clipped(),
-    };
-    change(db, &id.to_string(), |r| r.events.push(e.clone()));
+    events(db, id, rcpt, [what]);
+}
+
+/// Records events for `rcpt` of message `id`, in order, in one write of its
+/// record (an attempt and the end it made: one rewrite, not two).
+pub fn events(db: &sled::Db, id: QueueId, rcpt: &str, whats: impl IntoIterator<Item = What>) {
+    let at = now_ms();
+    let new: Vec<Event> = whats
+        .into_iter()
+        .map(|what| Event {
+            at,
+            rcpt: rcpt.to_string(),
+            what: what.clipped(),
+        })
+        .collect();
+    change(db, &id.to_string(), |r| {
+        r.events.extend(new.iter().cloned())
+    });
 }
 
 /// What `clustermail track` looks for.
@@ -362,6 +374,28 @@ pub fn render(records: &[Record], out: &mut dyn Write) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_attempt_and_its_end_are_recorded_together_in_order() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let id = QueueId::new();
+        let attempt = What::Attempt {
+            server: "s1".into(),
+            decision: "home".into(),
+            outcome: "delivered".into(),
+            reply: "250 ok".into(),
+            tls: None,
+        };
+        let end = What::Delivered {
+            server: "s1".into(),
+        };
+        events(&db, id, "u@c.test", [attempt.clone(), end.clone()]);
+        event(&db, id, "u@c.test", What::Deleted);
+        let found = find(&db, &Query::default()).unwrap();
+        let whats: Vec<&What> = found[0].events.iter().map(|e| &e.what).collect();
+        assert_eq!(whats, [&attempt, &end, &What::Deleted]);
+        assert!(found[0].events.iter().all(|e| e.rcpt == "u@c.test"));
+    }
 
     #[test]
     fn the_message_id_is_read_from_the_header_block_only() {

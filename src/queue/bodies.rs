@@ -183,9 +183,12 @@ mod tests {
         let file = dir_of(store.path()).join(big.id.to_string());
         assert_eq!(std::fs::read(&file).unwrap(), large);
         assert!(!dir_of(store.path()).join(little.id.to_string()).exists());
-        assert_eq!(spool.message(big.id).unwrap(), Some(large));
+        assert_eq!(spool.message(big.id).unwrap(), Some(large.clone()));
         assert_eq!(spool.message(little.id).unwrap(), Some(small));
-        assert_eq!(spool.deliverable(big.id).await.unwrap(), Some(big.clone()));
+        assert_eq!(
+            spool.deliverable(big.id).await.unwrap(),
+            Some((big.clone(), large))
+        );
         spool.remove(big.id).await.unwrap();
         assert!(!file.exists(), "unlinked after the removal");
         assert_eq!(spool.message(big.id).unwrap(), None);

@@ -163,13 +163,23 @@ impl Manager {
             let Some(claim) = self.spool.claims().try_claim(id, Holder::Delivery) else {
                 continue;
             };
-            let Some(env) = self.spool.deliverable(id).await? else {
-                self.schedule().remove(id);
-                continue;
+            // One message's body that cannot be read now: its delivery waits
+            // (a second), the others go on.
+            let (env, message) = match self.spool.deliverable(id).await {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    self.schedule().remove(id);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(%id, error = %e, "queue: message not readable; retried in a second");
+                    self.schedule().set(id, now_ms() + 1000);
+                    continue;
+                }
             };
             let me = self.clone();
             tokio::spawn(async move {
-                let result = me.process(env).await;
+                let result = me.process(env, &message).await;
                 match &result {
                     Ok(Some(at)) => {
                         me.schedule().set(id, *at);
@@ -208,13 +218,10 @@ impl Manager {
         self.spool.claims().deliveries()
     }
 
-    /// Delivers what is due of one message; when it next has something to do
-    /// (None: it left the queue).
-    pub async fn process(&self, mut env: Envelope) -> Result<Option<u64>> {
+    /// Delivers what is due of one message (`message`: its octets as queued);
+    /// when it next has something to do (None: it left the queue).
+    pub async fn process(&self, mut env: Envelope, message: &[u8]) -> Result<Option<u64>> {
         let id = env.id;
-        let Some(message) = self.spool.message(id)? else {
-            return Err(anyhow!("{id}: envelope without message octets"));
-        };
         let now = now_ms();
         let lifetime = self.config.get().max_queue_lifetime;
         let received = env.received_at;
@@ -249,10 +256,10 @@ impl Manager {
         let (external, catalog): (Vec<usize>, Vec<usize>) = due
             .into_iter()
             .partition(|&i| env.recipients[i].mailbox.is_empty());
-        self.deliver_catalog(&mut env, catalog, &message).await?;
-        self.deliver_external(&mut env, external, &message).await?;
-        self.bounce(&mut env, &message).await?;
-        self.warn_delayed(&mut env, &message).await?;
+        self.deliver_catalog(&mut env, catalog, message).await?;
+        self.deliver_external(&mut env, external, message).await?;
+        self.bounce(&mut env, message).await?;
+        self.warn_delayed(&mut env, message).await?;
         self.commit(&env).await
     }
 

@@ -78,9 +78,8 @@ impl Manager {
     /// A delivery attempt's log line and tracking record (with the recipient's
     /// end when the attempt settled it).
     fn attempted(&self, id: QueueId, rcpt: &str, at: &Attempted<'_>, o: &Outcome) {
-        use crate::track::{event, What};
+        use crate::track::{events, What};
         log_attempt(id, rcpt, at, o);
-        let db = self.spool.db();
         let attempt = What::Attempt {
             server: at.server.to_string(),
             decision: at.kind.to_string(),
@@ -88,26 +87,21 @@ impl Manager {
             reply: o.reply().to_string(),
             tls: at.tls.map(str::to_string),
         };
-        event(db, id, rcpt, attempt);
-        match o {
-            Outcome::Delivered(_) => event(
-                db,
-                id,
-                rcpt,
-                What::Delivered {
-                    server: at.server.to_string(),
-                },
-            ),
-            Outcome::Permanent(reply) => event(
-                db,
-                id,
-                rcpt,
-                What::Failed {
-                    reply: reply.clone(),
-                },
-            ),
-            _ => {}
-        }
+        let end = match o {
+            Outcome::Delivered(_) => Some(What::Delivered {
+                server: at.server.to_string(),
+            }),
+            Outcome::Permanent(reply) => Some(What::Failed {
+                reply: reply.clone(),
+            }),
+            _ => None,
+        };
+        events(
+            self.spool.db(),
+            id,
+            rcpt,
+            std::iter::once(attempt).chain(end),
+        );
     }
 
     /// Keeps a recipient for a retry after the backoff.

@@ -14,18 +14,21 @@ impl Spool {
             .transpose()
     }
 
-    /// The envelope of `id` if the whole message is there to deliver. An envelope
-    /// without its octets (a "zombie" an older version's stale write could make)
-    /// can never be delivered: it is removed, durably, and None returned.
-    pub async fn deliverable(&self, id: QueueId) -> Result<Option<Envelope>> {
+    /// The envelope of `id` and its octets as queued, if the whole message is
+    /// there to deliver: the body is read once, here, for the delivery. An
+    /// envelope without its octets (a "zombie" an older version's stale write
+    /// could make), or with a body missing or damaged, can never be delivered:
+    /// it is removed, durably, and None returned. An I/O error reading the body
+    /// is an error (nothing is removed).
+    pub async fn deliverable(&self, id: QueueId) -> Result<Option<(Envelope, Vec<u8>)>> {
         let Some(env) = self.envelope(id)? else {
             return Ok(None);
         };
-        if self.tree.contains_key(key(b'b', id))? {
-            return Ok(Some(env));
+        if let Some(v) = self.tree.get(key(b'b', id))? {
+            return Ok(Some((env, v.to_vec())));
         }
         match self.segment_body(id)? {
-            Some(Some(_)) => return Ok(Some(env)),
+            Some(Some(body)) => return Ok(Some((env, body))),
             Some(None) => {
                 self.remove(id).await?;
                 return Ok(None);
@@ -33,9 +36,11 @@ impl Spool {
             None => {}
         }
         match self.body_len(id)? {
-            Some(len) if self.bodies.is_whole(id, len) => return Ok(Some(env)),
-            Some(len) => tracing::error!(%id, len, file = %self.bodies_file(id),
-                "queue: removed a message whose body file is missing or damaged (never acknowledged, or a damaged store)"),
+            Some(len) => match self.bodies.read(id)? {
+                Some(v) if v.len() as u64 == len => return Ok(Some((env, v))),
+                _ => tracing::error!(%id, len, file = %self.bodies_file(id),
+                    "queue: removed a message whose body file is missing or damaged (never acknowledged, or a damaged store)"),
+            },
             None => tracing::warn!(%id,
                 "queue: removed an envelope without message octets (never acknowledged: left by a crash, or by an older version)"),
         }

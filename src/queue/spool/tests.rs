@@ -113,7 +113,7 @@ async fn a_body_without_its_envelope_is_removed_at_open_with_its_segment() {
     spool.enqueue(&kept, b"kept").await.unwrap();
     assert_eq!(
         spool.deliverable(kept.id).await.unwrap(),
-        Some(kept.clone())
+        Some((kept.clone(), b"kept".to_vec()))
     );
     assert_eq!(spool.message(kept.id).unwrap().unwrap(), b"kept");
     spool.remove(kept.id).await.unwrap();
@@ -129,7 +129,10 @@ async fn an_envelope_without_octets_is_not_deliverable_and_is_removed() {
     spool.enqueue(&whole, b"body").await.unwrap();
     spool.enqueue(&zombie, b"body").await.unwrap();
     spool.tree.remove(key(b's', zombie.id)).unwrap();
-    assert_eq!(spool.deliverable(whole.id).await.unwrap(), Some(whole));
+    assert_eq!(
+        spool.deliverable(whole.id).await.unwrap(),
+        Some((whole, b"body".to_vec()))
+    );
     assert_eq!(spool.deliverable(zombie.id).await.unwrap(), None);
     assert_eq!(spool.envelope(zombie.id).unwrap(), None);
     assert_eq!(spool.len(), 1);
