@@ -395,14 +395,18 @@ impl Connection {
 /// with one). Also returns where the terminator starts.
 pub fn stuffed(message: &[u8]) -> (Vec<u8>, usize) {
     let mut out = Vec::with_capacity(message.len() + message.len() / 64 + 5);
-    let mut line_start = true;
-    for &b in message {
-        if line_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        line_start = b == b'\n';
+    // Lines start at 0 and after every LF: copied in runs, a dot added before
+    // each line that starts with one (found by a vectorised search).
+    if message.first() == Some(&b'.') {
+        out.push(b'.');
     }
+    let mut copied = 0;
+    for lf in memchr::memmem::find_iter(message, b"\n.") {
+        out.extend_from_slice(&message[copied..=lf]);
+        out.push(b'.');
+        copied = lf + 1;
+    }
+    out.extend_from_slice(&message[copied..]);
     if !out.is_empty() && !out.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");
     }
@@ -414,6 +418,37 @@ pub fn stuffed(message: &[u8]) -> (Vec<u8>, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stuffing_matches_a_byte_by_byte_reference() {
+        fn reference(message: &[u8]) -> Vec<u8> {
+            let mut out = Vec::new();
+            let mut line_start = true;
+            for &b in message {
+                if line_start && b == b'.' {
+                    out.push(b'.');
+                }
+                out.push(b);
+                line_start = b == b'\n';
+            }
+            out
+        }
+        let alphabet = [b'.', b'\r', b'\n', b'a'];
+        // Every message of up to 6 octets over the alphabet that matters.
+        for len in 0..=6u32 {
+            for n in 0..4usize.pow(len) {
+                let m: Vec<u8> = (0..len).map(|k| alphabet[n / 4usize.pow(k) % 4]).collect();
+                let (got, body) = stuffed(&m);
+                let mut want = reference(&m);
+                if !want.is_empty() && !want.ends_with(b"\r\n") {
+                    want.extend_from_slice(b"\r\n");
+                }
+                assert_eq!(body, want.len(), "{m:?}");
+                want.extend_from_slice(b".\r\n");
+                assert_eq!(got, want, "{m:?}");
+            }
+        }
+    }
 
     #[test]
     fn dots_at_line_starts_are_doubled_and_the_terminator_added() {

@@ -102,10 +102,12 @@ impl DataDecoder {
                 (State::LineStart { hard }, b'.') => State::Dot { hard },
                 (State::LineStart { .. } | State::Mid, _) => {
                     // Fast path: copy up to the next CR (or LF when normalizing).
-                    let end = input[i..]
-                        .iter()
-                        .position(|&c| c == b'\r' || (self.normalize && c == b'\n'))
-                        .map_or(input.len(), |p| i + p);
+                    let rest = &input[i..];
+                    let found = match self.normalize {
+                        true => memchr::memchr2(b'\r', b'\n', rest),
+                        false => memchr::memchr(b'\r', rest),
+                    };
+                    let end = found.map_or(input.len(), |p| i + p);
                     self.emit(out, &input[i - 1..end]);
                     i = end;
                     State::Mid
@@ -251,28 +253,27 @@ pub fn check_body(body: &[u8]) -> BodyCheck {
     let mut line_start = 0usize;
     let mut in_header = true;
     let mut i = 0;
-    while i < body.len() {
-        match body[i] {
-            b'\r' if body.get(i + 1) == Some(&b'\n') => {
-                let line = &body[line_start..i];
-                if line.len() > MAX_LINE {
-                    c.long_line = true;
-                }
-                if in_header {
-                    if line.is_empty() {
-                        in_header = false;
-                    } else if line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:") {
-                        c.received += 1;
-                    }
-                }
-                i += 2;
-                line_start = i;
-                continue;
+    // From one CR or LF to the next (a vectorised search).
+    while let Some(p) = memchr::memchr2(b'\r', b'\n', &body[i..]) {
+        let at = i + p;
+        if body[at] == b'\r' && body.get(at + 1) == Some(&b'\n') {
+            let line = &body[line_start..at];
+            if line.len() > MAX_LINE {
+                c.long_line = true;
             }
-            b'\r' | b'\n' => c.bare_line_ending = true,
-            _ => {}
+            if in_header {
+                if line.is_empty() {
+                    in_header = false;
+                } else if line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:") {
+                    c.received += 1;
+                }
+            }
+            i = at + 2;
+            line_start = i;
+        } else {
+            c.bare_line_ending = true;
+            i = at + 1;
         }
-        i += 1;
     }
     if body.len() - line_start > MAX_LINE {
         c.long_line = true;
@@ -471,5 +472,20 @@ mod tests {
             "x".repeat(998)
         );
         assert_eq!(check_body(ok.as_bytes()), BodyCheck::default());
+        for bare in [
+            &b"a\rb\r\n"[..],
+            b"a\nb",
+            b"a\r",
+            b"\n",
+            b"a\r\r\n",
+            b"a\r\n\nb",
+        ] {
+            assert!(check_body(bare).bare_line_ending, "{bare:?}");
+        }
+        assert!(!check_body(b"a\r\n\r\nb\r\n").bare_line_ending);
+        assert!(
+            check_body("x".repeat(999).as_bytes()).long_line,
+            "the last line, unended"
+        );
     }
 }
