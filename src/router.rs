@@ -91,7 +91,7 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
     });
     let admin_socket = start_consoles(&config, admin, admin_listener, &stopped).await?;
     if let Some(addr) = &config.metrics_listen {
-        let sources = crate::metrics::Sources {
+        let sources = crate::web::metrics::Sources {
             catalog: catalog.clone(),
             spool: spool.clone(),
             tracker,
@@ -253,14 +253,18 @@ async fn start_consoles(
 /// `GET /metrics` on `addr`.
 async fn start_metrics(
     addr: &str,
-    sources: crate::metrics::Sources,
+    sources: crate::web::metrics::Sources,
     stopped: &watch::Receiver<bool>,
 ) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("metrics_listen {addr}: {e}"))?;
     tracing::info!(addr = %listener.local_addr()?, "metrics listening (GET /metrics)");
-    tokio::spawn(crate::metrics::serve(listener, sources, stopped.clone()));
+    tokio::spawn(crate::web::metrics::serve(
+        listener,
+        sources,
+        stopped.clone(),
+    ));
     Ok(())
 }
 

@@ -8,6 +8,7 @@
 pub mod actions;
 mod api;
 pub mod auth;
+pub mod metrics;
 mod pages;
 pub mod stats;
 mod views;
