@@ -127,8 +127,8 @@ struct InputServers {
 }
 
 /// The mailbox rows of the input, checked in place: `ok` marks those that passed
-/// (in their canonical form), and `index` maps every address key (primary or
-/// alias) of those to its row. The rows that failed are left empty.
+/// (in their canonical form), and `index` finds the row owning an address key
+/// (primary or alias). The rows that failed are left empty.
 struct Named {
     rows: Vec<Row<Mailbox>>,
     ok: Vec<bool>,
@@ -140,16 +140,11 @@ impl Named {
         &self.rows[row as usize].item
     }
 
-    /// The accepted row owning the name `name` (hashed `h`), if any.
-    fn owner_of(&self, name: &str, h: u64) -> Option<u32> {
-        self.index.get(name, h, |i| &self.rows[i as usize].item)
-    }
-
     /// Whether the mailbox with this primary key is rewritten by this input.
     fn rewrites(&self, primary: &str, rule: LocalPartMatch) -> bool {
-        let h = self.index.hash_once(primary);
-        self.owner_of(primary, h)
-            .is_some_and(|i| address_key(&self.mailbox(i).address, rule) == primary)
+        self.index
+            .rows_hashing_as(primary)
+            .any(|i| self.ok[i as usize] && address_key(&self.mailbox(i).address, rule) == primary)
     }
 
     /// The accepted mailboxes, in input order, in the rows' own memory (the
@@ -277,18 +272,18 @@ impl Checker<'_> {
 
     /// Mailboxes: each on its own, then uniqueness of every name in the input.
     fn mailboxes(&mut self, rows: Vec<Row<Mailbox>>, find: &FindServer) -> Named {
-        let names = rows.iter().map(|r| 1 + r.item.aliases.len()).sum();
         let mut n = Named {
             ok: vec![false; rows.len()],
+            index: NameIndex::build(&rows, self.rule),
             rows,
-            index: NameIndex::new(names, self.rule),
         };
-        let mut hashes = Vec::new();
+        // The keys of the names that may clash (see `keys`): none in a valid input.
+        let mut keys: Vec<Option<String>> = Vec::new();
         for j in 0..n.rows.len() {
             let origin = n.rows[j].origin;
             let item = std::mem::replace(&mut n.rows[j].item, vacant());
-            let h = n.index.hash(&item.address);
-            if let Some(i) = n.owner_of(&item.address, h) {
+            let primary = n.index.shared_key(&item.address);
+            if let Some(i) = primary.as_deref().and_then(|k| n.index.owner(k)) {
                 let m = self.defined_twice(&n, i, &item.address);
                 self.report(origin, m);
                 continue;
@@ -302,14 +297,14 @@ impl Checker<'_> {
                     continue;
                 }
             };
-            hashes.clear();
-            hashes.push(h);
+            keys.clear();
+            keys.push(primary);
             for alias in &mailbox.aliases {
-                hashes.push(n.index.hash(alias));
+                keys.push(n.index.shared_key(alias));
             }
             let mut clash = false;
-            for (name, &h) in mailbox.names().zip(&hashes) {
-                if let Some(i) = n.owner_of(name, h) {
+            for (name, key) in mailbox.names().zip(&keys) {
+                if let Some(i) = key.as_deref().and_then(|k| n.index.owner(k)) {
                     let m = format!(
                         "address {name:?} already belongs to mailbox {:?} (at {})",
                         n.mailbox(i).address,
@@ -322,8 +317,8 @@ impl Checker<'_> {
             if clash {
                 continue;
             }
-            for (name, &h) in mailbox.names().zip(&hashes) {
-                n.index.insert(name, h, j as u32);
+            for key in keys.drain(..).flatten() {
+                n.index.insert(key, j as u32);
             }
             n.rows[j].item = mailbox;
             n.ok[j] = true;
