@@ -334,6 +334,9 @@ fn read_csv(input: &mut Input, file: u32, text: &str) {
             return;
         }
     };
+    // One row a line, less the header: the rows' array is allocated once.
+    let lines = text.bytes().filter(|&b| b == b'\n').count();
+    input.mailboxes.reserve(lines);
     let mut record = csv::StringRecord::new();
     loop {
         let line = reader.position().line();
@@ -395,6 +398,7 @@ fn csv_columns(header: &csv::StringRecord) -> Result<[Option<usize>; 5], String>
 }
 
 /// One CSV row as a mailbox (None for an empty row), or what is wrong with it.
+/// Each name is copied once, into a list of the size it needs.
 fn csv_mailbox(
     record: &csv::StringRecord,
     column: &[Option<usize>; 5],
@@ -403,41 +407,38 @@ fn csv_mailbox(
         return Ok(None);
     }
     let get = |c: Option<usize>| c.and_then(|i| record.get(i)).unwrap_or("");
-    let list = |c: Option<usize>| -> Vec<String> {
-        get(c)
-            .split(';')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect()
-    };
-    let failover = match get(column[4]).to_ascii_lowercase().as_str() {
+    let list = |c: Option<usize>| get(c).split(';').map(str::trim).filter(|s| !s.is_empty());
+    let failover = match get(column[4]) {
         "" => None,
-        "true" | "yes" => Some(true),
-        "false" | "no" => Some(false),
+        f if f.eq_ignore_ascii_case("true") || f.eq_ignore_ascii_case("yes") => Some(true),
+        f if f.eq_ignore_ascii_case("false") || f.eq_ignore_ascii_case("no") => Some(false),
         other => {
             return Err(format!(
-                "failover must be true, false or empty, not {other:?}"
+                "failover must be true, false or empty, not {:?}",
+                other.to_ascii_lowercase()
             ))
         }
     };
-    let copies = std::iter::once(get(column[1]).to_string())
-        .chain(list(column[2]))
-        .map(|c| named_state(&c))
-        .collect::<Result<Vec<_>, String>>()?;
-    let ((home, home_state), replicas) = (copies[0].clone(), &copies[1..]);
+    let (home, home_state) = named_state(get(column[1]))?;
+    let mut replicas = Vec::with_capacity(list(column[2]).count());
+    let mut replica_states = Vec::new();
+    for copy in list(column[2]) {
+        let (name, state) = named_state(copy)?;
+        if !state.is_in_service() {
+            replica_states.push((name.clone(), state));
+        }
+        replicas.push(name);
+    }
+    let mut aliases = Vec::with_capacity(list(column[3]).count());
+    aliases.extend(list(column[3]).map(String::from));
     let mailbox = Mailbox {
         address: get(column[0]).to_string(),
         home,
-        replicas: replicas.iter().map(|(n, _)| n.clone()).collect(),
-        aliases: list(column[3]),
+        replicas,
+        aliases,
         failover,
         home_state,
-        replica_states: replicas
-            .iter()
-            .filter(|(_, st)| !st.is_in_service())
-            .cloned()
-            .collect(),
+        replica_states,
     };
     if mailbox.address.is_empty() {
         return Err("address is empty".into());

@@ -253,6 +253,17 @@ pub fn server_key(name: &str) -> String {
     name.trim().to_lowercase()
 }
 
+/// Whether two server names have the same key (without building the keys when
+/// both are ASCII).
+pub fn same_server(a: &str, b: &str) -> bool {
+    let (a, b) = (a.trim(), b.trim());
+    if a.is_ascii() && b.is_ascii() {
+        a.eq_ignore_ascii_case(b)
+    } else {
+        a.to_lowercase() == b.to_lowercase()
+    }
+}
+
 /// How the local part of an address is compared. The domain is always
 /// case-insensitive (RFC 5321 §2.4); the local part is case-insensitive unless the
 /// administrator asks for exact matching.
@@ -329,25 +340,53 @@ pub fn check_domain(domain: &str) -> Result<(), String> {
 
 /// The lookup key of an address under the given local-part rule.
 pub fn address_key(addr: &str, rule: LocalPartMatch) -> String {
-    let addr = addr.trim();
     let mut key = String::with_capacity(addr.len());
+    push_address_key(&mut key, addr, rule);
+    key
+}
+
+/// Appends the lookup key of `addr` to `out` (as [`address_key`], into a buffer
+/// the caller reuses: validation keys a million addresses without allocating).
+pub fn push_address_key(out: &mut String, addr: &str, rule: LocalPartMatch) {
+    let addr = addr.trim();
     match addr.rsplit_once('@') {
         Some((local, domain)) => {
             match rule {
-                LocalPartMatch::CaseInsensitive => push_lower(&mut key, local),
-                LocalPartMatch::Exact => key.push_str(local),
+                LocalPartMatch::CaseInsensitive => push_lower(out, local),
+                LocalPartMatch::Exact => out.push_str(local),
             }
-            key.push('@');
-            push_lower(&mut key, domain);
+            out.push('@');
+            push_lower(out, domain);
         }
-        None => push_lower(&mut key, addr),
+        None => push_lower(out, addr),
     }
-    key
+}
+
+/// Whether two addresses have the same key under `rule` (without building the keys
+/// when both are ASCII).
+pub fn same_address(a: &str, b: &str, rule: LocalPartMatch) -> bool {
+    let (a, b) = (a.trim(), b.trim());
+    if !(a.is_ascii() && b.is_ascii()) {
+        return address_key(a, rule) == address_key(b, rule);
+    }
+    match (a.rsplit_once('@'), b.rsplit_once('@')) {
+        (Some((la, da)), Some((lb, db))) => {
+            da.eq_ignore_ascii_case(db)
+                && match rule {
+                    LocalPartMatch::CaseInsensitive => la.eq_ignore_ascii_case(lb),
+                    LocalPartMatch::Exact => la == lb,
+                }
+        }
+        (None, None) => a.eq_ignore_ascii_case(b),
+        _ => false,
+    }
 }
 
 fn push_lower(out: &mut String, s: &str) {
     if s.is_ascii() {
-        out.extend(s.bytes().map(|b| b.to_ascii_lowercase() as char));
+        let start = out.len();
+        out.push_str(s);
+        out[start..].make_ascii_lowercase();
     } else {
         out.push_str(&s.to_lowercase());
     }
@@ -416,6 +455,37 @@ mod tests {
             "Alice.Smith@example.com"
         );
         assert_eq!(server_key(" Mail-1 "), "mail-1");
+    }
+
+    /// The allocation-free comparisons agree with comparing the keys.
+    #[test]
+    fn same_address_and_server_agree_with_the_keys() {
+        let names = [
+            "Alice@Example.com",
+            "alice@example.COM",
+            " alice@example.com ",
+            "ALICE@example.com",
+            "alice@example.org",
+            "Jörg@Exämple.de",
+            "jörg@exämple.de",
+            "a@b@c.test",
+            "a@B@C.test",
+            "noat",
+            "NOAT",
+        ];
+        for rule in [LocalPartMatch::CaseInsensitive, LocalPartMatch::Exact] {
+            for a in names {
+                for b in names {
+                    let keys = address_key(a, rule) == address_key(b, rule);
+                    assert_eq!(same_address(a, b, rule), keys, "{a:?} {b:?} {rule:?}");
+                    assert_eq!(
+                        same_server(a, b),
+                        server_key(a) == server_key(b),
+                        "{a:?} {b:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -10,10 +10,15 @@
 
 use super::files::{Input, Origin, Problem, Row};
 use super::model::{
-    address_key, check_address, check_name, check_server_address, server_key, Cluster,
-    LocalPartMatch, Mailbox, ReplicaState, Server,
+    address_key, check_address, check_name, check_server_address, same_address, same_server,
+    server_key, Cluster, LocalPartMatch, Mailbox, ReplicaState, Server,
 };
+use keys::NameIndex;
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+
+mod keys;
 
 /// What validation needs from the catalog as it stands (for a merge).
 pub trait View {
@@ -54,18 +59,18 @@ pub fn resolve(
     };
     let clusters = c.clusters(clusters);
     let servers = c.servers(servers);
-    let lookup_server = |name: &str| -> Option<Server> {
-        let key = server_key(name);
-        match servers.by_key.get(&key) {
-            Some((s, _)) => Some(s.clone()),
-            None => existing.and_then(|v| v.server(&key)),
-        }
+    let book = ServerBook {
+        input: &servers,
+        existing,
+        known: RefCell::default(),
     };
+    let lookup_server = |name: &str| book.get(name);
     let named = c.mailboxes(mailboxes, &lookup_server);
     if let Some(view) = existing {
         c.owned_in_the_catalog(view, &named);
         c.servers_moved(view, &servers, &named, &lookup_server);
     }
+    drop(book);
     c.finish(Resolved {
         clusters,
         servers: {
@@ -75,9 +80,38 @@ pub fn resolve(
                 .filter_map(|k| by_key.remove(&k).map(|(s, _)| s))
                 .collect()
         },
-        mailboxes: named.mailboxes,
+        mailboxes: named.into_mailboxes(),
     })
 }
+
+/// How validation finds the server a mailbox names: the input's, else (for a
+/// merge) the catalog's. Each spelling is looked up once, so a million mailboxes
+/// naming a few servers cost a few lookups and no copies.
+struct ServerBook<'a> {
+    input: &'a InputServers,
+    existing: Option<&'a dyn View>,
+    known: RefCell<HashMap<String, Option<Rc<Server>>>>,
+}
+
+impl ServerBook<'_> {
+    fn get(&self, name: &str) -> Option<Rc<Server>> {
+        if let Some(known) = self.known.borrow().get(name) {
+            return known.clone();
+        }
+        let key = server_key(name);
+        let found = match self.input.by_key.get(&key) {
+            Some((s, _)) => Some(Rc::new(s.clone())),
+            None => self.existing.and_then(|v| v.server(&key)).map(Rc::new),
+        };
+        self.known
+            .borrow_mut()
+            .insert(name.to_string(), found.clone());
+        found
+    }
+}
+
+/// How `check_mailbox` finds a server by name.
+pub type FindServer<'a> = dyn Fn(&str) -> Option<Rc<Server>> + 'a;
 
 /// The problems found so far, and how to name where each row came from.
 struct Checker<'a> {
@@ -92,20 +126,57 @@ struct InputServers {
     order: Vec<String>,
 }
 
-/// The mailboxes of the input that passed their own checks, with every address
-/// key (primary or alias) mapped to its mailbox's index.
+/// The mailbox rows of the input, checked in place: `ok` marks those that passed
+/// (in their canonical form), and `index` finds the row owning an address key
+/// (primary or alias). The rows that failed are left empty.
 struct Named {
-    mailboxes: Vec<Mailbox>,
-    origins: Vec<Origin>,
-    names: HashMap<String, u32>,
+    rows: Vec<Row<Mailbox>>,
+    ok: Vec<bool>,
+    index: NameIndex,
 }
 
 impl Named {
+    fn mailbox(&self, row: u32) -> &Mailbox {
+        &self.rows[row as usize].item
+    }
+
     /// Whether the mailbox with this primary key is rewritten by this input.
     fn rewrites(&self, primary: &str, rule: LocalPartMatch) -> bool {
-        self.names
-            .get(primary)
-            .is_some_and(|&i| address_key(&self.mailboxes[i as usize].address, rule) == primary)
+        self.index
+            .rows_hashing_as(primary)
+            .any(|i| self.ok[i as usize] && address_key(&self.mailbox(i).address, rule) == primary)
+    }
+
+    /// The accepted mailboxes, in input order, in the rows' own memory (the
+    /// conversion happens in place: a million-mailbox import holds one array).
+    fn into_mailboxes(self) -> Vec<Mailbox> {
+        let Named {
+            mut rows,
+            ok,
+            index,
+            ..
+        } = self;
+        drop(index);
+        let mut at = 0;
+        rows.retain(|_| {
+            at += 1;
+            ok[at - 1]
+        });
+        rows.into_iter().map(|r| r.item).collect()
+    }
+}
+
+/// A mailbox with nothing allocated: what a row holds while it is checked, and
+/// after it failed.
+fn vacant() -> Mailbox {
+    Mailbox {
+        address: String::new(),
+        home: String::new(),
+        replicas: Vec::new(),
+        aliases: Vec::new(),
+        failover: None,
+        home_state: ReplicaState::InService,
+        replica_states: Vec::new(),
     }
 }
 
@@ -200,78 +271,88 @@ impl Checker<'_> {
     }
 
     /// Mailboxes: each on its own, then uniqueness of every name in the input.
-    fn mailboxes(
-        &mut self,
-        rows: Vec<Row<Mailbox>>,
-        lookup_server: &dyn Fn(&str) -> Option<Server>,
-    ) -> Named {
-        let rule = self.rule;
+    fn mailboxes(&mut self, rows: Vec<Row<Mailbox>>, find: &FindServer) -> Named {
         let mut n = Named {
-            mailboxes: Vec::with_capacity(rows.len()),
-            origins: Vec::with_capacity(rows.len()),
-            names: HashMap::with_capacity(rows.len() * 2),
+            ok: vec![false; rows.len()],
+            index: NameIndex::build(&rows, self.rule),
+            rows,
         };
-        for row in rows {
-            let primary = address_key(&row.item.address, rule);
-            if let Some(&i) = n.names.get(&primary) {
-                let (owner, at) = (&n.mailboxes[i as usize], self.locate(n.origins[i as usize]));
-                let m = if address_key(&owner.address, rule) == primary {
-                    format!(
-                        "mailbox {:?} is defined twice (first at {at})",
-                        row.item.address
-                    )
-                } else {
-                    format!(
-                        "address {:?} already belongs to mailbox {:?} (at {at})",
-                        row.item.address, owner.address
-                    )
-                };
-                self.report(row.origin, m);
+        // The keys of the names that may clash (see `keys`): none in a valid input.
+        let mut keys: Vec<Option<String>> = Vec::new();
+        for j in 0..n.rows.len() {
+            let origin = n.rows[j].origin;
+            let item = std::mem::replace(&mut n.rows[j].item, vacant());
+            let primary = n.index.shared_key(&item.address);
+            if let Some(i) = primary.as_deref().and_then(|k| n.index.owner(k)) {
+                let m = self.defined_twice(&n, i, &item.address);
+                self.report(origin, m);
                 continue;
             }
-            let mailbox = match check_mailbox(row.item, rule, lookup_server) {
+            let mailbox = match check_mailbox(item, self.rule, find) {
                 Ok(m) => m,
                 Err(errors) => {
                     for e in errors {
-                        self.report(row.origin, e);
+                        self.report(origin, e);
                     }
                     continue;
                 }
             };
+            keys.clear();
+            keys.push(primary);
+            for alias in &mailbox.aliases {
+                keys.push(n.index.shared_key(alias));
+            }
             let mut clash = false;
-            for name in mailbox.names() {
-                if let Some(&i) = n.names.get(&address_key(name, rule)) {
+            for (name, key) in mailbox.names().zip(&keys) {
+                if let Some(i) = key.as_deref().and_then(|k| n.index.owner(k)) {
                     let m = format!(
                         "address {name:?} already belongs to mailbox {:?} (at {})",
-                        n.mailboxes[i as usize].address,
-                        self.locate(n.origins[i as usize])
+                        n.mailbox(i).address,
+                        self.locate(n.rows[i as usize].origin)
                     );
-                    self.report(row.origin, m);
+                    self.report(origin, m);
                     clash = true;
                 }
             }
             if clash {
                 continue;
             }
-            let index = n.mailboxes.len() as u32;
-            for name in mailbox.names() {
-                n.names.insert(address_key(name, rule), index);
+            for key in keys.drain(..).flatten() {
+                n.index.insert(key, j as u32);
             }
-            n.mailboxes.push(mailbox);
-            n.origins.push(row.origin);
+            n.rows[j].item = mailbox;
+            n.ok[j] = true;
         }
         n
+    }
+
+    /// The problem of a mailbox whose primary address row `i` already holds.
+    fn defined_twice(&self, n: &Named, i: u32, address: &str) -> String {
+        let (owner, at) = (n.mailbox(i), self.locate(n.rows[i as usize].origin));
+        if same_address(&owner.address, address, self.rule) {
+            format!("mailbox {address:?} is defined twice (first at {at})")
+        } else {
+            format!(
+                "address {address:?} already belongs to mailbox {:?} (at {at})",
+                owner.address
+            )
+        }
     }
 
     /// A name owned in the catalog by a mailbox this input does not rewrite.
     fn owned_in_the_catalog(&mut self, view: &dyn View, named: &Named) {
         let rule = self.rule;
-        for (key, &i) in &named.names {
-            if let Some(owner) = view.owner(key) {
-                let primary = address_key(&named.mailboxes[i as usize].address, rule);
+        let accepted = named.rows.iter().zip(&named.ok).filter(|(_, ok)| **ok);
+        for (row, _) in accepted {
+            let primary = address_key(&row.item.address, rule);
+            for name in row.item.names() {
+                let key = address_key(name, rule);
+                let Some(owner) = view.owner(&key) else {
+                    continue;
+                };
                 if owner != primary && !named.rewrites(&owner, rule) {
                     self.report(
-                        named.origins[i as usize],
+                        row.origin,
                         format!(
                             "address {key:?} already belongs to mailbox {owner:?} in the catalog"
                         ),
@@ -287,7 +368,7 @@ impl Checker<'_> {
         view: &dyn View,
         servers: &InputServers,
         named: &Named,
-        lookup_server: &dyn Fn(&str) -> Option<Server>,
+        lookup_server: &FindServer,
     ) {
         let rule = self.rule;
         for key in &servers.order {
@@ -362,19 +443,27 @@ fn place_rank(p: super::files::Place) -> (u8, u64) {
 pub fn check_mailbox(
     m: Mailbox,
     rule: LocalPartMatch,
-    server: &dyn Fn(&str) -> Option<Server>,
+    server: &FindServer,
 ) -> Result<Mailbox, Vec<String>> {
+    let Mailbox {
+        address,
+        home,
+        replicas: named_replicas,
+        aliases,
+        failover,
+        home_state,
+        replica_states: named_states,
+    } = m;
     let mut errors = Vec::new();
-    if let Err(e) = check_address(&m.address) {
+    if let Err(e) = check_address(&address) {
         errors.push(e);
     }
-    let mut seen = HashSet::new();
-    seen.insert(address_key(&m.address, rule));
-    for alias in &m.aliases {
+    let mut seen = Names::new(&address, aliases.len(), rule);
+    for alias in &aliases {
         match check_address(alias) {
             Err(e) => errors.push(format!("alias: {e}")),
             Ok(()) => {
-                if !seen.insert(address_key(alias, rule)) {
+                if !seen.insert(alias) {
                     errors.push(format!(
                         "alias {alias:?} repeats an address of the same mailbox"
                     ));
@@ -382,19 +471,61 @@ pub fn check_mailbox(
             }
         }
     }
-    let home = server(&m.home);
-    if home.is_none() {
-        errors.push(format!("home server {:?} does not exist", m.home));
+    drop(seen);
+    let home_server = server(&home);
+    if home_server.is_none() {
+        errors.push(format!("home server {home:?} does not exist"));
     }
-    let mut replicas = Vec::with_capacity(m.replicas.len());
-    let mut seen_servers = HashSet::new();
-    for r in &m.replicas {
-        let Some(rs) = server(r) else {
+    let replicas = check_replicas(named_replicas, home_server.as_deref(), server, &mut errors);
+    if home_state == ReplicaState::PendingDelete {
+        errors.push(
+            "home_state pending-delete: only a replica may be pending delete (make another server the home first)"
+                .into(),
+        );
+    }
+    // States in the canonical spelling and order of the replicas they name.
+    let mut replica_states = Vec::new();
+    for (r, state) in &named_states {
+        match replicas.iter().find(|c| same_server(c, r)) {
+            Some(c) if !state.is_in_service() => replica_states.push((c.clone(), *state)),
+            Some(_) => {}
+            None => errors.push(format!(
+                "a state is given for {r:?}, not a replica of this mailbox"
+            )),
+        }
+    }
+    replica_states.sort_by_key(|(s, _)| replicas.iter().position(|c| c == s));
+    match (home_server, errors.is_empty()) {
+        (Some(h), true) => Ok(Mailbox {
+            // The name as written, when it is already the server's own spelling.
+            home: if home == h.name { home } else { h.name.clone() },
+            address,
+            replicas,
+            aliases,
+            failover,
+            home_state,
+            replica_states,
+        }),
+        _ => Err(errors),
+    }
+}
+
+/// The replicas that exist, are not the home, are in the home's cluster and are
+/// named once, in their canonical spelling; a problem in `errors` for each other.
+fn check_replicas(
+    named: Vec<String>,
+    home: Option<&Server>,
+    server: &FindServer,
+    errors: &mut Vec<String>,
+) -> Vec<String> {
+    let mut replicas: Vec<String> = Vec::with_capacity(named.len());
+    for r in named {
+        let Some(rs) = server(&r) else {
             errors.push(format!("replica server {r:?} does not exist"));
             continue;
         };
-        if let Some(h) = &home {
-            if server_key(&h.name) == server_key(&rs.name) {
+        if let Some(h) = home {
+            if same_server(&h.name, &rs.name) {
                 errors.push(format!("replica {r:?} is the home server"));
                 continue;
             }
@@ -406,37 +537,48 @@ pub fn check_mailbox(
                 continue;
             }
         }
-        if !seen_servers.insert(server_key(&rs.name)) {
+        if replicas.iter().any(|c| same_server(c, &rs.name)) {
             errors.push(format!("replica {r:?} is listed twice"));
             continue;
         }
-        replicas.push(rs.name);
+        replicas.push(if r == rs.name { r } else { rs.name.clone() });
     }
-    if m.home_state == ReplicaState::PendingDelete {
-        errors.push(
-            "home_state pending-delete: only a replica may be pending delete (make another server the home first)"
-                .into(),
-        );
+    replicas
+}
+
+/// The names of one mailbox seen so far, to find one repeated: compared pairwise
+/// while there are few (no key built), by key beyond.
+enum Names<'a> {
+    Few(Vec<&'a str>, LocalPartMatch),
+    Many(HashSet<String>, LocalPartMatch),
+}
+
+impl<'a> Names<'a> {
+    const FEW: usize = 16;
+
+    fn new(address: &'a str, aliases: usize, rule: LocalPartMatch) -> Names<'a> {
+        let mut names = Vec::with_capacity(1 + aliases.min(Self::FEW));
+        names.push(address);
+        Names::Few(names, rule)
     }
-    // States in the canonical spelling and order of the replicas they name.
-    let mut replica_states = Vec::new();
-    for (r, state) in &m.replica_states {
-        match replicas.iter().find(|c| server_key(c) == server_key(r)) {
-            Some(c) if !state.is_in_service() => replica_states.push((c.clone(), *state)),
-            Some(_) => {}
-            None => errors.push(format!(
-                "a state is given for {r:?}, not a replica of this mailbox"
-            )),
+
+    /// Adds `name`; false if a name with its key was already there.
+    fn insert(&mut self, name: &'a str) -> bool {
+        match self {
+            Names::Few(names, rule) if names.len() < Self::FEW => {
+                if names.iter().any(|n| same_address(n, name, *rule)) {
+                    return false;
+                }
+                names.push(name);
+                true
+            }
+            Names::Few(names, rule) => {
+                let rule = *rule;
+                let keys = names.iter().map(|n| address_key(n, rule)).collect();
+                *self = Names::Many(keys, rule);
+                self.insert(name)
+            }
+            Names::Many(keys, rule) => keys.insert(address_key(name, *rule)),
         }
-    }
-    replica_states.sort_by_key(|(s, _)| replicas.iter().position(|c| c == s));
-    match (home, errors.is_empty()) {
-        (Some(h), true) => Ok(Mailbox {
-            home: h.name,
-            replicas,
-            replica_states,
-            ..m
-        }),
-        _ => Err(errors),
     }
 }
