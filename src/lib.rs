@@ -23,5 +23,4 @@ pub mod reload;
 pub mod route;
 pub mod router;
 pub mod smtp;
-pub mod track;
 pub mod web;

@@ -211,7 +211,7 @@ fn spawn_housekeeping(
         std::time::Duration::from_secs(1),
         stopped.clone(),
     ));
-    tokio::spawn(crate::track::prune_every(
+    tokio::spawn(crate::queue::track::prune_every(
         db.clone(),
         config.tracking.retention,
         stopped.clone(),

@@ -77,15 +77,15 @@ pub async fn execute(
             to,
             since,
         } => {
-            let q = crate::track::Query {
+            let q = crate::queue::track::Query {
                 message_id,
                 from,
                 to,
                 since,
             };
             let db = ctx.spool.db();
-            let found = tokio::task::block_in_place(|| crate::track::find(db, &q))?;
-            crate::track::render(&found, &mut crate::logging::TerminalSafe(out))?;
+            let found = tokio::task::block_in_place(|| crate::queue::track::find(db, &q))?;
+            crate::queue::track::render(&found, &mut crate::logging::TerminalSafe(out))?;
             Ok(Exit::Ok)
         }
         Command::Reload => match &ctx.reload {
@@ -217,7 +217,7 @@ async fn queue_command(
             let control = Control::new(ctx.spool.clone());
             let exit = admin::queue::delete(&control, &id, wait.duration, out, err).await;
             if let (Ok(Exit::Ok), Ok(qid)) = (&exit, id.parse::<crate::queue::QueueId>()) {
-                crate::track::event(ctx.spool.db(), qid, "", crate::track::What::Deleted);
+                crate::queue::track::event(ctx.spool.db(), qid, "", crate::queue::track::What::Deleted);
             }
             exit
         }

@@ -249,8 +249,8 @@ impl Manager {
                 r.last_error.as_deref().unwrap_or("none")
             );
             tracing::warn!(%id, rcpt = %r.address, "expired");
-            let end = crate::track::What::Failed { reply: why.clone() };
-            crate::track::event(self.spool.db(), id, &r.address, end);
+            let end = crate::queue::track::What::Failed { reply: why.clone() };
+            crate::queue::track::event(self.spool.db(), id, &r.address, end);
             r.state = self.failed(why);
         }
         let (external, catalog): (Vec<usize>, Vec<usize>) = due

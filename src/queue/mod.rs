@@ -21,6 +21,7 @@ pub mod schedule;
 pub mod segments;
 pub mod spool;
 pub mod tombstone;
+pub mod track;
 pub mod view;
 
 pub use id::QueueId;

@@ -662,11 +662,11 @@ async fn accept(service: &Service, m: Message, peer: SocketAddr) -> Reply {
     let rcpts: Vec<&str> = env.recipients.iter().map(|r| r.address.as_str()).collect();
     let rcpts = rcpts.join(",");
     let from = env.sender.as_deref().unwrap_or("<>");
-    let message_id = crate::track::message_id(&message);
+    let message_id = crate::queue::track::message_id(&message);
     match service.accept_durable(&env, message).await {
         Ok(()) => {
             crate::metrics::METRICS.messages_accepted.inc();
-            crate::track::accepted(service.spool.db(), &env, message_id);
+            crate::queue::track::accepted(service.spool.db(), &env, message_id);
             let r = Reply::new(250, "2.0.0", format!("Ok: queued as {id_text}"));
             tracing::info!(id = %id_text, %peer, helo = %env.helo, from = %from, rcpts = %rcpts, size = env.size, reply = %r, "message accepted");
             r

@@ -78,7 +78,7 @@ impl Manager {
     /// A delivery attempt's log line and tracking record (with the recipient's
     /// end when the attempt settled it).
     fn attempted(&self, id: QueueId, rcpt: &str, at: &Attempted<'_>, o: &Outcome) {
-        use crate::track::{events, What};
+        use crate::queue::track::{events, What};
         log_attempt(id, rcpt, at, o);
         let attempt = What::Attempt {
             server: at.server.to_string(),
@@ -258,10 +258,10 @@ impl Manager {
             let route = route::fallback(route, age, relay, config.fallback_after, skipped);
             let kind = count_decision(id, &r.address, &route, relay);
             if let Decision::Hold = route.decision {
-                let held = crate::track::What::Held {
+                let held = crate::queue::track::What::Held {
                     why: route.reason.clone(),
                 };
-                crate::track::event(self.spool.db(), id, &r.address, held);
+                crate::queue::track::event(self.spool.db(), id, &r.address, held);
             }
             round.decided.insert(i, (kind, route.reason.clone()));
             r.last_route = Some(route.why());

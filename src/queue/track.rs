@@ -8,7 +8,7 @@
 //!
 //! Recording never fails a transaction or a delivery: a store error is logged.
 
-use crate::queue::{Envelope, QueueId};
+use super::{Envelope, QueueId};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
