@@ -158,7 +158,7 @@ impl Catalog {
 /// Whether the address index's delta has grown enough to be folded into a new fst:
 /// past [`DELTA_MIN`] names and past 1/[`DELTA_SHARE`] of the fst.
 fn needs_compaction(tree: &Gen) -> bool {
-    let (delta, fst) = tree.names().sizes();
+    let (delta, fst) = tree.index_sizes();
     delta > DELTA_MIN && delta > fst / DELTA_SHARE
 }
 

@@ -76,35 +76,41 @@ pub(super) fn next(tree: &sled::Tree) -> Result<u32> {
     })
 }
 
-/// Reads records by number, keeping the last block read (listings read in order).
-pub(super) struct Reader<'a> {
-    tree: &'a sled::Tree,
-    cached: Option<(u32, sled::IVec)>,
-}
+/// Every record block of a tree, in memory (copied out of sled's pages): a
+/// lookup decodes one record without a sled read.
+pub(super) struct Blocks(Vec<std::sync::Arc<[u8]>>);
 
-impl<'a> Reader<'a> {
-    pub(super) fn new(tree: &'a sled::Tree) -> Reader<'a> {
-        Reader { tree, cached: None }
+impl Blocks {
+    pub(super) fn load(tree: &sled::Tree) -> Result<Blocks> {
+        Blocks(Vec::new()).reload_tail(tree)
     }
 
-    pub(super) fn get(&mut self, number: u32) -> Result<Mailbox> {
-        let block = number / PER_BLOCK;
-        if self.cached.as_ref().map(|(b, _)| *b) != Some(block) {
-            let v = self.tree.get(block_key(block))?.ok_or_else(|| {
-                anyhow!("catalog broken: record block of mailbox {number} missing")
-            })?;
-            self.cached = Some((block, v));
+    /// These blocks with the last one and any after it read again from `tree`
+    /// (after a merge's batch: records are only appended, so the blocks before
+    /// the last are as they were).
+    pub(super) fn reload_tail(&self, tree: &sled::Tree) -> Result<Blocks> {
+        let keep = self.0.len().saturating_sub(1);
+        let mut blocks: Vec<std::sync::Arc<[u8]>> = self.0[..keep].to_vec();
+        for r in tree.range(block_key(keep as u32)..block_key(u32::MAX)) {
+            let (k, v) = r?;
+            if k.as_ref() != block_key(blocks.len() as u32) {
+                return Err(anyhow!(
+                    "catalog record blocks broken near block {}",
+                    blocks.len()
+                ));
+            }
+            blocks.push(v.as_ref().into());
         }
-        let Some((_, v)) = &self.cached else {
-            return Err(anyhow!("catalog record block cache empty"));
-        };
-        decode(slot(v, (number % PER_BLOCK) as usize)?)
+        Ok(Blocks(blocks))
     }
-}
 
-/// One record by number: one sled read, one record decoded.
-pub(super) fn read(tree: &sled::Tree, number: u32) -> Result<Mailbox> {
-    Reader::new(tree).get(number)
+    pub(super) fn get(&self, number: u32) -> Result<Mailbox> {
+        let block = self
+            .0
+            .get((number / PER_BLOCK) as usize)
+            .ok_or_else(|| anyhow!("catalog broken: record block of mailbox {number} missing"))?;
+        decode(slot(block, (number % PER_BLOCK) as usize)?)
+    }
 }
 
 /// Writes `mailboxes` into an empty tree as numbers `0..`, in order.
@@ -212,8 +218,9 @@ mod tests {
         let tree = db.open_tree("t").unwrap();
         let first: Vec<Mailbox> = (0..300).map(mailbox).collect();
         assert_eq!(write_all(&tree, first.iter()).unwrap(), 300);
-        assert_eq!(read(&tree, 0).unwrap(), first[0]);
-        assert_eq!(read(&tree, 299).unwrap(), first[299]);
+        let blocks = Blocks::load(&tree).unwrap();
+        assert_eq!(blocks.get(0).unwrap(), first[0]);
+        assert_eq!(blocks.get(299).unwrap(), first[299]);
         // Appends fill the tail block, then start new ones.
         let mut app = Appender::new(&tree).unwrap();
         for i in 300..800 {
@@ -223,10 +230,11 @@ mod tests {
         app.write(&mut batch);
         tree.apply_batch(batch).unwrap();
         assert_eq!(next(&tree).unwrap(), 800);
-        let mut reader = Reader::new(&tree);
+        let blocks = blocks.reload_tail(&tree).unwrap();
         for i in 0..800 {
-            assert_eq!(reader.get(i).unwrap(), mailbox(i));
+            assert_eq!(blocks.get(i).unwrap(), mailbox(i));
         }
-        assert!(read(&tree, 800).is_err(), "past the end");
+        assert!(blocks.get(800).is_err(), "past the end");
+        assert_eq!(Blocks::load(&tree).unwrap().0, blocks.0);
     }
 }
