@@ -8,7 +8,7 @@ use super::codec::{decode, domain_of, encode, key, meta_key, rule_tag};
 use super::index::{self, HOME, REPLICA};
 use super::live::{Gen, COUNT_KEY};
 use super::model::{address_key, server_key, Cluster, LocalPartMatch, Mailbox, Server};
-use super::names::{write_fst, Entry};
+use super::names::{build_fst, store_fst, Entry};
 use super::plan::Plan;
 use super::records;
 use super::store::{FORMAT, FORMAT_KEY, RULE_KEY};
@@ -45,11 +45,6 @@ pub(super) fn write_fresh(
     order.sort_unstable();
     write_domain_counts(out, mailboxes)?;
     out.insert(COUNT_KEY, &(order.len() as u64).to_be_bytes())?;
-    let step = (order.len() / 4).max(1) as u64;
-    records::write_all(out, order.iter().map(|(_, i)| &mailboxes[*i as usize]))?;
-    progress.set_position(step);
-    write_server_index(out, resolved, &order)?;
-    progress.set_position(2 * step);
     let mut aliases: Vec<(String, u32)> = order
         .iter()
         .enumerate()
@@ -61,8 +56,30 @@ pub(super) fn write_fresh(
         })
         .collect();
     aliases.sort_unstable();
-    progress.set_position(3 * step);
-    // Primaries and aliases, each sorted: merged into one ascending stream.
+    progress.set_position(order.len() as u64 / 4);
+    // The fst is built (pure CPU) while the records and the server index are written.
+    let fst = std::thread::scope(|scope| -> Result<Vec<u8>> {
+        let building = scope.spawn(|| build_fst(merge_sorted(entries(&order, &aliases))));
+        records::write_all(out, order.iter().map(|(_, i)| &mailboxes[*i as usize]))?;
+        progress.set_position(order.len() as u64 / 2);
+        write_server_index(out, resolved, &order)?;
+        building
+            .join()
+            .map_err(|_| anyhow!("building the address index panicked"))?
+    })?;
+    store_fst(out, &fst)?;
+    Ok(())
+}
+
+/// The fst's entries: primaries (numbered by position in `order`) and aliases,
+/// each stream sorted.
+fn entries<'a>(
+    order: &'a [(String, u32)],
+    aliases: &'a [(String, u32)],
+) -> (
+    impl Iterator<Item = (&'a str, Entry)>,
+    impl Iterator<Item = (&'a str, Entry)>,
+) {
     let primaries = order.iter().enumerate().map(|(pos, (k, _))| {
         let e = Entry {
             number: pos as u32,
@@ -77,14 +94,15 @@ pub(super) fn write_fresh(
         };
         (k.as_str(), e)
     });
-    write_fst(out, merge_sorted(primaries, aliases))?;
-    Ok(())
+    (primaries, aliases)
 }
 
 /// Two ascending streams as one (a name in both comes out twice: the fst refuses it).
 fn merge_sorted<'a>(
-    a: impl Iterator<Item = (&'a str, Entry)>,
-    b: impl Iterator<Item = (&'a str, Entry)>,
+    (a, b): (
+        impl Iterator<Item = (&'a str, Entry)>,
+        impl Iterator<Item = (&'a str, Entry)>,
+    ),
 ) -> impl Iterator<Item = (&'a str, Entry)> {
     let (mut a, mut b) = (a.peekable(), b.peekable());
     std::iter::from_fn(move || match (a.peek(), b.peek()) {

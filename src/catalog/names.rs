@@ -52,22 +52,22 @@ pub(super) fn put_delta(batch: &mut sled::Batch, name: &str, entry: Option<Entry
     batch.insert(delta_key(name), v);
 }
 
-/// Builds the fst from names in strictly ascending order and writes it into an
-/// empty tree; returns its size in bytes.
-pub(super) fn write_fst<'a>(
-    tree: &sled::Tree,
-    sorted: impl Iterator<Item = (&'a str, Entry)>,
-) -> Result<usize> {
+/// Builds the fst, in memory, from names in strictly ascending order.
+pub(super) fn build_fst<'a>(sorted: impl Iterator<Item = (&'a str, Entry)>) -> Result<Vec<u8>> {
     let mut b = fst::MapBuilder::memory();
     for (name, e) in sorted {
         b.insert(name, e.pack())
             .with_context(|| format!("address index: {name:?} out of order or twice"))?;
     }
-    let bytes = b.into_inner()?;
+    Ok(b.into_inner()?)
+}
+
+/// Writes a built fst into an empty tree.
+pub(super) fn store_fst(tree: &sled::Tree, bytes: &[u8]) -> Result<()> {
     for (i, c) in bytes.chunks(CHUNK).enumerate() {
         tree.insert(chunk_key(i as u32), c)?;
     }
-    Ok(bytes.len())
+    Ok(())
 }
 
 /// The index in memory, as one generation's tree holds it.
@@ -174,7 +174,8 @@ mod tests {
             ("al@x", e(0, true)),
             ("b@x", e(1, false)),
         ];
-        write_fst(&tree, names.iter().map(|(n, e)| (*n, *e))).unwrap();
+        let bytes = build_fst(names.iter().map(|(n, e)| (*n, *e))).unwrap();
+        store_fst(&tree, &bytes).unwrap();
         let idx = Names::load(&tree).unwrap();
         assert_eq!(idx.get("al@x"), Some(e(0, true)));
         assert_eq!(idx.get("c@x"), None);
