@@ -180,13 +180,16 @@ fn write_server_index(
     )
 }
 
+/// A caller's sync metadata, by key (see `codec::meta_key`).
+pub(super) type SyncMeta = Vec<(String, Vec<u8>)>;
+
 /// The whole catalog of `old` with `plan` (a merge) applied, as a full write takes
 /// it: records, and the sync metadata kept with them.
 pub(super) fn rebuild_input(
     old: &Gen,
     plan: Option<&Plan>,
     rule: LocalPartMatch,
-) -> Result<(Resolved, Vec<(String, Vec<u8>)>)> {
+) -> Result<(Resolved, SyncMeta)> {
     let mut clusters: BTreeMap<String, Cluster> = BTreeMap::new();
     for r in old.tree.scan_prefix(b"c\0") {
         let c: Cluster = decode(&r?.1)?;

@@ -123,7 +123,7 @@ pub(super) fn write_all<'a>(
     for m in mailboxes {
         block.push(encode(m)?);
         n += 1;
-        if n % PER_BLOCK == 0 {
+        if n.is_multiple_of(PER_BLOCK) {
             tree.insert(block_key(n / PER_BLOCK - 1), encode_block(&block))?;
             block.clear();
         }
@@ -171,7 +171,7 @@ impl Appender {
         self.tail.push(encode(m)?);
         self.next += 1;
         self.added = true;
-        if self.next % PER_BLOCK == 0 {
+        if self.next.is_multiple_of(PER_BLOCK) {
             self.full
                 .push((n / PER_BLOCK, encode_block(&std::mem::take(&mut self.tail))));
         }
