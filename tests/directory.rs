@@ -169,6 +169,12 @@ fn router(slapd: &Slapd) -> Router {
 
 /// A router syncing from `slapd`, and the port of its metrics endpoint.
 fn router_metrics(slapd: &Slapd) -> (Router, u16) {
+    router_via(&slapd.url(), "")
+}
+
+/// A router syncing from the directory at `url`, with `extra` lines in its
+/// `[directory]`, and the port of its metrics endpoint.
+fn router_via(url: &str, extra: &str) -> (Router, u16) {
     let s = Scratch::new();
     let pw = s.write("ldap.pw", &format!("{ROOT_PW}\n"));
     let port = common::free_port();
@@ -178,8 +184,7 @@ fn router_metrics(slapd: &Slapd) -> (Router, u16) {
          [smtp]\nlisten = [\"127.0.0.1:{port}\"]\n\
          [routing]\nprobe_interval = \"200ms\"\nprobe_timeout = \"500ms\"\nrise = 1\n\
          retry_initial = \"300ms\"\nretry_max = \"600ms\"\n\
-         [directory]\nurl = \"{}\"\nbase_dn = \"{BASE}\"\nbind_dn = \"{ROOT_DN}\"\npassword_file = \"{}\"\n",
-        slapd.url(),
+         [directory]\nurl = \"{url}\"\nbase_dn = \"{BASE}\"\nbind_dn = \"{ROOT_DN}\"\npassword_file = \"{}\"\n{extra}",
         pw.display()
     );
     (Router::start_config(s, &config, port), metrics)
@@ -471,4 +476,107 @@ fn routers_keep_routing_without_the_directory_and_resume_from_their_cookie() {
         routers[1].log()
     );
     assert_eq!(rcpt(&routers[1], "a@example.test"), 250);
+}
+
+/// A TCP proxy to `target` that can fall silent as a network partition does:
+/// frozen, it passes nothing either way and closes its side towards the target
+/// (the server gives up on the connection); the client is told nothing. Thawed,
+/// new connections pass again, and a connection from before answers whatever
+/// the client sends next with a reset, as a server that forgot it would.
+struct Partition {
+    port: u16,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Partition {
+    fn start(target: u16) -> Partition {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let frozen = std::sync::Arc::new(AtomicBool::new(false));
+        let f = frozen.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().take(200) {
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                // Each connection lives while the partition has not cut it.
+                let cut = std::sync::Arc::new(AtomicBool::new(false));
+                let pumps = [(true, &client, &server), (false, &server, &client)];
+                for (upstream, from, to) in pumps {
+                    let (mut from, mut to) = (
+                        from.try_clone().expect("clone"),
+                        to.try_clone().expect("clone"),
+                    );
+                    let (f, cut) = (f.clone(), cut.clone());
+                    let server = server.try_clone().expect("clone");
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            if f.load(SeqCst) || cut.load(SeqCst) {
+                                // Partitioned: the octets are lost; the server's
+                                // side of the connection is gone for good.
+                                if !cut.swap(true, SeqCst) {
+                                    let _ = server.shutdown(Shutdown::Both);
+                                }
+                                if upstream && !f.load(SeqCst) {
+                                    // Healed: the client hears a reset at last.
+                                    let _ = from.shutdown(Shutdown::Both);
+                                    break;
+                                }
+                                continue;
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        if !cut.load(SeqCst) {
+                            let _ = to.shutdown(Shutdown::Both);
+                        }
+                    });
+                }
+                // A connection made while frozen: the server never answers it.
+                if f.load(SeqCst) {
+                    cut.store(true, SeqCst);
+                    let _ = server.shutdown(Shutdown::Both);
+                }
+            }
+        });
+        Partition { port, frozen }
+    }
+
+    fn set_frozen(&self, frozen: bool) {
+        self.frozen
+            .store(frozen, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_silent_partition_is_noticed_and_the_sync_resumes_when_it_heals() {
+    let m1 = RecordingSink::start("m1");
+    let m2 = RecordingSink::start("m2");
+    let slapd = Slapd::start();
+    seed(&slapd, m1.port, m2.port);
+    let path = Partition::start(slapd.port);
+    let (r, _) = router_via(
+        &format!("ldap://127.0.0.1:{}", path.port),
+        "idle_probe = \"1s\"\n",
+    );
+    wait_rcpt(&r, "a@example.test", 250, 30);
+    // The path falls silent (no reset, no close seen by the router); the server
+    // drops its end; an entry is added meanwhile.
+    path.set_frozen(true);
+    slapd.ldif("ldapadd", &mailbox_ldif("during@example.test", "m1"));
+    let status = wait_status(&r, "NOT CONNECTED");
+    assert!(status.contains("probe"), "{status}");
+    assert_eq!(rcpt(&r, "a@example.test"), 250, "routing goes on");
+    // Healed: the router reconnects, resumes from its cookie, sees the entry.
+    path.set_frozen(false);
+    wait_rcpt(&r, "during@example.test", 250, 30);
 }

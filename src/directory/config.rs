@@ -24,6 +24,15 @@ pub struct DirectoryConfig {
     /// PEM CA certificates that verify `ldaps://` servers; unset: the system's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca_file: Option<PathBuf>,
+    /// After this long without a word from the directory server, the consumer
+    /// asks it a trivial question; no answer within the same time, and the
+    /// connection is taken for dead (a silent partition) and made anew.
+    #[serde(default = "default_idle_probe", with = "humantime_serde")]
+    pub idle_probe: std::time::Duration,
+}
+
+fn default_idle_probe() -> std::time::Duration {
+    std::time::Duration::from_secs(60)
 }
 
 fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -68,6 +77,9 @@ impl DirectoryConfig {
                     f.display()
                 ));
             }
+        }
+        if self.idle_probe.is_zero() {
+            return Err("directory.idle_probe must be above 0".into());
         }
         if let Some(f) = &self.tls_ca_file {
             if !f.is_file() {

@@ -91,8 +91,9 @@ async fn connect(cfg: &DirectoryConfig, url: &str) -> Result<ldap3::Ldap> {
     ldap3::drive!(conn);
     if let Some(dn) = &cfg.bind_dn {
         let pw = cfg.password()?;
-        ldap.simple_bind(dn, &pw)
-            .await?
+        tokio::time::timeout(cfg.idle_probe, ldap.simple_bind(dn, &pw))
+            .await
+            .map_err(|_| anyhow!("binding as {dn}: no answer within {:?}", cfg.idle_probe))??
             .success()
             .with_context(|| format!("binding as {dn}"))?;
     }
@@ -133,6 +134,7 @@ async fn session(
     stopped: &mut watch::Receiver<bool>,
 ) -> Result<End> {
     let mut ldap = connect(cfg, url).await?;
+    let mut prober = ldap.clone();
     let cookie = if force_full { None } else { syncer.cookie()? };
     let full = cookie.is_none();
     let request = SyncRequest {
@@ -140,20 +142,31 @@ async fn session(
         cookie,
         reload_hint: false,
     };
-    let mut stream = ldap
-        .with_controls(request)
-        .streaming_search(&cfg.base_dn, Scope::Subtree, FILTER, ATTRS.to_vec())
+    let search = ldap.with_controls(request).streaming_search(
+        &cfg.base_dn,
+        Scope::Subtree,
+        FILTER,
+        ATTRS.to_vec(),
+    );
+    let mut stream = tokio::time::timeout(cfg.idle_probe, search)
         .await
+        .map_err(|_| {
+            anyhow!(
+                "starting the sync search: no answer within {:?}",
+                cfg.idle_probe
+            )
+        })?
         .context("starting the sync search")?;
     STATUS.connected(url);
     tracing::info!(%url, full, "directory: connected; refreshing the catalog");
     let mut p = Pending::default();
     let mut refreshing = true;
+    let mut heard = tokio::time::Instant::now();
     loop {
         let wait = if !refreshing && !p.events.is_empty() {
             COALESCE
         } else {
-            Duration::from_secs(3600)
+            cfg.idle_probe.saturating_sub(heard.elapsed())
         };
         let item = tokio::select! {
             r = tokio::time::timeout(wait, stream.next()) => r,
@@ -163,13 +176,18 @@ async fn session(
             }
         };
         let re = match item {
-            Err(_) if refreshing => continue,
-            Err(_) => {
+            Err(_) if !p.events.is_empty() && !refreshing => {
                 flush(syncer, &mut p, false)?;
+                continue;
+            }
+            Err(_) => {
+                probe(&mut prober, cfg).await?;
+                heard = tokio::time::Instant::now();
                 continue;
             }
             Ok(r) => r.context("reading the sync search")?,
         };
+        heard = tokio::time::Instant::now();
         let Some(re) = re else {
             let res = stream.finish().await;
             if res.rc == REFRESH_REQUIRED {
@@ -197,6 +215,22 @@ async fn session(
                 flush(syncer, &mut p, false)?;
             }
         }
+    }
+}
+
+/// After `idle_probe` of silence: a trivial question (the base entry, no
+/// attributes) on the sync connection. No answer within `idle_probe` and the
+/// connection is taken for dead: a silent partition, or a server that dropped
+/// it unseen; the caller reconnects and resumes from the cookie.
+async fn probe(ldap: &mut ldap3::Ldap, cfg: &DirectoryConfig) -> Result<()> {
+    let ask = ldap.search(&cfg.base_dn, Scope::Base, "(objectClass=*)", vec!["1.1"]);
+    match tokio::time::timeout(cfg.idle_probe, ask).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(anyhow!("the directory failed a liveness probe: {e}")),
+        Err(_) => bail!(
+            "no answer to a liveness probe within {:?} (directory.idle_probe): connection presumed dead",
+            cfg.idle_probe
+        ),
     }
 }
 
