@@ -1,5 +1,5 @@
 //! How catalog records and keys are encoded in sled: bincode records, `prefix\0part`
-//! keys, alias values, and the small helpers every catalog module shares.
+//! keys, and the small helpers every catalog module shares.
 
 use super::model::LocalPartMatch;
 use anyhow::Result;
@@ -44,22 +44,6 @@ pub(super) fn rule_tag(rule: LocalPartMatch) -> &'static [u8] {
 
 pub(super) fn domain_of(address: &str) -> &str {
     address.rsplit_once('@').map_or("", |(_, d)| d)
-}
-
-pub(super) fn alias_value(primary: &str, record: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(primary.len() + 1 + record.len());
-    v.extend_from_slice(primary.as_bytes());
-    v.push(0);
-    v.extend_from_slice(record);
-    v
-}
-
-/// Splits an alias value into (primary address key, mailbox record).
-pub(super) fn alias_record(v: &[u8]) -> (&[u8], &[u8]) {
-    match v.iter().position(|b| *b == 0) {
-        Some(i) => (&v[..i], &v[i + 1..]),
-        None => (v, &[]),
-    }
 }
 
 /// A big-endian u64 stored under `key` (None: absent, unreadable or not 8 octets).

@@ -2,17 +2,19 @@
 //! shadow tree switched in with one key), shared with `Catalog::apply`.
 //!
 //! Atomicity: a small merge is one `apply_batch`, which sled recovers all or nothing.
-//! A replace, or a merge too large for one batch, is written into a fresh tree that
-//! nobody reads; a single insert of `catalog.current` then switches to it, so a
-//! process killed midway leaves the old catalog live and an orphan tree that the
-//! next open drops.
+//! A replace, a merge too large for one batch, or a compaction (the address index's
+//! delta folded into a new fst, once it grows past a threshold) is written into a
+//! fresh tree that nobody reads (`build.rs`); a single insert of `catalog.current`
+//! then switches to it, so a process killed midway leaves the old catalog live and
+//! an orphan tree that the next open drops.
 
-use super::codec::{alias_value, domain_of, encode, key, meta_key, rule_tag};
+use super::build::{rebuild_input, write_fresh};
 use super::files::Input;
-use super::index::{self, HOME, REPLICA};
-use super::model::{address_key, server_key, LocalPartMatch};
+use super::live::Gen;
+#[cfg(test)] // the tests' `use super::*` (they predate `build.rs`)
+use super::model::LocalPartMatch;
 use super::plan::{plan, ImportReport, Mode, Plan, TreeView};
-use super::store::{load_servers, Catalog, CURRENT, FORMAT, FORMAT_KEY, RULE_KEY, TREE_PREFIX};
+use super::store::{load_servers, Catalog, CURRENT, TREE_PREFIX};
 use super::validate::{resolve, Resolved};
 use anyhow::Result;
 use std::sync::Arc;
@@ -20,6 +22,11 @@ use std::sync::Arc;
 /// Merges writing more keys than this go through a shadow tree instead of one batch
 /// (sled holds a batch in memory and blocks other writers of the store while it applies).
 const BATCH_LIMIT: usize = 50_000;
+
+/// The address index's delta is folded into a new fst once it holds more than
+/// this many names and more than 1/`DELTA_SHARE` of the fst's.
+const DELTA_MIN: usize = 65_536;
+const DELTA_SHARE: usize = 20;
 
 /// Why an import did not apply.
 #[derive(Debug, thiserror::Error)]
@@ -74,17 +81,16 @@ impl Catalog {
     /// the serial when it changes the catalog. The caller holds [`WRITER`].
     pub(super) fn commit(
         &self,
-        tree: &sled::Tree,
+        tree: &Gen,
         resolved: &Resolved,
         plan: &Plan,
         mode: Mode,
         progress: &indicatif::ProgressBar,
     ) -> Result<()> {
         progress.set_length(resolved.mailboxes.len() as u64);
-        // A merge is one batch (built in memory, reading the index chunks it edits)
-        // unless it writes too many keys; then it goes through a shadow copy, which
-        // costs the whole catalog (measured: 10,000 mailboxes into 1,000,000 took
-        // 68 s that way, when the estimate counted every posting as keys).
+        // A merge is one batch (records appended, the address index's delta, the
+        // server index chunks it edits) unless it writes too many keys; then it
+        // is a full write of a new generation, like a compaction.
         let mut batch = sled::Batch::default();
         let batched =
             mode == Mode::Merge && plan.write(tree, &mut batch, self.rule)? <= BATCH_LIMIT;
@@ -92,7 +98,11 @@ impl Catalog {
             tree.apply_batch(batch)?;
             self.db.flush()?;
             let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
-            live.servers = Arc::new(load_servers(&live.tree)?);
+            live.servers = Arc::new(load_servers(&live.gen.tree)?);
+            drop(live);
+            if needs_compaction(tree) {
+                self.apply_shadow(tree, &Resolved::default(), &Plan::default(), mode, progress)?;
+            }
         } else {
             drop(batch);
             self.apply_shadow(tree, resolved, plan, mode, progress)?;
@@ -104,15 +114,18 @@ impl Catalog {
         Ok(())
     }
 
+    /// Writes a new generation and switches to it: `resolved` for a replace, the
+    /// live catalog with `plan` applied for a merge (also how the address index's
+    /// delta is folded into a new fst: a merge of an empty plan).
     pub(super) fn apply_shadow(
         &self,
-        old: &sled::Tree,
+        old: &Gen,
         resolved: &Resolved,
         plan: &Plan,
         mode: Mode,
         progress: &indicatif::ProgressBar,
     ) -> Result<()> {
-        let old_name = String::from_utf8_lossy(&old.name()).into_owned();
+        let old_name = String::from_utf8_lossy(&old.tree.name()).into_owned();
         let gen: u64 = old_name
             .strip_prefix(TREE_PREFIX)
             .and_then(|g| g.parse().ok())
@@ -121,27 +134,20 @@ impl Catalog {
         self.db.drop_tree(new_name.as_bytes())?;
         let new = self.db.open_tree(new_name.as_bytes())?;
         if mode == Mode::Merge {
-            // Copy the catalog as it is (in key order, so sled appends), then apply
-            // the plan's removals and rewrites over the copy.
-            for r in old.iter() {
-                let (k, v) = r?;
-                new.insert(k, v)?;
-            }
-            let mut batch = sled::Batch::default();
-            plan.write(&new, &mut batch, self.rule)?;
-            new.apply_batch(batch)?;
-            progress.set_position(resolved.mailboxes.len() as u64);
+            let (whole, meta) = rebuild_input(old, Some(plan), self.rule)?;
+            write_fresh(&new, &whole, &meta, self.rule, progress)?;
         } else {
-            write_fresh(&new, resolved, plan, self.rule, progress)?;
+            write_fresh(&new, resolved, &plan.meta, self.rule, progress)?;
         }
         new.flush()?;
         // The switch: one key, then a flush. Before it the old catalog is live, after it the new.
         let servers = Arc::new(load_servers(&new)?);
+        let new = Arc::new(Gen::load(new)?);
         {
             let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
             self.meta.insert(CURRENT, new_name.as_bytes())?;
             self.db.flush()?;
-            live.tree = new;
+            live.gen = new;
             live.servers = servers;
         }
         self.db.drop_tree(old_name.as_bytes())?;
@@ -149,89 +155,11 @@ impl Catalog {
     }
 }
 
-/// Writes a whole catalog (a replace) into the empty tree `out`: sorted key order per
-/// prefix, so sled appends near the rightmost leaf instead of splitting nodes all
-/// over the tree. (Two writer threads were measured slower: sled serialises its log
-/// writes.)
-fn write_fresh(
-    out: &sled::Tree,
-    resolved: &Resolved,
-    plan: &Plan,
-    rule: LocalPartMatch,
-    progress: &indicatif::ProgressBar,
-) -> Result<()> {
-    out.insert(RULE_KEY, rule_tag(rule))?;
-    out.insert(FORMAT_KEY, FORMAT)?;
-    for (k, v) in &plan.meta {
-        out.insert(meta_key(k), v.as_slice())?;
-    }
-    for c in &resolved.clusters {
-        out.insert(key(b'c', &[&server_key(&c.name)]), encode(c)?)?;
-    }
-    for s in &resolved.servers {
-        out.insert(key(b's', &[&server_key(&s.name)]), encode(s)?)?;
-    }
-    let mailboxes = &resolved.mailboxes;
-    let mut order: Vec<(String, u32)> = mailboxes
-        .iter()
-        .enumerate()
-        .map(|(i, m)| (address_key(&m.address, rule), i as u32))
-        .collect();
-    order.sort_unstable();
-    let mut domains: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
-    for m in mailboxes {
-        for name in m.names() {
-            *domains.entry(domain_of(name)).or_default() += 1;
-        }
-    }
-    for (d, n) in domains {
-        out.insert(key(b'd', &[&d.to_lowercase()]), &n.to_be_bytes())?;
-    }
-    let step = (order.len() / 3).max(1);
-    let mut aliases: Vec<(String, u32)> = order
-        .iter()
-        .enumerate()
-        .flat_map(|(pos, (_, idx))| {
-            mailboxes[*idx as usize]
-                .aliases
-                .iter()
-                .map(move |a| (address_key(a, rule), pos as u32))
-        })
-        .collect();
-    aliases.sort_unstable();
-    for (alias, pos) in &aliases {
-        let (primary, idx) = &order[*pos as usize];
-        let record = encode(&mailboxes[*idx as usize])?;
-        out.insert(key(b'a', &[alias]), alias_value(primary, &record))?;
-    }
-    drop(aliases);
-    progress.set_position(step as u64 / 2);
-    let mut postings: Vec<(String, u32, u8)> = Vec::with_capacity(order.len() * 3);
-    for (pos, (_, idx)) in order.iter().enumerate() {
-        let m = &mailboxes[*idx as usize];
-        postings.push((server_key(&m.home), pos as u32, HOME));
-        postings.extend(
-            m.replicas
-                .iter()
-                .map(|r| (server_key(r), pos as u32, REPLICA)),
-        );
-    }
-    postings.sort_unstable();
-    index::fill(
-        out,
-        postings
-            .iter()
-            .map(|(s, pos, role)| (s.as_str(), order[*pos as usize].0.as_str(), *role)),
-    )?;
-    progress.set_position(2 * step as u64);
-    drop(postings);
-    for (i, (primary, idx)) in order.iter().enumerate() {
-        out.insert(key(b'm', &[primary]), encode(&mailboxes[*idx as usize])?)?;
-        if i % 4096 == 0 {
-            progress.set_position((2 * step + i / 3) as u64);
-        }
-    }
-    Ok(())
+/// Whether the address index's delta has grown enough to be folded into a new fst:
+/// past [`DELTA_MIN`] names and past 1/[`DELTA_SHARE`] of the fst.
+fn needs_compaction(tree: &Gen) -> bool {
+    let (delta, fst) = tree.index_sizes();
+    delta > DELTA_MIN && delta > fst / DELTA_SHARE
 }
 
 #[cfg(test)]

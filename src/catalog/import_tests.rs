@@ -194,3 +194,67 @@ fn small_merge_and_large_merge_give_the_same_catalog() {
     }
     assert_eq!(results[0], results[1]);
 }
+
+#[test]
+fn a_compaction_folds_the_delta_into_a_new_index_and_keeps_everything() {
+    use crate::catalog::change::Change;
+    let db = sled::Config::new().temporary(true).open().unwrap();
+    let cat = Catalog::open(&db, LocalPartMatch::CaseInsensitive).unwrap();
+    let hidden = indicatif::ProgressBar::hidden();
+    let one = input(
+        &[("a", "c"), ("b", "c")],
+        &[
+            ("x@d.test", "a", &["b"], &["y@d.test"]),
+            ("z@d.test", "a", &[], &[]),
+        ],
+    );
+    cat.import(one, Mode::Replace, false, &hidden).unwrap();
+    let w = Mailbox {
+        address: "w@d.test".into(),
+        home: "b".into(),
+        replicas: vec![],
+        aliases: vec!["v@e.test".into()],
+        failover: None,
+        home_state: Default::default(),
+        replica_states: vec![],
+    };
+    let changes = vec![
+        Change::PutMailbox(w),
+        Change::RemoveMailbox("z@d.test".into()),
+    ];
+    let report = cat.apply(changes, &[("cookie", b"1")]).unwrap();
+    assert_eq!(report.applied, 2, "{report:?}");
+    let (gen, _) = cat.live_tree();
+    assert_eq!(
+        gen.index_sizes(),
+        (3, 3),
+        "w, v and z's tombstone in the delta"
+    );
+    // What the commit does once the delta passes its threshold.
+    cat.apply_shadow(
+        &gen,
+        &Resolved::default(),
+        &Plan::default(),
+        Mode::Merge,
+        &hidden,
+    )
+    .unwrap();
+    let (gen, _) = cat.live_tree();
+    assert_eq!(gen.index_sizes(), (0, 4), "x, y, w, v in the new fst");
+    assert_eq!(
+        cat.lookup("Y@d.test").unwrap().unwrap().mailbox.address,
+        "x@d.test"
+    );
+    assert_eq!(cat.lookup("v@E.test").unwrap().unwrap().home.name, "b");
+    assert!(cat.lookup("z@d.test").unwrap().is_none());
+    assert_eq!(
+        cat.sync_meta("cookie").unwrap().as_deref(),
+        Some(b"1".as_slice())
+    );
+    assert_eq!(cat.mailboxes(None, Some("b")).unwrap().len(), 2);
+    assert_eq!(cat.mailboxes(None, None).unwrap().len(), 2);
+    assert!(cat.serves_domain("e.test").unwrap());
+    drop(cat);
+    let cat = Catalog::open(&db, LocalPartMatch::CaseInsensitive).unwrap();
+    assert_eq!(cat.lookup("w@d.test").unwrap().unwrap().home.name, "b");
+}

@@ -34,14 +34,15 @@ fn chunk_key(server: &str, start: &str) -> Vec<u8> {
 }
 
 /// Writes whole posting lists, sorted by (server, address), into an empty tree.
+/// (A chunk of borrowed `(&str, u8)` encodes as the `Vec<Posting>` it is read as.)
 pub fn fill<'a>(
     tree: &sled::Tree,
     sorted: impl Iterator<Item = (&'a str, &'a str, u8)>,
 ) -> Result<()> {
     let mut server: Option<&str> = None;
-    let mut chunk: Vec<Posting> = Vec::with_capacity(CHUNK);
-    let mut start = String::new();
-    let flush = |server: &str, start: &str, chunk: &mut Vec<Posting>| -> Result<()> {
+    let mut chunk: Vec<(&'a str, u8)> = Vec::with_capacity(CHUNK);
+    let mut start = "";
+    let flush = |server: &str, start: &str, chunk: &mut Vec<(&'a str, u8)>| -> Result<()> {
         if !chunk.is_empty() {
             tree.insert(chunk_key(server, start), encode(&*chunk)?)?;
             chunk.clear();
@@ -51,18 +52,18 @@ pub fn fill<'a>(
     for (s, addr, role) in sorted {
         if server != Some(s) {
             if let Some(prev) = server {
-                flush(prev, &start, &mut chunk)?;
+                flush(prev, start, &mut chunk)?;
             }
             server = Some(s);
-            start.clear();
+            start = "";
         } else if chunk.len() == CHUNK {
-            flush(s, &start, &mut chunk)?;
-            start = addr.to_string();
+            flush(s, start, &mut chunk)?;
+            start = addr;
         }
-        chunk.push((addr.to_string(), role));
+        chunk.push((addr, role));
     }
     if let Some(s) = server {
-        flush(s, &start, &mut chunk)?;
+        flush(s, start, &mut chunk)?;
     }
     Ok(())
 }

@@ -8,19 +8,23 @@
 //! |-----------------------------|-----------------------------------------|
 //! | `c\0<cluster key>`          | bincode [`Cluster`] (next-hop routers)  |
 //! | `s\0<server key>`           | bincode [`Server`]                      |
-//! | `m\0<address key>`          | bincode [`Mailbox`], by primary address |
-//! | `a\0<alias key>`            | primary address key, `\0`, the record    |
+//! | `b\0<block u32 BE>`         | a block of mailbox records (`records.rs`) |
+//! | `~next`, `~count`           | the next mailbox number; how many mailboxes |
+//! | `x\0<chunk u32 BE>`         | the address index's fst (`names.rs`)    |
+//! | `y\0<address key>`          | its delta: merges since the last full write |
 //! | `h\0<server key>\0<start>`  | a chunk of the server index (`index.rs`) |
 //! | `d\0<domain>`               | how many addresses (primary or alias) it has |
 //! | `~rule`                     | the local-part rule the keys were made with |
 //! | `~meta\0<key>`              | a caller's sync metadata (`Catalog::apply`) |
 //!
-//! An alias carries a copy of its mailbox's record, so every lookup is one read.
+//! A lookup is an in-memory index probe (fst, then delta) and one block read that
+//! decodes one record. `live.rs` joins the tree and its index.
 //!
 //! Writes: `import.rs` (atomic batches and shadow trees), `change.rs` (`apply`).
 
-use super::codec::{alias_record, decode, encode, key, meta_key, rule_tag};
+use super::codec::{decode, encode, key, meta_key, rule_tag};
 use super::index;
+use super::live::Gen;
 use super::model::{address_key, server_key, AdminState, Cluster, LocalPartMatch, Mailbox, Server};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::{BTreeSet, HashMap};
@@ -35,9 +39,10 @@ pub(super) const RULE_KEY: &[u8] = b"~rule";
 const SERIAL: &[u8] = b"catalog.serial";
 /// The record layout of this catalog tree; bumped whenever a stored record gains or
 /// loses a field (bincode records carry no field names). 2: `Mailbox.failover` and
-/// `Server.availability_threshold`; 3: `Mailbox.home_state` and `replica_states`.
+/// `Server.availability_threshold`; 3: `Mailbox.home_state` and `replica_states`;
+/// 4: records in blocks, the address index as an fst with a delta.
 pub(super) const FORMAT_KEY: &[u8] = b"~format";
-pub(super) const FORMAT: &[u8] = b"3";
+pub(super) const FORMAT: &[u8] = b"4";
 
 /// The result of [`Catalog::lookup`]: a mailbox with its home and replica servers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +72,7 @@ pub struct Catalog {
 }
 
 pub(super) struct Live {
-    pub(super) tree: sled::Tree,
+    pub(super) gen: Arc<Gen>,
     /// Servers are few and read on every lookup: kept in memory, by key.
     pub(super) servers: Arc<HashMap<String, Arc<Server>>>,
 }
@@ -107,7 +112,7 @@ impl Catalog {
         }
         match tree.get(RULE_KEY)? {
             Some(stored) if stored.as_ref() != rule_tag(rule) => {
-                let empty = tree.scan_prefix(b"m\0").next().is_none();
+                let empty = tree.scan_prefix(b"b\0").next().is_none();
                 if !empty {
                     bail!(
                         "the catalog was built with local_part_match = {:?}, the config says {:?}; \
@@ -124,11 +129,12 @@ impl Catalog {
             }
         }
         let servers = Arc::new(load_servers(&tree)?);
+        let gen = Arc::new(Gen::load(tree)?);
         Ok(Catalog {
             meta,
             db: db.clone(),
             rule,
-            live: RwLock::new(Live { tree, servers }),
+            live: RwLock::new(Live { gen, servers }),
         })
     }
 
@@ -161,7 +167,7 @@ impl Catalog {
                     db: db.clone(),
                     rule,
                     live: RwLock::new(Live {
-                        tree,
+                        gen: Arc::new(Gen::load(tree)?),
                         servers: Default::default(),
                     }),
                 })
@@ -174,23 +180,19 @@ impl Catalog {
         self.rule
     }
 
-    pub(super) fn live_tree(&self) -> (sled::Tree, Arc<HashMap<String, Arc<Server>>>) {
+    pub(super) fn live_tree(&self) -> (Arc<Gen>, Arc<HashMap<String, Arc<Server>>>) {
         let live = self.live.read().unwrap_or_else(|e| e.into_inner());
-        (live.tree.clone(), live.servers.clone())
+        (live.gen.clone(), live.servers.clone())
     }
 
     /// Finds the mailbox that owns `addr` (primary address or alias), with its
-    /// home and replica server records. Two index reads at most; never a scan.
+    /// home and replica server records. One in-memory index probe and one block
+    /// read; never a scan.
     pub fn lookup(&self, addr: &str) -> Result<Option<Lookup>> {
         let k = address_key(addr, self.rule);
         let live = self.live.read().unwrap_or_else(|e| e.into_inner());
-        let tree = &live.tree;
-        let mailbox: Mailbox = match tree.get(key(b'm', &[&k]))? {
-            Some(v) => decode(&v)?,
-            None => match tree.get(key(b'a', &[&k]))? {
-                Some(v) => decode(alias_record(&v).1)?,
-                None => return Ok(None),
-            },
+        let Some((_, mailbox)) = live.gen.find(&k)? else {
+            return Ok(None);
         };
         let server = |name: &str| {
             live.servers.get(&server_key(name)).cloned().ok_or_else(|| {
@@ -224,7 +226,8 @@ impl Catalog {
     /// A cluster's record (its next-hop routers), if the catalog has one.
     pub fn cluster(&self, name: &str) -> Result<Option<Cluster>> {
         let live = self.live.read().unwrap_or_else(|e| e.into_inner());
-        live.tree
+        live.gen
+            .tree
             .get(key(b'c', &[&server_key(name)]))?
             .map(|v| decode(&v))
             .transpose()
@@ -232,15 +235,18 @@ impl Catalog {
 
     /// Every cluster record, sorted by name.
     pub fn clusters(&self) -> Result<Vec<Cluster>> {
-        let (tree, _) = self.live_tree();
-        tree.scan_prefix(b"c\0").map(|r| decode(&r?.1)).collect()
+        let (gen, _) = self.live_tree();
+        gen.tree
+            .scan_prefix(b"c\0")
+            .map(|r| decode(&r?.1))
+            .collect()
     }
 
     /// Whether any catalog address (primary or alias) is in `domain`.
     pub fn serves_domain(&self, domain: &str) -> Result<bool> {
         let domain = address_key(&format!("x@{domain}"), self.rule);
         let live = self.live.read().unwrap_or_else(|e| e.into_inner());
-        Ok(live.tree.get(key(b'd', &[&domain[2..]]))?.is_some())
+        Ok(live.gen.tree.get(key(b'd', &[&domain[2..]]))?.is_some())
     }
 
     /// All servers sorted by name, optionally of one cluster.
@@ -259,12 +265,9 @@ impl Catalog {
     /// Mailboxes sorted by address key: all of them, those homed or replicated on
     /// `server`, or those on any server of `cluster`. Filters use the server index.
     pub fn mailboxes(&self, cluster: Option<&str>, server: Option<&str>) -> Result<Vec<Mailbox>> {
-        let (tree, servers) = self.live_tree();
+        let (gen, servers) = self.live_tree();
         if cluster.is_none() && server.is_none() {
-            return tree
-                .scan_prefix(b"m\0")
-                .map(|r| decode::<Mailbox>(&r?.1))
-                .collect();
+            return gen.all();
         }
         let mut keys: Vec<String> = servers
             .iter()
@@ -275,21 +278,13 @@ impl Catalog {
         keys.sort();
         let mut addrs = BTreeSet::new();
         for k in keys {
-            addrs.extend(
-                index::postings(&tree, &k)?
-                    .into_iter()
-                    .map(|(a, _)| a.into_bytes()),
-            );
+            addrs.extend(index::postings(&gen.tree, &k)?.into_iter().map(|(a, _)| a));
         }
         addrs
             .into_iter()
             .map(|a| {
-                let mut mk = b"m\0".to_vec();
-                mk.extend_from_slice(&a);
-                let raw = tree.get(&mk)?.ok_or_else(|| {
-                    anyhow!("catalog index broken at {}", String::from_utf8_lossy(&a))
-                })?;
-                decode(&raw)
+                gen.primary(&a)?
+                    .ok_or_else(|| anyhow!("catalog index broken at {a}"))
             })
             .collect()
     }
@@ -304,7 +299,7 @@ impl Catalog {
             .map(|s| (**s).clone())
             .ok_or_else(|| anyhow!("no server named {name:?} in the catalog"))?;
         server.state = state;
-        live.tree.insert(key(b's', &[&k]), encode(&server)?)?;
+        live.gen.tree.insert(key(b's', &[&k]), encode(&server)?)?;
         self.db.flush()?;
         let mut servers = (*live.servers).clone();
         servers.insert(k, Arc::new(server.clone()));
@@ -315,14 +310,14 @@ impl Catalog {
     }
 
     /// The live tree and its servers, for a writer holding [`WRITER`].
-    pub(super) fn writer_view(&self) -> (sled::Tree, Arc<HashMap<String, Arc<Server>>>) {
+    pub(super) fn writer_view(&self) -> (Arc<Gen>, Arc<HashMap<String, Arc<Server>>>) {
         self.live_tree()
     }
 
     /// A value stored by [`Catalog::apply`] or [`Catalog::replace_all`] under `key`.
     pub fn sync_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let (tree, _) = self.live_tree();
-        Ok(tree.get(meta_key(key))?.map(|v| v.to_vec()))
+        let (gen, _) = self.live_tree();
+        Ok(gen.tree.get(meta_key(key))?.map(|v| v.to_vec()))
     }
 
     /// A number that changes with every write to the catalog (import, set-state),
