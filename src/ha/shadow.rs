@@ -361,22 +361,26 @@ impl Ha {
         }
     }
 
-    /// The peer is SLAVE by its last heartbeat, heard recently.
+    /// The peer is SLAVE by its last heartbeat answer, heard within
+    /// `heartbeat_lost` (+1) intervals: the state machine's own measure of a
+    /// lost peer. A heartbeat or two unanswered (a loaded or briefly stalled
+    /// SLAVE) is not a reason to accept mail without a shadow: the round trip
+    /// itself still has to succeed within its timeout.
     pub(super) fn peer_is_slave(&self) -> Result<(), String> {
         let s = self.status();
         let fresh = self.config.heartbeat_interval * (self.config.heartbeat_lost + 1);
-        match (&s.peer, &s.peer_error) {
-            (_, Some(e)) => Err(format!("the peer is unreachable: {e}")),
-            (None, None) => Err("the peer is not heard yet".into()),
-            (Some((b, at)), None) => {
-                if at.elapsed().unwrap_or_default() > fresh {
-                    Err("no recent heartbeat from the peer".into())
-                } else if b.mode != Mode::Slave {
-                    Err(format!("the peer is {}, not SLAVE", b.mode))
-                } else {
-                    Ok(())
-                }
+        let heard = s
+            .peer
+            .as_ref()
+            .filter(|(_, at)| at.elapsed().unwrap_or_default() <= fresh);
+        match (heard, &s.peer_error) {
+            (Some((b, _)), _) if b.mode != Mode::Slave => {
+                Err(format!("the peer is {}, not SLAVE", b.mode))
             }
+            (Some(_), _) => Ok(()),
+            (None, Some(e)) => Err(format!("the peer is unreachable: {e}")),
+            (None, None) if s.peer.is_some() => Err("no recent heartbeat from the peer".into()),
+            (None, None) => Err("the peer is not heard yet".into()),
         }
     }
 
