@@ -63,13 +63,15 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
              import your own with `clustermail catalog import --replace FILE`"
         );
     }
-    let spool = Spool::open(&db, &catalog::store_path(&config.data_dir))?;
+    let store = catalog::store_path(&config.data_dir);
+    let spool = Spool::open(&db, &store)?;
     let queued = spool.len();
     tracing::info!(queued, "queue opened");
     let ha = match &config.ha {
         Some(c) => Some(Arc::new(crate::ha::Ha::new(
             c.clone(),
             &db,
+            &store,
             spool.clone(),
             catalog.clone(),
         )?)),
