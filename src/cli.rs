@@ -112,7 +112,8 @@ pub enum Command {
 pub enum WebCommand {
     /// Set a console user's password (created if new), read from stdin.
     SetPassword {
-        #[arg(long, default_value = crate::web::auth::ADMIN)]
+        // The first start's user (`admin::users::ADMIN`; a unit test there checks).
+        #[arg(long, default_value = "admin")]
         user: String,
         /// The password as read from stdin by the client (passed over the
         /// admin socket; not for the command line).

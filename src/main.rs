@@ -91,10 +91,10 @@ fn run(cli: Cli) -> Result<Exit> {
             let initial = match &command {
                 Command::Web {
                     command: cli::WebCommand::SetPassword { user, .. },
-                } if user == clustermail::web::auth::ADMIN => Some(
+                } if user == clustermail::admin::users::ADMIN => Some(
                     config
                         .data_dir
-                        .join(clustermail::web::auth::INITIAL_PASSWORD_FILE),
+                        .join(clustermail::admin::users::INITIAL_PASSWORD_FILE),
                 ),
                 _ => None,
             };

@@ -145,3 +145,65 @@ fn a_pushed_recipient_outside_the_catalog_is_bounced_not_relayed() {
     assert_eq!(out.len(), 1, "{}", r.log());
     assert_eq!(out[0].rcpts, ["someone@far.test"]);
 }
+
+/// The path between the units fails right after the MASTER stored a pushed
+/// message, before its `Stored` reaches the SLAVE; then the MASTER is lost too.
+/// The old SLAVE takes over with its copy and delivers it; when the other unit
+/// comes back and pushes the copy it stored, that copy is recognised as the very
+/// same message (the push left it in doubt) and not delivered a second time.
+#[test]
+fn a_push_whose_answer_was_lost_is_not_delivered_again_after_the_roles_change() {
+    let p = ports();
+    let mut home = RecordingSink::start("m1");
+    home.down();
+    // The primary reaches the secondary's HA port through a proxy that can lose
+    // the answer to a push; the secondary reaches the primary directly.
+    let proxy = Proxy::start(p.ha[1]);
+    let unshadowed = "shadow = \"off\"\n";
+    let configs = [
+        config_via(&p, 0, "slave", "pair-secret", proxy.port, p.smtp[1]) + unshadowed,
+        config(&p, 1, "slave", "pair-secret") + unshadowed,
+    ];
+    let (mut a, mut b) = pair_with(&p, home.port, configs);
+    // Held on the primary (the home is down): its large body makes the push the
+    // only large request on the path.
+    let mut c = common::Client::hello(p.smtp[0]);
+    common::expect(&c.cmd("MAIL FROM:<sender@x.test>"), 250, "2.1.0");
+    common::expect(&c.cmd("RCPT TO:<u@c.test>"), 250, "2.1.5");
+    c.cmd("DATA");
+    let body = format!("{}\r\n", "0123456789abcdef".repeat(4)).repeat(1024);
+    c.send_raw(format!("Subject: in-doubt\r\n\r\n{body}.\r\n").as_bytes());
+    common::expect(&c.reply(), 250, "2.0.0");
+    a.kill9();
+    wait_mode(&b, "MASTER", 10);
+    // The primary returns as SLAVE and pushes; the secondary stores the message,
+    // its answer is lost with the path, and then the secondary is lost as well.
+    proxy.drop_answer_to_large_request(32 * 1024);
+    a.restart();
+    wait_until(20, "the push's answer dropped", || {
+        proxy.dropped.load(std::sync::atomic::Ordering::SeqCst)
+    });
+    b.kill9();
+    assert!(
+        b.log().contains("HA: message pushed by the peer queued"),
+        "{}",
+        b.log()
+    );
+    // The primary takes over with its own copy and delivers it.
+    wait_mode(&a, "MASTER", 15);
+    home.up();
+    assert_eq!(home.wait_for(1, 15).len(), 1, "{}", a.log());
+    wait_until(10, "the primary's queue empty", || {
+        status(&a).contains("local queue:   0 message(s)")
+    });
+    // The secondary returns as SLAVE and pushes the copy it stored.
+    b.restart();
+    wait_mode(&b, "SLAVE", 15);
+    wait_until(15, "the secondary's push finished", || {
+        status(&b).contains("local queue:   0 message(s)")
+    });
+    std::thread::sleep(Duration::from_millis(INTERVAL_MS * 8));
+    assert_eq!(subjects(&home), ["in-doubt"], "{}\n{}", a.log(), b.log());
+    let s = status(&a);
+    assert!(s.contains("1 repeated push(es) recognised"), "{s}");
+}

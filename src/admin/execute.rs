@@ -282,7 +282,7 @@ fn web_command(
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> Result<Exit> {
-    let store = crate::web::auth::Store::open(ctx.spool.db())?;
+    let store = super::users::Store::open(ctx.spool.db())?;
     match command {
         WebCommand::SetPassword { user, password } => {
             let Some(password) = password.filter(|p| !p.is_empty()) else {

@@ -9,6 +9,7 @@ pub mod execute;
 pub mod queue;
 pub mod routes;
 pub mod socket;
+pub mod users;
 
 /// How a command ended, as a process exit status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

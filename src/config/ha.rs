@@ -125,3 +125,36 @@ fn default_heartbeat() -> Duration {
 fn default_heartbeat_lost() -> u32 {
     3
 }
+
+impl HaConfig {
+    /// Checks values that TOML types alone cannot.
+    pub(super) fn check(&self) -> anyhow::Result<()> {
+        use anyhow::bail;
+        use std::net::SocketAddr;
+        self.listen
+            .parse::<SocketAddr>()
+            .map_err(|_| anyhow::anyhow!("ha.listen: {:?} is not an IP:port", self.listen))?;
+        for (name, v) in [("ha.peer", &self.peer), ("ha.peer_smtp", &self.peer_smtp)] {
+            crate::catalog::model::check_server_address(v)
+                .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        }
+        if self.password.len() < 8 {
+            bail!("ha.password (or ha.password_file): use at least 8 characters");
+        }
+        if self.shadow_release_interval.is_zero() {
+            bail!("ha.shadow_release_interval must be above 0");
+        }
+        if self.heartbeat_interval.is_zero() || self.heartbeat_lost == 0 {
+            bail!("ha.heartbeat_interval and ha.heartbeat_lost must be above 0");
+        }
+        if self.on_change_timeout.is_zero() {
+            bail!("ha.on_change_timeout must be above 0");
+        }
+        if let Some(hook) = &self.on_change {
+            if !hook.is_file() {
+                bail!("ha.on_change: {} is not a file", hook.display());
+            }
+        }
+        Ok(())
+    }
+}

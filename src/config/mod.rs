@@ -71,6 +71,26 @@ pub struct WebConfig {
     pub session_lifetime: Duration,
 }
 
+impl WebConfig {
+    fn check(&self) -> Result<()> {
+        if !self.listen.is_empty() {
+            self.listen.parse::<SocketAddr>().map_err(|_| {
+                anyhow::anyhow!(
+                    "web.listen: {:?} is not an IP:port (\"\" turns the console off)",
+                    self.listen
+                )
+            })?;
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            bail!("web.tls_cert and web.tls_key go together: set both or neither");
+        }
+        if self.session_lifetime.is_zero() {
+            bail!("web.session_lifetime must be above 0");
+        }
+        Ok(())
+    }
+}
+
 impl Default for WebConfig {
     fn default() -> Self {
         WebConfig {
@@ -234,40 +254,9 @@ impl Config {
         crate::catalog::model::check_domain(&self.router_name)
             .or_else(|_| crate::catalog::model::check_name("router", &self.router_name))
             .map_err(|e| anyhow::anyhow!("router_name: {e}"))?;
-        let s = &self.smtp;
-        if s.listen.is_empty() {
-            bail!("smtp.listen is empty: give at least one host:port");
-        }
-        for l in &s.listen {
-            l.parse::<SocketAddr>().map_err(|_| {
-                anyhow::anyhow!("smtp.listen: {l:?} is not an IP:port (IPv6 as [::1]:2525)")
-            })?;
-        }
+        self.smtp.check()?;
         if let Some(ha) = &self.ha {
-            ha.listen
-                .parse::<SocketAddr>()
-                .map_err(|_| anyhow::anyhow!("ha.listen: {:?} is not an IP:port", ha.listen))?;
-            for (name, v) in [("ha.peer", &ha.peer), ("ha.peer_smtp", &ha.peer_smtp)] {
-                crate::catalog::model::check_server_address(v)
-                    .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-            }
-            if ha.password.len() < 8 {
-                bail!("ha.password (or ha.password_file): use at least 8 characters");
-            }
-            if ha.shadow_release_interval.is_zero() {
-                bail!("ha.shadow_release_interval must be above 0");
-            }
-            if ha.heartbeat_interval.is_zero() || ha.heartbeat_lost == 0 {
-                bail!("ha.heartbeat_interval and ha.heartbeat_lost must be above 0");
-            }
-            if ha.on_change_timeout.is_zero() {
-                bail!("ha.on_change_timeout must be above 0");
-            }
-            if let Some(hook) = &ha.on_change {
-                if !hook.is_file() {
-                    bail!("ha.on_change: {} is not a file", hook.display());
-                }
-            }
+            ha.check()?;
         }
         if let Some(d) = &self.directory {
             d.check().map_err(anyhow::Error::msg)?;
@@ -277,82 +266,8 @@ impl Config {
                 anyhow::anyhow!("metrics_listen: {m:?} is not an IP:port (e.g. 127.0.0.1:9125)")
             })?;
         }
-        let w = &self.web;
-        if !w.listen.is_empty() {
-            w.listen.parse::<SocketAddr>().map_err(|_| {
-                anyhow::anyhow!(
-                    "web.listen: {:?} is not an IP:port (\"\" turns the console off)",
-                    w.listen
-                )
-            })?;
-        }
-        if w.tls_cert.is_some() != w.tls_key.is_some() {
-            bail!("web.tls_cert and web.tls_key go together: set both or neither");
-        }
-        if w.session_lifetime.is_zero() {
-            bail!("web.session_lifetime must be above 0");
-        }
-        if s.max_message_size == 0 {
-            bail!("smtp.max_message_size must be above 0");
-        }
-        for (name, v) in [
-            ("max_recipients", s.max_recipients),
-            ("max_connections", s.max_connections),
-            ("max_connections_per_ip", s.max_connections_per_ip),
-            ("max_errors", s.max_errors),
-        ] {
-            if v == 0 {
-                bail!("smtp.{name} must be above 0");
-            }
-        }
-        if s.max_data_in_flight.0 < 1 << 20 {
-            bail!(
-                "smtp.max_data_in_flight must be at least 1MiB, not {}",
-                s.max_data_in_flight
-            );
-        }
-        if s.transaction_timeout.is_zero() {
-            bail!("smtp.transaction_timeout must be above 0");
-        }
-        if s.tls_cert.is_some() != s.tls_key.is_some() {
-            bail!("smtp.tls_cert and smtp.tls_key go together: set both or neither");
-        }
-        let r = &self.routing;
-        if r.rise == 0 || r.max_deliveries == 0 || r.max_per_server == 0 || r.max_hops == 0 {
-            bail!("routing.rise, routing.max_deliveries, routing.max_per_server and routing.max_hops must be above 0");
-        }
-        if r.availability_threshold > 100 {
-            bail!(
-                "routing.availability_threshold must be 0 to 100 (0: never busy), not {}",
-                r.availability_threshold
-            );
-        }
-        for (name, d) in [
-            ("probe_interval", r.probe_interval),
-            ("probe_timeout", r.probe_timeout),
-            ("retry_initial", r.retry_initial),
-            ("delivery_timeout", r.delivery_timeout),
-            ("final_reply_timeout", r.final_reply_timeout),
-        ] {
-            if d.is_zero() {
-                bail!("routing.{name} must be above 0");
-            }
-        }
-        for (name, host) in [
-            ("relay_host", &r.relay_host),
-            ("fallback_relay", &r.fallback_relay),
-        ] {
-            if let Some(h) = host {
-                crate::catalog::model::check_server_address(h)
-                    .map_err(|e| anyhow::anyhow!("routing.{name}: {e}"))?;
-            }
-        }
-        if r.retry_max < r.retry_initial {
-            bail!("routing.retry_max is shorter than routing.retry_initial");
-        }
-        if let Some(f) = &r.tls_ca_file {
-            crate::deliver::tls::TlsClient::new(Some(f))?;
-        }
+        self.web.check()?;
+        self.routing.check()?;
         Ok(())
     }
 

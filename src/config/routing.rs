@@ -151,3 +151,50 @@ impl<'de> Deserialize<'de> for FailoverScope {
         }
     }
 }
+
+impl RoutingConfig {
+    /// Checks values that TOML types alone cannot.
+    pub(super) fn check(&self) -> anyhow::Result<()> {
+        use anyhow::bail;
+        if self.rise == 0
+            || self.max_deliveries == 0
+            || self.max_per_server == 0
+            || self.max_hops == 0
+        {
+            bail!("routing.rise, routing.max_deliveries, routing.max_per_server and routing.max_hops must be above 0");
+        }
+        if self.availability_threshold > 100 {
+            bail!(
+                "routing.availability_threshold must be 0 to 100 (0: never busy), not {}",
+                self.availability_threshold
+            );
+        }
+        for (name, d) in [
+            ("probe_interval", self.probe_interval),
+            ("probe_timeout", self.probe_timeout),
+            ("retry_initial", self.retry_initial),
+            ("delivery_timeout", self.delivery_timeout),
+            ("final_reply_timeout", self.final_reply_timeout),
+        ] {
+            if d.is_zero() {
+                bail!("routing.{name} must be above 0");
+            }
+        }
+        for (name, host) in [
+            ("relay_host", &self.relay_host),
+            ("fallback_relay", &self.fallback_relay),
+        ] {
+            if let Some(h) = host {
+                crate::catalog::model::check_server_address(h)
+                    .map_err(|e| anyhow::anyhow!("routing.{name}: {e}"))?;
+            }
+        }
+        if self.retry_max < self.retry_initial {
+            bail!("routing.retry_max is shorter than routing.retry_initial");
+        }
+        if let Some(f) = &self.tls_ca_file {
+            crate::deliver::tls::TlsClient::new(Some(f))?;
+        }
+        Ok(())
+    }
+}

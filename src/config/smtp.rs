@@ -166,3 +166,45 @@ impl Default for SmtpConfig {
         }
     }
 }
+
+impl SmtpConfig {
+    /// Checks values that TOML types alone cannot.
+    pub(super) fn check(&self) -> anyhow::Result<()> {
+        use anyhow::bail;
+        use std::net::SocketAddr;
+        if self.listen.is_empty() {
+            bail!("smtp.listen is empty: give at least one host:port");
+        }
+        for l in &self.listen {
+            l.parse::<SocketAddr>().map_err(|_| {
+                anyhow::anyhow!("smtp.listen: {l:?} is not an IP:port (IPv6 as [::1]:2525)")
+            })?;
+        }
+        if self.max_message_size == 0 {
+            bail!("smtp.max_message_size must be above 0");
+        }
+        for (name, v) in [
+            ("max_recipients", self.max_recipients),
+            ("max_connections", self.max_connections),
+            ("max_connections_per_ip", self.max_connections_per_ip),
+            ("max_errors", self.max_errors),
+        ] {
+            if v == 0 {
+                bail!("smtp.{name} must be above 0");
+            }
+        }
+        if self.max_data_in_flight.0 < 1 << 20 {
+            bail!(
+                "smtp.max_data_in_flight must be at least 1MiB, not {}",
+                self.max_data_in_flight
+            );
+        }
+        if self.transaction_timeout.is_zero() {
+            bail!("smtp.transaction_timeout must be above 0");
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            bail!("smtp.tls_cert and smtp.tls_key go together: set both or neither");
+        }
+        Ok(())
+    }
+}

@@ -323,7 +323,7 @@ fn report(
 
 /// `demo --web`: the console's URL and password, then waits for Ctrl-C.
 async fn keep_running(t: &mut Timeline<'_>, console: &str, store: &Path, smtp: u16) -> Result<()> {
-    let file = store.join(crate::web::auth::INITIAL_PASSWORD_FILE);
+    let file = store.join(crate::admin::users::INITIAL_PASSWORD_FILE);
     let password = std::fs::read_to_string(&file)
         .with_context(|| format!("the console's password file {}", file.display()))?;
     t.say(format!(

@@ -167,6 +167,13 @@ impl Ha {
 
     /// As SLAVE: pushes queued messages to the MASTER, for at most a heartbeat
     /// interval (the next tick goes on); never one being delivered.
+    ///
+    /// A message is *in doubt* while its push is unanswered: the MASTER may have
+    /// stored it. So before it is sent, it is recorded here as a tombstone, as if
+    /// this unit had taken it from a push; the record goes when `Stored` comes.
+    /// If the answer is lost and the roles change before the push is repeated,
+    /// this unit delivers its own copy as MASTER, and the copy the other unit
+    /// stored, pushed back here later, is recognised and not delivered again.
     pub(super) async fn push(&self, l: &mut Link) -> Result<()> {
         let manager = self
             .manager
@@ -193,12 +200,19 @@ impl Ha {
                 continue;
             };
             let id = env.id;
+            // In doubt from now until the answer: see `push`'s doc.
+            let doubt = Tombstones::entry(id, &tombstone::digest(&env, &message), id, now_ms());
+            self.tombstones.tree().insert(&doubt.key, doubt.value)?;
+            self.spool.durable().await?;
             let push = Msg::Push {
                 envelope: env,
                 message,
             };
             match l.call(&push, Duration::from_secs(60)).await? {
                 Msg::Stored => {
+                    // The record first: a crash between the two removals can
+                    // repeat the message (a duplicate), never lose it.
+                    self.tombstones.tree().remove(&doubt.key)?;
                     self.spool.remove(id).await?;
                     let mut s = self.status();
                     s.pushed += 1;

@@ -84,50 +84,9 @@ pub fn parse(line: &[u8], esmtp: bool) -> Result<Command, Reply> {
             let params = parse_mail_params(params, esmtp)?;
             Ok(Command::Mail { from, params })
         }
-        "RCPT" => {
-            let rest = strip_keyword(args, "TO:")
-                .ok_or_else(|| reply::syntax("Syntax: RCPT TO:<address>"))?;
-            let (to, params) = parse_path(rest).map_err(|e| {
-                Reply::new(
-                    501,
-                    "5.1.3",
-                    format!("Bad recipient address syntax: {}", e.0),
-                )
-            })?;
-            let to =
-                to.ok_or_else(|| Reply::new(501, "5.1.3", "The null address is not a recipient"))?;
-            if let Some(p) = params.split_whitespace().next() {
-                return Err(Reply::new(
-                    555,
-                    "5.5.4",
-                    format!("Unsupported RCPT parameter {p}"),
-                ));
-            }
-            Ok(Command::Rcpt { to })
-        }
+        "RCPT" => parse_rcpt(args),
         "DATA" => no_args(Command::Data),
-        "BDAT" => {
-            let mut it = args.split_whitespace();
-            let size = it
-                .next()
-                .and_then(|s| {
-                    if s.bytes().all(|b| b.is_ascii_digit()) {
-                        s.parse().ok()
-                    } else {
-                        None
-                    }
-                })
-                .ok_or_else(|| reply::syntax("Syntax: BDAT size [LAST]"))?;
-            let last = match it.next() {
-                None => false,
-                Some(l) if l.eq_ignore_ascii_case("LAST") => true,
-                Some(_) => return Err(reply::syntax("Syntax: BDAT size [LAST]")),
-            };
-            if it.next().is_some() {
-                return Err(reply::syntax("Syntax: BDAT size [LAST]"));
-            }
-            Ok(Command::Bdat { size, last })
-        }
+        "BDAT" => parse_bdat(args),
         "RSET" => no_args(Command::Rset),
         "NOOP" => Ok(Command::Noop),
         "QUIT" => no_args(Command::Quit),
@@ -137,6 +96,52 @@ pub fn parse(line: &[u8], esmtp: bool) -> Result<Command, Reply> {
         "STARTTLS" => no_args(Command::StartTls),
         _ => Err(reply::unknown_command()),
     }
+}
+
+/// `RCPT TO:<address>`: no parameters are supported.
+fn parse_rcpt(args: &str) -> Result<Command, Reply> {
+    let rest =
+        strip_keyword(args, "TO:").ok_or_else(|| reply::syntax("Syntax: RCPT TO:<address>"))?;
+    let (to, params) = parse_path(rest).map_err(|e| {
+        Reply::new(
+            501,
+            "5.1.3",
+            format!("Bad recipient address syntax: {}", e.0),
+        )
+    })?;
+    let to = to.ok_or_else(|| Reply::new(501, "5.1.3", "The null address is not a recipient"))?;
+    if let Some(p) = params.split_whitespace().next() {
+        return Err(Reply::new(
+            555,
+            "5.5.4",
+            format!("Unsupported RCPT parameter {p}"),
+        ));
+    }
+    Ok(Command::Rcpt { to })
+}
+
+/// `BDAT size [LAST]`.
+fn parse_bdat(args: &str) -> Result<Command, Reply> {
+    let mut it = args.split_whitespace();
+    let size = it
+        .next()
+        .and_then(|s| {
+            if s.bytes().all(|b| b.is_ascii_digit()) {
+                s.parse().ok()
+            } else {
+                None
+            }
+        })
+        .ok_or_else(|| reply::syntax("Syntax: BDAT size [LAST]"))?;
+    let last = match it.next() {
+        None => false,
+        Some(l) if l.eq_ignore_ascii_case("LAST") => true,
+        Some(_) => return Err(reply::syntax("Syntax: BDAT size [LAST]")),
+    };
+    if it.next().is_some() {
+        return Err(reply::syntax("Syntax: BDAT size [LAST]"));
+    }
+    Ok(Command::Bdat { size, last })
 }
 
 /// `FROM:` / `TO:` case-insensitively, tolerating a space after the colon (common).

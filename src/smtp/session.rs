@@ -163,106 +163,12 @@ impl Session {
             Err(r) => return self.error(r),
         };
         match cmd {
-            Command::Ehlo(name) => {
-                self.tx = None;
-                self.esmtp = true;
-                let mut lines = vec![format!("{} Hello {name}", self.settings.name)];
-                lines.extend([
-                    "PIPELINING".to_string(),
-                    format!("SIZE {}", self.settings.max_message_size),
-                    "8BITMIME".into(),
-                    "ENHANCEDSTATUSCODES".into(),
-                    "SMTPUTF8".into(),
-                    "CHUNKING".into(),
-                ]);
-                if self.settings.tls_available && !self.tls {
-                    lines.push("STARTTLS".into());
-                }
-                lines.push("HELP".into());
-                self.helo = Some(name);
-                Action::Reply(Reply::multi(250, lines))
-            }
-            Command::Helo(name) => {
-                self.tx = None;
-                self.esmtp = false;
-                let r = Reply::multi(250, vec![format!("{} Hello {name}", self.settings.name)]);
-                self.helo = Some(name);
-                Action::Reply(r)
-            }
-            Command::Mail { from, params } => {
-                if self.helo.is_none() {
-                    return self.error(reply::bad_sequence("Send EHLO or HELO first"));
-                }
-                if self.tx.is_some() {
-                    return self.error(reply::bad_sequence("Nested MAIL command"));
-                }
-                if let Some(size) = params.size {
-                    if size > self.settings.max_message_size {
-                        return Action::Reply(too_big(self.settings.max_message_size));
-                    }
-                }
-                if let Some(m) = &from {
-                    if !m.is_ascii() && !params.smtputf8 {
-                        return Action::Reply(Reply::new(
-                            553,
-                            "5.6.7",
-                            "Non-ASCII sender address needs SMTPUTF8",
-                        ));
-                    }
-                }
-                let sender = from.as_ref().map(|m| m.to_string()).unwrap_or_default();
-                self.tx = Some(Transaction {
-                    sender: from,
-                    smtputf8: params.smtputf8,
-                    eight_bit: params.body == Body::EightBitMime,
-                    ..Transaction::default()
-                });
-                Action::Reply(Reply::new(250, "2.1.0", format!("Sender <{sender}> ok")))
-            }
+            Command::Ehlo(name) => self.ehlo(name),
+            Command::Helo(name) => self.helo(name),
+            Command::Mail { from, params } => self.mail(from, params),
             Command::Rcpt { to } => self.rcpt(to, policy),
-            Command::Data => match &self.tx {
-                None => self.error(reply::bad_sequence("Need MAIL command first")),
-                Some(tx) if tx.chunks.is_some() => {
-                    self.error(reply::bad_sequence("DATA after BDAT"))
-                }
-                Some(tx) if tx.recipients.is_empty() && tx.refused > 0 => {
-                    Action::Reply(Reply::new(554, "5.5.1", "No valid recipients"))
-                }
-                Some(tx) if tx.recipients.is_empty() => {
-                    self.error(reply::bad_sequence("Need RCPT command first"))
-                }
-                Some(_) => Action::ReadData(Reply::new(354, "", "End data with <CR><LF>.<CR><LF>")),
-            },
-            Command::Bdat { size, last } => {
-                let refuse = match &mut self.tx {
-                    None => Some(reply::bad_sequence("Need MAIL command first")),
-                    Some(tx) if tx.recipients.is_empty() && tx.refused > 0 => {
-                        Some(Reply::new(554, "5.5.1", "No valid recipients"))
-                    }
-                    Some(tx) if tx.recipients.is_empty() => {
-                        Some(reply::bad_sequence("Need RCPT command first"))
-                    }
-                    Some(tx) => {
-                        let so_far = tx.chunks.as_ref().map_or(0, |c| c.len() as u64);
-                        if tx.bdat_failed
-                            || so_far.saturating_add(size) > self.settings.max_message_size
-                        {
-                            tx.bdat_failed = true;
-                            Some(too_big(self.settings.max_message_size))
-                        } else {
-                            tx.chunks.get_or_insert_with(Vec::new);
-                            None
-                        }
-                    }
-                };
-                if refuse.is_some() && last {
-                    // The transaction ends with a refused last chunk.
-                    if self.tx.as_ref().is_some_and(|t| t.bdat_failed) {
-                        self.tx = None;
-                    }
-                }
-                Action::ReadBdat { size, last, refuse }
-            }
+            Command::Data => self.data(),
+            Command::Bdat { size, last } => self.bdat(size, last),
             Command::Rset => {
                 self.tx = None;
                 Action::Reply(reply::ok("Reset"))
@@ -284,19 +190,129 @@ impl Session {
                 "2.0.0",
                 "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
             )),
-            Command::StartTls => {
-                if !self.settings.tls_available {
-                    return self.error(Reply::new(502, "5.5.1", "STARTTLS is not available"));
-                }
-                if self.tls {
-                    return self.error(bad_tls());
-                }
-                if self.tx.is_some() {
-                    return self.error(reply::bad_sequence("STARTTLS inside a transaction"));
-                }
-                Action::StartTls(Reply::new(220, "2.0.0", "Ready to start TLS"))
+            Command::StartTls => self.starttls(),
+        }
+    }
+
+    /// EHLO: a new session state in ESMTP, and the extensions offered.
+    fn ehlo(&mut self, name: String) -> Action {
+        self.tx = None;
+        self.esmtp = true;
+        let mut lines = vec![format!("{} Hello {name}", self.settings.name)];
+        lines.extend([
+            "PIPELINING".to_string(),
+            format!("SIZE {}", self.settings.max_message_size),
+            "8BITMIME".into(),
+            "ENHANCEDSTATUSCODES".into(),
+            "SMTPUTF8".into(),
+            "CHUNKING".into(),
+        ]);
+        if self.settings.tls_available && !self.tls {
+            lines.push("STARTTLS".into());
+        }
+        lines.push("HELP".into());
+        self.helo = Some(name);
+        Action::Reply(Reply::multi(250, lines))
+    }
+
+    /// HELO: a new session state in plain SMTP.
+    fn helo(&mut self, name: String) -> Action {
+        self.tx = None;
+        self.esmtp = false;
+        let r = Reply::multi(250, vec![format!("{} Hello {name}", self.settings.name)]);
+        self.helo = Some(name);
+        Action::Reply(r)
+    }
+
+    /// MAIL: starts a transaction.
+    fn mail(&mut self, from: Option<Mailbox>, params: command::MailParams) -> Action {
+        if self.helo.is_none() {
+            return self.error(reply::bad_sequence("Send EHLO or HELO first"));
+        }
+        if self.tx.is_some() {
+            return self.error(reply::bad_sequence("Nested MAIL command"));
+        }
+        if let Some(size) = params.size {
+            if size > self.settings.max_message_size {
+                return Action::Reply(too_big(self.settings.max_message_size));
             }
         }
+        if let Some(m) = &from {
+            if !m.is_ascii() && !params.smtputf8 {
+                return Action::Reply(Reply::new(
+                    553,
+                    "5.6.7",
+                    "Non-ASCII sender address needs SMTPUTF8",
+                ));
+            }
+        }
+        let sender = from.as_ref().map(|m| m.to_string()).unwrap_or_default();
+        self.tx = Some(Transaction {
+            sender: from,
+            smtputf8: params.smtputf8,
+            eight_bit: params.body == Body::EightBitMime,
+            ..Transaction::default()
+        });
+        Action::Reply(Reply::new(250, "2.1.0", format!("Sender <{sender}> ok")))
+    }
+
+    /// DATA: the message follows, if the transaction has a recipient.
+    fn data(&mut self) -> Action {
+        match &self.tx {
+            None => self.error(reply::bad_sequence("Need MAIL command first")),
+            Some(tx) if tx.chunks.is_some() => self.error(reply::bad_sequence("DATA after BDAT")),
+            Some(tx) if tx.recipients.is_empty() && tx.refused > 0 => {
+                Action::Reply(Reply::new(554, "5.5.1", "No valid recipients"))
+            }
+            Some(tx) if tx.recipients.is_empty() => {
+                self.error(reply::bad_sequence("Need RCPT command first"))
+            }
+            Some(_) => Action::ReadData(Reply::new(354, "", "End data with <CR><LF>.<CR><LF>")),
+        }
+    }
+
+    /// BDAT: a chunk follows; it is read (and discarded when refused) in any case.
+    fn bdat(&mut self, size: u64, last: bool) -> Action {
+        let refuse = match &mut self.tx {
+            None => Some(reply::bad_sequence("Need MAIL command first")),
+            Some(tx) if tx.recipients.is_empty() && tx.refused > 0 => {
+                Some(Reply::new(554, "5.5.1", "No valid recipients"))
+            }
+            Some(tx) if tx.recipients.is_empty() => {
+                Some(reply::bad_sequence("Need RCPT command first"))
+            }
+            Some(tx) => {
+                let so_far = tx.chunks.as_ref().map_or(0, |c| c.len() as u64);
+                if tx.bdat_failed || so_far.saturating_add(size) > self.settings.max_message_size {
+                    tx.bdat_failed = true;
+                    Some(too_big(self.settings.max_message_size))
+                } else {
+                    tx.chunks.get_or_insert_with(Vec::new);
+                    None
+                }
+            }
+        };
+        if refuse.is_some() && last {
+            // The transaction ends with a refused last chunk.
+            if self.tx.as_ref().is_some_and(|t| t.bdat_failed) {
+                self.tx = None;
+            }
+        }
+        Action::ReadBdat { size, last, refuse }
+    }
+
+    /// STARTTLS: only outside a transaction, and only once.
+    fn starttls(&mut self) -> Action {
+        if !self.settings.tls_available {
+            return self.error(Reply::new(502, "5.5.1", "STARTTLS is not available"));
+        }
+        if self.tls {
+            return self.error(bad_tls());
+        }
+        if self.tx.is_some() {
+            return self.error(reply::bad_sequence("STARTTLS inside a transaction"));
+        }
+        Action::StartTls(Reply::new(220, "2.0.0", "Ready to start TLS"))
     }
 
     /// RCPT: the relay policy decides; a mailbox already a recipient is kept once.

@@ -165,7 +165,7 @@ async fn import(
     let dir = state
         .data_dir
         .join("web-uploads")
-        .join(super::auth::random_hex(12));
+        .join(crate::admin::users::random_hex(12));
     let path = dir.join(format!("upload.{ext}"));
     let saved = async {
         tokio::fs::create_dir_all(&dir).await?;

@@ -8,11 +8,12 @@
 pub mod actions;
 mod api;
 pub mod auth;
+pub mod metrics;
 mod pages;
 pub mod stats;
 mod views;
 
-use crate::admin::Context;
+use crate::admin::{users, Context};
 use crate::config::WebConfig;
 use anyhow::{Context as _, Result};
 use axum::extract::{ConnectInfo, Request};
@@ -40,7 +41,7 @@ const MAX_BODY: usize = 64 << 20;
 pub struct Shared {
     pub ctx: Arc<Context>,
     pub router_name: String,
-    pub store: auth::Store,
+    pub store: users::Store,
     pub sessions: auth::Sessions,
     pub limiter: auth::Limiter,
     /// The console speaks HTTPS (cookies are `Secure`).
@@ -91,7 +92,7 @@ pub async fn start(
             return Ok(());
         }
     };
-    let store = auth::Store::open(ctx.spool.db())?;
+    let store = users::Store::open(ctx.spool.db())?;
     // Catalog uploads waiting for "apply" belonged to sessions that are gone.
     let _ = std::fs::remove_dir_all(data_dir.join("web-uploads"));
     let initial = {
@@ -229,7 +230,7 @@ async fn csrf_guard(req: Request, next: Next) -> Response {
     if auth.session.is_none() {
         return next.run(req).await;
     }
-    let given = |v: Option<&str>| v.is_some_and(|v| auth::same(v, &auth.csrf));
+    let given = |v: Option<&str>| v.is_some_and(|v| users::same(v, &auth.csrf));
     let header = req
         .headers()
         .get("x-csrf-token")

@@ -405,7 +405,7 @@ async fn save_upload(
         .map(str::to_ascii_lowercase)
         .filter(|e| ["toml", "json", "csv"].contains(&e.as_str()))
         .ok_or_else(|| anyhow::anyhow!("{name}: name the file .toml, .json or .csv"))?;
-    let id = auth::random_hex(12);
+    let id = crate::admin::users::random_hex(12);
     let dir = state.data_dir.join("web-uploads").join(&id);
     tokio::fs::create_dir_all(&dir).await?;
     let path = dir.join(format!("upload.{ext}"));

@@ -6,7 +6,7 @@
 use crate::common::{expect, Client, RecordingSink, Router, Scratch};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -176,6 +176,11 @@ pub fn pair_unshadowed(p: &Ports, home: u16, on_failure: &str) -> (Router, Route
 /// connection dropped, new ones closed at once) and restore.
 pub struct Proxy {
     pub port: u16,
+    /// When above 0: the first answer to a request of at least this many octets
+    /// is dropped and the path cut (see [`Proxy::drop_answer_to_large_request`]).
+    drop_over: Arc<AtomicUsize>,
+    /// Set once an answer was dropped so.
+    pub dropped: Arc<AtomicBool>,
     cut: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     open: Arc<Mutex<Vec<TcpStream>>>,
@@ -187,11 +192,14 @@ impl Proxy {
         let port = listener.local_addr().expect("addr").port();
         let p = Proxy {
             port,
+            drop_over: Default::default(),
+            dropped: Default::default(),
             cut: Default::default(),
             stop: Default::default(),
             open: Default::default(),
         };
         let (cut, stop, open) = (p.cut.clone(), p.stop.clone(), p.open.clone());
+        let (drop_over, dropped) = (p.drop_over.clone(), p.dropped.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if stop.load(Ordering::SeqCst) {
@@ -211,17 +219,43 @@ impl Proxy {
                     }
                 }
                 drop(list);
-                for (mut from, mut to) in [
-                    (client.try_clone(), server.try_clone()),
-                    (server.try_clone(), client.try_clone()),
+                // Octets sent to `target` since its last answer.
+                let pending = Arc::new(AtomicUsize::new(0));
+                for (to_target, (mut from, mut to)) in [
+                    (true, (client.try_clone(), server.try_clone())),
+                    (false, (server.try_clone(), client.try_clone())),
                 ]
                 .into_iter()
-                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                .filter_map(|(d, (a, b))| Some((d, (a.ok()?, b.ok()?))))
                 {
+                    let (pending, drop_over, dropped, cut, open) = (
+                        pending.clone(),
+                        drop_over.clone(),
+                        dropped.clone(),
+                        cut.clone(),
+                        open.clone(),
+                    );
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 16384];
                         while let Ok(n) = from.read(&mut buf) {
-                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                            if n == 0 {
+                                break;
+                            }
+                            if to_target {
+                                pending.fetch_add(n, Ordering::SeqCst);
+                            } else {
+                                let over = drop_over.load(Ordering::SeqCst);
+                                if over > 0 && pending.swap(0, Ordering::SeqCst) >= over {
+                                    // The answer to the large request is lost with the path.
+                                    cut.store(true, Ordering::SeqCst);
+                                    dropped.store(true, Ordering::SeqCst);
+                                    for s in open.lock().expect("lock").drain(..) {
+                                        let _ = s.shutdown(Shutdown::Both);
+                                    }
+                                    break;
+                                }
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
                                 break;
                             }
                         }
@@ -232,6 +266,13 @@ impl Proxy {
             }
         });
         p
+    }
+
+    /// From now on, the target's answer to the first request of at least `octets`
+    /// (e.g. a queue push with a large message) never arrives: the path is cut
+    /// before it is passed on, as if the network failed right then.
+    pub fn drop_answer_to_large_request(&self, octets: usize) {
+        self.drop_over.store(octets, Ordering::SeqCst);
     }
 
     /// Cuts the path: open connections are shut, new ones closed at once.
