@@ -39,12 +39,14 @@ pub async fn run(config: Config, source: Source, stopped: watch::Receiver<bool>)
     };
     let listeners = server::bind(&config.listen_addrs()?).await?;
     let catalog = open_catalog(&config, &db, &stopped)?;
-    let spool = Spool::open(&db, &catalog::store_path(&config.data_dir))?;
+    let store = catalog::store_path(&config.data_dir);
+    let spool = Spool::open(&db, &store)?;
     tracing::info!(queued = spool.len(), "queue opened");
     let ha = match &config.ha {
         Some(c) => Some(Arc::new(crate::ha::Ha::new(
             c.clone(),
             &db,
+            &store,
             spool.clone(),
             catalog.clone(),
         )?)),

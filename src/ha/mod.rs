@@ -115,8 +115,15 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 impl Ha {
     /// The unit, STARTING (gate closed until it is MASTER); its master epoch is
     /// kept in the store across restarts. Queue ids made from now on carry this
-    /// unit's bit, so the two units never make the same id.
-    pub fn new(config: HaConfig, db: &sled::Db, spool: Spool, catalog: Arc<Catalog>) -> Result<Ha> {
+    /// unit's bit, so the two units never make the same id. `store`: the data
+    /// store's directory (the shadows' segments go under it).
+    pub fn new(
+        config: HaConfig,
+        db: &sled::Db,
+        store: &std::path::Path,
+        spool: Spool,
+        catalog: Arc<Catalog>,
+    ) -> Result<Ha> {
         QueueId::set_unit(config.mode == HaRole::Secondary);
         let meta = db.open_tree("ha")?;
         let epoch = read_u64(&meta, EPOCH).unwrap_or(0);
@@ -138,7 +145,7 @@ impl Ha {
             catalog_lock: Mutex::new(()),
             catalog_from_directory: Default::default(),
             shadow: shadow::Shadow::new(config.shadow),
-            shadows: shadow_store::Store::open(db)?,
+            shadows: shadow_store::Store::open(db, store)?,
             local: Mutex::new((std::path::PathBuf::from("."), None)),
             hook: config
                 .on_change

@@ -8,8 +8,8 @@
 //! `clustermail_shadow_*` metrics. The SLAVE's side (the shadow tree, promotion
 //! at a takeover) is [`super::shadow_store`].
 //!
-//! Batching: each accepting session hands its message to the task and waits on a
-//! oneshot while the local group commit runs ([`Spool::enqueue_confirmed`]). The
+//! Batching: each accepting session hands its message to the task, then waits on
+//! a oneshot while the local group commit runs ([`Spool::enqueue_confirmed`]). The
 //! task sends every message waiting at that moment in one [`Msg::Shadow`] batch,
 //! without waiting for the batches before it to be answered (a window); the
 //! SLAVE writes them and makes them durable with its group commit before
@@ -246,17 +246,27 @@ impl Shadow {
         event
     }
 
-    /// Sends one message's shadow through the task and waits for the SLAVE.
-    async fn put(&self, envelope: Envelope, message: Octets) -> Result<(), String> {
+    /// Hands one message's shadow to the task; the answer comes on the
+    /// receiver once the SLAVE has it durably.
+    async fn put(
+        &self,
+        envelope: Envelope,
+        message: Octets,
+    ) -> Result<oneshot::Receiver<Result<(), String>>, String> {
         let (done, answer) = oneshot::channel();
         let op = Op::Put { envelope, message };
         self.requests
             .send(Request { op, done })
             .await
             .map_err(|_| "the shadow task has stopped".to_string())?;
-        answer
-            .await
-            .map_err(|_| "the shadow task has stopped".to_string())?
+        Ok(answer)
+    }
+
+    /// Drops the shadow of a message that was not queued (nobody waits).
+    async fn forget(&self, id: QueueId) {
+        let (done, _) = oneshot::channel();
+        let op = Op::Drop(id);
+        let _ = self.requests.send(Request { op, done }).await;
     }
 }
 
@@ -361,32 +371,44 @@ impl Ha {
         }
     }
 
-    /// The peer is SLAVE by its last heartbeat, heard recently.
+    /// The peer is SLAVE by its last heartbeat answer, heard within
+    /// `heartbeat_lost` (+1) intervals: the state machine's own measure of a
+    /// lost peer. A heartbeat or two unanswered (a loaded or briefly stalled
+    /// SLAVE) is not a reason to accept mail without a shadow: the round trip
+    /// itself still has to succeed within its timeout.
     pub(super) fn peer_is_slave(&self) -> Result<(), String> {
         let s = self.status();
         let fresh = self.config.heartbeat_interval * (self.config.heartbeat_lost + 1);
-        match (&s.peer, &s.peer_error) {
-            (_, Some(e)) => Err(format!("the peer is unreachable: {e}")),
-            (None, None) => Err("the peer is not heard yet".into()),
-            (Some((b, at)), None) => {
-                if at.elapsed().unwrap_or_default() > fresh {
-                    Err("no recent heartbeat from the peer".into())
-                } else if b.mode != Mode::Slave {
-                    Err(format!("the peer is {}, not SLAVE", b.mode))
-                } else {
-                    Ok(())
-                }
+        let heard = s
+            .peer
+            .as_ref()
+            .filter(|(_, at)| at.elapsed().unwrap_or_default() <= fresh);
+        match (heard, &s.peer_error) {
+            (Some((b, _)), _) if b.mode != Mode::Slave => {
+                Err(format!("the peer is {}, not SLAVE", b.mode))
             }
+            (Some(_), _) => Ok(()),
+            (None, Some(e)) => Err(format!("the peer is unreachable: {e}")),
+            (None, None) if s.peer.is_some() => Err("no recent heartbeat from the peer".into()),
+            (None, None) => Err("the peer is not heard yet".into()),
         }
     }
 
-    /// The accept hook's work: local flush and shadow copy at once.
+    /// The accept hook's work: local flush and shadow copy at once (the copy
+    /// is handed to the shadow task first, so that it is on its way while the
+    /// queue writes the message).
     async fn accept_shadowed(&self, spool: &Spool, env: &Envelope, message: Vec<u8>) -> Result<()> {
         let message: Octets = Arc::new(message);
-        let copy = self.peer_is_slave().map(|()| message.clone());
+        let copy = match self.peer_is_slave() {
+            Ok(()) => self.shadow.put(env.clone(), message.clone()).await,
+            Err(why) => Err(why),
+        };
+        let copied = copy.is_ok();
         let confirm = async {
             let r = match copy {
-                Ok(copy) => self.shadow.put(env.clone(), copy).await,
+                Ok(answer) => answer
+                    .await
+                    .unwrap_or_else(|_| Err("the shadow task has stopped".to_string())),
                 Err(why) => Err(why),
             };
             let Err(why) = r else { return Ok(()) };
@@ -399,7 +421,13 @@ impl Ha {
             tracing::info!(id = %env.id, why = %why, "HA shadow: message accepted without a shadow copy (degraded)");
             Ok(())
         };
-        spool.enqueue_confirmed(env, Shared(message), confirm).await
+        let queued = spool.enqueue_confirmed(env, Shared(message), confirm).await;
+        if queued.is_err() && copied {
+            // Not queued (the queue may have failed before telling of it): the
+            // shadow goes too, behind its copy on the ordered connection.
+            self.shadow.forget(env.id).await;
+        }
+        queued
     }
 
     /// `ha status`'s shadow lines.

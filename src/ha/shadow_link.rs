@@ -6,8 +6,9 @@
 //! has room, without waiting for the answer to the one before; each batch
 //! carries its number and the SLAVE answers them in order, once durable (its
 //! group commit: one fdatasync covers every batch received meanwhile, see
-//! [`super::shadow_store`]). The answers are matched to the oldest batch in
-//! flight by number: a gap, a refusal, a lost connection or an answer later than
+//! [`super::shadow_store`]). The connection's reader task matches each answer
+//! to the oldest batch in flight by number and answers its sessions at once (not
+//! behind the writing of the next batch): a gap, a refusal, a lost connection or an answer later than
 //! the round trip timeout fails every batch in flight (their sessions get the
 //! reason; the unit is degraded) and the connection is dropped. The next one
 //! starts with the reconciliation ([`Msg::ShadowSync`]), as before pipelining.
@@ -24,9 +25,9 @@ use crate::queue::spool::Change;
 use crate::queue::QueueId;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 /// Batches in flight on the shadow connection, at most.
@@ -79,21 +80,31 @@ struct Batch {
     number: u64,
     puts: usize,
     dones: Vec<Done>,
-    /// When it was handed to the connection (sealing and writing took `sending`).
+    /// When it was handed to the connection.
     sent: Instant,
-    sending: Duration,
     /// Answered by then, or the connection is given up.
     deadline: Instant,
 }
 
-/// The shadow connection: its sending half, the answers its reader task hands
-/// over, and the batches in flight (oldest first).
+/// The batches in flight on a connection (oldest first), shared by the task
+/// that sends them and the one that reads their answers.
+type InFlight = Arc<Mutex<VecDeque<Batch>>>;
+
+fn lock(f: &InFlight) -> MutexGuard<'_, VecDeque<Batch>> {
+    f.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The shadow connection: its sending half, the batches in flight, and its
+/// reader task, which answers the sessions of each batch as its answer comes
+/// (not behind the sending of the next batch) and tells the shadow task of room
+/// in the window (`answered`) or of the connection's failure (`failed`).
 struct Conn {
     writer: LinkWriter,
-    answers: mpsc::Receiver<Result<Msg, String>>,
+    failed: mpsc::Receiver<String>,
+    answered: Arc<Notify>,
     reader: tokio::task::JoinHandle<()>,
     next: u64,
-    in_flight: VecDeque<Batch>,
+    in_flight: InFlight,
 }
 
 impl Drop for Conn {
@@ -103,33 +114,52 @@ impl Drop for Conn {
 }
 
 impl Conn {
-    fn new(link: Link) -> Conn {
+    fn new(ha: Arc<Ha>, link: Link) -> Conn {
         let (reader, writer) = link.split();
-        let (tx, answers) = mpsc::channel(WINDOW + 1);
+        let (tx, failed) = mpsc::channel(1);
+        let answered = Arc::new(Notify::new());
+        let in_flight = InFlight::default();
+        let task = read_answers(ha, reader, in_flight.clone(), answered.clone(), tx);
         Conn {
             writer,
-            answers,
-            reader: tokio::spawn(read_answers(reader, tx)),
+            failed,
+            answered,
+            reader: tokio::spawn(task),
             next: 0,
-            in_flight: VecDeque::new(),
+            in_flight,
         }
     }
 
     fn room(&self) -> bool {
-        self.in_flight.len() < WINDOW
+        lock(&self.in_flight).len() < WINDOW
+    }
+
+    /// When the oldest batch in flight must be answered by.
+    fn deadline(&self) -> Option<Instant> {
+        lock(&self.in_flight).front().map(|b| b.deadline)
     }
 }
 
-/// The reader task: every answer of the connection, until it fails.
-async fn read_answers(mut reader: LinkReader, tx: mpsc::Sender<Result<Msg, String>>) {
+/// The reader task: answers each batch in flight as its answer comes, until
+/// the connection fails (then the shadow task is told why).
+async fn read_answers(
+    ha: Arc<Ha>,
+    mut reader: LinkReader,
+    in_flight: InFlight,
+    answered: Arc<Notify>,
+    failed: mpsc::Sender<String>,
+) {
     loop {
         let r = reader
             .recv()
             .await
             .map_err(|e| format!("shadow copy: {e:#}"));
-        let failed = r.is_err();
-        if tx.send(r).await.is_err() || failed {
-            return;
+        match r.and_then(|a| ha.shadow_answered(&in_flight, a)) {
+            Ok(()) => answered.notify_one(),
+            Err(why) => {
+                let _ = failed.send(why).await;
+                return;
+            }
         }
     }
 }
@@ -137,21 +167,23 @@ async fn read_answers(mut reader: LinkReader, tx: mpsc::Sender<Result<Msg, Strin
 /// What woke the task.
 enum Event {
     Request(Request),
-    Answer(Result<Msg, String>),
+    Failed(String),
+    Answered,
     Late,
     Change(Change),
     Tick,
     Stop,
 }
 
-/// The next answer of the connection (never, without one).
-async fn next_answer(conn: &mut Option<Conn>) -> Result<Msg, String> {
+/// A batch of the connection was answered (Ok) or the connection failed
+/// (Err: why); never, without a connection.
+async fn next_answer(conn: &mut Option<Conn>) -> Result<(), String> {
     match conn {
-        Some(c) => c
-            .answers
-            .recv()
-            .await
-            .unwrap_or_else(|| Err("shadow connection closed".into())),
+        Some(c) => tokio::select! {
+            biased;
+            why = c.failed.recv() => Err(why.unwrap_or_else(|| "shadow connection closed".into())),
+            _ = c.answered.notified() => Ok(()),
+        },
         None => std::future::pending().await,
     }
 }
@@ -164,7 +196,7 @@ impl Ha {
 
     /// A new shadow connection, reconciled: `pending`'s backfill becomes the
     /// messages the SLAVE lacks.
-    async fn shadow_connect(&self, pending: &mut Pending) -> Result<Conn, String> {
+    async fn shadow_connect(self: &Arc<Self>, pending: &mut Pending) -> Result<Conn, String> {
         let timeout = self.shadow_timeout();
         let mut l = Link::connect(&self.config.peer, &self.config.password, timeout)
             .await
@@ -174,7 +206,7 @@ impl Ha {
             Ok(Msg::ShadowMissing(missing)) => {
                 pending.clear();
                 pending.backfill.extend(missing);
-                Ok(Conn::new(l))
+                Ok(Conn::new(self.clone(), l))
             }
             Ok(Msg::Refused(why)) => Err(format!("the SLAVE refused: {why}")),
             Ok(other) => Err(format!("unexpected answer {other:?}")),
@@ -186,7 +218,7 @@ impl Ha {
     /// releases when it carries copies or `release_due`. Err: the connection
     /// is unusable (the caller fails it and answers `dones` with the reason).
     async fn shadow_send(
-        &self,
+        self: &Arc<Self>,
         conn: &mut Option<Conn>,
         pending: &mut Pending,
         puts: Vec<Op>,
@@ -212,7 +244,7 @@ impl Ha {
             return Err(("no shadow connection".into(), dones));
         };
         if ops.is_empty() {
-            if c.in_flight.is_empty() {
+            if lock(&c.in_flight).is_empty() {
                 self.shadow_degraded(None);
             }
             return Ok(());
@@ -221,29 +253,39 @@ impl Ha {
         c.next += 1;
         let puts = ops.iter().filter(|o| matches!(o, Op::Put { .. })).count();
         let octets: usize = ops.iter().map(Op::octets).sum();
+        // In flight before it is written: its answer may come before `send`
+        // returns. A failed send fails it with the connection.
+        let start = Instant::now();
+        let timeout = self.shadow_timeout();
+        let n = {
+            let mut f = lock(&c.in_flight);
+            f.push_back(Batch {
+                number,
+                puts,
+                dones,
+                sent: start,
+                // Answered within the timeout once sent (sending has its own).
+                deadline: start + 2 * timeout,
+            });
+            f.len()
+        };
+        self.shadow.set_in_flight(n);
         // The frame is a copy of the batch's octets while it is written: counted
         // in the SMTP data budget for that time.
         let charge = self.shadow.charge(octets as u64);
         let msg = Msg::Shadow { batch: number, ops };
-        let start = Instant::now();
-        let sent = tokio::time::timeout(self.shadow_timeout(), c.writer.send(&msg)).await;
+        let sent = tokio::time::timeout(timeout, c.writer.send(&msg)).await;
         drop(msg);
         drop(charge);
         match sent {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err((format!("shadow copy: {e:#}"), dones)),
-            Err(_) => return Err(("shadow copy: sending timed out".into(), dones)),
+            Ok(Err(e)) => return Err((format!("shadow copy: {e:#}"), Vec::new())),
+            Err(_) => return Err(("shadow copy: sending timed out".into(), Vec::new())),
         }
         METRICS.round_trips.inc();
-        c.in_flight.push_back(Batch {
-            number,
-            puts,
-            dones,
-            sent: start,
-            sending: start.elapsed(),
-            deadline: Instant::now() + self.shadow_timeout(),
-        });
-        self.shadow.set_in_flight(c.in_flight.len());
+        if let Some(b) = lock(&c.in_flight).iter_mut().find(|b| b.number == number) {
+            b.deadline = Instant::now() + timeout;
+        }
         Ok(())
     }
 
@@ -268,9 +310,9 @@ impl Ha {
     }
 
     /// An answer of the connection: the oldest batch in flight is durable on
-    /// the SLAVE. Err: the connection is unusable.
-    fn shadow_answered(&self, c: &mut Conn, answer: Result<Msg, String>) -> Result<(), String> {
-        let (batch, held, oldest) = match answer? {
+    /// the SLAVE, its sessions are answered. Err: the connection is unusable.
+    fn shadow_answered(&self, in_flight: &InFlight, answer: Msg) -> Result<(), String> {
+        let (batch, held, oldest) = match answer {
             Msg::Shadowed {
                 batch,
                 held,
@@ -279,33 +321,42 @@ impl Ha {
             Msg::Refused(why) => return Err(format!("the SLAVE refused: {why}")),
             other => return Err(format!("unexpected answer {other:?}")),
         };
-        let Some(b) = c.in_flight.pop_front().filter(|b| b.number == batch) else {
+        let (b, left) = {
+            let mut f = lock(in_flight);
+            let b = f
+                .front()
+                .is_some_and(|b| b.number == batch)
+                .then(|| f.pop_front());
+            (b.flatten(), f.len())
+        };
+        let Some(b) = b else {
             return Err(format!("shadow answer for batch {batch} out of order"));
         };
+        for d in b.dones {
+            let _ = d.send(Ok(()));
+        }
         tracing::debug!(
             batch,
             copies = b.puts,
-            send_us = b.sending.as_micros() as u64,
             round_trip_us = b.sent.elapsed().as_micros() as u64,
-            in_flight = c.in_flight.len(),
+            in_flight = left,
             "HA shadow: batch confirmed"
         );
         METRICS.shadowed.add(b.puts as u64);
         METRICS.held.store(held, Ordering::Relaxed);
         METRICS.oldest.store(oldest, Ordering::Relaxed);
-        self.shadow.set_peer(held, oldest, c.in_flight.len());
+        self.shadow.set_peer(held, oldest, left);
         self.shadow_degraded(None);
-        for d in b.dones {
-            let _ = d.send(Ok(()));
-        }
         Ok(())
     }
 
     /// Drops the connection: every session waiting on it gets `why`.
     fn shadow_drop(&self, conn: &mut Option<Conn>, pending: &mut Pending, why: &str) {
-        if let Some(mut c) = conn.take() {
-            let n = c.in_flight.len();
-            for d in c.in_flight.drain(..).flat_map(|b| b.dones) {
+        if let Some(c) = conn.take() {
+            c.reader.abort();
+            let batches: Vec<Batch> = lock(&c.in_flight).drain(..).collect();
+            let n = batches.len();
+            for d in batches.into_iter().flat_map(|b| b.dones) {
                 let _ = d.send(Err(why.to_string()));
             }
             tracing::debug!(in_flight = n, why, "HA shadow: connection dropped");
@@ -338,10 +389,7 @@ pub(super) async fn run(ha: Arc<Ha>, mut shutdown: watch::Receiver<bool>) {
     let mut carried: Option<Request> = None;
     loop {
         let room = conn.as_ref().is_none_or(Conn::room);
-        let late = conn
-            .as_ref()
-            .and_then(|c| c.in_flight.front())
-            .map(|b| b.deadline);
+        let late = conn.as_ref().and_then(Conn::deadline);
         let event = match carried.take() {
             Some(r) if room => Event::Request(r),
             c => {
@@ -351,7 +399,10 @@ pub(super) async fn run(ha: Arc<Ha>, mut shutdown: watch::Receiver<bool>) {
                         Some(r) => Event::Request(r),
                         None => Event::Stop,
                     },
-                    a = next_answer(&mut conn) => Event::Answer(a),
+                    a = next_answer(&mut conn) => match a {
+                        Ok(()) => Event::Answered,
+                        Err(why) => Event::Failed(why),
+                    },
                     _ = tokio::time::sleep_until(late.unwrap_or_else(Instant::now)), if late.is_some() => Event::Late,
                     Some(c) = changes.recv() => Event::Change(c),
                     _ = tick.tick() => Event::Tick,
@@ -364,14 +415,12 @@ pub(super) async fn run(ha: Arc<Ha>, mut shutdown: watch::Receiver<bool>) {
         match event {
             Event::Stop => return,
             Event::Request(r) => waiting.push(r),
-            Event::Answer(a) => {
-                if let Some(c) = conn.as_mut() {
-                    if let Err(why) = ha.shadow_answered(c, a) {
-                        ha.shadow_failed(&mut conn, &mut pending, &why);
-                    }
-                }
+            Event::Failed(why) => {
+                ha.shadow_failed(&mut conn, &mut pending, &why);
                 continue;
             }
+            // Room in the window, or nothing: the loop looks again.
+            Event::Answered => continue,
             Event::Late => {
                 let why = format!(
                     "shadow copy: the SLAVE did not answer within {} ms",

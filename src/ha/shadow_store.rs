@@ -1,7 +1,10 @@
 //! Shadow redundancy, the SLAVE's side: the shadow copies of the MASTER's
 //! messages, in their own sled tree (`ha.shadow`: never the queue, so a SLAVE
-//! never delivers them), made durable with the spool's group commit before the
-//! MASTER is answered. They survive a restart.
+//! never delivers them) whose records point to the octets in their own segment
+//! files (`store/shadow/segments`, [`crate::queue::segments`]), made durable
+//! (the spool's group commit and the segments' fdatasync, at once) before the
+//! MASTER is answered. They survive a restart. A segment is unlinked once every
+//! shadow in it is dropped durably.
 //!
 //! Pipelined ([`Ha::serve_shadows`]): the MASTER's shadow connection carries
 //! numbered batches without waiting for each answer. Each batch is applied to
@@ -26,53 +29,117 @@ use super::shadow::{Op, METRICS};
 use super::shadow_link::WINDOW;
 use super::state::Mode;
 use super::Ha;
+use crate::queue::segments::{Place, Segments};
 use crate::queue::tombstone::{self, Tombstones};
 use crate::queue::{Envelope, QueueId, RecipientState};
 use anyhow::{bail, Result};
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-const FORMAT: u8 = 1;
+/// A record with the message's octets in it (the first format).
+const INLINE: u8 = 1;
+/// A record with the place of the message's octets in the shadow segments.
+const PLACED: u8 = 2;
 
 /// A batch received: its number and its flush (or why it was refused).
 type Due = (u64, Result<JoinHandle<Result<()>>, String>);
 
-/// The shadow tree: `id (8, BE: arrival order)` → format ‖ bincode (envelope, octets).
+/// Shadow bodies to let go of once their records' removal is durable: a
+/// segment goes with its last one.
+pub(super) type Releases = Vec<(u64, QueueId)>;
+
+/// Where a shadow's octets are.
+enum Body {
+    Inline(Vec<u8>),
+    Placed(Place),
+}
+
+/// The shadows: the tree `id (8, BE: arrival order)` → record (format ‖
+/// place ‖ bincode envelope), the octets appended to segment files
+/// (`store/shadow/segments`, like the queue's bodies: written once, fdatasync'd
+/// with the batch, a segment unlinked with its last shadow) instead of into
+/// sled's log, which rewrites a leaf with every value in it.
 #[derive(Clone)]
 pub struct Store {
     tree: sled::Tree,
+    segments: Arc<Segments>,
     /// How many shadows the tree holds (sled counts by iterating the whole
     /// tree); held while the tree changes, so that it stays exact.
     count: Arc<Mutex<u64>>,
 }
 
-fn encode(env: &Envelope, message: &[u8]) -> Result<Vec<u8>> {
-    let mut v = vec![FORMAT];
+fn encode(env: &Envelope, place: &Place) -> Result<Vec<u8>> {
+    let mut v = vec![PLACED];
+    v.extend(place.encode());
     v.extend(bincode::serde::encode_to_vec(
-        (env, message),
+        env,
         bincode::config::standard(),
     )?);
     Ok(v)
 }
 
-fn decode(bytes: &[u8]) -> Result<(Envelope, Vec<u8>)> {
+fn decode(bytes: &[u8]) -> Result<(Envelope, Body)> {
+    let cfg = bincode::config::standard();
     match bytes.split_first() {
-        Some((&FORMAT, rest)) => {
-            Ok(bincode::serde::decode_from_slice(rest, bincode::config::standard())?.0)
+        Some((&INLINE, rest)) => {
+            let (env, message) = bincode::serde::decode_from_slice(rest, cfg)?.0;
+            Ok((env, Body::Inline(message)))
+        }
+        Some((&PLACED, rest)) if rest.len() >= 28 => {
+            let Some(place) = Place::decode(&rest[..28]) else {
+                bail!("shadow record: bad place");
+            };
+            let env = bincode::serde::decode_from_slice(&rest[28..], cfg)?.0;
+            Ok((env, Body::Placed(place)))
         }
         Some((v, _)) => bail!("shadow record format {v} is not known to this version"),
         None => bail!("empty shadow record"),
     }
 }
 
+/// The place a record points to, if it is a placed one.
+fn place_of(bytes: &[u8]) -> Option<Place> {
+    match bytes.split_first() {
+        Some((&PLACED, rest)) => Place::decode(rest),
+        _ => None,
+    }
+}
+
 impl Store {
-    pub fn open(db: &sled::Db) -> Result<Store> {
+    /// The shadow tree of `db`, its segments under `store` (the data store's
+    /// directory); segments no shadow points to (a crash's) are removed.
+    pub fn open(db: &sled::Db, store: &Path) -> Result<Store> {
         let tree = db.open_tree("ha.shadow")?;
-        let count = Arc::new(Mutex::new(tree.len() as u64));
-        Ok(Store { tree, count })
+        let mut placed = Vec::new();
+        let mut count = 0;
+        for r in tree.iter() {
+            let (k, v) = r?;
+            count += 1;
+            let id = <[u8; 8]>::try_from(&k[..]).ok().map(QueueId::from_bytes);
+            if let (Some(id), Some(p)) = (id, place_of(&v)) {
+                placed.push((id, p));
+            }
+        }
+        let dir = store.join("shadow");
+        crate::queue::durable::private_dir(store, &dir)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+        let (segments, orphans) =
+            Segments::open(&dir, placed).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+        if orphans > 0 {
+            tracing::warn!(
+                orphans,
+                "HA shadow: removed shadow segments no shadow points to (left by a crash)"
+            );
+        }
+        Ok(Store {
+            tree,
+            segments: Arc::new(segments),
+            count: Arc::new(Mutex::new(count)),
+        })
     }
 
     fn count(&self) -> MutexGuard<'_, u64> {
@@ -91,28 +158,37 @@ impl Store {
         (*self.count(), oldest)
     }
 
-    fn apply(&self, ops: &[Op]) -> Result<()> {
+    /// Applies `ops` to the tree (the octets appended to the segments, not yet
+    /// synced: [`Store::durable`]); returns the bodies to release once durable.
+    fn apply(&self, ops: &[Op]) -> Result<Releases> {
         let mut count = self.count();
         let mut batch = sled::Batch::default();
-        // Whether each key of the batch is there once it is applied.
-        let mut there: HashMap<[u8; 8], bool> = HashMap::new();
+        // Each key's place once the batch is applied (None: dropped).
+        let mut last: HashMap<[u8; 8], Option<Place>> = HashMap::new();
+        let mut garbage: Releases = Vec::new();
         for op in ops {
-            let (key, put) = match op {
+            let (key, place) = match op {
                 Op::Put { envelope, message } => {
-                    let key = envelope.id.to_bytes();
-                    batch.insert(&key, encode(envelope, message)?);
-                    (key, true)
+                    let id = envelope.id;
+                    let place = self.segments.append(id, message)?;
+                    garbage.push((place.segment, id));
+                    batch.insert(&id.to_bytes(), encode(envelope, &place)?);
+                    (id.to_bytes(), Some(place))
                 }
                 Op::Drop(id) => {
                     batch.remove(&id.to_bytes());
-                    (id.to_bytes(), false)
+                    (id.to_bytes(), None)
                 }
             };
-            there.insert(key, put);
+            last.insert(key, place);
         }
         let mut n = *count;
-        for (key, put) in &there {
-            match (self.tree.contains_key(key)?, put) {
+        for (key, place) in &last {
+            let old = self.tree.get(key)?;
+            if let Some(p) = old.as_deref().and_then(place_of) {
+                garbage.push((p.segment, QueueId::from_bytes(*key)));
+            }
+            match (old.is_some(), place.is_some()) {
                 (false, true) => n += 1,
                 (true, false) => n = n.saturating_sub(1),
                 _ => {}
@@ -120,48 +196,104 @@ impl Store {
         }
         self.tree.apply_batch(batch)?;
         *count = n;
-        Ok(())
+        // Every body this batch leaves without a record, except the live ones.
+        let live: HashSet<(u64, QueueId)> = last
+            .iter()
+            .filter_map(|(k, p)| p.map(|p| (p.segment, QueueId::from_bytes(*k))))
+            .collect();
+        garbage.retain(|g| !live.contains(g));
+        Ok(garbage)
     }
 
-    /// Drops every shadow.
-    fn clear(&self) -> Result<()> {
+    /// The segments written since the last call, fdatasync'd (the tree's
+    /// records are made durable by the spool's group commit meanwhile).
+    async fn sync_segments(&self) -> Result<()> {
+        let segments = self.segments.clone();
+        tokio::task::spawn_blocking(move || segments.sync())
+            .await
+            .map_err(|e| anyhow::anyhow!("shadow segments: {e}"))?
+            .map_err(|e| anyhow::anyhow!("shadow segments: {e}"))
+    }
+
+    /// Bodies whose records' removal is durable.
+    fn release(&self, releases: Releases) {
+        for (segment, id) in releases {
+            self.segments.release(segment, id);
+        }
+    }
+
+    /// Drops every shadow; returns the bodies to release once durable.
+    fn clear(&self) -> Result<Releases> {
         let mut count = self.count();
+        let releases = self.placed()?;
         self.tree.clear()?;
         *count = 0;
-        Ok(())
+        Ok(releases)
     }
 
-    /// Drops the shadow of `key` (promoted).
-    fn remove(&self, key: &[u8]) -> Result<()> {
+    /// Every body a record points to.
+    fn placed(&self) -> Result<Releases> {
+        let mut v = Vec::new();
+        for r in self.tree.iter() {
+            let (k, rec) = r?;
+            if let (Ok(k), Some(p)) = (<[u8; 8]>::try_from(&k[..]), place_of(&rec)) {
+                v.push((p.segment, QueueId::from_bytes(k)));
+            }
+        }
+        Ok(v)
+    }
+
+    /// Drops the shadow of `key` (promoted); its body to release once durable.
+    fn remove(&self, key: &[u8], releases: &mut Releases) -> Result<()> {
         let mut count = self.count();
-        if self.tree.remove(key)?.is_some() {
+        if let Some(old) = self.tree.remove(key)? {
             *count = count.saturating_sub(1);
+            if let (Ok(k), Some(p)) = (<[u8; 8]>::try_from(key), place_of(&old)) {
+                releases.push((p.segment, QueueId::from_bytes(k)));
+            }
         }
         Ok(())
     }
 
-    /// Keeps only the shadows of `held`; returns those of `held` it lacks.
-    fn sync(&self, held: &[QueueId]) -> Result<Vec<QueueId>> {
+    /// Keeps only the shadows of `held`; returns those of `held` it lacks, and
+    /// the bodies to release once durable.
+    fn sync(&self, held: &[QueueId]) -> Result<(Vec<QueueId>, Releases)> {
         let mut count = self.count();
         let keep: HashSet<[u8; 8]> = held.iter().map(|i| i.to_bytes()).collect();
         let mut batch = sled::Batch::default();
         let mut have = HashSet::new();
-        for k in self.tree.iter().keys() {
-            let k = k?;
+        let mut releases = Vec::new();
+        for r in self.tree.iter() {
+            let (k, rec) = r?;
             match <[u8; 8]>::try_from(&k[..]) {
                 Ok(b) if keep.contains(&b) => {
                     have.insert(b);
                 }
-                _ => batch.remove(k),
+                other => {
+                    if let (Ok(b), Some(p)) = (other, place_of(&rec)) {
+                        releases.push((p.segment, QueueId::from_bytes(b)));
+                    }
+                    batch.remove(k)
+                }
             }
         }
         self.tree.apply_batch(batch)?;
         *count = have.len() as u64;
-        Ok(held
+        let missing = held
             .iter()
             .filter(|i| !have.contains(&i.to_bytes()))
             .copied()
-            .collect())
+            .collect();
+        Ok((missing, releases))
+    }
+
+    /// The octets of a shadow (None: its body is gone or damaged, which only a
+    /// copy never confirmed to the MASTER can be).
+    fn octets(&self, body: Body) -> Result<Option<Vec<u8>>> {
+        match body {
+            Body::Inline(v) => Ok(Some(v)),
+            Body::Placed(p) => Ok(self.segments.read(&p)?),
+        }
     }
 
     fn publish(&self) -> (u64, u64) {
@@ -179,13 +311,14 @@ impl Ha {
         if self.mode() != Mode::Slave {
             return Msg::Refused(format!("this unit is {}, not SLAVE", self.mode()));
         }
-        let missing = match self.shadows.sync(&held) {
+        let (missing, releases) = match self.shadows.sync(&held) {
             Ok(m) => m,
             Err(e) => return Msg::Refused(format!("shadow store: {e:#}")),
         };
         if let Err(e) = self.spool.durable().await {
             return Msg::Refused(format!("shadow store: {e:#}"));
         }
+        self.shadows.release(releases);
         self.shadows.publish();
         Msg::ShadowMissing(missing)
     }
@@ -235,14 +368,20 @@ impl Ha {
             return Err(format!("this unit is {}, not SLAVE", self.mode()));
         }
         let (start, ops_len) = (std::time::Instant::now(), ops.len());
-        self.shadows
+        let releases = self
+            .shadows
             .apply(ops)
             .map_err(|e| format!("shadow store: {e:#}"))?;
         let applied = start.elapsed();
-        // The spool's group commit: one fdatasync for every write of the store.
-        let spool = self.spool.clone();
+        // The spool's group commit (one fdatasync for every write of the store)
+        // and the segments' fdatasync, at once.
+        let (spool, shadows) = (self.spool.clone(), self.shadows.clone());
         Ok(tokio::spawn(async move {
-            let r = spool.durable().await;
+            let (records, bodies) = tokio::join!(spool.durable(), shadows.sync_segments());
+            let r = records.and(bodies);
+            if r.is_ok() {
+                shadows.release(releases);
+            }
             tracing::debug!(
                 batch,
                 ops = ops_len,
@@ -292,8 +431,10 @@ impl Ha {
             return;
         }
         if peer_is_master {
-            let _ = self.shadows.clear();
-            let _ = self.spool.durable().await;
+            let cleared = self.shadows.clear();
+            if let (Ok(releases), Ok(())) = (cleared, self.spool.durable().await) {
+                self.shadows.release(releases);
+            }
             self.shadows.publish();
             self.status().event(format!(
                 "MASTER while the peer is a live MASTER: {held} shadow copies dropped"
@@ -325,14 +466,22 @@ impl Ha {
     async fn promote(&self) -> Result<u64> {
         let now = crate::queue::manager::now_ms();
         let mut promoted = 0;
+        let mut releases = Vec::new();
         for r in self.shadows.tree.iter() {
             let (k, v) = r?;
             let (mut env, message) = match decode(&v) {
-                Ok(s) => s,
+                Ok((env, body)) => (env, self.shadows.octets(body)?),
                 Err(e) => {
                     tracing::error!(error = %e, "HA shadow: unreadable shadow copy kept");
                     continue;
                 }
+            };
+            let Some(message) = message else {
+                // Its octets never reached the disk: a copy the MASTER was never
+                // told of (it is answered only once they are durable).
+                tracing::error!(id = %env.id, "HA shadow: shadow copy without its octets (a crash before it was confirmed) dropped");
+                self.shadows.remove(&k, &mut releases)?;
+                continue;
             };
             let id = env.id;
             let digest = tombstone::digest(&env, &message);
@@ -353,9 +502,10 @@ impl Ha {
                 let from = env.sender.as_deref().unwrap_or("<>");
                 tracing::warn!(%id, from, rcpts = env.recipients.len(), "HA shadow: shadow copy promoted into the queue (a duplicate if the lost MASTER delivered it within its last release interval)");
             }
-            self.shadows.remove(&k)?;
+            self.shadows.remove(&k, &mut releases)?;
         }
         self.spool.durable().await?;
+        self.shadows.release(releases);
         Ok(promoted)
     }
 }
@@ -379,23 +529,80 @@ mod tests {
         }
     }
 
+    fn put(n: u64) -> Op {
+        Op::Put {
+            envelope: env(n),
+            message: Arc::new(format!("m{n}").into_bytes()),
+        }
+    }
+
+    fn read(s: &Store, n: u64) -> Option<(Envelope, Vec<u8>)> {
+        let rec = s.tree.get(env(n).id.to_bytes()).unwrap()?;
+        let (e, body) = decode(&rec).unwrap();
+        Some((e, s.octets(body).unwrap()?))
+    }
+
     #[test]
     fn shadows_are_kept_dropped_and_reconciled() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let s = Store::open(&db).unwrap();
-        let put = |n| Op::Put {
-            envelope: env(n),
-            message: Arc::new(format!("m{n}").into_bytes()),
-        };
-        s.apply(&[put(1), put(2), put(3), Op::Drop(env(2).id)])
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let s = Store::open(&db, dir.path()).unwrap();
+        let released = s
+            .apply(&[put(1), put(2), put(3), Op::Drop(env(2).id)])
             .unwrap();
+        assert_eq!(released.len(), 1, "2's body: {released:?}");
+        s.release(released);
         assert_eq!(s.stats(), (2, Some(1)));
-        let (e, m) = decode(&s.tree.get(env(3).id.to_bytes()).unwrap().unwrap()).unwrap();
-        assert_eq!((e, m), (env(3), b"m3".to_vec()));
+        assert_eq!(read(&s, 3), Some((env(3), b"m3".to_vec())));
         // The MASTER holds 3 and 4: 1 was released while the link was down.
-        let missing = s.sync(&[env(3).id, env(4).id]).unwrap();
+        let (missing, released) = s.sync(&[env(3).id, env(4).id]).unwrap();
         assert_eq!(missing, [env(4).id]);
+        assert_eq!(released.len(), 1);
+        s.release(released);
         assert_eq!(s.stats(), (1, Some(3)));
+    }
+
+    #[test]
+    fn shadows_survive_a_restart_and_a_segment_goes_with_its_last_shadow() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = |n: u64| Op::Put {
+            envelope: env(n),
+            message: Arc::new(vec![
+                n as u8;
+                (crate::queue::segments::SEGMENT_MAX / 2) as usize
+            ]),
+        };
+        {
+            let db = sled::open(dir.path().join("db")).unwrap();
+            let s = Store::open(&db, dir.path()).unwrap();
+            // 1 and 2 fill a segment, 3 starts the next; 1 is put again.
+            s.apply(&[big(1), big(2), big(3)]).unwrap();
+            s.release(s.apply(&[put(1)]).unwrap());
+            s.segments.sync().unwrap();
+            assert_eq!(s.segments.files(), 2);
+            // The first segment goes with 2, its last shadow.
+            s.release(s.apply(&[Op::Drop(env(2).id)]).unwrap());
+            assert_eq!(s.segments.files(), 1);
+            db.flush().unwrap();
+        }
+        // A record of the first format (octets inline) is still read.
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let tree = db.open_tree("ha.shadow").unwrap();
+        let mut v = vec![INLINE];
+        v.extend(
+            bincode::serde::encode_to_vec((env(4), b"m4".as_slice()), bincode::config::standard())
+                .unwrap(),
+        );
+        tree.insert(env(4).id.to_bytes(), v).unwrap();
+        let s = Store::open(&db, dir.path()).unwrap();
+        assert_eq!(s.stats(), (3, Some(1)));
+        assert_eq!(read(&s, 1), Some((env(1), b"m1".to_vec())));
+        assert_eq!(
+            read(&s, 3).map(|(_, m)| m.len()),
+            Some((crate::queue::segments::SEGMENT_MAX / 2) as usize)
+        );
+        assert_eq!(read(&s, 4), Some((env(4), b"m4".to_vec())));
+        s.release(s.clear().unwrap());
+        assert_eq!((s.stats(), s.segments.files()), ((0, None), 0));
     }
 }
