@@ -74,6 +74,10 @@ pub enum Op {
     },
     /// The message left the MASTER's queue: drop its shadow.
     Drop(QueueId),
+    /// The message's envelope as the MASTER now has it (a recipient finished or
+    /// held by an administrator): the shadow keeps its octets, takes the
+    /// envelope; no shadow of it, nothing to do.
+    Update(Envelope),
 }
 
 /// A message's octets as one byte string on the wire (serde's default for a
@@ -122,7 +126,7 @@ impl Op {
     pub(super) fn octets(&self) -> usize {
         match self {
             Op::Put { message, .. } => message.len(),
-            Op::Drop(_) => 0,
+            Op::Drop(_) | Op::Update(_) => 0,
         }
     }
 
@@ -130,7 +134,7 @@ impl Op {
     pub(super) fn put_id(&self) -> Option<QueueId> {
         match self {
             Op::Put { envelope, .. } => Some(envelope.id),
-            Op::Drop(_) => None,
+            Op::Drop(_) | Op::Update(_) => None,
         }
     }
 }

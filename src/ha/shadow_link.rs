@@ -23,7 +23,7 @@ use super::state::Mode;
 use super::Ha;
 use crate::queue::spool::Change;
 use crate::queue::QueueId;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -34,6 +34,8 @@ use tokio::time::Instant;
 pub(super) const WINDOW: usize = 4;
 /// Most background copies (mail accepted while degraded) in one batch.
 const MAX_BACKFILL: usize = 32;
+/// Most envelope updates in one batch.
+const MAX_UPDATES: usize = 4096;
 
 /// Messages that left the queue and messages to shadow in the background.
 #[derive(Default)]
@@ -42,6 +44,9 @@ struct Pending {
     backfill: VecDeque<QueueId>,
     /// The release interval passed while the window was full.
     release_due: bool,
+    /// Messages whose envelope changed (a recipient finished, a hold, a retry):
+    /// the SLAVE's copy follows, with the releases.
+    updates: BTreeSet<QueueId>,
     /// Messages whose session sent their copy on this connection, and when:
     /// their entry into the queue (told after the copy is confirmed) needs no
     /// copy in the background.
@@ -60,12 +65,19 @@ impl Pending {
                     self.backfill.push_back(id)
                 }
             }
-            Change::Removed(id) => self.releases.push(id),
+            Change::Removed(id) => {
+                self.updates.remove(&id);
+                self.releases.push(id)
+            }
+            Change::Updated(id) => {
+                self.updates.insert(id);
+            }
         }
     }
     /// Forgets the connection's state: a new one starts with the reconciliation.
     fn clear(&mut self) {
         self.releases.clear();
+        self.updates.clear();
         self.backfill.clear();
         self.release_due = false;
         self.shadowed.clear();
@@ -202,9 +214,15 @@ impl Ha {
             .await
             .map_err(|e| format!("shadow connection: {e:#}"))?;
         let ids = self.spool.ids().map_err(|e| e.to_string())?;
-        match l.call(&Msg::ShadowSync(ids), timeout).await {
+        match l.call(&Msg::ShadowSync(ids.clone()), timeout).await {
             Ok(Msg::ShadowMissing(missing)) => {
                 pending.clear();
+                // The SLAVE's copies may predate changes made while there was
+                // no connection: every message it has gets its envelope again.
+                let lacks: HashSet<QueueId> = missing.iter().copied().collect();
+                pending
+                    .updates
+                    .extend(ids.iter().filter(|id| !lacks.contains(id)));
                 pending.backfill.extend(missing);
                 Ok(Conn::new(self.clone(), l))
             }
@@ -237,6 +255,7 @@ impl Ha {
         let mut ops = puts;
         self.backfill(pending, &mut ops);
         if release_due || pending.release_due || !ops.is_empty() {
+            self.updates(pending, &mut ops);
             ops.extend(pending.releases.drain(..).map(Op::Drop));
             pending.release_due = false;
         }
@@ -287,6 +306,20 @@ impl Ha {
             b.deadline = Instant::now() + timeout;
         }
         Ok(())
+    }
+
+    /// Envelope updates into `ops` (at most [`MAX_UPDATES`] a batch), each
+    /// message's envelope as it is now: a promoted copy neither delivers a
+    /// finished recipient again nor forgets (or keeps) an administrator's hold.
+    fn updates(&self, pending: &mut Pending, ops: &mut Vec<Op>) {
+        for _ in 0..MAX_UPDATES {
+            let Some(id) = pending.updates.pop_first() else {
+                break;
+            };
+            if let Ok(Some(envelope)) = self.spool.envelope(id) {
+                ops.push(Op::Update(envelope));
+            }
+        }
     }
 
     /// Background copies into `ops`, within the batch limits.

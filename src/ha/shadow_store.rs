@@ -179,6 +179,19 @@ impl Store {
                     batch.remove(&id.to_bytes());
                     (id.to_bytes(), None)
                 }
+                Op::Update(envelope) => {
+                    let key = envelope.id.to_bytes();
+                    // Its place: put earlier in this batch, or as stored.
+                    let place = match last.get(&key) {
+                        Some(p) => *p,
+                        None => self.tree.get(key)?.as_deref().and_then(place_of),
+                    };
+                    let Some(p) = place else {
+                        continue; // no shadow of it (or one of the first format)
+                    };
+                    batch.insert(&key, encode(envelope, &p)?);
+                    (key, Some(p))
+                }
             };
             last.insert(key, place);
         }
@@ -560,6 +573,36 @@ mod tests {
         assert_eq!(released.len(), 1);
         s.release(released);
         assert_eq!(s.stats(), (1, Some(3)));
+    }
+
+    #[test]
+    fn an_update_replaces_the_envelope_and_keeps_the_octets() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let s = Store::open(&db, dir.path()).unwrap();
+        let mut done = env(1);
+        done.recipients[0].state = crate::queue::RecipientState::Delivered {
+            server: "m1".into(),
+            reply: "250".into(),
+            at: 1,
+        };
+        let mut held = env(2);
+        held.recipients[0].state = crate::queue::RecipientState::OnHold;
+        // 1 stored before; 2 put and updated in one batch; 3 has no shadow.
+        s.release(s.apply(&[put(1)]).unwrap());
+        let released = s
+            .apply(&[
+                Op::Update(done.clone()),
+                put(2),
+                Op::Update(held.clone()),
+                Op::Update(env(3)),
+            ])
+            .unwrap();
+        assert!(released.is_empty(), "{released:?}");
+        assert_eq!(s.stats().0, 2);
+        assert_eq!(read(&s, 1), Some((done, b"m1".to_vec())));
+        assert_eq!(read(&s, 2), Some((held, b"m2".to_vec())));
+        assert_eq!(read(&s, 3), None);
     }
 
     #[test]

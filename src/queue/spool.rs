@@ -101,6 +101,9 @@ pub enum Change {
     Queued(QueueId),
     /// Gone: delivered, bounced, deleted, pushed away or refused.
     Removed(QueueId),
+    /// Its envelope was rewritten (a recipient finished, held or released by an
+    /// administrator, retried): a shadow copy follows it.
+    Updated(QueueId),
 }
 
 /// The queue's store. Clone it freely: clones share the store and the flusher.
@@ -428,6 +431,7 @@ impl Spool {
         if !present {
             return Err(Removed(env.id).into());
         }
+        self.tell(Change::Updated(env.id));
         Ok(())
     }
 
