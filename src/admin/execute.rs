@@ -217,7 +217,12 @@ async fn queue_command(
             let control = Control::new(ctx.spool.clone());
             let exit = admin::queue::delete(&control, &id, wait.duration, out, err).await;
             if let (Ok(Exit::Ok), Ok(qid)) = (&exit, id.parse::<crate::queue::QueueId>()) {
-                crate::queue::track::event(ctx.spool.db(), qid, "", crate::queue::track::What::Deleted);
+                crate::queue::track::event(
+                    ctx.spool.db(),
+                    qid,
+                    "",
+                    crate::queue::track::What::Deleted,
+                );
             }
             exit
         }

@@ -57,18 +57,20 @@ pub(super) fn write_fresh(
         .collect();
     aliases.sort_unstable();
     progress.set_position(order.len() as u64 / 4);
-    // The fst is built (pure CPU) while the records and the server index are written.
-    let fst = std::thread::scope(|scope| -> Result<Vec<u8>> {
-        let building = scope.spawn(|| build_fst(merge_sorted(entries(&order, &aliases))));
-        records::write_all(out, order.iter().map(|(_, i)| &mailboxes[*i as usize]))?;
-        progress.set_position(order.len() as u64 / 2);
-        write_server_index(out, resolved, &order)?;
-        building
-            .join()
-            .map_err(|_| anyhow!("building the address index panicked"))?
-    })?;
+    // The address index first, so that its keys and its bytes are freed before
+    // the records and the server index are written (sled keeps what is written
+    // in memory for a while): the peak of a full write is the input plus the
+    // larger of the two, not their sum. Built on a thread of its own meanwhile,
+    // it saved ~0.5 s of a 1M import, and the import's peak was 773–1,042 MB
+    // over five runs against 768–950 MB so.
+    let fst = build_fst(merge_sorted(entries(&order, &aliases)))?;
+    drop(aliases);
     store_fst(out, &fst)?;
-    Ok(())
+    drop(fst);
+    progress.set_position(order.len() as u64 / 2);
+    records::write_all(out, order.iter().map(|(_, i)| &mailboxes[*i as usize]))?;
+    progress.set_position(order.len() as u64 * 3 / 4);
+    write_server_index(out, resolved, &order)
 }
 
 /// The fst's entries: primaries (numbered by position in `order`) and aliases,
