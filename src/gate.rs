@@ -1,8 +1,10 @@
 //! The gate: whether this unit may take and deliver mail right now. Always open
 //! for a router running alone; in an HA pair the state machine (`ha`) opens it
 //! while the unit is MASTER. The SMTP service and the queue manager only read it,
-//! so neither depends on the HA code.
+//! so neither depends on the HA code. Also the low-disk flag SMTP reads
+//! ([`LowDisk`], set by `ha::local`'s disk watch).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -34,5 +36,21 @@ impl Gate {
 impl Default for Gate {
     fn default() -> Self {
         Gate::open()
+    }
+}
+
+/// Set while the data disk is below `smtp.min_free_disk`: new mail gets
+/// `452 4.3.1` instead of failing writes. Measured by `ha::local::watch_disk`.
+#[derive(Clone, Debug, Default)]
+pub struct LowDisk(Arc<AtomicBool>);
+
+impl LowDisk {
+    pub fn is_low(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Sets the flag; true when that changed it.
+    pub(crate) fn set(&self, low: bool) -> bool {
+        self.0.swap(low, Ordering::Relaxed) != low
     }
 }

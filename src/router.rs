@@ -191,7 +191,7 @@ fn smtp_service(
             .is_some_and(|h| h.inactive_smtp == crate::config::InactiveSmtp::Closed),
     )?;
     if let Some(ha) = ha {
-        let _ = service.ha.set(ha.clone());
+        let _ = service.replication.set(ha.clone());
         if config.directory.is_some() {
             ha.set_catalog_from_directory();
         }
@@ -207,7 +207,8 @@ fn spawn_housekeeping(
     service: &Arc<server::Service>,
     stopped: &watch::Receiver<bool>,
 ) {
-    tokio::spawn(service.low_disk.clone().watch(
+    tokio::spawn(crate::ha::local::watch_disk(
+        service.low_disk.clone(),
         config.data_dir.clone(),
         config.smtp.min_free_disk.0,
         std::time::Duration::from_secs(1),

@@ -2,14 +2,12 @@
 //! unit can serve at all — its own SMTP listener greets, its store can be
 //! written, the data disk has `min_free_disk` free. A MASTER that cannot serve
 //! gives up (see `state::Unit::local`); a unit alone answers new mail with
-//! `452 4.3.1` while the disk is below its threshold ([`LowDisk`]).
+//! `452 4.3.1` while the disk is below its threshold ([`watch_disk`]).
 //!
 //! Also owns the free-space measurement.
 
 use crate::health::Probe;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Free bytes for an unprivileged writer on the file system holding `dir`.
@@ -93,41 +91,30 @@ pub fn self_address(listen: &[String]) -> Option<String> {
     Some(std::net::SocketAddr::new(ip, addr.port()).to_string())
 }
 
-/// Set while the data disk is below `smtp.min_free_disk`: new mail gets
-/// `452 4.3.1` instead of failing writes.
-#[derive(Clone, Debug, Default)]
-pub struct LowDisk(Arc<AtomicBool>);
-
-impl LowDisk {
-    pub fn is_low(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-
-    /// Measures every `every` until `stopped`, logging each change.
-    pub async fn watch(
-        self,
-        dir: std::path::PathBuf,
-        min_free: u64,
-        every: Duration,
-        mut stopped: tokio::sync::watch::Receiver<bool>,
-    ) {
-        loop {
-            let problem = disk_problem(&dir, min_free, "smtp.min_free_disk");
-            let low = problem.is_some();
-            if self.0.swap(low, Ordering::Relaxed) != low {
-                match problem {
-                    Some(why) => {
-                        tracing::error!(%why, "disk nearly full: new mail is refused with 452 4.3.1")
-                    }
-                    None => {
-                        tracing::info!(dir = %dir.display(), "free disk space is back: new mail is taken again")
-                    }
+/// Measures the data disk every `every` until `stopped`, setting `flag` while it
+/// is below `min_free` (`smtp.min_free_disk`) and logging each change.
+pub async fn watch_disk(
+    flag: crate::gate::LowDisk,
+    dir: std::path::PathBuf,
+    min_free: u64,
+    every: Duration,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let problem = disk_problem(&dir, min_free, "smtp.min_free_disk");
+        if flag.set(problem.is_some()) {
+            match problem {
+                Some(why) => {
+                    tracing::error!(%why, "disk nearly full: new mail is refused with 452 4.3.1")
+                }
+                None => {
+                    tracing::info!(dir = %dir.display(), "free disk space is back: new mail is taken again")
                 }
             }
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = stopped.changed() => if *stopped.borrow() { return },
-            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stopped.changed() => if *stopped.borrow() { return },
         }
     }
 }

@@ -2,7 +2,7 @@
 //! the message is durable here **and** the SLAVE has a durable shadow copy, so a
 //! MASTER that loses its disk loses no acknowledged mail.
 //!
-//! Owns the accept hook ([`Service::accept_durable`]), the sessions' requests
+//! Owns the accept hook (its `smtp::server::Replication`), the sessions' requests
 //! to the shadow task ([`super::shadow_link`], which keeps one dedicated,
 //! pipelined shadow connection to the SLAVE), the degraded state, and the
 //! `clustermail_shadow_*` metrics. The SLAVE's side (the shadow tree, promotion
@@ -41,7 +41,6 @@ use crate::config::ShadowMode;
 use crate::metrics::Counter;
 use crate::queue::{Envelope, QueueId, Spool};
 use crate::smtp::limits::{Budget, Reservation};
-use crate::smtp::server::Service;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
@@ -343,27 +342,27 @@ pub fn render_metrics(out: &mut String) {
     }
 }
 
-impl Service {
-    /// Queues an accepted message durably and, in an HA pair with `ha.shadow`
-    /// on, with the SLAVE's shadow copy; Ok only then may the session say 250.
-    /// Like [`Spool::enqueue`], an owned buffer is freed once the store has it
-    /// and (shared, not copied) the shadow task has sent it to the SLAVE.
-    pub async fn accept_durable(&self, env: &Envelope, message: Vec<u8>) -> Result<()> {
-        match self.ha.get() {
-            Some(ha) if ha.shadow.mode != ShadowMode::Off => {
-                ha.shadow.budget.get_or_init(|| self.budget.clone());
-                ha.accept_shadowed(&self.spool, env, message).await
+impl crate::smtp::server::Replication for Ha {
+    fn accept<'a>(
+        &'a self,
+        spool: &'a crate::queue::Spool,
+        budget: &'a Arc<crate::smtp::limits::Budget>,
+        env: &'a Envelope,
+        message: Vec<u8>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>> {
+        Box::pin(async move {
+            if self.shadow.mode == ShadowMode::Off {
+                return spool.enqueue(env, message).await;
             }
-            _ => self.spool.enqueue(env, message).await,
-        }
+            self.shadow.budget.get_or_init(|| budget.clone());
+            self.accept_shadowed(spool, env, message).await
+        })
     }
 
     /// `required` and degraded: a new transaction is refused at MAIL (451 4.3.0).
-    pub fn shadow_refuses(&self) -> bool {
-        self.ha.get().is_some_and(|ha| {
-            ha.shadow.mode == ShadowMode::Required
-                && (ha.peer_is_slave().is_err() || ha.shadow.view().degraded.is_some())
-        })
+    fn refuses(&self) -> bool {
+        self.shadow.mode == ShadowMode::Required
+            && (self.peer_is_slave().is_err() || self.shadow.view().degraded.is_some())
     }
 }
 

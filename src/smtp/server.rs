@@ -17,19 +17,24 @@ use super::reply::{self, Reply};
 use super::session::{Action, Message, RecipientPolicy, Session, Settings};
 use crate::catalog::Catalog;
 use crate::config::SmtpConfig;
-use crate::message::trace::{received, Trace};
-use crate::queue::{Envelope, QueueId, Recipient, Spool};
+use crate::queue::Spool;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
+
+mod accept;
+mod body;
+use accept::accept;
+pub use accept::Replication;
+use body::{read_bdat, read_data, Chunk};
 
 /// Everything the connections of one service share.
 pub struct Service {
@@ -42,10 +47,10 @@ pub struct Service {
     /// sessions get 421 4.3.2, or with `close_when_inactive` nobody listens.
     pub gate: crate::gate::Gate,
     pub close_when_inactive: bool,
-    /// The HA unit, when in a pair (shadow copies: [`crate::ha::shadow`]).
-    pub ha: std::sync::OnceLock<Arc<crate::ha::Ha>>,
+    /// In an HA pair: the shadow copy of each accepted message (`ha::shadow`).
+    pub replication: std::sync::OnceLock<Arc<dyn Replication>>,
     /// Set while the data disk is below `smtp.min_free_disk`.
-    pub low_disk: crate::ha::local::LowDisk,
+    pub low_disk: crate::gate::LowDisk,
     connections: Arc<Semaphore>,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// Message data held by all sessions (`smtp.max_data_in_flight`).
@@ -89,7 +94,7 @@ impl Service {
             tls,
             gate,
             close_when_inactive,
-            ha: Default::default(),
+            replication: Default::default(),
             low_disk: Default::default(),
             connections: Arc::new(Semaphore::new(config.max_connections)),
             per_ip: Arc::new(Mutex::new(HashMap::new())),
@@ -117,8 +122,8 @@ impl Service {
             gate: self.gate.clone(),
             close_when_inactive: self.close_when_inactive,
             low_disk: self.low_disk.clone(),
-            // The HA unit (shadow copies) carries over: a reload never turns them off.
-            ha: self.ha.clone(),
+            // The shadow copies carry over: a reload never turns them off.
+            replication: self.replication.clone(),
             connections: self.connections.clone(),
             per_ip: self.per_ip.clone(),
             budget: self.budget.clone(),
@@ -506,184 +511,8 @@ async fn ended<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(Next::Close)
 }
 
-/// The budget for message data is spent: 452 4.3.1, counted.
-fn over_budget(peer: SocketAddr) -> Reply {
-    crate::metrics::METRICS.smtp_data_refused.inc();
-    let r = limits::refusal();
-    tracing::info!(%peer, reply = %r, "message data refused: smtp.max_data_in_flight spent");
-    r
-}
-
-/// DATA: reserves memory for the message as it arrives, then queues it.
-async fn read_data<S: AsyncRead + AsyncWrite + Unpin>(
-    service: &Service,
-    session: &mut Session,
-    conn: &mut Conn<S>,
-    peer: SocketAddr,
-    tx: &Tx,
-    go_ahead: Reply,
-) -> io::Result<Reply> {
-    let cfg = &service.config;
-    // No room for even a small message: refused before the data (the
-    // transaction stays; the client may try DATA again or give up).
-    let Some(held) = service.budget.reserve() else {
-        return Ok(over_budget(peer));
-    };
-    conn.reply(&go_ahead);
-    let mut held = Some(held);
-    let mut body = Vec::new();
-    let read = conn.read_data(
-        session.data_decoder(),
-        cfg.data_timeout,
-        &mut body,
-        &mut held,
-    );
-    let decoder = within(tx.deadline, read).await?;
-    if held.is_none() {
-        session.abort_transaction();
-        return Ok(over_budget(peer));
-    }
-    let r = match session.data_received(body, decoder.over_size()) {
-        Ok(m) => accept(service, m, peer).await,
-        Err(r) => {
-            log_refused(peer, &r);
-            r
-        }
-    };
-    drop(held);
-    Ok(r)
-}
-
-/// A BDAT command as the session left it to the driver.
-struct Chunk {
-    size: u64,
-    last: bool,
-    /// Discard the octets and send this.
-    refuse: Option<Reply>,
-}
-
-/// BDAT: reserves memory for the chunk before reading it (its size is known),
-/// then hands it to the session; the last one is queued.
-async fn read_bdat<S: AsyncRead + AsyncWrite + Unpin>(
-    service: &Service,
-    session: &mut Session,
-    conn: &mut Conn<S>,
-    peer: SocketAddr,
-    tx: &mut Tx,
-    chunk: Chunk,
-) -> io::Result<Reply> {
-    let Chunk { size, last, refuse } = chunk;
-    let refuse = refuse.or_else(|| {
-        let mut held = tx.bdat.take().or_else(|| service.budget.reserve());
-        let total = tx.bdat_octets.saturating_add(size);
-        if held.as_mut().is_some_and(|h| h.ensure(total)) {
-            tx.bdat = held;
-            None
-        } else {
-            session.abort_transaction();
-            Some(over_budget(peer))
-        }
-    });
-    let mut octets = Vec::new();
-    if refuse.is_none() {
-        // Within max_message_size: the session refused anything bigger.
-        octets.reserve_exact(size as usize);
-    }
-    let sink = refuse.is_none().then_some(&mut octets);
-    within(
-        tx.deadline,
-        conn.read_exact(size, service.config.data_timeout, sink),
-    )
-    .await?;
-    if let Some(r) = refuse {
-        return Ok(r);
-    }
-    tx.bdat_octets += size;
-    Ok(match session.bdat_chunk(octets, last) {
-        Ok(None) => Session::chunk_reply(size),
-        // Normalizing bare line endings may have grown the body past what its
-        // chunks reserved: the budget covers what is held until the 250.
-        Ok(Some(m))
-            if !tx
-                .bdat
-                .as_mut()
-                .is_some_and(|h| h.ensure(m.body.len() as u64)) =>
-        {
-            over_budget(peer)
-        }
-        Ok(Some(m)) => accept(service, m, peer).await,
-        Err(r) => r,
-    })
-}
-
 /// The transaction's log line when the message was refused at its end (size, loop,
 /// bare line endings...); [`accept`] writes the line of the others.
 fn log_refused(peer: SocketAddr, r: &Reply) {
     tracing::info!(%peer, reply = %r, "message refused");
-}
-
-/// Queues a message durably; the reply is 250 only once it is on disk.
-async fn accept(service: &Service, m: Message, peer: SocketAddr) -> Reply {
-    let id = QueueId::new();
-    let id_text = id.to_string();
-    let now = SystemTime::now();
-    let header = received(&Trace {
-        helo: &m.helo,
-        client_ip: peer.ip(),
-        router: &service.settings.name,
-        esmtp: m.esmtp,
-        tls: m.tls,
-        smtputf8: m.smtputf8,
-        id: &id_text,
-        recipients: &m.recipients,
-        when: now,
-    });
-    // In place, in the room the budget kept for it: no second copy of the body.
-    let mut message = m.body;
-    prepend(&mut message, header.as_bytes());
-    let env = Envelope {
-        id,
-        sender: m.sender,
-        recipients: m
-            .recipients
-            .into_iter()
-            .map(|(address, mailbox)| Recipient::new(address, mailbox))
-            .collect(),
-        client_ip: peer.ip(),
-        helo: m.helo,
-        received_at: now
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-        size: message.len() as u64,
-        smtputf8: m.smtputf8,
-        eight_bit: m.eight_bit,
-    };
-    let rcpts: Vec<&str> = env.recipients.iter().map(|r| r.address.as_str()).collect();
-    let rcpts = rcpts.join(",");
-    let from = env.sender.as_deref().unwrap_or("<>");
-    let message_id = crate::queue::track::message_id(&message);
-    match service.accept_durable(&env, message).await {
-        Ok(()) => {
-            crate::metrics::METRICS.messages_accepted.inc();
-            crate::queue::track::accepted(service.spool.db(), &env, message_id);
-            let r = Reply::new(250, "2.0.0", format!("Ok: queued as {id_text}"));
-            tracing::info!(id = %id_text, %peer, helo = %env.helo, from = %from, rcpts = %rcpts, size = env.size, reply = %r, "message accepted");
-            r
-        }
-        Err(e) => {
-            let r = Reply::new(451, "4.3.0", "Queueing failed, try again later");
-            tracing::error!(id = %id_text, %peer, from = %from, rcpts = %rcpts, error = %e, reply = %r, "message refused: queueing failed");
-            r
-        }
-    }
-}
-
-/// Puts `head` before `body`, moving the body within its own buffer.
-fn prepend(body: &mut Vec<u8>, head: &[u8]) {
-    let n = body.len();
-    body.reserve_exact(head.len());
-    body.resize(n + head.len(), 0);
-    body.copy_within(0..n, head.len());
-    body[..head.len()].copy_from_slice(head);
 }
