@@ -51,54 +51,70 @@ fn promoted(r: &Router) -> usize {
         .count()
 }
 
-#[test]
-fn a_recipient_delivered_before_a_takeover_is_not_delivered_again() {
+/// One message to u@ (home m1, up: delivered at once) and v@ (home m2, down:
+/// held); the pair, and the two homes.
+struct HalfDelivered {
+    m1: RecordingSink,
+    m2: RecordingSink,
+    primary: Router,
+    secondary: Router,
+}
+
+fn half_delivered(subject: &str) -> HalfDelivered {
     let p = ports();
     let m1 = RecordingSink::start("m1");
     let mut m2 = RecordingSink::start("m2");
     m2.down();
-    let (mut a, b) = pair_two_homes(&p, m1.port, m2.port);
-    // u@ is delivered at once; v@ is held, its home down, for longer than many
-    // release intervals.
-    send_to_both(p.smtp[0], "both");
-    assert_eq!(m1.wait_for(1, 10).len(), 1, "{}", a.log());
-    std::thread::sleep(Duration::from_millis(2000));
-    // The primary and its disk are lost; the secondary promotes its copy.
-    a.kill9();
-    std::fs::remove_dir_all(a.scratch.path().join("data")).expect("delete the data dir");
-    wait_mode(&b, "MASTER", 20);
-    wait_until(20, "the shadow promoted", || promoted(&b) == 1);
-    m2.up();
-    assert_eq!(m2.wait_for(1, 20).len(), 1, "v@ delivered: {}", b.log());
+    let (primary, secondary) = pair_two_homes(&p, m1.port, m2.port);
+    send_to_both(p.smtp[0], subject);
+    assert_eq!(m1.wait_for(1, 10).len(), 1, "{}", primary.log());
+    HalfDelivered {
+        m1,
+        m2,
+        primary,
+        secondary,
+    }
+}
+
+impl HalfDelivered {
+    /// After longer than many release intervals, the primary and its disk are
+    /// lost; the secondary takes over and promotes its copy; m2 comes back.
+    fn lose_the_primary(&mut self) {
+        std::thread::sleep(Duration::from_millis(2000));
+        self.primary.kill9();
+        let data = self.primary.scratch.path().join("data");
+        std::fs::remove_dir_all(data).expect("delete the data dir");
+        wait_mode(&self.secondary, "MASTER", 20);
+        wait_until(20, "the shadow promoted", || promoted(&self.secondary) == 1);
+        self.m2.up();
+    }
+}
+
+#[test]
+fn a_recipient_delivered_before_a_takeover_is_not_delivered_again() {
+    let mut t = half_delivered("both");
+    t.lose_the_primary();
+    let b = &t.secondary;
+    assert_eq!(t.m2.wait_for(1, 20).len(), 1, "v@ delivered: {}", b.log());
     std::thread::sleep(Duration::from_millis(INTERVAL_MS * 8));
-    assert_eq!(m1.messages().len(), 1, "u@ delivered once:\n{}", b.log());
-    assert_eq!(m2.messages().len(), 1);
+    assert_eq!(t.m1.messages().len(), 1, "u@ delivered once:\n{}", b.log());
+    assert_eq!(t.m2.messages().len(), 1);
 }
 
 #[test]
 fn an_administrators_hold_survives_a_takeover() {
-    let p = ports();
-    let m1 = RecordingSink::start("m1");
-    let mut m2 = RecordingSink::start("m2");
-    m2.down();
-    let (mut a, b) = pair_two_homes(&p, m1.port, m2.port);
-    send_to_both(p.smtp[0], "held-by-admin");
-    assert_eq!(m1.wait_for(1, 10).len(), 1, "{}", a.log());
-    let ids = a.queue_ids();
+    let mut t = half_delivered("held-by-admin");
+    let ids = t.primary.queue_ids();
     assert_eq!(ids.len(), 1, "{ids:?}");
-    a.scratch.ok(&["queue", "hold", &ids[0]]);
-    std::thread::sleep(Duration::from_millis(2000));
-    a.kill9();
-    std::fs::remove_dir_all(a.scratch.path().join("data")).expect("delete the data dir");
-    wait_mode(&b, "MASTER", 20);
-    wait_until(20, "the shadow promoted", || promoted(&b) == 1);
-    m2.up();
+    t.primary.scratch.ok(&["queue", "hold", &ids[0]]);
+    t.lose_the_primary();
+    let b = &t.secondary;
     // Held for the administrator on the new MASTER too: not attempted.
     std::thread::sleep(Duration::from_millis(INTERVAL_MS * 10));
-    assert!(m2.messages().is_empty(), "{}", b.log());
+    assert!(t.m2.messages().is_empty(), "{}", b.log());
     let shown = b.scratch.ok(&["queue", "list", "--state", "on-hold"]);
     assert!(shown.contains(&ids[0]), "{shown}");
     b.scratch.ok(&["queue", "unhold", &ids[0]]);
-    assert_eq!(m2.wait_for(1, 20).len(), 1, "{}", b.log());
-    assert_eq!(m1.messages().len(), 1, "u@ delivered once");
+    assert_eq!(t.m2.wait_for(1, 20).len(), 1, "{}", b.log());
+    assert_eq!(t.m1.messages().len(), 1, "u@ delivered once");
 }
