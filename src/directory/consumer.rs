@@ -124,19 +124,15 @@ struct Pending {
     present: HashSet<Vec<u8>>,
 }
 
-/// One connection: refresh, then persist until the connection ends.
-async fn session(
+/// The sync search: connected, bound, refreshAndPersist from `cookie` (none: a
+/// full refresh); with a handle on the same connection for liveness probes.
+async fn start(
     cfg: &DirectoryConfig,
     url: &str,
-    syncer: &mut Syncer,
-    force_full: bool,
-    synced: &mut bool,
-    stopped: &mut watch::Receiver<bool>,
-) -> Result<End> {
+    cookie: Option<Vec<u8>>,
+) -> Result<(SyncStream, ldap3::Ldap)> {
     let mut ldap = connect(cfg, url).await?;
-    let mut prober = ldap.clone();
-    let cookie = if force_full { None } else { syncer.cookie()? };
-    let full = cookie.is_none();
+    let prober = ldap.clone();
     let request = SyncRequest {
         mode: RefreshMode::RefreshAndPersist,
         cookie,
@@ -148,7 +144,7 @@ async fn session(
         FILTER,
         ATTRS.to_vec(),
     );
-    let mut stream = tokio::time::timeout(cfg.idle_probe, search)
+    let stream = tokio::time::timeout(cfg.idle_probe, search)
         .await
         .map_err(|_| {
             anyhow!(
@@ -157,6 +153,23 @@ async fn session(
             )
         })?
         .context("starting the sync search")?;
+    Ok((stream, prober))
+}
+
+type SyncStream = ldap3::SearchStream<'static, &'static str, Vec<&'static str>>;
+
+/// One connection: refresh, then persist until the connection ends.
+async fn session(
+    cfg: &DirectoryConfig,
+    url: &str,
+    syncer: &mut Syncer,
+    force_full: bool,
+    synced: &mut bool,
+    stopped: &mut watch::Receiver<bool>,
+) -> Result<End> {
+    let cookie = if force_full { None } else { syncer.cookie()? };
+    let full = cookie.is_none();
+    let (mut stream, mut prober) = start(cfg, url, cookie).await?;
     STATUS.connected(url);
     tracing::info!(%url, full, "directory: connected; refreshing the catalog");
     let mut p = Pending::default();
