@@ -254,6 +254,27 @@ impl Plan {
 
 pub(super) fn plan(view: &TreeView, resolved: &Resolved, mode: Mode) -> Result<Plan> {
     let mut report = ImportReport::default();
+    let (clusters, removed_clusters) = plan_clusters(view, resolved, mode, &mut report.clusters)?;
+    let (servers, removed_servers) = plan_servers(view, resolved, mode, &mut report.servers);
+    let mailboxes = plan_mailboxes(view, resolved, mode, &mut report.mailboxes)?;
+    Ok(Plan {
+        report,
+        clusters,
+        removed_clusters,
+        servers,
+        removed_servers,
+        mailboxes,
+        ..Plan::default()
+    })
+}
+
+/// The clusters to write (new or changed) and, for a replace, the keys of those to remove.
+fn plan_clusters(
+    view: &TreeView,
+    resolved: &Resolved,
+    mode: Mode,
+    counts: &mut Counts,
+) -> Result<(Vec<Cluster>, Vec<String>)> {
     let mut clusters = Vec::new();
     let mut seen_clusters = BTreeSet::new();
     for c in &resolved.clusters {
@@ -266,12 +287,12 @@ pub(super) fn plan(view: &TreeView, resolved: &Resolved, mode: Mode) -> Result<P
             .map(|v| decode::<Cluster>(&v))
             .transpose()?
         {
-            None => report.clusters.added += 1,
+            None => counts.added += 1,
             Some(old) if old == *c => {
-                report.clusters.unchanged += 1;
+                counts.unchanged += 1;
                 continue;
             }
-            Some(_) => report.clusters.updated += 1,
+            Some(_) => counts.updated += 1,
         }
         clusters.push(c.clone());
     }
@@ -283,20 +304,30 @@ pub(super) fn plan(view: &TreeView, resolved: &Resolved, mode: Mode) -> Result<P
                 removed_clusters.push(k);
             }
         }
-        report.clusters.removed = removed_clusters.len() as u64;
+        counts.removed = removed_clusters.len() as u64;
     }
+    Ok((clusters, removed_clusters))
+}
+
+/// The servers to write (new or changed) and, for a replace, the keys of those to remove.
+fn plan_servers(
+    view: &TreeView,
+    resolved: &Resolved,
+    mode: Mode,
+    counts: &mut Counts,
+) -> (Vec<Server>, Vec<String>) {
     let mut servers = Vec::new();
     let mut seen_servers = BTreeSet::new();
     for s in &resolved.servers {
         let k = server_key(&s.name);
         seen_servers.insert(k.clone());
         match view.servers.get(&k) {
-            None => report.servers.added += 1,
+            None => counts.added += 1,
             Some(old) if **old == *s => {
-                report.servers.unchanged += 1;
+                counts.unchanged += 1;
                 continue;
             }
-            Some(_) => report.servers.updated += 1,
+            Some(_) => counts.updated += 1,
         }
         servers.push(s.clone());
     }
@@ -308,9 +339,19 @@ pub(super) fn plan(view: &TreeView, resolved: &Resolved, mode: Mode) -> Result<P
             .filter(|k| !seen_servers.contains(*k))
             .cloned()
             .collect();
-        report.servers.removed = removed_servers.len() as u64;
+        counts.removed = removed_servers.len() as u64;
     }
+    (servers, removed_servers)
+}
 
+/// For a merge, the mailboxes to write with the record each replaces; the counts
+/// in any case.
+fn plan_mailboxes(
+    view: &TreeView,
+    resolved: &Resolved,
+    mode: Mode,
+    counts: &mut Counts,
+) -> Result<Vec<(Mailbox, Option<Mailbox>)>> {
     let before = view.tree.count()?;
     let catalog_empty = before == 0;
     let mut mailboxes = Vec::new();
@@ -321,12 +362,12 @@ pub(super) fn plan(view: &TreeView, resolved: &Resolved, mode: Mode) -> Result<P
             view.mailbox(&address_key(&m.address, view.rule))?
         };
         match &old {
-            None => report.mailboxes.added += 1,
+            None => counts.added += 1,
             Some(o) if o == m => {
-                report.mailboxes.unchanged += 1;
+                counts.unchanged += 1;
                 continue;
             }
-            Some(_) => report.mailboxes.updated += 1,
+            Some(_) => counts.updated += 1,
         }
         // A replace writes `resolved` whole: no copy of each record (1M clones
         // cost 1.9 s and a third of the import's memory).
@@ -336,15 +377,7 @@ pub(super) fn plan(view: &TreeView, resolved: &Resolved, mode: Mode) -> Result<P
     }
     if mode == Mode::Replace && !catalog_empty {
         // Every input row is distinct, so the rows of the catalog not matched are removed.
-        report.mailboxes.removed = before - report.mailboxes.updated - report.mailboxes.unchanged;
+        counts.removed = before - counts.updated - counts.unchanged;
     }
-    Ok(Plan {
-        report,
-        clusters,
-        removed_clusters,
-        servers,
-        removed_servers,
-        mailboxes,
-        ..Plan::default()
-    })
+    Ok(mailboxes)
 }
