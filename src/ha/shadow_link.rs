@@ -482,20 +482,35 @@ pub(super) async fn run(ha: Arc<Ha>, mut shutdown: watch::Receiver<bool>) {
         if waiting.is_empty() && !release_due && pending.backfill.is_empty() {
             continue;
         }
-        if ha.mode() != Mode::Master {
+        ha.shadow_batch(&mut conn, &mut pending, waiting, release_due)
+            .await;
+    }
+}
+
+impl Ha {
+    /// Sends the `waiting` requests (and what `pending` adds) as one batch, or
+    /// answers them with the reason it cannot be sent.
+    async fn shadow_batch(
+        self: &Arc<Self>,
+        conn: &mut Option<Conn>,
+        pending: &mut Pending,
+        waiting: Vec<Request>,
+        release_due: bool,
+    ) {
+        if self.mode() != Mode::Master {
             // Nothing to shadow; a new MASTER reconciles on its first connection.
-            ha.shadow_drop(&mut conn, &mut pending, "this unit is not MASTER");
-            ha.shadow_degraded(None);
+            self.shadow_drop(conn, pending, "this unit is not MASTER");
+            self.shadow_degraded(None);
             for w in waiting {
                 let _ = w.done.send(Err("this unit is not MASTER".into()));
             }
-            continue;
+            return;
         }
         let ids: Vec<QueueId> = waiting.iter().filter_map(|r| r.op.put_id()).collect();
         let (puts, dones): (Vec<Op>, Vec<Done>) =
             waiting.into_iter().map(|r| (r.op, r.done)).unzip();
-        match ha
-            .shadow_send(&mut conn, &mut pending, puts, dones, release_due)
+        match self
+            .shadow_send(conn, pending, puts, dones, release_due)
             .await
         {
             Ok(()) => {
@@ -503,7 +518,7 @@ pub(super) async fn run(ha: Arc<Ha>, mut shutdown: watch::Receiver<bool>) {
                 pending.shadowed.extend(ids.into_iter().map(|id| (id, now)));
             }
             Err((why, dones)) => {
-                ha.shadow_failed(&mut conn, &mut pending, &why);
+                self.shadow_failed(conn, pending, &why);
                 for d in dones {
                     let _ = d.send(Err(why.clone()));
                 }
