@@ -74,11 +74,24 @@ pub fn scale() -> usize {
         .unwrap_or(1)
 }
 
+/// A loopback port free now and never handed out before in this test process:
+/// the kernel may give a port just released again, and a test that holds ports
+/// for later (a pair's units, a home started after them) would then have two
+/// parts on one port (seen: a home's port given to a unit's SMTP listener).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..1000 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no loopback port not handed out before");
 }
 
 impl Router {
@@ -463,9 +476,14 @@ impl RecordingSink {
     /// Starts listening (again) on the same port.
     pub fn up(&mut self) {
         use std::sync::atomic::{AtomicBool, Ordering};
+        // Bounded: a port taken by someone else fails the test, not hangs it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         let listener = loop {
             match std::net::TcpListener::bind(("127.0.0.1", self.port)) {
                 Ok(l) => break l,
+                Err(e) if std::time::Instant::now() > deadline => {
+                    panic!("sink {}: port {} stays taken: {e}", self.name, self.port)
+                }
                 Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
             }
         };
