@@ -61,8 +61,8 @@ pub(super) fn write_fresh(
     // the records and the server index are written (sled keeps what is written
     // in memory for a while): the peak of a full write is the input plus the
     // larger of the two, not their sum. Built on a thread of its own meanwhile,
-    // it saved ~0.5 s of a 1M import, and the import's peak was 773–1,042 MB
-    // over five runs against 768–950 MB so.
+    // it saved ~0.5 s of a 1M import; the import's peak was 845–1,042 MB over
+    // four runs then, 768–950 MB over six runs so.
     let fst = build_fst(merge_sorted(entries(&order, &aliases)))?;
     drop(aliases);
     store_fst(out, &fst)?;
